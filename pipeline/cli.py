@@ -1,0 +1,195 @@
+"""``tilestream``: the one command line of the project.
+
+Verbs: run (the stream), announce (publish tiles), demo, local (the emulator stack), smoke
+(checks the stack with a minimal stream), model (train, distill, evaluate, export).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+
+from pipeline import local_stack
+
+
+def _stack_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--stack_dir", default=None,
+                        help="run directory of the local stack (default .tilestream/stack, or "
+                        "$TILESTREAM_STACK_DIR)")
+
+
+def cmd_local(args) -> int:
+    if args.action == "up":
+        started = time.monotonic()
+        stack = local_stack.up(args.stack_dir)
+        print(f"local stack up in {time.monotonic() - started:.1f}s at {stack.run_dir}",
+              file=sys.stderr)
+        print(json.dumps({"run_dir": stack.run_dir, **stack.env()}, indent=2))
+        return 0
+    if args.action == "down":
+        stopped = local_stack.down(args.stack_dir)
+        print(f"stopped process groups {stopped}" if stopped else "no stack was running",
+              file=sys.stderr)
+        return 0
+    stack = local_stack.load(args.stack_dir)
+    if args.action == "env":
+        for key, value in stack.env().items():
+            print(f"export {key}={value}")
+        return 0
+    health = local_stack.status(stack)
+    print(json.dumps({"run_dir": stack.run_dir, "services": health, "pids": stack.pids},
+                     indent=2))
+    return 0 if all(health.values()) else 1
+
+
+def cmd_run(args, rest: list[str]) -> int:
+    from model.card import CardError
+    from pipeline import main
+
+    try:
+        return main.run(rest)
+    except (main.ConfigError, CardError, local_stack.StackError) as exc:
+        print(f"tilestream run: {exc}", file=sys.stderr)
+        return 2
+
+
+def cmd_announce(args) -> int:
+    from google.cloud import pubsub_v1, storage
+
+    from pipeline import announce
+
+    if args.local:
+        stack = local_stack.load(args.stack_dir)
+        publisher, store = stack.publisher(), stack.storage()
+        topic = args.topic or stack.topic_path
+        bucket = args.bucket or stack.bucket
+    else:
+        if not args.topic:
+            print("tilestream announce: --topic is required without --local", file=sys.stderr)
+            return 2
+        publisher, store, topic, bucket = pubsub_v1.PublisherClient(), None, args.topic, \
+            args.bucket
+
+    def stored(path: str) -> tuple[str, int]:
+        if path.startswith("gs://"):
+            b, _, name = path[5:].partition("/")
+            blob = (store or storage.Client()).bucket(b).get_blob(name)
+            if blob is None:
+                raise SystemExit(f"tilestream announce: {path} does not exist")
+            return path, int(blob.generation)
+        if not bucket:
+            raise SystemExit("tilestream announce: --bucket is needed to upload local files")
+        return announce.upload(store or storage.Client(), path, bucket,
+                               announce.object_name(args.prefix, path))
+
+    if args.json:
+        bands = dict(b.split("=", 1) for b in args.band)
+        uris = {name: stored(path)[0] for name, path in bands.items()}
+        if bool(uris) == bool(args.paths):
+            raise SystemExit("tilestream announce --json: give one PATH or --band name=PATH...")
+        data, attributes = announce.json_announcement(
+            args.tile_id or "", args.acquired,
+            uri=stored(args.paths[0])[0] if args.paths else None, bands=uris or None,
+            sensor=args.sensor, attributes=dict(a.split("=", 1) for a in args.attr))
+        if not args.tile_id:
+            raise SystemExit("tilestream announce --json: --tile_id is required")
+        print(announce.publish(publisher, topic, data, attributes))
+        return 0
+    for path in args.paths:
+        uri, generation = stored(path)
+        b, _, name = uri[5:].partition("/")
+        data, attributes = announce.gcs_notification(b, name, generation)
+        print(f"{announce.publish(publisher, topic, data, attributes)} {uri}#{generation}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from pipeline import demo
+
+    summary = demo.run_demo(out_dir=args.out, keep_stack=args.keep_stack)
+    print(json.dumps(summary, sort_keys=True))
+    return 0 if summary["tiles_scored"] >= 1 else 1
+
+
+def cmd_smoke(args) -> int:
+    from pipeline import smoke
+
+    result = smoke.run_smoke(local_stack.load(args.stack_dir))
+    print(json.dumps(result, sort_keys=True))
+    return 0
+
+
+def cmd_model(args, rest: list[str]) -> int:
+    from model import cli as model_cli
+
+    return model_cli.main(rest)
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="tilestream", description=__doc__.split("\n\n")[0])
+    verbs = top.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    run = verbs.add_parser("run", help="run the stream (Beam PipelineOptions follow; "
+                           "`tilestream run --help` lists them)", add_help=False)
+    run.set_defaults(func=cmd_run, passthrough=True)
+
+    ann = verbs.add_parser("announce", help="upload a tile if needed and publish its "
+                           "notification or a JSON announcement")
+    ann.add_argument("paths", nargs="*", metavar="PATH_OR_GS_URI")
+    ann.add_argument("--local", action="store_true", help="use the local stack")
+    _stack_arg(ann)
+    ann.add_argument("--topic", help="topic path (default: the local stack's)")
+    ann.add_argument("--bucket", help="bucket for uploads (default: the local stack's)")
+    ann.add_argument("--prefix", default="incoming", help="object prefix for uploads")
+    ann.add_argument("--json", action="store_true",
+                     help="publish a tilestream.announcement/v1 JSON message instead")
+    ann.add_argument("--tile_id", help="tile id (JSON announcements)")
+    ann.add_argument("--acquired", default=None, help="acquisition time, RFC 3339 (JSON)")
+    ann.add_argument("--sensor", default=None, help="sensor name (JSON)")
+    ann.add_argument("--band", action="append", default=[], metavar="NAME=PATH",
+                     help="one band file of a JSON announcement; repeat per band")
+    ann.add_argument("--attr", action="append", default=[], metavar="KEY=VALUE",
+                     help="extra attribute carried to the output rows (JSON)")
+    ann.set_defaults(func=cmd_announce)
+
+    demo = verbs.add_parser("demo", help="local stack up, score the sample tile, print SQL "
+                            "results and a quicklook, stop everything")
+    demo.add_argument("--out", default="out/demo", help="where the quicklook and logs go")
+    demo.add_argument("--keep_stack", action="store_true", help="leave the stack running")
+    demo.set_defaults(func=cmd_demo)
+
+    local = verbs.add_parser("local", help="the local emulator stack")
+    local.add_argument("action", choices=["up", "down", "status", "env"])
+    _stack_arg(local)
+    local.set_defaults(func=cmd_local)
+
+    smoke = verbs.add_parser("smoke", help="check the local stack with a minimal stream")
+    _stack_arg(smoke)
+    smoke.set_defaults(func=cmd_smoke)
+
+    model = verbs.add_parser("model", help="train, distill, evaluate and export the student "
+                             "(`tilestream model --help`)", add_help=False)
+    model.set_defaults(func=cmd_model, passthrough=True)
+    return top
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: "
+                        "%(message)s")
+    for noisy in ("apache_beam.runners.direct", "apache_beam.io.gcp", "apache_beam.typehints",
+                  "google", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    argv = sys.argv[1:] if argv is None else argv
+    args, rest = parser().parse_known_args(argv)
+    if getattr(args, "passthrough", False):
+        return args.func(args, rest)
+    if rest:
+        parser().error(f"unrecognized arguments: {' '.join(rest)}")
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,62 @@
+"""The stream, assembled from its stages; reads like docs/ARCHITECTURE.md's diagram."""
+
+from __future__ import annotations
+
+import apache_beam as beam
+from apache_beam.io import fileio
+
+from model.card import ModelCard
+from pipeline.options import TileStreamOptions
+from transforms.announcements import FilesToRefs, GranuleRule, ParseAnnouncements, parse_aliases
+from transforms.assemble import AssembleTiles
+from transforms.chips import ChipSettings, ChipTiles
+from transforms.deadletter import BigQueryFailures, WriteDeadLetters
+from transforms.dedup import Deduplicate
+from transforms.granules import AssembleGranules
+from transforms.inference import ScoreChips
+from transforms.sinks import CHIP_SCHEMA, TILE_SCHEMA, BigQueryTables, chip_row, write_rows
+
+
+def build(p: beam.Pipeline, o: TileStreamOptions, card: ModelCard, tables: BigQueryTables,
+          streaming: bool) -> None:
+    bands = card.input.bands
+    rule = GranuleRule(o.granule_pattern, parse_aliases(o.band_aliases))
+    class_names = tuple(c.name for c in card.classes)
+
+    if o.input_glob:
+        parsed = (p | "MatchFiles" >> fileio.MatchFiles(o.input_glob)
+                    | "FilesToRefs" >> FilesToRefs(bands, rule))
+    else:
+        parsed = (p | "ReadPubSub" >> beam.io.ReadFromPubSub(subscription=o.subscription,
+                                                               with_attributes=True)
+                    | "ParseAnnouncements" >> ParseAnnouncements(bands, rule))
+
+    granules = parsed.bands | "AssembleGranules" >> AssembleGranules(
+        bands, o.granule_timeout_secs, o.dedup_ttl_secs, streaming)
+    tiles = ((parsed.tiles, granules.tiles)
+             | "AllTiles" >> beam.Flatten()
+             | "Deduplicate" >> Deduplicate(o.dedup_ttl_secs, streaming))
+
+    chipped = tiles | "ChipTiles" >> ChipTiles(
+        ChipSettings.from_card(card, o.chip_size, o.stride, o.min_valid_fraction))
+    scored = chipped.chips | "ScoreChips" >> ScoreChips(
+        card, window_secs=o.window_secs, device=o.device, min_batch_size=o.min_batch_size,
+        max_batch_size=o.max_batch_size,
+        max_batch_duration_secs=o.max_batch_duration_secs or None, accelerator=o.accelerator)
+
+    chip_writes = (scored.predictions
+                   | "ChipRows" >> beam.Map(chip_row, class_names)
+                   | "WriteChipRows" >> write_rows(tables.chips, CHIP_SCHEMA))
+    assembled = ((chipped.manifests, scored.predictions, scored.failed)
+                 | "AssembleTiles" >> AssembleTiles(card, o.output_prefix, o.tile_timeout_secs,
+                                                    streaming, o.confidence_band))
+    tile_writes = assembled.tiles | "WriteTileRows" >> write_rows(tables.tiles, TILE_SCHEMA)
+
+    bigquery_failures = ((chip_writes.failed_rows_with_errors,
+                          tile_writes.failed_rows_with_errors)
+                         | "BigQueryFailed" >> beam.Flatten()
+                         | "BigQueryDeadLetters" >> BigQueryFailures())
+    ((parsed.dead_letters, granules.dead_letters, chipped.dead_letters, scored.dead_letters,
+      assembled.dead_letters, bigquery_failures)
+     | "AllDeadLetters" >> beam.Flatten()
+     | "WriteDeadLetters" >> WriteDeadLetters(tables, o.output_prefix))

@@ -1,0 +1,400 @@
+"""The local GCP stack: real emulators speaking the real Google APIs, started by the project.
+
+- Pub/Sub: the official emulator shipped with the Google Cloud CLI (Java).
+- BigQuery: ``bqemulator`` (DuckDB-backed REST API) from its own virtualenv, because it pins duckdb.
+- GCS: ``gcp-storage-emulator``, disk-backed; its storage root is shared with bqemulator
+  (``BQEMU_GCS_LOCAL_ROOT``) so BigQuery load jobs can read ``gs://`` objects.
+
+Each stack lives in a run directory (ports, PIDs, logs, data) so several can run at once, e.g. a
+test session beside a demo. Ports are free ones chosen at start; every process is the leader of its
+own process group, so ``down`` stops exactly what ``up`` started, children included.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+STATE_FILE = "stack.json"
+DEFAULT_PROJECT = "tilestream-local"
+READY_TIMEOUT_S = 60.0
+
+
+class StackError(RuntimeError):
+    """The local stack could not be started, found or reached."""
+
+
+@dataclass
+class LocalStack:
+    """A running (or recorded) local stack; ``stack.json`` in ``run_dir`` is this, serialised."""
+
+    run_dir: str
+    project: str = DEFAULT_PROJECT
+    pubsub_port: int = 0
+    bigquery_port: int = 0
+    bigquery_grpc_port: int = 0
+    gcs_port: int = 0
+    bucket: str = "tilestream-local"
+    dataset: str = "tilestream"
+    topic: str = "tiles"
+    subscription: str = "tiles-sub"
+    dead_letter_topic: str = "tiles-dead-letter"
+    pids: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def pubsub_host(self) -> str:
+        return f"127.0.0.1:{self.pubsub_port}"
+
+    @property
+    def bigquery_url(self) -> str:
+        return f"http://127.0.0.1:{self.bigquery_port}"
+
+    @property
+    def gcs_url(self) -> str:
+        return f"http://127.0.0.1:{self.gcs_port}"
+
+    @property
+    def topic_path(self) -> str:
+        return f"projects/{self.project}/topics/{self.topic}"
+
+    @property
+    def subscription_path(self) -> str:
+        return f"projects/{self.project}/subscriptions/{self.subscription}"
+
+    @property
+    def dead_letter_topic_path(self) -> str:
+        return f"projects/{self.project}/topics/{self.dead_letter_topic}"
+
+    def env(self) -> dict[str, str]:
+        """Environment that points Google clients, Beam and GDAL at this stack."""
+        return {
+            "TILESTREAM_STACK_DIR": self.run_dir,
+            "GOOGLE_CLOUD_PROJECT": self.project,
+            "PUBSUB_EMULATOR_HOST": self.pubsub_host,
+            "PUBSUB_PROJECT_ID": self.project,
+            "STORAGE_EMULATOR_HOST": self.gcs_url,
+            "BIGQUERY_EMULATOR_HOST": self.bigquery_url,
+            "NO_GCE_CHECK": "true",
+            "CPL_GS_ENDPOINT": self.gcs_url + "/",
+            "GS_NO_SIGN_REQUEST": "YES",
+        }
+
+    # Clients bound to this stack explicitly (not through os.environ), so two stacks can be
+    # driven from one process.
+    def publisher(self):
+        import grpc
+        from google.cloud import pubsub_v1
+        from google.pubsub_v1.services.publisher.transports import PublisherGrpcTransport
+
+        channel = grpc.insecure_channel(self.pubsub_host)
+        return pubsub_v1.PublisherClient(transport=PublisherGrpcTransport(channel=channel))
+
+    def subscriber(self):
+        import grpc
+        from google.cloud import pubsub_v1
+        from google.pubsub_v1.services.subscriber.transports import SubscriberGrpcTransport
+
+        channel = grpc.insecure_channel(self.pubsub_host)
+        return pubsub_v1.SubscriberClient(transport=SubscriberGrpcTransport(channel=channel))
+
+    def bigquery(self):
+        from google.api_core.client_options import ClientOptions
+        from google.auth.credentials import AnonymousCredentials
+        from google.cloud import bigquery
+
+        return bigquery.Client(
+            project=self.project,
+            credentials=AnonymousCredentials(),
+            client_options=ClientOptions(api_endpoint=self.bigquery_url),
+        )
+
+    def storage(self):
+        from google.api_core.client_options import ClientOptions
+        from google.auth.credentials import AnonymousCredentials
+        from google.cloud import storage
+
+        return storage.Client(
+            project=self.project,
+            credentials=AnonymousCredentials(),
+            client_options=ClientOptions(api_endpoint=self.gcs_url),
+        )
+
+    def save(self) -> None:
+        Path(self.run_dir, STATE_FILE).write_text(json.dumps(asdict(self), indent=2) + "\n")
+
+
+def default_run_dir() -> Path:
+    return Path(os.environ.get("TILESTREAM_STACK_DIR") or Path.cwd() / ".tilestream" / "stack")
+
+
+def load(run_dir: str | Path | None = None) -> LocalStack:
+    path = Path(run_dir or default_run_dir()).resolve() / STATE_FILE
+    if not path.exists():
+        raise StackError(f"no local stack recorded in {path.parent} (run `tilestream local up`)")
+    return LocalStack(**json.loads(path.read_text()))
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def pubsub_emulator_command() -> list[str]:
+    """The Cloud SDK's Pub/Sub emulator launcher (runs Java directly, no gcloud wrapper)."""
+    candidates = [os.environ.get("TILESTREAM_PUBSUB_EMULATOR", "")]
+    gcloud = shutil.which("gcloud")
+    if gcloud:
+        sdk_root = Path(os.path.realpath(gcloud)).parents[1]
+        candidates.append(str(sdk_root / "platform/pubsub-emulator/bin/cloud-pubsub-emulator"))
+    candidates += [
+        shutil.which("cloud-pubsub-emulator") or "",
+        "/usr/lib/google-cloud-sdk/platform/pubsub-emulator/bin/cloud-pubsub-emulator",
+    ]
+    for candidate in candidates:
+        if candidate and os.access(candidate, os.X_OK):
+            return [candidate]
+    raise StackError(
+        "Pub/Sub emulator not found: install it with `apt-get install "
+        "google-cloud-cli-pubsub-emulator` or `gcloud components install pubsub-emulator` "
+        "(it needs Java 11+), or set TILESTREAM_PUBSUB_EMULATOR to its launcher"
+    )
+
+
+def bqemulator_venv() -> Path:
+    return Path(os.environ.get("TILESTREAM_BQEMU_VENV") or REPO_ROOT / ".venv-bqemu")
+
+
+def _bqemulator_home(run_dir: Path) -> Path:
+    """A HOME whose DuckDB extension directory already holds spatial and avro.
+
+    bqemulator loads them at start and would otherwise try to download them.
+    """
+    venv = bqemulator_venv()
+    exts = glob.glob(
+        str(venv / "lib/python*/site-packages/duckdb_extension_*/extensions/v*/*.duckdb_extension")
+    )
+    if not exts:
+        raise StackError(
+            f"DuckDB extensions not found in {venv}; run `make install` "
+            "(pip install duckdb-extension-spatial==1.5.5 duckdb-extension-avro==1.5.5)"
+        )
+    home = run_dir / "bq-home"
+    for ext in exts:
+        version = Path(ext).parent.name  # e.g. v1.5.5
+        target = home / ".duckdb" / "extensions" / version / "linux_amd64"
+        target.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ext, target / Path(ext).name)
+    return home
+
+
+def _spawn(name: str, argv: list[str], run_dir: Path, env: dict[str, str]) -> int:
+    logs = run_dir / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    with open(logs / f"{name}.log", "ab") as log:
+        proc = subprocess.Popen(
+            argv,
+            cwd=run_dir,
+            env={**os.environ, **env},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+    return proc.pid
+
+
+def _http_ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+def _health_checks(stack: LocalStack) -> dict[str, Callable[[], bool]]:
+    return {
+        "pubsub": lambda: _http_ok(f"http://{stack.pubsub_host}/"),
+        "bigquery": lambda: _http_ok(
+            f"{stack.bigquery_url}/bigquery/v2/projects/{stack.project}/datasets"
+        ),
+        "gcs": lambda: _http_ok(f"{stack.gcs_url}/storage/v1/b?project={stack.project}"),
+    }
+
+
+def up(run_dir: str | Path | None = None, project: str = DEFAULT_PROJECT) -> LocalStack:
+    """Start the three emulators, wait until they answer, create the resources; idempotent."""
+    run_dir = Path(run_dir or default_run_dir()).resolve()
+    if (run_dir / STATE_FILE).exists():
+        existing = load(run_dir)
+        if all(status(existing).values()):
+            ensure_resources(existing)
+            return existing
+        down(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    gcs_root = run_dir / "gcs"
+    gcs_root.mkdir(exist_ok=True)
+    stack = LocalStack(
+        run_dir=str(run_dir),
+        project=project,
+        pubsub_port=_free_port(),
+        bigquery_port=_free_port(),
+        bigquery_grpc_port=_free_port(),
+        gcs_port=_free_port(),
+    )
+    bq_venv = bqemulator_venv()
+    if not (bq_venv / "bin/bqemulator").exists():
+        raise StackError(f"bqemulator not found in {bq_venv}; run `make install`")
+    try:
+        stack.pids["pubsub"] = _spawn(
+            "pubsub",
+            [*pubsub_emulator_command(), "--host=127.0.0.1", f"--port={stack.pubsub_port}"],
+            run_dir,
+            {},
+        )
+        stack.pids["bigquery"] = _spawn(
+            "bigquery",
+            [
+                str(bq_venv / "bin/bqemulator"), "start",
+                "--rest-port", str(stack.bigquery_port),
+                "--grpc-port", str(stack.bigquery_grpc_port),
+                "--project", project,
+                "--log-level", "warning",
+            ],
+            run_dir,
+            {
+                "HOME": str(_bqemulator_home(run_dir)),
+                "BQEMU_GCS_LOCAL_ROOT": str(gcs_root / ".cloudstorage"),
+            },
+        )
+        stack.pids["gcs"] = _spawn(
+            "gcs",
+            [
+                sys.executable, "-m", "gcp_storage_emulator", "start",
+                "--host", "127.0.0.1", "--port", str(stack.gcs_port), "--quiet",
+            ],
+            gcs_root,
+            {"STORAGE_BASE": str(gcs_root)},
+        )
+        stack.save()
+        _wait_ready(stack)
+        ensure_resources(stack)
+    except BaseException:
+        down(run_dir)
+        raise
+    return stack
+
+
+def _wait_ready(stack: LocalStack) -> None:
+    pending = _health_checks(stack)
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while pending and time.monotonic() < deadline:
+        for name in list(pending):
+            if not _alive(stack.pids[name]):
+                log = Path(stack.run_dir, "logs", f"{name}.log").read_text(errors="replace")
+                raise StackError(f"{name} emulator exited during start:\n{log[-2000:]}")
+            if pending[name]():
+                del pending[name]
+        time.sleep(0.2)
+    if pending:
+        raise StackError(f"emulators not ready after {READY_TIMEOUT_S:.0f}s: {sorted(pending)}")
+
+
+def ensure_resources(stack: LocalStack) -> None:
+    """Topic, dead-letter topic, subscription, bucket and dataset the pipeline needs."""
+    from google.api_core.exceptions import AlreadyExists, Conflict
+    from google.cloud import bigquery
+
+    publisher = stack.publisher()
+    for topic in (stack.topic_path, stack.dead_letter_topic_path):
+        try:
+            publisher.create_topic(name=topic)
+        except AlreadyExists:
+            pass
+    subscriber = stack.subscriber()
+    try:
+        subscriber.create_subscription(
+            request={
+                "name": stack.subscription_path,
+                "topic": stack.topic_path,
+                "ack_deadline_seconds": 60,
+                "dead_letter_policy": {
+                    "dead_letter_topic": stack.dead_letter_topic_path,
+                    "max_delivery_attempts": 5,
+                },
+            }
+        )
+    except AlreadyExists:
+        pass
+    try:
+        stack.storage().create_bucket(stack.bucket)
+    except Conflict:
+        pass
+    stack.bigquery().create_dataset(bigquery.Dataset(f"{stack.project}.{stack.dataset}"),
+                                    exists_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
+def group_members(pgid: int) -> list[int]:
+    """Live processes in a process group (the emulator and anything it forked)."""
+    members = []
+    for stat in glob.glob("/proc/[0-9]*/stat"):
+        try:
+            fields = Path(stat).read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if fields[0] != "Z" and int(fields[2]) == pgid:
+            members.append(int(Path(stat).parent.name))
+    return members
+
+
+def status(stack: LocalStack) -> dict[str, bool]:
+    checks = _health_checks(stack)
+    return {name: _alive(pid) and checks[name]() for name, pid in stack.pids.items()}
+
+
+def down(run_dir: str | Path | None = None, timeout_s: float = 10.0) -> list[int]:
+    """Stop every process group this stack started; returns the PIDs that were signalled."""
+    try:
+        stack = load(run_dir)
+    except StackError:
+        return []
+    signalled = []
+    for pgid in stack.pids.values():
+        if group_members(pgid):
+            signalled.append(pgid)
+            _signal_group(pgid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout_s
+    while any(group_members(p) for p in signalled) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    for pgid in signalled:
+        if group_members(pgid):
+            _signal_group(pgid, signal.SIGKILL)
+    Path(stack.run_dir, STATE_FILE).unlink(missing_ok=True)
+    return signalled
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:
+        pass

@@ -1,0 +1,156 @@
+"""Entry point: PipelineOptions -> validated configuration -> the graph -> a running job.
+
+On Dataflow this submits the job and returns. On the in-process runner it supervises the stream:
+counters are written to ``--metrics_file`` every few seconds, and SIGTERM/SIGINT stop it cleanly.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import apache_beam as beam
+from apache_beam.options.pipeline_options import (
+    GoogleCloudOptions,
+    PipelineOptions,
+    StandardOptions,
+)
+
+from model.card import ModelCard, load_card
+from pipeline import graph, local_adapter, local_stack
+from pipeline.options import TileStreamOptions
+from transforms.sinks import BigQueryTables
+
+LOG = logging.getLogger("tilestream")
+DEFAULT_LOCAL_RUNNER = "BundleBasedDirectRunner"
+METRICS_EVERY_SECS = 2.0
+
+
+class ConfigError(ValueError):
+    """Options that cannot make a job; raised before anything starts."""
+
+
+@dataclass
+class Job:
+    options: PipelineOptions
+    card: ModelCard
+    tables: BigQueryTables
+    streaming: bool
+    local: bool
+
+
+def runner_name(options: PipelineOptions) -> str:
+    runner = options.view_as(StandardOptions).runner or DEFAULT_LOCAL_RUNNER
+    return runner if isinstance(runner, str) else type(runner).__name__
+
+
+def configure(argv: list[str] | None) -> Job:
+    """Parse and check options; applies the local adapter only for --local on a local runner."""
+    options = PipelineOptions(argv)
+    o = options.view_as(TileStreamOptions)
+    standard = options.view_as(StandardOptions)
+    gcp = options.view_as(GoogleCloudOptions)
+    standard.runner = runner_name(options)
+    if o.local:
+        if standard.runner not in local_adapter.LOCAL_RUNNERS:
+            raise ConfigError(
+                f"--local points clients at the emulators in this process; it cannot be used "
+                f"with --runner={standard.runner}"
+            )
+        stack = local_stack.load(o.stack_dir)
+        local_adapter.apply(stack)
+        gcp.project = gcp.project or stack.project
+        o.subscription = o.subscription or (None if o.input_glob else stack.subscription_path)
+        o.bq_dataset = o.bq_dataset or f"{stack.project}:{stack.dataset}"
+        o.output_prefix = o.output_prefix or f"gs://{stack.bucket}/tilestream"
+    if bool(o.subscription) == bool(o.input_glob):
+        raise ConfigError("give exactly one input: --subscription (streaming) or --input_glob")
+    if not o.bq_dataset or not o.output_prefix:
+        raise ConfigError("--bq_dataset and --output_prefix are required (or use --local)")
+    if standard.runner == "DataflowRunner" and not o.model_uri.startswith("gs://"):
+        raise ConfigError(f"Dataflow workers cannot read --model_uri={o.model_uri}; copy the "
+                          "model directory to gs:// (templates/deploy.sh model) and pass that")
+    streaming = not o.input_glob
+    standard.streaming = streaming
+    card = load_card(o.model_uri)
+    tables = BigQueryTables.in_dataset(o.bq_dataset, gcp.project)
+    return Job(options, card, tables, streaming, local=bool(o.local))
+
+
+def build_pipeline(job: Job) -> beam.Pipeline:
+    p = beam.Pipeline(options=job.options)
+    graph.build(p, job.options.view_as(TileStreamOptions), job.card, job.tables, job.streaming)
+    return p
+
+
+def counters(result) -> dict[str, int]:
+    """The job's ``tilestream`` counters by name (committed values)."""
+    found = result.metrics().query(beam.metrics.MetricsFilter().with_namespace("tilestream"))
+    totals: dict[str, int] = {}
+    for counter in found["counters"]:
+        value = counter.committed if counter.committed is not None else counter.attempted
+        totals[counter.key.metric.name] = totals.get(counter.key.metric.name, 0) + (value or 0)
+    return totals
+
+
+def _write_metrics(path: str | None, result) -> None:
+    if not path:
+        return
+    target = Path(path)
+    tmp = target.with_suffix(target.suffix + ".tmp")
+    tmp.write_text(json.dumps(counters(result), sort_keys=True, indent=1) + "\n")
+    os.replace(tmp, target)
+
+
+def supervise(result, metrics_file: str | None) -> int:
+    """Keep a local streaming job running until SIGTERM/SIGINT, writing counters meanwhile.
+
+    Returns 1 when the job itself failed (the direct runner re-raises a DoFn's exception from
+    wait_until_finish), 0 after a requested stop.
+    """
+    stop = threading.Event()
+    failure: list[BaseException] = []
+
+    def wait() -> None:
+        try:
+            result.wait_until_finish()
+        except BaseException as exc:  # reported below, after the counters are saved
+            failure.append(exc)
+        finally:
+            stop.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    threading.Thread(target=wait, name="tilestream-wait", daemon=True).start()
+    while not stop.wait(METRICS_EVERY_SECS):
+        _write_metrics(metrics_file, result)
+    _write_metrics(metrics_file, result)
+    if failure:
+        LOG.error("the stream failed: %s", failure[0], exc_info=failure[0])
+        return 1
+    LOG.info("stopping the local stream")
+    result.cancel()
+    _write_metrics(metrics_file, result)
+    return 0
+
+
+def run(argv: list[str] | None = None) -> int:
+    job = configure(argv)
+    o = job.options.view_as(TileStreamOptions)
+    LOG.info("model %s from %s; tables %s", job.card.model_id, o.model_uri, job.tables)
+    result = build_pipeline(job).run()
+    if runner_name(job.options) not in local_adapter.LOCAL_RUNNERS:
+        job_id = getattr(result, "job_id", lambda: None)()
+        LOG.info("submitted %s job %s", runner_name(job.options), job_id)
+        return 0
+    if job.streaming:
+        return supervise(result, o.metrics_file)
+    else:
+        result.wait_until_finish()
+        _write_metrics(o.metrics_file, result)
+    return 0

@@ -1,0 +1,101 @@
+"""TileStream's pipeline options: Beam flags with help text, also the Flex Template parameters.
+
+Every user-facing option here has a twin in templates/metadata.json (a test keeps them equal).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from apache_beam.options.pipeline_options import PipelineOptions
+
+from transforms.announcements import DEFAULT_BAND_ALIASES, DEFAULT_GRANULE_PATTERN
+
+DEFAULT_MODEL_URI = str(
+    Path(__file__).resolve().parents[1] / "model" / "artifacts" / "landcover-student" / "v1"
+)
+
+
+class TileStreamOptions(PipelineOptions):
+    @classmethod
+    def _add_argparse_args(cls, parser):
+        inputs = parser.add_argument_group("input")
+        inputs.add_argument(
+            "--subscription",
+            help="Pub/Sub subscription (projects/P/subscriptions/S) carrying GCS notifications "
+            "and JSON tile announcements. Streaming input.",
+        )
+        inputs.add_argument(
+            "--input_glob",
+            help="Bounded backfill instead of Pub/Sub: score every GeoTIFF matching this glob "
+            "(local or gs://); per-band files are grouped into granules as in streaming.",
+        )
+        inputs.add_argument(
+            "--granule_pattern", default=DEFAULT_GRANULE_PATTERN,
+            help="Regex on an object's file name with named groups 'granule' and 'band'; "
+            "matching objects are one band of a granule, others whole tiles.",
+        )
+        inputs.add_argument(
+            "--band_aliases", default=DEFAULT_BAND_ALIASES,
+            help="Comma-separated TOKEN=band pairs mapping file-name band tokens to the model "
+            "card's band names (default: HLS S30 / Sentinel-2).",
+        )
+        model = parser.add_argument_group("model")
+        model.add_argument(
+            "--model_uri", default=DEFAULT_MODEL_URI,
+            help="Directory (local or gs://) holding model_card.json and the TorchScript file.",
+        )
+        model.add_argument(
+            "--device", default="CPU", choices=["CPU", "GPU"],
+            help="GPU adds the Dataflow accelerator hint to the inference step and refuses to "
+            "start on a worker without CUDA.",
+        )
+        model.add_argument(
+            "--accelerator", default="type:nvidia-l4;count:1;install-nvidia-driver",
+            help="Dataflow accelerator resource hint used with --device=GPU.",
+        )
+        chips = parser.add_argument_group("chipping and batching")
+        chips.add_argument("--chip_size", type=int, default=0,
+                           help="Chip size in pixels; 0 takes the model card's.")
+        chips.add_argument("--stride", type=int, default=0,
+                           help="Chip stride in pixels (< chip size overlaps and blends); "
+                           "0 takes the model card's.")
+        chips.add_argument("--min_valid_fraction", type=float, default=0.05,
+                           help="Chips with a smaller fraction of valid (non-nodata) pixels are "
+                           "skipped and counted.")
+        chips.add_argument("--window_secs", type=float, default=5.0,
+                           help="Fixed window for micro-batching chips across tiles.")
+        chips.add_argument("--min_batch_size", type=int, default=1,
+                           help="RunInference minimum batch size.")
+        chips.add_argument("--max_batch_size", type=int, default=32,
+                           help="RunInference maximum batch size.")
+        chips.add_argument("--max_batch_duration_secs", type=int, default=0,
+                           help="Longest time a chip waits for a batch to fill (stateful "
+                           "batching); 0 batches within bundles only.")
+        outputs = parser.add_argument_group("outputs")
+        outputs.add_argument("--bq_dataset",
+                             help="BigQuery dataset [project:]dataset for the chips, tiles and "
+                             "dead_letters tables (created when absent).")
+        outputs.add_argument("--output_prefix",
+                             help="gs:// (or local) prefix for prediction COGs and dead-letter "
+                             "JSON lines.")
+        outputs.add_argument("--confidence_band", action="store_true", default=False,
+                             help="Add a confidence band (percent) to each prediction COG.")
+        timing = parser.add_argument_group("timeouts")
+        timing.add_argument("--granule_timeout_secs", type=float, default=600.0,
+                            help="An incomplete granule is dead-lettered this long after its "
+                            "first band arrived.")
+        timing.add_argument("--tile_timeout_secs", type=float, default=900.0,
+                            help="A tile whose chips have not all come back after this long is "
+                            "written as partial and dead-lettered.")
+        timing.add_argument("--dedup_ttl_secs", type=float, default=86400.0,
+                            help="How long a tile version is remembered to drop re-deliveries.")
+        local = parser.add_argument_group("local stack")
+        local.add_argument("--local", action="store_true", default=False,
+                           help="Run against the local emulator stack (tilestream local up); "
+                           "fills subscription, dataset and output prefix from it.")
+        local.add_argument("--stack_dir", default=None,
+                           help="Run directory of the local stack (default .tilestream/stack).")
+        local.add_argument("--metrics_file", default=None,
+                           help="Write the job's counters here as JSON, every few seconds and "
+                           "at exit (local runs).")

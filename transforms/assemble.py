@@ -1,0 +1,268 @@
+"""Stage 6: chip predictions -> one prediction COG per tile on GCS plus one BigQuery tile row.
+
+A stateful step keyed by tile version collects the tile's manifest (from the chipper: how many
+chips to expect) and its chip predictions. When every expected chip has been scored or has
+failed, it writes the raster; a tile still incomplete at the timeout is written as partial (the
+missing chips are nodata) and reported in the dead letters.
+
+The raster has exactly the input's CRS, transform and size: a uint8 class map with the card's
+colour table and nodata 255, optionally a second band with confidence in percent. Where chips
+overlap (stride < chip size) their class probabilities are averaged, then arg-maxed. The
+accumulation walks the tile one chip row at a time so memory follows a strip, not the tile.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from collections.abc import Iterator
+from itertools import groupby
+
+import apache_beam as beam
+import numpy as np
+from apache_beam.coders import PickleCoder, VarIntCoder
+from apache_beam.metrics import Metrics
+from apache_beam.transforms.combiners import CountCombineFn
+from apache_beam.transforms.userstate import (
+    BagStateSpec,
+    CombiningValueStateSpec,
+    ReadModifyWriteStateSpec,
+    on_timer,
+)
+
+from model.card import ModelCard, join_uri
+from transforms import timeouts
+from transforms.chips import chip_starts, footprint_wkt, pixel_area_m2
+from transforms.deadletter import DEAD_LETTER_TAG, dead_letter
+from transforms.records import KEYED, NODATA_CLASS, Chip, ChipPrediction, TileManifest
+from transforms.sinks import tile_row
+
+STAGE = "assemble"
+NODATA_CONFIDENCE = 255
+
+
+def raster_uri(output_prefix: str, card: ModelCard, manifest: TileManifest) -> str:
+    tile = manifest.tile
+    return join_uri(output_prefix, f"predictions/{card.name}/{card.version}/{tile.tile_id}/"
+                                   f"{tile.generation}.tif")
+
+
+def _blend_strips(manifest: TileManifest, predictions: list[ChipPrediction],
+                  num_classes: int) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+    """Yield ``(row, probabilities (K, n, W) float32, weight (n, W))`` strips, top to bottom."""
+    size, width = manifest.chip_size, manifest.width
+    by_row = {row: list(group) for row, group in
+              groupby(sorted(predictions, key=lambda p: p.chip.row), key=lambda p: p.chip.row)}
+    starts = chip_starts(manifest.height, size, manifest.stride)
+    acc = np.zeros((num_classes, size, width), np.float32)
+    weight = np.zeros((size, width), np.float32)
+    for i, row in enumerate(starts):
+        for pred in by_row.get(row, ()):
+            chip = pred.chip
+            h, w = chip.height, chip.width
+            valid = chip.valid[:h, :w]
+            acc[:, :h, chip.col : chip.col + w] += pred.probabilities * valid
+            weight[:h, chip.col : chip.col + w] += valid
+        end = starts[i + 1] if i + 1 < len(starts) else manifest.height
+        done = min(end, manifest.height) - row
+        yield row, acc[:, :done].copy(), weight[:done].copy()
+        # Slide the buffer down to the next chip row: finished rows leave, zeros come in.
+        acc = np.concatenate([acc[:, done:], np.zeros((num_classes, done, width), np.float32)], 1)
+        weight = np.concatenate([weight[done:], np.zeros((done, width), np.float32)], 0)
+
+
+def write_prediction_raster(manifest: TileManifest, predictions: list[ChipPrediction],
+                            card: ModelCard, uri: str,
+                            confidence_band: bool = False) -> np.ndarray:
+    """Write the tile's prediction COG to ``uri``; returns valid pixels per class."""
+    import rasterio
+    import rasterio.shutil
+    from affine import Affine
+    from apache_beam.io.filesystems import FileSystems
+    from rasterio.windows import Window
+
+    counts = np.zeros(card.num_classes, np.int64)
+    with tempfile.TemporaryDirectory(prefix="tilestream-") as tmp:
+        strips_path = os.path.join(tmp, "strips.tif")
+        profile = {
+            "driver": "GTiff", "width": manifest.width, "height": manifest.height,
+            "count": 2 if confidence_band else 1, "dtype": "uint8", "nodata": NODATA_CLASS,
+            "crs": rasterio.crs.CRS.from_wkt(manifest.crs_wkt),
+            "transform": Affine(*manifest.transform), "tiled": True,
+            "blockxsize": 256, "blockysize": 256,
+        }
+        with rasterio.open(strips_path, "w", **profile) as dst:
+            dst.write_colormap(1, {c.id: (*c.rgb, 255) for c in card.classes})
+            dst.set_band_description(1, "class")
+            for row, acc, weight in _blend_strips(manifest, predictions, card.num_classes):
+                covered = weight > 0
+                classes = np.full(weight.shape, NODATA_CLASS, np.uint8)
+                classes[covered] = acc[:, covered].argmax(axis=0)
+                counts += np.bincount(classes[covered], minlength=card.num_classes)
+                window = Window(0, row, manifest.width, weight.shape[0])
+                dst.write(classes, 1, window=window)
+                if confidence_band:
+                    confidence = np.full(weight.shape, NODATA_CONFIDENCE, np.uint8)
+                    confidence[covered] = np.round(
+                        acc[:, covered].max(axis=0) / weight[covered] / 255.0 * 100.0)
+                    dst.write(confidence, 2, window=window)
+            if confidence_band:
+                dst.set_band_description(2, "confidence_percent")
+            dst.update_tags(model=card.model_id, tile_id=manifest.tile.tile_id,
+                            classes=",".join(c.name for c in card.classes))
+        cog_path = os.path.join(tmp, "prediction.tif")
+        rasterio.shutil.copy(strips_path, cog_path, driver="COG", compress="DEFLATE",
+                             overview_resampling="nearest")
+        with open(cog_path, "rb") as src, FileSystems.create(uri, mime_type="image/tiff") as out:
+            while block := src.read(8 << 20):
+                out.write(block)
+    return counts
+
+
+class _AssembleTileFn(beam.DoFn):
+    WALL_CLOCK, END_OF_INPUT = timeouts.timer_specs()
+    MANIFEST = ReadModifyWriteStateSpec("manifest", PickleCoder())
+    PREDICTIONS = BagStateSpec("predictions", PickleCoder())
+    ARRIVED = CombiningValueStateSpec("arrived", VarIntCoder(), CountCombineFn())
+    FAILED = CombiningValueStateSpec("failed", VarIntCoder(), CountCombineFn())
+
+    def __init__(self, card: ModelCard, output_prefix: str, timeout_secs: float,
+                 streaming: bool, confidence_band: bool):
+        self._card = card
+        self._prefix = output_prefix
+        self._timeout = timeout_secs
+        self._streaming = streaming
+        self._confidence = confidence_band
+        self.written = Metrics.counter("tilestream", "tiles_written")
+        self.partial = Metrics.counter("tilestream", "tiles_partial")
+        self.write_ms = Metrics.distribution("tilestream", "tile_write_ms")
+
+    def process(
+        self,
+        element: tuple[str, TileManifest | ChipPrediction | Chip],
+        manifest_state=beam.DoFn.StateParam(MANIFEST),
+        predictions=beam.DoFn.StateParam(PREDICTIONS),
+        arrived=beam.DoFn.StateParam(ARRIVED),
+        failed=beam.DoFn.StateParam(FAILED),
+        wall=beam.DoFn.TimerParam(WALL_CLOCK),
+        end=beam.DoFn.TimerParam(END_OF_INPUT),
+    ):
+        _, item = element
+        manifest = manifest_state.read()
+        if manifest is None and arrived.read() == 0 and failed.read() == 0:
+            timeouts.arm(wall, end, self._streaming, self._timeout)
+        if isinstance(item, TileManifest):
+            manifest = item
+            manifest_state.write(item)
+        elif isinstance(item, ChipPrediction):
+            predictions.add(item)
+            arrived.add(item)
+        else:
+            failed.add(item)
+        if manifest is not None and arrived.read() + failed.read() >= manifest.chips_expected:
+            yield from self._finish(manifest, list(predictions.read()), failed.read(),
+                                    complete=True)
+            for state in (manifest_state, predictions, arrived, failed):
+                state.clear()
+            wall.clear()
+            end.clear()
+
+    @on_timer(WALL_CLOCK)
+    def on_wall_clock(self, key=beam.DoFn.KeyParam,
+                      manifest_state=beam.DoFn.StateParam(MANIFEST),
+                      predictions=beam.DoFn.StateParam(PREDICTIONS),
+                      failed=beam.DoFn.StateParam(FAILED)):
+        yield from self._timed_out(key, manifest_state, predictions, failed)
+
+    @on_timer(END_OF_INPUT)
+    def on_end_of_input(self, key=beam.DoFn.KeyParam,
+                        manifest_state=beam.DoFn.StateParam(MANIFEST),
+                        predictions=beam.DoFn.StateParam(PREDICTIONS),
+                        failed=beam.DoFn.StateParam(FAILED)):
+        yield from self._timed_out(key, manifest_state, predictions, failed)
+
+    def _timed_out(self, key, manifest_state, predictions, failed):
+        manifest = manifest_state.read()
+        held = list(predictions.read())
+        n_failed = failed.read()
+        for state in (manifest_state, predictions, failed):
+            state.clear()
+        if manifest is None:
+            if held:
+                tile = held[0].chip.tile
+                yield dead_letter(STAGE, f"{len(held)} chip predictions of {key} arrived but "
+                                         "the tile's manifest never did",
+                                  message_id=tile.message_id, tile_id=tile.tile_id)
+            return
+        missing = manifest.chips_expected - len(held) - n_failed
+        yield dead_letter(
+            STAGE,
+            f"tile {key} incomplete after {self._timeout:.0f}s: {len(held)} of "
+            f"{manifest.chips_expected} chips scored, {n_failed} failed, {missing} never "
+            "arrived; written as partial",
+            message_id=manifest.tile.message_id, tile_id=manifest.tile.tile_id)
+        yield from self._finish(manifest, held, n_failed + missing, complete=False)
+
+    def _finish(self, manifest: TileManifest, held: list[ChipPrediction], n_failed: int,
+                complete: bool):
+        started = time.perf_counter()
+        uri = raster_uri(self._prefix, self._card, manifest)
+        try:
+            counts = write_prediction_raster(manifest, held, self._card, uri, self._confidence)
+        except Exception as exc:  # storage errors must not kill the stream
+            yield dead_letter(STAGE, f"writing {uri} failed: {exc}",
+                              message_id=manifest.tile.message_id,
+                              tile_id=manifest.tile.tile_id)
+            return
+        self.write_ms.update(int((time.perf_counter() - started) * 1000))
+        (self.written if complete else self.partial).inc()
+        import rasterio
+        from affine import Affine
+
+        transform, crs = Affine(*manifest.transform), rasterio.crs.CRS.from_wkt(manifest.crs_wkt)
+        yield tile_row(
+            manifest,
+            complete=complete,
+            chips_scored=len(held),
+            chips_failed=manifest.chips_failed + n_failed,
+            class_counts=counts,
+            class_names=tuple(c.name for c in self._card.classes),
+            pixel_area_m2=pixel_area_m2(transform, crs, manifest.height, manifest.width),
+            footprint_wkt=footprint_wkt(transform, crs, 0, 0, manifest.height, manifest.width,
+                                        points_per_edge=16),
+            raster_uri=uri,
+            model_name=self._card.name,
+            model_version=self._card.version,
+            completed_at=time.time(),
+        )
+
+
+@beam.typehints.with_output_types(KEYED)
+def _by_tile(item: TileManifest | ChipPrediction | Chip):
+    tile = item.chip.tile if isinstance(item, ChipPrediction) else item.tile
+    return tile.key, item
+
+
+class AssembleTiles(beam.PTransform):
+    """(manifests, predictions, failed chips) -> tile rows (main) + dead letters."""
+
+    def __init__(self, card: ModelCard, output_prefix: str, timeout_secs: float,
+                 streaming: bool, confidence_band: bool = False):
+        super().__init__()
+        self._fn = _AssembleTileFn(card, output_prefix, timeout_secs, streaming,
+                                   confidence_band)
+
+    def expand(self, pcolls):
+        manifests, predictions, failed = pcolls
+        # Inputs arrive in the global window (ScoreChips leaves its batch windows).
+        keyed = (
+            (
+                manifests | "KeyManifest" >> beam.Map(_by_tile),
+                predictions | "KeyPrediction" >> beam.Map(_by_tile),
+                failed | "KeyFailed" >> beam.Map(_by_tile),
+            )
+            | "Merge" >> beam.Flatten()
+        )
+        return keyed | "Assemble" >> beam.ParDo(self._fn).with_outputs(DEAD_LETTER_TAG,
+                                                                       main="tiles")

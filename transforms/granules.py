@@ -1,0 +1,126 @@
+"""Stage 2: per-band files -> one complete TileRef per granule.
+
+HLS and Sentinel-2 deliver one COG per band, each with its own notification, in any order. Bands
+are collected per granule id; the granule is emitted once every band the model card needs has
+arrived. A granule still incomplete after the timeout goes to the dead letters naming the missing
+bands. After emitting, the granule remembers it is done for the dedup TTL so a re-delivered band
+does not start a phantom granule.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import apache_beam as beam
+from apache_beam.coders import PickleCoder
+from apache_beam.metrics import Metrics
+from apache_beam.transforms.userstate import BagStateSpec, ReadModifyWriteStateSpec, on_timer
+
+from transforms import timeouts
+from transforms.announcements import content_generation
+from transforms.deadletter import DEAD_LETTER_TAG, dead_letter
+from transforms.records import KEYED, BandObject, TileRef
+
+STAGE = "granules"
+
+
+class _AssembleGranuleFn(beam.DoFn):
+    WALL_CLOCK, END_OF_INPUT = timeouts.timer_specs()
+    BANDS = BagStateSpec("bands", PickleCoder())
+    DONE = ReadModifyWriteStateSpec("done", PickleCoder())
+
+    def __init__(self, bands: Sequence[str], timeout_secs: float, ttl_secs: float,
+                 streaming: bool):
+        self._bands = tuple(bands)
+        self._timeout = timeout_secs
+        self._ttl = ttl_secs
+        self._streaming = streaming
+        self.complete = Metrics.counter("tilestream", "granules_complete")
+        self.used = Metrics.counter("tilestream", "bands_used")
+        self.duplicates = Metrics.counter("tilestream", "bands_duplicate")
+        self.expired = Metrics.counter("tilestream", "bands_expired")
+
+    def process(
+        self,
+        element: tuple[str, BandObject],
+        bands=beam.DoFn.StateParam(BANDS),
+        done=beam.DoFn.StateParam(DONE),
+        wall=beam.DoFn.TimerParam(WALL_CLOCK),
+        end=beam.DoFn.TimerParam(END_OF_INPUT),
+    ):
+        granule_id, band = element
+        if done.read():
+            self.duplicates.inc()
+            return
+        held = list(bands.read())
+        if any(b.band == band.band and b.generation == band.generation for b in held):
+            self.duplicates.inc()
+            return
+        if not held:
+            timeouts.arm(wall, end, self._streaming, self._timeout)
+        bands.add(band)
+        latest = {b.band: b for b in (*held, band)}  # a newer generation replaces an older one
+        if all(name in latest for name in self._bands):
+            chosen = [latest[name] for name in self._bands]
+            self.complete.inc()
+            self.used.inc(len(chosen))
+            self.duplicates.inc(len(held) + 1 - len(chosen))
+            bands.clear()
+            done.write(True)
+            timeouts.arm(wall, end, self._streaming, self._ttl)
+            yield beam.window.TimestampedValue(
+                TileRef(
+                    tile_id=granule_id,
+                    band_uris=tuple(b.uri for b in chosen),
+                    generation=content_generation(*((b.uri, b.generation) for b in chosen)),
+                    event_time=max(b.event_time for b in chosen),
+                    published=max(b.published for b in chosen),
+                    message_id=band.message_id,
+                    source="granule",
+                ),
+                max(b.event_time for b in chosen),
+            )
+
+    @on_timer(WALL_CLOCK)
+    def on_wall_clock(self, key=beam.DoFn.KeyParam, bands=beam.DoFn.StateParam(BANDS),
+                      done=beam.DoFn.StateParam(DONE)):
+        yield from self._expire(key, bands, done)
+
+    @on_timer(END_OF_INPUT)
+    def on_end_of_input(self, key=beam.DoFn.KeyParam, bands=beam.DoFn.StateParam(BANDS),
+                        done=beam.DoFn.StateParam(DONE)):
+        yield from self._expire(key, bands, done)
+
+    def _expire(self, granule_id, bands, done):
+        held = list(bands.read())
+        bands.clear()
+        done.clear()
+        if not held:
+            return
+        self.expired.inc(len(held))
+        present = sorted({b.band for b in held})
+        missing = [b for b in self._bands if b not in present]
+        yield dead_letter(
+            STAGE,
+            f"granule {granule_id} incomplete after {self._timeout:.0f}s: missing bands "
+            f"{missing} (have {present})",
+            message_id=held[-1].message_id,
+            tile_id=granule_id,
+            payload=[b.uri for b in held],
+        )
+
+
+class AssembleGranules(beam.PTransform):
+    """BandObject -> TileRef (band URIs in card order) + dead letters for incomplete granules."""
+
+    def __init__(self, bands: Sequence[str], timeout_secs: float, ttl_secs: float,
+                 streaming: bool):
+        super().__init__()
+        self._fn = _AssembleGranuleFn(bands, timeout_secs, ttl_secs, streaming)
+
+    def expand(self, band_objects):
+        return (
+            band_objects
+            | "KeyByGranule" >> beam.Map(lambda b: (b.granule_id, b)).with_output_types(KEYED)
+            | "Assemble" >> beam.ParDo(self._fn).with_outputs(DEAD_LETTER_TAG, main="tiles")
+        )

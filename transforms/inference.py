@@ -1,0 +1,179 @@
+"""Stage 5: Chips -> ChipPredictions with Beam RunInference and the TorchScript student.
+
+Chips from many tiles are micro-batched inside ``FixedWindows``; ``KeyedModelHandler`` carries
+each chip's identity (the chip without its pixels) beside its tensor. Softmax and quantisation to
+uint8 happen on the device, so a GPU worker returns 1 byte per class and pixel, not float logits.
+
+Beam's PyTorch handler silently falls back to CPU when CUDA is missing; with ``--device=GPU`` we
+refuse to start instead, because a GPU job quietly running on CPU is a cost and latency incident.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Iterable, Sequence
+from typing import Any, NamedTuple
+
+import apache_beam as beam
+import numpy as np
+import torch
+from apache_beam.metrics import Metrics
+from apache_beam.ml.inference.base import KeyedModelHandler, PredictionResult, RunInference
+from apache_beam.ml.inference.pytorch_inference import PytorchModelHandlerTensor
+from apache_beam.transforms.window import FixedWindows, GlobalWindows
+from apache_beam.utils.timestamp import Duration
+
+from model.card import ModelCard
+from transforms.deadletter import DEAD_LETTER_TAG, dead_letter
+from transforms.records import NODATA_CLASS, Chip, ChipPrediction
+
+STAGE = "inference"
+FAILED_TAG = "failed"
+DEFAULT_ACCELERATOR = "type:nvidia-l4;count:1;install-nvidia-driver"
+# Elements may carry an event time older than the watermark (a delayed notification); keep
+# their windows open that long rather than drop them.
+ALLOWED_LATENESS_SECS = 24 * 3600
+
+
+def segmentation_inference_fn(
+    batch: Sequence[torch.Tensor],
+    model: torch.nn.Module,
+    device: Any,
+    inference_args: dict[str, Any] | None = None,
+    model_id: str | None = None,
+) -> Iterable[PredictionResult]:
+    """Stack chips, run the model, return per-chip class probabilities as uint8 (p * 255)."""
+    with torch.inference_mode():
+        logits = model(torch.stack(batch).to(device), **(inference_args or {}))
+        quantised = (torch.softmax(logits.float(), dim=1) * 255.0).round_().to(torch.uint8).cpu()
+    return [PredictionResult(x, y, model_id) for x, y in zip(batch, quantised, strict=True)]
+
+
+class StudentModelHandler(PytorchModelHandlerTensor):
+    """PytorchModelHandlerTensor for a model-card TorchScript file, strict about the device."""
+
+    def __init__(self, card: ModelCard, device: str = "CPU", min_batch_size: int = 1,
+                 max_batch_size: int = 32, max_batch_duration_secs: int | None = None):
+        if device not in ("CPU", "GPU"):
+            raise ValueError(f"device must be CPU or GPU, got {device!r}")
+        super().__init__(
+            torch_script_model_path=card.weights_uri,
+            device=device,
+            inference_fn=segmentation_inference_fn,
+            min_batch_size=min_batch_size,
+            max_batch_size=max_batch_size,
+            max_batch_duration_secs=max_batch_duration_secs,
+        )
+        self._require_gpu = device == "GPU"
+
+    def load_model(self) -> torch.nn.Module:
+        if self._require_gpu:
+            try:
+                torch.empty(1, device="cuda")
+            except (RuntimeError, AssertionError) as exc:
+                raise RuntimeError(
+                    "--device=GPU but CUDA is not usable on this worker "
+                    f"(torch {torch.__version__}, cuda build {torch.version.cuda}): {exc}. "
+                    "Check the accelerator hint, the NVIDIA driver install and the image's torch."
+                ) from exc
+        return super().load_model()
+
+
+def to_prediction(chip: Chip, probabilities: np.ndarray, model_name: str,
+                  model_version: str) -> ChipPrediction:
+    """Crop to the chip's in-tile window, argmax, and count classes over valid pixels only."""
+    h, w = chip.height, chip.width
+    probs = np.ascontiguousarray(probabilities[:, :h, :w])
+    valid = chip.valid[:h, :w]
+    class_map = probs.argmax(axis=0).astype(np.uint8)
+    class_map[~valid] = NODATA_CLASS
+    counts = np.bincount(class_map[valid], minlength=probs.shape[0])
+    confidence = float(probs.max(axis=0)[valid].mean()) / 255.0 if valid.any() else 0.0
+    return ChipPrediction(
+        chip=chip,
+        class_map=class_map,
+        probabilities=probs,
+        class_counts=tuple(int(n) for n in counts),
+        mean_confidence=confidence,
+        model_name=model_name,
+        model_version=model_version,
+        scored_at=time.time(),
+    )
+
+
+class _ToPredictionFn(beam.DoFn):
+    def __init__(self, card: ModelCard):
+        self._name, self._version = card.name, card.version
+        self.scored = Metrics.counter("tilestream", "chips_scored")
+        self.latency = Metrics.distribution("tilestream", "chip_latency_ms")
+
+    def process(self, element: tuple[Chip, PredictionResult]):
+        chip, result = element
+        prediction = to_prediction(chip, result.inference.numpy(), self._name, self._version)
+        self.scored.inc()
+        self.latency.update(int((prediction.scored_at - chip.tile.published) * 1000))
+        yield prediction
+
+
+class _FailedBatchFn(beam.DoFn):
+    """A batch the model raised on: every chip in it is dead-lettered and reported as failed."""
+
+    def __init__(self):
+        self.failed = Metrics.counter("tilestream", "chips_failed")
+
+    def process(self, failure):
+        batch, exc = failure
+        for chip, _tensor in batch:
+            self.failed.inc()
+            yield dead_letter(STAGE, f"model raised {type(exc).__name__}: {exc}",
+                              message_id=chip.tile.message_id, tile_id=chip.tile.tile_id,
+                              payload=f"chip {chip.index} window {chip.row},{chip.col}")
+            yield beam.pvalue.TaggedOutput(FAILED_TAG, chip)
+
+
+class ScoredChips(NamedTuple):
+    predictions: beam.PCollection  # ChipPrediction
+    failed: beam.PCollection  # Chip (without pixels) that the model raised on
+    dead_letters: beam.PCollection
+
+
+class ScoreChips(beam.PTransform):
+    """Micro-batch chips in fixed windows and score them with RunInference.
+
+    Outputs are back in the global window: everything downstream is keyed per tile, not per
+    batch window.
+    """
+
+    def __init__(self, card: ModelCard, *, window_secs: float = 5.0, device: str = "CPU",
+                 min_batch_size: int = 1, max_batch_size: int = 32,
+                 max_batch_duration_secs: int | None = None,
+                 accelerator: str = DEFAULT_ACCELERATOR):
+        super().__init__()
+        self._card = card
+        self._window_secs = window_secs
+        self._handler = StudentModelHandler(card, device, min_batch_size, max_batch_size,
+                                            max_batch_duration_secs)
+        self._accelerator = accelerator if device == "GPU" else None
+
+    def expand(self, chips) -> ScoredChips:
+        run_inference = RunInference(KeyedModelHandler(self._handler))
+        if self._accelerator:
+            run_inference = run_inference.with_resource_hints(accelerator=self._accelerator)
+        scored, failures = (
+            chips
+            | "MicroBatchWindows" >> beam.WindowInto(
+                FixedWindows(self._window_secs),
+                allowed_lateness=Duration(seconds=ALLOWED_LATENESS_SECS))
+            | "KeyByChip" >> beam.Map(
+                lambda c: (dataclasses.replace(c, pixels=None), torch.from_numpy(c.pixels)))
+            | "RunInference" >> run_inference.with_exception_handling()
+        )
+        predictions = (scored
+                       | "ToPrediction" >> beam.ParDo(_ToPredictionFn(self._card))
+                       | "LeaveWindows" >> beam.WindowInto(GlobalWindows()))
+        failed = (failures.failed_inferences
+                  | "FailedWindows" >> beam.WindowInto(GlobalWindows())
+                  | "FailedChips" >> beam.ParDo(_FailedBatchFn()).with_outputs(FAILED_TAG,
+                                                                                DEAD_LETTER_TAG))
+        return ScoredChips(predictions, failed[FAILED_TAG], failed[DEAD_LETTER_TAG])

@@ -1,0 +1,128 @@
+"""The records that travel through the stream, one dataclass per thing.
+
+Times are UNIX seconds (float) while in flight and become BigQuery TIMESTAMPs in the sinks.
+"""
+
+from __future__ import annotations
+
+import typing
+from dataclasses import dataclass, field
+
+import numpy as np
+
+# Type hint for (key, record) pairs fed to stateful DoFns: str keys have a deterministic coder.
+KEYED = typing.Tuple[str, typing.Any]  # noqa: UP006 - Beam's type hints want typing.Tuple
+
+# Class id written where a prediction raster or class map has no prediction (padding, nodata).
+NODATA_CLASS = 255
+
+
+@dataclass(frozen=True)
+class TileRef:
+    """A complete tile, ready to chip: one multi-band raster or one file per model band."""
+
+    tile_id: str
+    band_uris: tuple[str, ...]  # one URI (multi-band) or one per card band, in card order
+    generation: str  # object generation, or a content hash for announcements and granules
+    event_time: float  # notification eventTime / announcement time
+    published: float  # Pub/Sub publish time (arrival, for latency)
+    message_id: str = ""
+    source: str = "gcs"  # gcs | announcement | granule | file
+    acquired: str | None = None  # RFC 3339, from the announcement or the granule name
+    sensor: str | None = None
+    attributes: tuple[tuple[str, str], ...] = ()  # carried to output rows
+
+    @property
+    def key(self) -> str:
+        """Identity of one version of a tile: stateful steps and dedup key on this."""
+        return f"{self.tile_id}@{self.generation}"
+
+
+@dataclass(frozen=True)
+class BandObject:
+    """One band file of a granule (HLS/Sentinel-2 deliver one COG per band)."""
+
+    granule_id: str
+    band: str  # card band name, after alias mapping
+    uri: str
+    generation: str
+    event_time: float
+    published: float
+    message_id: str = ""
+
+
+@dataclass(frozen=True)
+class TileManifest:
+    """What the chipper knows about a tile that tile assembly needs to finish it."""
+
+    tile: TileRef
+    height: int
+    width: int
+    transform: tuple[float, ...]  # affine (a, b, c, d, e, f) of the tile
+    crs_wkt: str
+    chip_size: int
+    stride: int
+    chips_total: int
+    chips_skipped: int  # under the valid-pixel threshold
+    chips_failed: int  # strips that could not be read (dead-lettered)
+    chipped_at: float
+
+    @property
+    def chips_expected(self) -> int:
+        """Chips that should come back from inference."""
+        return self.chips_total - self.chips_skipped - self.chips_failed
+
+
+@dataclass
+class Chip:
+    """A window of a tile, normalised for the model.
+
+    ``pixels`` is ``(C, S, S)`` float32 with invalid and padded pixels set to 0; ``valid`` marks the
+    pixels that are inside the tile and not nodata. The window may be smaller than ``S`` at the
+    tile's right and bottom edges; the rest of the chip is padding.
+    """
+
+    tile: TileRef
+    index: int
+    row: int
+    col: int
+    height: int
+    width: int
+    transform: tuple[float, ...]  # affine of the chip's top-left pixel grid
+    crs_wkt: str
+    footprint_wkt: str  # EPSG:4326 polygon of the in-tile window
+    pixel_area_m2: float
+    valid_fraction: float
+    valid: np.ndarray  # (S, S) bool
+    chipped_at: float
+    pixels: np.ndarray | None = field(default=None, repr=False)
+
+    @property
+    def key(self) -> str:
+        return f"{self.tile.key}#{self.index}"
+
+
+@dataclass
+class ChipPrediction:
+    """The model's answer for one chip, cropped to the chip's in-tile window."""
+
+    chip: Chip  # without pixels
+    class_map: np.ndarray  # (h, w) uint8, NODATA_CLASS where invalid
+    probabilities: np.ndarray  # (K, h, w) uint8, probability * 255, for blending overlaps
+    class_counts: tuple[int, ...]  # valid pixels per class
+    mean_confidence: float
+    model_name: str
+    model_version: str
+    scored_at: float
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    """Anything the stream could not use, with why; written to BigQuery and GCS."""
+
+    stage: str
+    reason: str
+    message_id: str = ""
+    tile_id: str = ""
+    payload: str = ""  # excerpt of the offending input
+    time: float = 0.0

@@ -1,0 +1,255 @@
+"""BigQuery sinks: table schemas (kept here and as JSON in templates/bigquery/) and row builders.
+
+Rows carry a deterministic ``row_id`` (model, tile version, chip) so a chip scored twice after a
+retry is recognisable; Beam's own insertIds make the streaming insert itself retry-safe.
+Tables are created when absent, partitioned by day of event time and clustered by tile id and
+model version, the two filters almost every query has.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+from dataclasses import dataclass
+
+import apache_beam as beam
+from apache_beam.io.gcp.bigquery_tools import RetryStrategy
+
+from transforms.records import ChipPrediction, TileManifest, TileRef
+
+
+def _field(name: str, type_: str, mode: str = "NULLABLE", description: str = "", fields=None):
+    spec = {"name": name, "type": type_, "mode": mode}
+    if description:
+        spec["description"] = description
+    if fields:
+        spec["fields"] = fields
+    return spec
+
+
+_CLASS_FIELDS = [
+    _field("class_id", "INT64", "REQUIRED"),
+    _field("name", "STRING", "REQUIRED"),
+    _field("pixels", "INT64", "REQUIRED", "valid pixels predicted as this class"),
+    _field("area_m2", "FLOAT64", "REQUIRED"),
+]
+_ATTRIBUTE_FIELDS = [_field("key", "STRING", "REQUIRED"), _field("value", "STRING")]
+
+_TILE_IDENTITY = [
+    _field("row_id", "STRING", "REQUIRED", "deterministic id: model, tile version, chip"),
+    _field("tile_id", "STRING", "REQUIRED"),
+    _field("tile_generation", "STRING", "REQUIRED", "object generation or content hash"),
+]
+_PROVENANCE = [
+    _field("acquired", "TIMESTAMP", description="acquisition time, when announced"),
+    _field("event_time", "TIMESTAMP", "REQUIRED", "notification eventTime / announcement time"),
+    _field("published", "TIMESTAMP", "REQUIRED", "Pub/Sub publish time"),
+    _field("source", "STRING", "REQUIRED", "gcs | announcement | granule | file"),
+    _field("source_uris", "STRING", "REPEATED"),
+    _field("message_id", "STRING"),
+    _field("sensor", "STRING"),
+    _field("attributes", "RECORD", "REPEATED", "announcement attributes", _ATTRIBUTE_FIELDS),
+    _field("model_name", "STRING", "REQUIRED"),
+    _field("model_version", "STRING", "REQUIRED"),
+]
+
+CHIP_SCHEMA = {
+    "fields": [
+        *_TILE_IDENTITY,
+        _field("chip_index", "INT64", "REQUIRED"),
+        _field("row_off", "INT64", "REQUIRED", "window in tile pixels"),
+        _field("col_off", "INT64", "REQUIRED"),
+        _field("height", "INT64", "REQUIRED"),
+        _field("width", "INT64", "REQUIRED"),
+        _field("crs", "STRING", "REQUIRED"),
+        _field("footprint", "GEOGRAPHY", "REQUIRED", "chip window in EPSG:4326"),
+        _field("valid_fraction", "FLOAT64", "REQUIRED"),
+        _field("classes", "RECORD", "REPEATED", "per-class pixel counts and area", _CLASS_FIELDS),
+        _field("dominant_class", "STRING", "REQUIRED"),
+        _field("mean_confidence", "FLOAT64", "REQUIRED"),
+        *_PROVENANCE,
+        _field("chipped_at", "TIMESTAMP", "REQUIRED"),
+        _field("scored_at", "TIMESTAMP", "REQUIRED"),
+        _field("latency_s", "FLOAT64", "REQUIRED", "scored_at - published"),
+    ]
+}
+
+TILE_SCHEMA = {
+    "fields": [
+        *_TILE_IDENTITY,
+        _field("complete", "BOOL", "REQUIRED", "false when written by the timeout"),
+        _field("chips_total", "INT64", "REQUIRED"),
+        _field("chips_scored", "INT64", "REQUIRED"),
+        _field("chips_skipped", "INT64", "REQUIRED", "under the valid-pixel threshold"),
+        _field("chips_failed", "INT64", "REQUIRED", "dead-lettered or never arrived"),
+        _field("width", "INT64", "REQUIRED"),
+        _field("height", "INT64", "REQUIRED"),
+        _field("crs", "STRING", "REQUIRED"),
+        _field("footprint", "GEOGRAPHY", "REQUIRED"),
+        _field("classes", "RECORD", "REPEATED", "per-class pixels and area", _CLASS_FIELDS),
+        _field("raster_uri", "STRING", "REQUIRED", "prediction COG"),
+        *_PROVENANCE,
+        _field("completed_at", "TIMESTAMP", "REQUIRED"),
+        _field("latency_s", "FLOAT64", "REQUIRED", "completed_at - published (end to end)"),
+    ]
+}
+
+ERROR_SCHEMA = {
+    "fields": [
+        _field("stage", "STRING", "REQUIRED"),
+        _field("reason", "STRING", "REQUIRED"),
+        _field("message_id", "STRING"),
+        _field("tile_id", "STRING"),
+        _field("payload", "STRING", description="excerpt of the offending input"),
+        _field("time", "TIMESTAMP", "REQUIRED"),
+    ]
+}
+
+SCHEMAS = {"chips": CHIP_SCHEMA, "tiles": TILE_SCHEMA, "dead_letters": ERROR_SCHEMA}
+_PARTITION_FIELD = {"chips": "event_time", "tiles": "event_time", "dead_letters": "time"}
+
+
+@dataclass(frozen=True)
+class BigQueryTables:
+    """Fully qualified ``project:dataset.table`` names of the three tables."""
+
+    chips: str
+    tiles: str
+    errors: str
+
+    @classmethod
+    def in_dataset(cls, dataset: str, project: str | None = None) -> BigQueryTables:
+        """Tables ``chips``, ``tiles`` and ``dead_letters`` in ``[project:]dataset``."""
+        if ":" not in dataset:
+            if "." in dataset:
+                dataset = dataset.replace(".", ":", 1)
+            elif project:
+                dataset = f"{project}:{dataset}"
+            else:
+                raise ValueError(f"dataset '{dataset}' needs a project (--project)")
+        return cls(f"{dataset}.chips", f"{dataset}.tiles", f"{dataset}.dead_letters")
+
+
+def table_parameters(kind: str) -> dict:
+    """Partitioning and clustering, as Beam passes them to tables.insert."""
+    params = {"timePartitioning": {"type": "DAY", "field": _PARTITION_FIELD[kind]}}
+    if kind != "dead_letters":
+        params["clustering"] = {"fields": ["tile_id", "model_version"]}
+    return params
+
+
+def write_rows(table: str, schema: dict) -> beam.io.WriteToBigQuery:
+    kind = next(k for k, s in SCHEMAS.items() if s is schema)
+    return beam.io.WriteToBigQuery(
+        table,
+        schema=schema,
+        method=beam.io.WriteToBigQuery.Method.STREAMING_INSERTS,
+        create_disposition=beam.io.BigQueryDisposition.CREATE_IF_NEEDED,
+        write_disposition=beam.io.BigQueryDisposition.WRITE_APPEND,
+        additional_bq_parameters=table_parameters(kind),
+        insert_retry_strategy=RetryStrategy.RETRY_ON_TRANSIENT_ERROR,
+    )
+
+
+def bq_timestamp(seconds: float | None) -> str | None:
+    if seconds is None:
+        return None
+    return dt.datetime.fromtimestamp(seconds, dt.UTC).isoformat(timespec="microseconds")
+
+
+def row_id(*parts: object) -> str:
+    return hashlib.sha1("|".join(str(p) for p in parts).encode()).hexdigest()
+
+
+def crs_label(crs_wkt: str) -> str:
+    """``EPSG:nnnn`` when the CRS has a code, else its WKT."""
+    from rasterio.crs import CRS
+
+    crs = CRS.from_wkt(crs_wkt)
+    epsg = crs.to_epsg()
+    return f"EPSG:{epsg}" if epsg else crs_wkt
+
+
+def class_records(counts, names, pixel_area_m2: float) -> list[dict]:
+    return [
+        {"class_id": i, "name": name, "pixels": int(n), "area_m2": float(n) * pixel_area_m2}
+        for i, (name, n) in enumerate(zip(names, counts, strict=True))
+    ]
+
+
+def provenance(tile: TileRef, model_name: str, model_version: str) -> dict:
+    return {
+        "acquired": tile.acquired,
+        "event_time": bq_timestamp(tile.event_time),
+        "published": bq_timestamp(tile.published),
+        "source": tile.source,
+        "source_uris": list(tile.band_uris),
+        "message_id": tile.message_id or None,
+        "sensor": tile.sensor,
+        "attributes": [{"key": k, "value": v} for k, v in tile.attributes],
+        "model_name": model_name,
+        "model_version": model_version,
+    }
+
+
+def chip_row(pred: ChipPrediction, class_names: tuple[str, ...]) -> dict:
+    chip = pred.chip
+    counts = pred.class_counts
+    dominant = max(range(len(counts)), key=counts.__getitem__)
+    return {
+        "row_id": row_id(pred.model_name, pred.model_version, chip.tile.key, chip.index),
+        "tile_id": chip.tile.tile_id,
+        "tile_generation": chip.tile.generation,
+        "chip_index": chip.index,
+        "row_off": chip.row,
+        "col_off": chip.col,
+        "height": chip.height,
+        "width": chip.width,
+        "crs": crs_label(chip.crs_wkt),
+        "footprint": chip.footprint_wkt,
+        "valid_fraction": chip.valid_fraction,
+        "classes": class_records(counts, class_names, chip.pixel_area_m2),
+        "dominant_class": class_names[dominant],
+        "mean_confidence": pred.mean_confidence,
+        **provenance(chip.tile, pred.model_name, pred.model_version),
+        "chipped_at": bq_timestamp(chip.chipped_at),
+        "scored_at": bq_timestamp(pred.scored_at),
+        "latency_s": pred.scored_at - chip.tile.published,
+    }
+
+
+def tile_row(
+    manifest: TileManifest,
+    *,
+    complete: bool,
+    chips_scored: int,
+    chips_failed: int,
+    class_counts,
+    class_names: tuple[str, ...],
+    pixel_area_m2: float,
+    footprint_wkt: str,
+    raster_uri: str,
+    model_name: str,
+    model_version: str,
+    completed_at: float,
+) -> dict:
+    tile = manifest.tile
+    return {
+        "row_id": row_id(model_name, model_version, tile.key),
+        "tile_id": tile.tile_id,
+        "tile_generation": tile.generation,
+        "complete": complete,
+        "chips_total": manifest.chips_total,
+        "chips_scored": chips_scored,
+        "chips_skipped": manifest.chips_skipped,
+        "chips_failed": chips_failed,
+        "width": manifest.width,
+        "height": manifest.height,
+        "crs": crs_label(manifest.crs_wkt),
+        "footprint": footprint_wkt,
+        "classes": class_records(class_counts, class_names, pixel_area_m2),
+        "raster_uri": raster_uri,
+        **provenance(tile, model_name, model_version),
+        "completed_at": bq_timestamp(completed_at),
+        "latency_s": completed_at - tile.published,
+    }
