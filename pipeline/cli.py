@@ -50,10 +50,12 @@ def cmd_run(args, rest: list[str]) -> int:
     from pipeline import main
 
     try:
-        return main.run(rest)
+        code = main.run(rest)
     except (main.ConfigError, CardError, local_stack.StackError) as exc:
         print(f"tilestream run: {exc}", file=sys.stderr)
         return 2
+    main.exit_now(code)
+    return code
 
 
 def cmd_announce(args) -> int:
@@ -108,8 +110,10 @@ def cmd_announce(args) -> int:
 
 def cmd_demo(args) -> int:
     from pipeline import demo
+    from pipeline.options import DEFAULT_MODEL_URI
 
-    summary = demo.run_demo(out_dir=args.out, keep_stack=args.keep_stack)
+    summary = demo.run_demo(out_dir=args.out, keep_stack=args.keep_stack,
+                            model_uri=args.model_uri or DEFAULT_MODEL_URI)
     print(json.dumps(summary, sort_keys=True))
     return 0 if summary["tiles_scored"] >= 1 else 1
 
@@ -118,7 +122,7 @@ def cmd_smoke(args) -> int:
     from pipeline import smoke
 
     result = smoke.run_smoke(local_stack.load(args.stack_dir))
-    print(json.dumps(result, sort_keys=True))
+    print(json.dumps(result, sort_keys=True, default=str))
     return 0
 
 
@@ -159,6 +163,8 @@ def parser() -> argparse.ArgumentParser:
                             "results and a quicklook, stop everything")
     demo.add_argument("--out", default="out/demo", help="where the quicklook and logs go")
     demo.add_argument("--keep_stack", action="store_true", help="leave the stack running")
+    demo.add_argument("--model_uri", default=None, help="model directory (default: the "
+                      "shipped student)")
     demo.set_defaults(func=cmd_demo)
 
     local = verbs.add_parser("local", help="the local emulator stack")
