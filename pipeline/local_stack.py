@@ -329,7 +329,9 @@ def ensure_resources(stack: LocalStack) -> None:
             request={
                 "name": stack.subscription_path,
                 "topic": stack.topic_path,
-                "ack_deadline_seconds": 60,
+                # Short: a local stream killed mid-pull leaves the emulator an orphaned pull;
+                # what it took is redelivered after this deadline.
+                "ack_deadline_seconds": 10,
                 "dead_letter_policy": {
                     "dead_letter_topic": stack.dead_letter_topic_path,
                     "max_delivery_attempts": 5,

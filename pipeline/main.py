@@ -20,6 +20,7 @@ from apache_beam.options.pipeline_options import (
     GoogleCloudOptions,
     PipelineOptions,
     StandardOptions,
+    WorkerOptions,
 )
 
 from model.card import ModelCard, load_card
@@ -73,9 +74,11 @@ def configure(argv: list[str] | None) -> Job:
         raise ConfigError("give exactly one input: --subscription (streaming) or --input_glob")
     if not o.bq_dataset or not o.output_prefix:
         raise ConfigError("--bq_dataset and --output_prefix are required (or use --local)")
-    if standard.runner == "DataflowRunner" and not o.model_uri.startswith("gs://"):
-        raise ConfigError(f"Dataflow workers cannot read --model_uri={o.model_uri}; copy the "
-                          "model directory to gs:// (templates/deploy.sh model) and pass that")
+    image = options.view_as(WorkerOptions).sdk_container_image
+    if standard.runner == "DataflowRunner" and "://" not in o.model_uri and not image:
+        raise ConfigError(f"Dataflow workers cannot read --model_uri={o.model_uri}: pass a gs:// "
+                          "model directory, or run the TileStream image (--sdk_container_image), "
+                          "where the launcher and the workers share the shipped model's path")
     streaming = not o.input_glob
     standard.streaming = streaming
     card = load_card(o.model_uri)
@@ -94,7 +97,7 @@ def counters(result) -> dict[str, int]:
     found = result.metrics().query(beam.metrics.MetricsFilter().with_namespace("tilestream"))
     totals: dict[str, int] = {}
     for counter in found["counters"]:
-        value = counter.committed if counter.committed is not None else counter.attempted
+        value = max(counter.committed or 0, counter.attempted or 0)
         totals[counter.key.metric.name] = totals.get(counter.key.metric.name, 0) + (value or 0)
     return totals
 

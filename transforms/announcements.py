@@ -183,6 +183,8 @@ class _ParseFn(beam.DoFn):
         self._rule = rule
         self.messages = Metrics.counter("tilestream", "messages_in")
         self.filtered = Metrics.counter("tilestream", "messages_filtered")
+        self.tiles = Metrics.counter("tilestream", "tiles_parsed")
+        self.bands = Metrics.counter("tilestream", "bands_parsed")
 
     def _filtered(self, reason: str) -> None:
         self.filtered.inc()
@@ -234,9 +236,11 @@ class _ParseFn(beam.DoFn):
         if isinstance(routed, str):
             self._filtered(routed)
         elif isinstance(routed, BandObject):
+            self.bands.inc()
             yield beam.pvalue.TaggedOutput(BANDS_TAG, beam.window.TimestampedValue(routed,
                                                                                     event_time))
         else:
+            self.tiles.inc()
             yield beam.window.TimestampedValue(routed, event_time)
 
 

@@ -55,7 +55,7 @@ def footprint_wkt(transform, crs, row: int, col: int, height: int, width: int,
                            row + height - steps * height, np.full_like(steps, row)])
     cols = np.concatenate([np.full_like(steps, col), col + steps * width,
                            np.full_like(steps, col + width), col + width - steps * width])
-    xs, ys = transform * (cols, rows)
+    xs, ys = transform @ (cols, rows)
     lons, lats = warp(crs, "EPSG:4326", list(xs), list(ys))
     ring = [*zip(lons, lats, strict=True), (lons[0], lats[0])]
     return "POLYGON((" + ", ".join(f"{x:.7f} {y:.7f}" for x, y in ring) + "))"

@@ -6,14 +6,14 @@ Each stage emits ``DeadLetter`` records on a tagged output; the graph flattens t
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import time
+import uuid
 from dataclasses import asdict
 
 import apache_beam as beam
-from apache_beam.io import fileio
 from apache_beam.metrics import Metrics
-from apache_beam.transforms.window import FixedWindows
 
 from transforms.records import DeadLetter
 from transforms.sinks import ERROR_SCHEMA, BigQueryTables, bq_timestamp, write_rows
@@ -35,6 +35,7 @@ def dead_letter(
     if isinstance(payload, bytes):
         payload = payload.decode("utf-8", errors="replace")
     _counter.inc()
+    Metrics.counter("tilestream", f"dead_letters_{stage}").inc()
     letter = DeadLetter(
         stage=stage,
         reason=reason,
@@ -52,29 +53,48 @@ def error_row(letter: DeadLetter) -> dict:
     return row
 
 
-class WriteDeadLetters(beam.PTransform):
-    """BigQuery errors table (for SQL) plus windowed JSON-lines files under the output prefix."""
+class _JsonLinesPerBundleFn(beam.DoFn):
+    """One JSON-lines object per bundle, under an hourly Hive-style path.
 
-    def __init__(self, tables: BigQueryTables, output_prefix: str, window_secs: int = 60):
+    Written at the end of each bundle rather than per window, so dead letters show up at once
+    whatever the watermark does (a stuck watermark is exactly when you want to read them). A
+    retried bundle may write its lines twice: dead letters are at-least-once.
+    """
+
+    def __init__(self, prefix: str):
+        self._prefix = prefix
+
+    def start_bundle(self):
+        self._lines: list[str] = []
+
+    def process(self, row: dict):
+        self._lines.append(json.dumps(row, sort_keys=True, default=str))
+
+    def finish_bundle(self):
+        from apache_beam.io.filesystems import FileSystems
+
+        if not self._lines:
+            return
+        now = dt.datetime.now(dt.UTC)
+        path = (f"{self._prefix}/dead_letters/dt={now:%Y-%m-%d}/hour={now:%H}/"
+                f"{now:%H%M%S}-{uuid.uuid4().hex[:12]}.jsonl")
+        with FileSystems.create(path, mime_type="application/x-ndjson") as out:
+            out.write(("\n".join(self._lines) + "\n").encode())
+        self._lines = []
+
+
+class WriteDeadLetters(beam.PTransform):
+    """BigQuery errors table (for SQL) plus JSON-lines files under the output prefix."""
+
+    def __init__(self, tables: BigQueryTables, output_prefix: str):
         super().__init__()
         self._tables = tables
         self._prefix = output_prefix.rstrip("/")
-        self._window_secs = window_secs
 
     def expand(self, letters):
         rows = letters | "ToRow" >> beam.Map(error_row)
         rows | "ToBigQuery" >> write_rows(self._tables.errors, ERROR_SCHEMA)
-        return (
-            rows
-            | "ToJson" >> beam.Map(json.dumps, sort_keys=True)
-            | "FileWindows" >> beam.WindowInto(FixedWindows(self._window_secs))
-            | "ToGcs"
-            >> fileio.WriteToFiles(
-                path=f"{self._prefix}/dead_letters",
-                file_naming=fileio.default_file_naming("dead-letters", ".jsonl"),
-                shards=1,
-            )
-        )
+        return rows | "ToGcs" >> beam.ParDo(_JsonLinesPerBundleFn(self._prefix))
 
 
 class _BigQueryFailureFn(beam.DoFn):

@@ -1,0 +1,131 @@
+"""The local stack: real emulators behind the real client libraries, and Beam against them."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import uuid
+
+import numpy as np
+import pytest
+import rasterio
+from google.cloud import bigquery
+from rasterio.transform import from_origin
+
+from pipeline import local_stack, smoke
+
+pytestmark = pytest.mark.stack
+
+
+def test_pubsub_publish_then_pull_keeps_data_and_attributes(stack):
+    name = f"t-{uuid.uuid4().hex[:6]}"
+    topic = f"projects/{stack.project}/topics/{name}"
+    sub = f"projects/{stack.project}/subscriptions/{name}"
+    stack.publisher().create_topic(name=topic)
+    subscriber = stack.subscriber()
+    subscriber.create_subscription(name=sub, topic=topic)
+    stack.publisher().publish(topic, b"payload", eventType="OBJECT_FINALIZE",
+                              objectId="a/b.tif").result(timeout=30)
+    response = subscriber.pull(subscription=sub, max_messages=5, timeout=30)
+    [received] = response.received_messages
+    assert received.message.data == b"payload"
+    assert dict(received.message.attributes) == {"eventType": "OBJECT_FINALIZE",
+                                                 "objectId": "a/b.tif"}
+
+
+def test_stack_created_the_streams_resources(stack):
+    topics = {t.name for t in stack.publisher().list_topics(project=f"projects/{stack.project}")}
+    assert {stack.topic_path, stack.dead_letter_topic_path} <= topics
+    sub = stack.subscriber().get_subscription(subscription=stack.subscription_path)
+    assert sub.topic == stack.topic_path
+    assert stack.storage().lookup_bucket(stack.bucket) is not None
+    assert stack.bigquery().get_dataset(stack.dataset).dataset_id == stack.dataset
+
+
+def test_bigquery_create_insert_and_query_with_geography(stack):
+    client = stack.bigquery()
+    table = bigquery.Table(
+        f"{stack.project}.{stack.dataset}.places_{uuid.uuid4().hex[:6]}",
+        schema=[bigquery.SchemaField("name", "STRING"),
+                bigquery.SchemaField("area", "GEOGRAPHY"),
+                bigquery.SchemaField("seen", "TIMESTAMP"),
+                bigquery.SchemaField("tags", "STRING", mode="REPEATED")])
+    client.create_table(table)
+    errors = client.insert_rows_json(table, [
+        {"name": "olinda", "area": "POLYGON((-34.9 -8.05, -34.8 -8.05, -34.8 -7.95, "
+                                   "-34.9 -7.95, -34.9 -8.05))",
+         "seen": "2026-11-26T10:00:00Z", "tags": ["coast", "urban"]},
+        {"name": "recife", "area": "POINT(-34.88 -8.06)", "seen": "2026-11-26T11:00:00Z",
+         "tags": []},
+    ])
+    assert errors == []
+    rows = list(client.query(
+        f"SELECT name, ST_INTERSECTS(area, ST_GEOGPOINT(-34.85, -8.0)) AS hit, "
+        f"ST_AREA(area) / 1e6 AS km2, ARRAY_LENGTH(tags) AS n_tags "
+        f"FROM `{table.project}.{table.dataset_id}.{table.table_id}` ORDER BY name").result())
+    assert [(r.name, r.hit, r.n_tags) for r in rows] == [("olinda", True, 2), ("recife", False, 0)]
+    # 0.1° x 0.1° at 8° S is about 11.0 km x 11.1 km.
+    assert rows[0].km2 == pytest.approx(121.7, rel=0.02)
+
+
+def test_gcs_through_beam_filesystems_and_rasterio(adapted, tmp_path):
+    from apache_beam.io.filesystems import FileSystems
+
+    path = tmp_path / "tiny.tif"
+    data = np.arange(2 * 16 * 24, dtype=np.uint8).reshape(2, 16, 24)
+    with rasterio.open(path, "w", driver="GTiff", width=24, height=16, count=2, dtype="uint8",
+                       crs="EPSG:32725", transform=from_origin(290000, 9120000, 30, 30)) as d:
+        d.write(data)
+    uri = f"gs://{adapted.bucket}/tests/{uuid.uuid4().hex[:6]}/tiny.tif"
+    with FileSystems.create(uri) as out:
+        out.write(path.read_bytes())
+    assert FileSystems.exists(uri)
+    [match] = FileSystems.match([uri])[0].metadata_list
+    assert match.size_in_bytes == path.stat().st_size
+    with rasterio.open(uri) as src:  # GDAL /vsigs/ against the emulator
+        assert src.crs.to_epsg() == 32725
+        assert np.array_equal(src.read(2, window=((3, 5), (4, 9))), data[1, 3:5, 4:9])
+
+
+def test_smoke_stream_writes_bigquery_rows_and_a_gcs_file(stack):
+    result = smoke.run_smoke(stack, messages=3)
+    assert result["exit_code"] == 0, "the stream process did not stop cleanly"
+    rows = result["rows"]
+    assert sorted(r["message_id"] for r in rows) == sorted(result["published"])
+    assert [r["lon"] for r in rows] == [-35.0, -34.0, -33.0]
+    assert all(r["tags"] == ["smoke", "local"] for r in rows)
+    assert all(r["published"].tzinfo is not None for r in rows)
+    lines = [json.loads(line) for line in result["file_lines"]]
+    assert sorted(line["text"] for line in lines) == ["message 0", "message 1", "message 2"]
+
+
+def _tilestream(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_two_stacks_run_side_by_side_and_down_leaves_no_process(tmp_path):
+    first = local_stack.up(tmp_path / "one")
+    try:
+        # The second through the CLI, as a user would.
+        up = _tilestream("local", "up", "--stack_dir", str(tmp_path / "two"))
+        assert up.returncode == 0, up.stderr
+        second = local_stack.load(tmp_path / "two")
+        ports = {first.pubsub_port, first.bigquery_port, first.gcs_port}
+        assert ports.isdisjoint({second.pubsub_port, second.bigquery_port, second.gcs_port})
+        first.bigquery().create_dataset("only_in_first")
+        assert "only_in_first" not in {d.dataset_id for d in second.bigquery().list_datasets()}
+        status = _tilestream("local", "status", "--stack_dir", str(tmp_path / "two"))
+        assert json.loads(status.stdout)["services"] == {"pubsub": True, "bigquery": True,
+                                                         "gcs": True}
+        env = _tilestream("local", "env", "--stack_dir", str(tmp_path / "two")).stdout
+        assert f"export PUBSUB_EMULATOR_HOST={second.pubsub_host}" in env
+        assert local_stack.up(tmp_path / "one").pubsub_port == first.pubsub_port  # idempotent
+        down = _tilestream("local", "down", "--stack_dir", str(tmp_path / "two"))
+        assert down.returncode == 0, down.stderr
+        assert all(not local_stack.group_members(pid) for pid in second.pids.values())
+        assert all(local_stack.group_members(pid) for pid in first.pids.values())
+    finally:
+        local_stack.down(tmp_path / "one")
+    assert all(not local_stack.group_members(pid) for pid in first.pids.values())
