@@ -1,7 +1,8 @@
 """``tilestream``: the one command line of the project.
 
 Verbs: run (the stream), announce (publish tiles), demo, local (the emulator stack), smoke
-(checks the stack with a minimal stream), model (train, distill, evaluate, export).
+(checks the stack with a minimal stream), schemas (BigQuery JSON), model (train, distill,
+evaluate, export).
 """
 
 from __future__ import annotations
@@ -49,6 +50,15 @@ def cmd_run(args, rest: list[str]) -> int:
     from model.card import CardError
     from pipeline import main
 
+    if "-h" in rest or "--help" in rest:
+        from pipeline.options import TileStreamOptions
+
+        usage = argparse.ArgumentParser(
+            prog="tilestream run", description="Run the stream. Any Beam PipelineOptions flag "
+            "(--runner, --project, --region, --temp_location, ...) is accepted too.")
+        TileStreamOptions._add_argparse_args(usage)
+        usage.print_help()
+        return 0
     try:
         code = main.run(rest)
     except (main.ConfigError, CardError, local_stack.StackError) as exc:
@@ -126,6 +136,14 @@ def cmd_smoke(args) -> int:
     return 0
 
 
+def cmd_schemas(args) -> int:
+    from transforms.sinks import write_schema_files
+
+    for path in write_schema_files(args.directory):
+        print(path)
+    return 0
+
+
 def cmd_model(args, rest: list[str]) -> int:
     from model import cli as model_cli
 
@@ -175,6 +193,10 @@ def parser() -> argparse.ArgumentParser:
     smoke = verbs.add_parser("smoke", help="check the local stack with a minimal stream")
     _stack_arg(smoke)
     smoke.set_defaults(func=cmd_smoke)
+
+    schemas = verbs.add_parser("schemas", help="write the BigQuery table schemas as JSON")
+    schemas.add_argument("directory", nargs="?", default="templates/bigquery")
+    schemas.set_defaults(func=cmd_schemas)
 
     model = verbs.add_parser("model", help="train, distill, evaluate and export the student "
                              "(`tilestream model --help`)", add_help=False)

@@ -253,3 +253,18 @@ def tile_row(
         "completed_at": bq_timestamp(completed_at),
         "latency_s": completed_at - tile.published,
     }
+
+
+def write_schema_files(directory: str) -> list[str]:
+    """The schemas as BigQuery JSON (``bq mk --schema`` / Terraform), one file per table."""
+    import json
+    import os
+
+    os.makedirs(directory, exist_ok=True)
+    paths = []
+    for name, schema in SCHEMAS.items():
+        path = os.path.join(directory, f"{name}.json")
+        with open(path, "w") as out:
+            out.write(json.dumps(schema["fields"], indent=2) + "\n")
+        paths.append(path)
+    return paths

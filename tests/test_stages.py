@@ -1,0 +1,354 @@
+"""Each stage on its own, with real rasters and Beam's in-process runner; no emulators needed."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import json
+import tracemalloc
+from pathlib import Path
+
+import apache_beam as beam
+import numpy as np
+import pytest
+import rasterio
+import torch
+from apache_beam.io.gcp.pubsub import PubsubMessage
+from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.testing.util import assert_that, equal_to
+from rasterio.transform import from_origin
+
+from model.card import ClassInfo, InputSpec, ModelCard
+from pipeline import announce
+from pipeline.demo import SAMPLE_TILE
+from tests import tiles
+from transforms import announcements as ann
+from transforms import assemble, chips, inference, sinks
+from transforms.records import NODATA_CLASS, ChipPrediction, TileRef
+
+BANDS = tiles.BANDS
+RULE = ann.GranuleRule()
+
+
+def test_card(chip_size=64, stride=48, classes=3) -> ModelCard:
+    return ModelCard(
+        name="unit", version="1", task="segmentation",
+        input=InputSpec(bands=BANDS, chip_size=chip_size, stride=stride, mean=(80.0,) * 6,
+                        std=(40.0,) * 6),
+        classes=tuple(ClassInfo(i, f"c{i}", f"#{i * 40:02x}8000") for i in range(classes)),
+        weights_file="model.pt", weights_sha256="0" * 64, parameters=1)
+
+
+test_card.__test__ = False  # a factory, not a test
+
+
+def runner_options() -> PipelineOptions:
+    return PipelineOptions(["--runner=BundleBasedDirectRunner"])
+
+
+def message(data: bytes, attributes: dict, message_id: str = "m1") -> PubsubMessage:
+    return PubsubMessage(data, attributes, message_id=message_id,
+                         publish_time=dt.datetime(2026, 11, 26, 12, tzinfo=dt.UTC))
+
+
+def parse(messages: list[PubsubMessage]):
+    """Run the parse DoFn over messages; returns (tiles, bands, dead letters)."""
+    fn = ann._ParseFn(BANDS, RULE)
+    out: dict[str, list] = {"tiles": [], "bands": [], "dead_letters": []}
+    for msg in messages:
+        for item in fn.process(msg):
+            tag = item.tag if isinstance(item, beam.pvalue.TaggedOutput) else "tiles"
+            value = item.value if isinstance(item, beam.pvalue.TaggedOutput) else item
+            out[tag].append(value.value if isinstance(value, beam.window.TimestampedValue)
+                            else value)
+    return out["tiles"], out["bands"], out["dead_letters"]
+
+
+# --- parse ---------------------------------------------------------------------------------
+
+def test_gcs_finalize_of_a_geotiff_is_one_tile_with_event_time():
+    data, attrs = announce.gcs_notification("bkt", "in/scene_1.tif", 17, event_time=1.7e9)
+    [tile], bands, letters = parse([message(data, attrs)])
+    assert (tile.tile_id, tile.band_uris, tile.generation) == ("scene_1", ("gs://bkt/in/scene_1.tif",),
+                                                              "17")
+    assert tile.event_time == pytest.approx(1.7e9) and tile.source == "gcs"
+    assert bands == letters == []
+
+
+@pytest.mark.parametrize("event_type", ["OBJECT_DELETE", "OBJECT_METADATA_UPDATE",
+                                        "OBJECT_ARCHIVE"])
+def test_other_gcs_events_are_filtered_not_scored_nor_dead_lettered(event_type):
+    data, attrs = announce.gcs_notification("bkt", "in/scene.tif", 1, event_type=event_type)
+    assert parse([message(data, attrs)]) == ([], [], [])
+
+
+def test_hls_band_file_becomes_a_band_object_with_the_card_band_name():
+    data, attrs = announce.gcs_notification("bkt", "hls/HLS.S30.T17SLU.2024110T160000.v2.0.B8A.tif",
+                                            3)
+    tiles_, [band], _ = parse([message(data, attrs)])
+    assert tiles_ == []
+    assert (band.granule_id, band.band) == ("HLS.S30.T17SLU.2024110T160000.v2.0", "nir")
+
+
+def test_band_the_model_does_not_use_is_filtered():
+    data, attrs = announce.gcs_notification("bkt", "hls/HLS.S30.T17SLU.2024110T160000.v2.0.B01.tif",
+                                            3)
+    assert parse([message(data, attrs)]) == ([], [], [])
+
+
+def test_json_announcement_with_band_map_orders_uris_like_the_card():
+    band_map = {b: f"gs://bkt/x/{b}.tif" for b in reversed(BANDS)}
+    data, attrs = announce.json_announcement("t1", "2024-04-19T16:00:00Z", bands=band_map,
+                                             sensor="hls-s30", attributes={"aoi": "a1"})
+    [tile], _, _ = parse([message(data, attrs)])
+    assert tile.band_uris == tuple(f"gs://bkt/x/{b}.tif" for b in BANDS)
+    assert (tile.acquired, tile.sensor, tile.attributes) == ("2024-04-19T16:00:00Z", "hls-s30",
+                                                             (("aoi", "a1"),))
+
+
+def test_same_announcement_twice_has_the_same_generation():
+    data, attrs = announce.json_announcement("t1", "2024-04-19T16:00:00Z", uri="gs://b/t1.tif")
+    first, _, _ = parse([message(data, attrs, "a")])
+    second, _, _ = parse([message(data, attrs, "b")])
+    assert first[0].key == second[0].key
+
+
+@pytest.mark.parametrize(("payload", "reason"), [
+    (b"not json at all", "neither a GCS notification"),
+    (b"[1, 2]", "must be a JSON object"),
+    (json.dumps({"schema": "other/v9", "tile_id": "x"}).encode(), "schema must be"),
+    (json.dumps({"schema": ann.ANNOUNCEMENT_SCHEMA, "tile_id": "x",
+                 "acquired": "yesterday", "uri": "gs://b/x.tif"}).encode(), "RFC 3339"),
+    (json.dumps({"schema": ann.ANNOUNCEMENT_SCHEMA, "tile_id": "x",
+                 "acquired": "2024-01-01T00:00:00Z"}).encode(), "exactly one of"),
+    (json.dumps({"schema": ann.ANNOUNCEMENT_SCHEMA, "tile_id": "bad id!",
+                 "acquired": "2024-01-01T00:00:00Z", "uri": "gs://b/x.tif"}).encode(), "tile_id"),
+])
+def test_malformed_messages_are_dead_lettered_with_the_reason(payload, reason):
+    tiles_, bands, [letter] = parse([message(payload, {}, "bad-1")])
+    assert tiles_ == bands == []
+    assert letter.stage == "parse" and reason in letter.reason
+    assert letter.message_id == "bad-1" and letter.payload
+
+
+def test_notification_without_event_time_is_dead_lettered():
+    data, attrs = announce.gcs_notification("bkt", "in/a.tif", 1)
+    del attrs["eventTime"]
+    _, _, [letter] = parse([message(data, attrs)])
+    assert "eventTime" in letter.reason
+
+
+# --- chips -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("length", "size", "stride"), [(352, 64, 48), (349, 64, 64), (64, 64, 32),
+                                                        (10, 64, 48), (65, 64, 1)])
+def test_chip_grid_covers_every_pixel_once_or_more(length, size, stride):
+    starts = chips.chip_starts(length, size, stride)
+    covered = np.zeros(length, int)
+    for s in starts:
+        covered[s : s + size] += 1
+    assert covered.min() >= 1
+    assert starts == tiles.starts(length, size, stride)
+    assert starts[-1] < length and (len(starts) == 1 or starts[-2] + size < length)
+
+
+def chip_tile(path: Path, settings: chips.ChipSettings, tile: TileRef | None = None):
+    tile = tile or TileRef("t", (str(path),), "1", 0.0, 0.0)
+    fn = chips._ChipFn(settings)
+    fn.setup()
+    out = list(fn.process(tile))
+    chips_ = [c for c in out if not isinstance(c, beam.pvalue.TaggedOutput)]
+    tagged = [c for c in out if isinstance(c, beam.pvalue.TaggedOutput)]
+    return chips_, tagged
+
+
+def test_chips_are_normalised_padded_and_georeferenced(tmp_path):
+    path = tiles.crop(tmp_path / "crop.tif", 0, 0, 100, 70)
+    settings = chips.ChipSettings.from_card(test_card())
+    out, [manifest] = chip_tile(path, settings)
+    assert manifest.value.chips_total == len(out) == 2 * 2
+    with rasterio.open(path) as src:
+        raw = src.read().astype(np.float32)
+        crs, transform = src.crs, src.transform
+    edge = next(c for c in out if c.row == 48 and c.col == 48)  # bottom-right: 52 x 22 in tile
+    assert (edge.height, edge.width) == (52, 22)
+    assert edge.valid[:52, :22].all() and not edge.valid[52:].any() and not edge.valid[:, 22:].any()
+    np.testing.assert_allclose(edge.pixels[:, :52, :22], (raw[:, 48:, 48:] - 80.0) / 40.0)
+    assert (edge.pixels[:, 52:, :] == 0).all()
+    assert rasterio.Affine(*edge.transform) * (0, 0) == pytest.approx(transform * (48, 48))
+    lon, lat = (float(v) for v in edge.footprint_wkt[len("POLYGON(("):].split(",")[0].split())
+    assert -35.0 < lon < -34.8 and -8.1 < lat < -7.9  # Olinda
+    assert edge.pixel_area_m2 == pytest.approx(28.5**2, rel=1e-6) and crs.to_epsg() == 31985
+
+
+def test_chips_under_the_valid_threshold_are_skipped_and_counted(tmp_path):
+    path = tmp_path / "holes.tif"
+    data = np.full((6, 128, 128), 50, np.uint8)
+    data[:, :64, :64] = 0  # one chip entirely nodata
+    data[:, 64:, :64][:, :, :60] = 0  # another 94% nodata
+    with rasterio.open(path, "w", driver="GTiff", width=128, height=128, count=6, dtype="uint8",
+                       nodata=0, crs="EPSG:32633", transform=from_origin(0, 0, 10, 10)) as d:
+        d.write(data)
+    settings = chips.ChipSettings.from_card(test_card(stride=64), min_valid_fraction=0.1)
+    out, [manifest] = chip_tile(path, settings)
+    assert manifest.value.chips_total == 4 and manifest.value.chips_skipped == 2
+    assert sorted((c.row, c.col) for c in out) == [(0, 64), (64, 64)]
+
+
+def test_band_files_on_different_grids_are_dead_lettered(tmp_path):
+    a = tiles.crop(tmp_path / "a.tif", 0, 0, 64, 64)
+    b = tiles.crop(tmp_path / "b.tif", 1, 0, 64, 64)
+    tile = TileRef("g", (str(a),) + (str(b),) * 5, "1", 0.0, 0.0)
+    out, [letter] = chip_tile(a, chips.ChipSettings.from_card(test_card()), tile)
+    assert out == [] and "another grid" in letter.value.reason
+
+
+def test_raster_with_fewer_bands_than_the_card_is_dead_lettered(tmp_path):
+    path = tmp_path / "three.tif"
+    with rasterio.open(SAMPLE_TILE) as src:
+        profile = src.profile | {"count": 3}
+        data = src.read([1, 2, 3])
+    with rasterio.open(path, "w", **profile) as d:
+        d.write(data)
+    out, [letter] = chip_tile(path, chips.ChipSettings.from_card(test_card()))
+    assert out == [] and "card needs 6" in letter.value.reason
+
+
+def test_a_huge_tile_is_read_a_chip_row_at_a_time(tmp_path):
+    """10,000 x 10,000 x 6 bands would be 600 MB as uint8; memory must follow one strip."""
+    path = tmp_path / "huge.tif"
+    with rasterio.open(path, "w", driver="GTiff", width=10_000, height=10_000, count=6,
+                       dtype="uint8", crs="EPSG:32633", transform=from_origin(0, 0, 10, 10),
+                       tiled=True, blockxsize=512, blockysize=512, compress="deflate") as d:
+        d.write(np.full((6, 512, 10_000), 90, np.uint8), window=((0, 512), (0, 10_000)))
+    settings = chips.ChipSettings.from_card(test_card(stride=64))
+    fn = chips._ChipFn(settings)
+    fn.setup()
+    tracemalloc.start()
+    produced = fn.process(TileRef("huge", (str(path),), "1", 0.0, 0.0))
+    first_rows = [next(produced) for _ in range(3 * 157)]  # three chip rows of 157 chips
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert {c.row for c in first_rows} == {0, 64, 128}
+    # A strip is 6 x 64 x 10,000 bytes (3.8 MB) plus its chips; the tile is 600 MB.
+    assert peak < 60e6, f"peak {peak / 1e6:.0f} MB"
+
+
+# --- inference -------------------------------------------------------------------------------
+
+def test_prediction_counts_only_valid_pixels_and_crops_to_the_window(tmp_path):
+    path = tiles.crop(tmp_path / "c.tif", 0, 0, 40, 30)
+    [chip], _ = chip_tile(path, chips.ChipSettings.from_card(test_card(chip_size=64)))
+    chip.valid[:10, :] = False
+    probs = np.zeros((3, 64, 64), np.uint8)
+    probs[2] = 200
+    probs[0, :, :15] = 250
+    pred = inference.to_prediction(dataclasses.replace(chip, pixels=None), probs, "m", "1")
+    assert pred.class_map.shape == (40, 30)
+    assert (pred.class_map[:10] == NODATA_CLASS).all()
+    assert pred.class_counts == (30 * 15, 0, 30 * 15)
+    assert pred.mean_confidence == pytest.approx((250 + 200) / 2 / 255)
+
+
+def test_gpu_device_refuses_to_start_without_cuda():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA; the refusal is for machines without it")
+    handler = inference.StudentModelHandler(dataclasses.replace(test_card(), uri="/nonexistent"),
+                                            device="GPU")
+    with pytest.raises(RuntimeError, match="--device=GPU but CUDA is not usable"):
+        handler.load_model()
+
+
+# --- assembly ----------------------------------------------------------------------------------
+
+def fake_predictions(path: Path, card: ModelCard, value_of) -> tuple:
+    settings = chips.ChipSettings.from_card(card)
+    out, tagged = chip_tile(path, settings)
+    manifest = next(t.value for t in tagged if t.tag == chips.MANIFESTS_TAG)
+    predictions = []
+    for chip in out:
+        probs = np.stack([np.full((chip.height, chip.width), value_of(chip, k), np.uint8)
+                          for k in range(card.num_classes)])
+        predictions.append(ChipPrediction(dataclasses.replace(chip, pixels=None),
+                                          probs.argmax(0).astype(np.uint8), probs, (0,) * 3,
+                                          0.5, "m", "1", 0.0))
+    return manifest, predictions
+
+
+def test_overlapping_chips_are_blended_not_overwritten(tmp_path):
+    path = tiles.crop(tmp_path / "c.tif", 0, 0, 64, 112)  # chips at cols 0 and 48: overlap 16
+    card = test_card()
+
+    # Chip 0 says class 0 weakly (0.6 vs 0.4), chip 1 says class 1 strongly (0.9 vs 0.1): in
+    # the overlap the average (0.35 vs 0.65) must win for class 1, whoever was written last.
+    def value_of(chip, k):
+        table = {0: (153, 102, 0), 48: (25, 230, 0)}
+        return table[chip.col][k]
+
+    manifest, predictions = fake_predictions(path, card, value_of)
+    out = tmp_path / "pred.tif"
+    for order in (predictions, predictions[::-1]):
+        counts = assemble.write_prediction_raster(manifest, order, card, str(out))
+        with rasterio.open(out) as r:
+            classes = r.read(1)
+        assert (classes[:, :48] == 0).all() and (classes[:, 48:] == 1).all()
+        assert counts.tolist() == [64 * 48, 64 * 64, 0]
+
+
+def test_prediction_raster_matches_the_input_grid_with_colours_and_confidence(tmp_path):
+    path = tiles.reprojected(tmp_path / "w.tif", "EPSG:4326")
+    card = test_card()
+    manifest, predictions = fake_predictions(path, card, lambda chip, k: 200 if k == 2 else 20)
+    out = tmp_path / "pred.tif"
+    assemble.write_prediction_raster(manifest, predictions, card, str(out), confidence_band=True)
+    with rasterio.open(path) as src, rasterio.open(out) as r:
+        assert (r.crs, r.width, r.height) == (src.crs, src.width, src.height)
+        assert r.transform.almost_equals(src.transform)
+        assert r.count == 2 and r.nodata == 255
+        assert r.colormap(1)[2][:3] == card.classes[2].rgb
+        valid = (src.read() != src.nodata).all(axis=0)
+        classes, confidence = r.read(1), r.read(2)
+    assert (classes[valid] == 2).all() and (classes[~valid] == 255).all()
+    assert set(np.unique(confidence[valid])) == {round(200 / 255 * 100)}
+
+
+def test_missing_chips_leave_nodata_in_a_partial_raster(tmp_path):
+    path = tiles.crop(tmp_path / "c.tif", 0, 0, 64, 112)
+    card = test_card()
+    manifest, predictions = fake_predictions(path, card, lambda chip, k: 200 if k == 1 else 10)
+    out = tmp_path / "pred.tif"
+    counts = assemble.write_prediction_raster(manifest, predictions[:1], card, str(out))
+    with rasterio.open(out) as r:
+        classes = r.read(1)
+    assert (classes[:, :64] == 1).all() and (classes[:, 64:] == 255).all()
+    assert counts.tolist() == [0, 64 * 64, 0]
+
+
+# --- sinks -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", list(sinks.SCHEMAS))
+def test_schema_json_files_match_the_code(name):
+    path = Path(__file__).resolve().parents[1] / "templates" / "bigquery" / f"{name}.json"
+    assert json.loads(path.read_text()) == sinks.SCHEMAS[name]["fields"], (
+        "regenerate with `tilestream schemas`")
+
+
+def test_tables_in_a_dataset_accept_the_usual_spellings():
+    assert sinks.BigQueryTables.in_dataset("ds", "proj").chips == "proj:ds.chips"
+    assert sinks.BigQueryTables.in_dataset("proj.ds").tiles == "proj:ds.tiles"
+    assert sinks.BigQueryTables.in_dataset("proj:ds").errors == "proj:ds.dead_letters"
+    with pytest.raises(ValueError, match="needs a project"):
+        sinks.BigQueryTables.in_dataset("ds")
+
+
+def test_chip_rows_are_assertable_through_beam(tmp_path):
+    """chip_row runs inside a pipeline: the row id is deterministic per model, tile and chip."""
+    path = tiles.crop(tmp_path / "c.tif", 0, 0, 64, 64)
+    card = test_card()
+    _, predictions = fake_predictions(path, card, lambda chip, k: 100)
+    names = tuple(c.name for c in card.classes)
+    expected = sinks.row_id("m", "1", predictions[0].chip.tile.key, 0)
+    with beam.Pipeline(options=runner_options()) as p:
+        ids = (p | beam.Create(predictions) | beam.Map(sinks.chip_row, names)
+               | beam.Map(lambda row: row["row_id"]))
+        assert_that(ids, equal_to([expected]))
