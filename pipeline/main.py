@@ -166,3 +166,8 @@ def run(argv: list[str] | None = None) -> int:
         result.wait_until_finish()
         _write_metrics(o.metrics_file, result)
     return 0
+
+
+if __name__ == "__main__":  # the Flex Template launcher runs this file with the parameters
+    logging.basicConfig(level=logging.INFO)
+    sys.exit(run())

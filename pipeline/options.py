@@ -16,6 +16,19 @@ DEFAULT_MODEL_URI = str(
 )
 
 
+def flag(value: str) -> bool:
+    """A boolean that is also accepted as ``--name=true|false`` (how Flex Templates pass it)."""
+    if value.lower() in ("true", "1", "yes"):
+        return True
+    if value.lower() in ("false", "0", "no"):
+        return False
+    raise ValueError(f"expected true or false, got {value!r}")
+
+
+# Options that only make sense on this machine, not as Flex Template parameters.
+LOCAL_ONLY = ("local", "stack_dir", "metrics_file", "input_glob")
+
+
 class TileStreamOptions(PipelineOptions):
     @classmethod
     def _add_argparse_args(cls, parser):
@@ -79,8 +92,10 @@ class TileStreamOptions(PipelineOptions):
         outputs.add_argument("--output_prefix",
                              help="gs:// (or local) prefix for prediction COGs and dead-letter "
                              "JSON lines.")
-        outputs.add_argument("--confidence_band", action="store_true", default=False,
-                             help="Add a confidence band (percent) to each prediction COG.")
+        outputs.add_argument("--confidence_band", type=flag, nargs="?", const=True,
+                             default=False,
+                             help="Add a confidence band (percent) to each prediction COG "
+                             "(--confidence_band or --confidence_band=true|false).")
         timing = parser.add_argument_group("timeouts")
         timing.add_argument("--granule_timeout_secs", type=float, default=600.0,
                             help="An incomplete granule is dead-lettered this long after its "

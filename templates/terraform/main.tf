@@ -1,0 +1,251 @@
+# TileStream infrastructure: Pub/Sub, the bucket notification, BigQuery, Artifact Registry and a
+# least-privilege worker service account. No credentials live here; apply with your own login.
+
+terraform {
+  required_version = ">= 1.5"
+  required_providers {
+    google = {
+      source  = "hashicorp/google"
+      version = ">= 5.30"
+    }
+  }
+}
+
+provider "google" {
+  project = var.project
+  region  = var.region
+}
+
+locals {
+  services = ["dataflow.googleapis.com", "pubsub.googleapis.com", "bigquery.googleapis.com",
+  "storage.googleapis.com", "artifactregistry.googleapis.com", "cloudbuild.googleapis.com"]
+  bucket_objects = "projects/_/buckets/${google_storage_bucket.tiles.name}/objects/"
+}
+
+resource "google_project_service" "apis" {
+  for_each           = toset(local.services)
+  service            = each.value
+  disable_on_destroy = false
+}
+
+data "google_project" "this" {}
+
+# --- storage --------------------------------------------------------------------------------
+
+resource "google_storage_bucket" "tiles" {
+  name                        = "${var.project}-${var.name}-tiles"
+  location                    = var.region
+  uniform_bucket_level_access = true
+  public_access_prevention    = "enforced"
+}
+
+resource "google_storage_bucket" "dataflow" {
+  name                        = "${var.project}-${var.name}-dataflow"
+  location                    = var.region
+  uniform_bucket_level_access = true
+  public_access_prevention    = "enforced"
+  lifecycle_rule {
+    condition {
+      age = 14
+    }
+    action {
+      type = "Delete"
+    }
+  }
+}
+
+# --- pub/sub --------------------------------------------------------------------------------
+
+resource "google_pubsub_topic" "tiles" {
+  name       = "${var.name}-tiles"
+  depends_on = [google_project_service.apis]
+}
+
+resource "google_pubsub_topic" "dead_letter" {
+  name       = "${var.name}-tiles-dead-letter"
+  depends_on = [google_project_service.apis]
+}
+
+resource "google_pubsub_subscription" "tiles" {
+  name                       = "${var.name}-tiles-sub"
+  topic                      = google_pubsub_topic.tiles.id
+  ack_deadline_seconds       = 60
+  message_retention_duration = "604800s"
+  retry_policy {
+    minimum_backoff = "10s"
+    maximum_backoff = "600s"
+  }
+  dead_letter_policy {
+    dead_letter_topic     = google_pubsub_topic.dead_letter.id
+    max_delivery_attempts = 10
+  }
+}
+
+resource "google_pubsub_subscription" "dead_letter" {
+  name                       = "${var.name}-tiles-dead-letter-sub"
+  topic                      = google_pubsub_topic.dead_letter.id
+  message_retention_duration = "604800s"
+}
+
+# Pub/Sub's service agent forwards undeliverable messages to the dead-letter topic.
+locals {
+  pubsub_agent = "serviceAccount:service-${data.google_project.this.number}@gcp-sa-pubsub.iam.gserviceaccount.com"
+}
+
+resource "google_pubsub_topic_iam_member" "dead_letter_publisher" {
+  topic  = google_pubsub_topic.dead_letter.id
+  role   = "roles/pubsub.publisher"
+  member = local.pubsub_agent
+}
+
+resource "google_pubsub_subscription_iam_member" "dead_letter_forwarder" {
+  subscription = google_pubsub_subscription.tiles.id
+  role         = "roles/pubsub.subscriber"
+  member       = local.pubsub_agent
+}
+
+# --- the bucket notification ------------------------------------------------------------------
+
+data "google_storage_project_service_account" "gcs" {}
+
+resource "google_pubsub_topic_iam_member" "gcs_publisher" {
+  topic  = google_pubsub_topic.tiles.id
+  role   = "roles/pubsub.publisher"
+  member = "serviceAccount:${data.google_storage_project_service_account.gcs.email_address}"
+}
+
+resource "google_storage_notification" "new_tiles" {
+  bucket             = google_storage_bucket.tiles.name
+  payload_format     = "JSON_API_V1"
+  topic              = google_pubsub_topic.tiles.id
+  event_types        = ["OBJECT_FINALIZE"]
+  object_name_prefix = var.input_prefix
+  depends_on         = [google_pubsub_topic_iam_member.gcs_publisher]
+}
+
+# --- bigquery ---------------------------------------------------------------------------------
+
+resource "google_bigquery_dataset" "tilestream" {
+  dataset_id = var.dataset
+  location   = var.region
+  depends_on = [google_project_service.apis]
+}
+
+resource "google_bigquery_table" "chips" {
+  dataset_id          = google_bigquery_dataset.tilestream.dataset_id
+  table_id            = "chips"
+  schema              = file("${path.module}/../bigquery/chips.json")
+  clustering          = ["tile_id", "model_version"]
+  deletion_protection = true
+  time_partitioning {
+    type  = "DAY"
+    field = "event_time"
+  }
+}
+
+resource "google_bigquery_table" "tiles" {
+  dataset_id          = google_bigquery_dataset.tilestream.dataset_id
+  table_id            = "tiles"
+  schema              = file("${path.module}/../bigquery/tiles.json")
+  clustering          = ["tile_id", "model_version"]
+  deletion_protection = true
+  time_partitioning {
+    type  = "DAY"
+    field = "event_time"
+  }
+}
+
+resource "google_bigquery_table" "dead_letters" {
+  dataset_id          = google_bigquery_dataset.tilestream.dataset_id
+  table_id            = "dead_letters"
+  schema              = file("${path.module}/../bigquery/dead_letters.json")
+  deletion_protection = true
+  time_partitioning {
+    type  = "DAY"
+    field = "time"
+  }
+}
+
+# --- artifact registry ------------------------------------------------------------------------
+
+resource "google_artifact_registry_repository" "images" {
+  repository_id = var.name
+  location      = var.region
+  format        = "DOCKER"
+  depends_on    = [google_project_service.apis]
+}
+
+# --- the worker service account: least privilege -----------------------------------------------
+
+resource "google_service_account" "worker" {
+  account_id   = "${var.name}-worker"
+  display_name = "TileStream Dataflow workers and Flex Template launcher"
+}
+
+locals {
+  worker = "serviceAccount:${google_service_account.worker.email}"
+}
+
+# Run Dataflow work items (the only project-level grant).
+resource "google_project_iam_member" "dataflow_worker" {
+  project = var.project
+  role    = "roles/dataflow.worker"
+  member  = local.worker
+}
+
+# Consume one subscription, nothing else in Pub/Sub.
+resource "google_pubsub_subscription_iam_member" "worker_subscriber" {
+  subscription = google_pubsub_subscription.tiles.id
+  role         = "roles/pubsub.subscriber"
+  member       = local.worker
+}
+
+resource "google_pubsub_subscription_iam_member" "worker_subscription_viewer" {
+  subscription = google_pubsub_subscription.tiles.id
+  role         = "roles/pubsub.viewer"
+  member       = local.worker
+}
+
+# Read new tiles under the input prefix only.
+resource "google_storage_bucket_iam_member" "worker_reads_input" {
+  bucket = google_storage_bucket.tiles.name
+  role   = "roles/storage.objectViewer"
+  member = local.worker
+  condition {
+    title      = "input-prefix-only"
+    expression = "resource.name.startsWith(\"${local.bucket_objects}${var.input_prefix}\")"
+  }
+}
+
+# Create predictions and dead letters under the output prefix only (no read, no delete).
+resource "google_storage_bucket_iam_member" "worker_writes_output" {
+  bucket = google_storage_bucket.tiles.name
+  role   = "roles/storage.objectCreator"
+  member = local.worker
+  condition {
+    title      = "output-prefix-only"
+    expression = "resource.name.startsWith(\"${local.bucket_objects}${var.output_prefix}\")"
+  }
+}
+
+# Dataflow's own staging and temp files, in a bucket of their own.
+resource "google_storage_bucket_iam_member" "worker_dataflow_bucket" {
+  bucket = google_storage_bucket.dataflow.name
+  role   = "roles/storage.objectAdmin"
+  member = local.worker
+}
+
+# Write rows (and create the tables if someone dropped them) in one dataset.
+resource "google_bigquery_dataset_iam_member" "worker_data_editor" {
+  dataset_id = google_bigquery_dataset.tilestream.dataset_id
+  role       = "roles/bigquery.dataEditor"
+  member     = local.worker
+}
+
+# Pull the one image.
+resource "google_artifact_registry_repository_iam_member" "worker_image_reader" {
+  repository = google_artifact_registry_repository.images.name
+  location   = var.region
+  role       = "roles/artifactregistry.reader"
+  member     = local.worker
+}

@@ -1,0 +1,196 @@
+"""templates/: the Flex Template metadata, the images, the deploy script and the Terraform."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import hcl2
+import pytest
+
+from pipeline.options import LOCAL_ONLY, TileStreamOptions
+
+ROOT = Path(__file__).resolve().parents[1]
+TEMPLATES = ROOT / "templates"
+METADATA = json.loads((TEMPLATES / "metadata.json").read_text())
+PARAMS = {p["name"]: p for p in METADATA["parameters"]}
+BIN = Path(sys.executable).parent
+
+# One value each regex must accept and one it must reject.
+EXAMPLES = {
+    "subscription": ("projects/tilestream-prod/subscriptions/tiles-sub",
+                     "projects/tilestream-prod/topics/tiles"),
+    "bq_dataset": ("tilestream-prod:tilestream", "tilestream-prod:tile-stream"),
+    "output_prefix": ("gs://tilestream-prod-tiles/output", "s3://bucket/output"),
+    "model_uri": ("gs://models-bucket/landcover-student/v1", "models/landcover"),
+    "device": ("GPU", "TPU"),
+    "accelerator": ("type:nvidia-l4;count:1;install-nvidia-driver", "nvidia-l4"),
+    "chip_size": ("64", "64px"),
+    "stride": ("48", "-1"),
+    "min_valid_fraction": ("0.05", "1.5"),
+    "window_secs": ("2.5", "five"),
+    "min_batch_size": ("1", "0"),
+    "max_batch_size": ("64", "0"),
+    "max_batch_duration_secs": ("10", "1.5"),
+    "confidence_band": ("true", "yes"),
+    "granule_pattern": (r"^(?P<granule>.+)\.(?P<band>B\d+)\.tif$", r"^(.+)\.(B\d+)\.tif$"),
+    "band_aliases": ("B02=blue,B03=green", "B02:blue"),
+    "granule_timeout_secs": ("600", "10m"),
+    "tile_timeout_secs": ("900.5", "15 min"),
+    "dedup_ttl_secs": ("86400", "1d"),
+}
+
+
+def option_names() -> set[str]:
+    parser = __import__("argparse").ArgumentParser()
+    TileStreamOptions._add_argparse_args(parser)
+    return {a.dest for a in parser._actions if a.dest != "help"}
+
+
+def test_every_template_parameter_is_a_pipeline_option_and_back():
+    assert set(PARAMS) == option_names() - set(LOCAL_ONLY)
+
+
+@pytest.mark.parametrize("name", sorted(EXAMPLES))
+def test_parameter_regexes_accept_a_valid_value_and_reject_an_invalid_one(name):
+    good, bad = EXAMPLES[name]
+    [regex] = PARAMS[name]["regexes"]
+    assert re.fullmatch(regex, good), f"{name} rejects {good!r}"
+    assert not re.fullmatch(regex, bad), f"{name} accepts {bad!r}"
+
+
+def test_regex_examples_cover_every_parameter():
+    assert set(EXAMPLES) == set(PARAMS)
+
+
+def test_example_parameters_are_valid_and_parse_as_options():
+    example = json.loads((TEMPLATES / "example-parameters.json").read_text())
+    for name, value in example.items():
+        [regex] = PARAMS[name]["regexes"]
+        assert re.fullmatch(regex, value), (name, value)
+    options = TileStreamOptions([f"--{k}={v}" for k, v in example.items()])
+    assert options.device == "GPU" and options.confidence_band is True
+    assert options.max_batch_size == 64 and options.min_valid_fraction == 0.05
+    required = {n for n, p in PARAMS.items() if not p["isOptional"]}
+    assert required <= set(example)
+
+
+def _beam_version() -> str:
+    return re.search(r'BEAM_VERSION = "([^"]+)"', (ROOT / "setup.py").read_text()).group(1)
+
+
+@pytest.mark.parametrize("dockerfile", ["Dockerfile", "Dockerfile.cpu"])
+def test_images_pin_the_beam_version_of_setup_py(dockerfile):
+    text = (TEMPLATES / dockerfile).read_text()
+    assert re.search(r"^ARG BEAM_VERSION=(\S+)$", text, re.M).group(1) == _beam_version()
+    assert "FROM apache/beam_python3.11_sdk:${BEAM_VERSION}" in text
+    assert "COPY --from=launcher /opt/google/dataflow/python_template_launcher" in text
+    assert 'ENTRYPOINT ["/opt/apache/beam/boot"]' in text
+    assert "FLEX_TEMPLATE_PYTHON_PY_FILE=/template/pipeline/main.py" in text
+    assert (ROOT / "pipeline" / "main.py").exists()
+
+
+def test_gpu_image_has_a_cuda_base_and_a_cuda_torch():
+    text = (TEMPLATES / "Dockerfile").read_text()
+    assert re.search(r"^ARG CUDA_BASE=nvidia/cuda:\S+-runtime-", text, re.M)
+    assert re.search(r"^ARG TORCH_INDEX=https://download.pytorch.org/whl/cu\d+$", text, re.M)
+    assert "COPY --from=beam /opt/apache/beam /opt/apache/beam" in text
+
+
+def test_dockerfiles_pass_hadolint():
+    done = subprocess.run([str(BIN / "hadolint"), "--no-color", "Dockerfile", "Dockerfile.cpu"],
+                          cwd=TEMPLATES, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_deploy_script_passes_shellcheck():
+    done = subprocess.run([str(BIN / "shellcheck"), "deploy.sh"], cwd=TEMPLATES,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+# --- terraform ---------------------------------------------------------------------------------
+
+def _unquote(value):
+    """python-hcl2 keeps HCL's quotes on keys and strings; drop them."""
+    if isinstance(value, dict):
+        return {_unquote(k): _unquote(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_unquote(v) for v in value]
+    if isinstance(value, str) and len(value) >= 2 and value[0] == value[-1] == '"':
+        return value[1:-1]
+    return value
+
+
+def terraform() -> dict[str, dict]:
+    """Every resource in templates/terraform as {"type.name": attributes}."""
+    resources: dict[str, dict] = {}
+    for path in (TEMPLATES / "terraform").glob("*.tf"):
+        for block in _unquote(hcl2.load(path.open())).get("resource", []):
+            for rtype, named in block.items():
+                for name, attrs in named.items():
+                    resources[f"{rtype}.{name}"] = attrs
+    return resources
+
+
+def _first(value):
+    return value[0] if isinstance(value, list) else value
+
+
+def worker_grants(resources: dict) -> dict[str, dict]:
+    return {k: v for k, v in resources.items() if "iam_member" in k
+            and "local.worker" in str(v.get("member"))}
+
+
+def test_worker_account_has_least_privilege():
+    grants = worker_grants(terraform())
+    roles = sorted(g["role"] for g in grants.values())
+    assert roles == sorted([
+        "roles/dataflow.worker", "roles/pubsub.subscriber", "roles/pubsub.viewer",
+        "roles/storage.objectViewer", "roles/storage.objectCreator", "roles/storage.objectAdmin",
+        "roles/bigquery.dataEditor", "roles/artifactregistry.reader"])
+    project_level = [k for k in grants if k.startswith("google_project_iam")]
+    assert [grants[k]["role"] for k in project_level] == ["roles/dataflow.worker"]
+    for key, grant in grants.items():
+        assert grant["role"] not in ("roles/owner", "roles/editor", "roles/viewer")
+        if grant["role"] in ("roles/storage.objectViewer", "roles/storage.objectCreator"):
+            condition = _first(grant["condition"])["expression"]
+            prefix = "input_prefix" if "Viewer" in grant["role"] else "output_prefix"
+            assert "startsWith" in condition and prefix in condition, key
+        if grant["role"].startswith("roles/pubsub"):
+            assert "subscription" in grant and "tiles" in grant["subscription"], key
+
+
+def test_notification_topic_and_subscription_are_wired_for_new_tiles_only():
+    r = terraform()
+    note = r["google_storage_notification.new_tiles"]
+    assert note["event_types"] == ["OBJECT_FINALIZE"]
+    assert note["payload_format"] == "JSON_API_V1"
+    assert "input_prefix" in note["object_name_prefix"]
+    sub = r["google_pubsub_subscription.tiles"]
+    assert sub["ack_deadline_seconds"] >= 60
+    assert "dead_letter" in _first(sub["dead_letter_policy"])["dead_letter_topic"]
+    assert _first(sub["retry_policy"])["maximum_backoff"]
+
+
+@pytest.mark.parametrize("table", ["chips", "tiles", "dead_letters"])
+def test_tables_use_the_schema_files_and_partitioning_of_the_stream(table):
+    from transforms.sinks import table_parameters
+
+    spec = terraform()[f"google_bigquery_table.{table}"]
+    assert f"../bigquery/{table}.json" in spec["schema"]
+    assert (TEMPLATES / "bigquery" / f"{table}.json").exists()
+    params = table_parameters(table)
+    assert _first(spec["time_partitioning"])["field"] == params["timePartitioning"]["field"]
+    assert spec.get("clustering") == params.get("clustering", {}).get("fields")
+
+
+def test_no_credentials_in_the_repository():
+    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True,
+                             text=True).stdout.split()
+    suspicious = [f for f in tracked if re.search(r"(credentials|service[-_]account).*\.json$|"
+                                                  r"\.(pem|p12|key)$", f)]
+    assert suspicious == []
