@@ -62,8 +62,7 @@ def cmd_run(args, rest: list[str]) -> int:
     try:
         code = main.run(rest)
     except (main.ConfigError, CardError, local_stack.StackError) as exc:
-        print(f"tilestream run: {exc}", file=sys.stderr)
-        return 2
+        return _fail("run", str(exc))
     main.exit_now(code)
     return code
 
@@ -73,49 +72,51 @@ def cmd_announce(args) -> int:
 
     from pipeline import announce
 
+    if args.json and (not args.tile_id or not args.acquired):
+        return _fail("announce", "--json needs --tile_id and --acquired")
+    if args.json and (bool(args.band) == bool(args.paths) or len(args.paths) > 1):
+        return _fail("announce", "--json takes one multi-band PATH or --band name=PATH ...")
     if args.local:
         stack = local_stack.load(args.stack_dir)
         publisher, store = stack.publisher(), stack.storage()
-        topic = args.topic or stack.topic_path
-        bucket = args.bucket or stack.bucket
+        topic, bucket = args.topic or stack.topic_path, args.bucket or stack.bucket
+    elif not args.topic:
+        return _fail("announce", "--topic is required without --local")
     else:
-        if not args.topic:
-            print("tilestream announce: --topic is required without --local", file=sys.stderr)
-            return 2
-        publisher, store, topic, bucket = pubsub_v1.PublisherClient(), None, args.topic, \
-            args.bucket
+        publisher, store, topic, bucket = (pubsub_v1.PublisherClient(), storage.Client(),
+                                           args.topic, args.bucket)
 
     def stored(path: str) -> tuple[str, int]:
+        """(gs:// URI, generation) of an existing object, or of a local file once uploaded."""
         if path.startswith("gs://"):
-            b, _, name = path[5:].partition("/")
-            blob = (store or storage.Client()).bucket(b).get_blob(name)
+            name_bucket, _, name = path[len("gs://"):].partition("/")
+            blob = store.bucket(name_bucket).get_blob(name)
             if blob is None:
                 raise SystemExit(f"tilestream announce: {path} does not exist")
             return path, int(blob.generation)
         if not bucket:
             raise SystemExit("tilestream announce: --bucket is needed to upload local files")
-        return announce.upload(store or storage.Client(), path, bucket,
-                               announce.object_name(args.prefix, path))
+        return announce.upload(store, path, bucket, announce.object_name(args.prefix, path))
 
-    if args.json:
-        bands = dict(b.split("=", 1) for b in args.band)
-        uris = {name: stored(path)[0] for name, path in bands.items()}
-        if bool(uris) == bool(args.paths):
-            raise SystemExit("tilestream announce --json: give one PATH or --band name=PATH...")
-        data, attributes = announce.json_announcement(
-            args.tile_id or "", args.acquired,
-            uri=stored(args.paths[0])[0] if args.paths else None, bands=uris or None,
-            sensor=args.sensor, attributes=dict(a.split("=", 1) for a in args.attr))
-        if not args.tile_id:
-            raise SystemExit("tilestream announce --json: --tile_id is required")
-        print(announce.publish(publisher, topic, data, attributes))
+    if not args.json:
+        for path in args.paths:
+            uri, generation = stored(path)
+            name_bucket, _, name = uri[len("gs://"):].partition("/")
+            data, attributes = announce.gcs_notification(name_bucket, name, generation)
+            print(f"{announce.publish(publisher, topic, data, attributes)} {uri}#{generation}")
         return 0
-    for path in args.paths:
-        uri, generation = stored(path)
-        b, _, name = uri[5:].partition("/")
-        data, attributes = announce.gcs_notification(b, name, generation)
-        print(f"{announce.publish(publisher, topic, data, attributes)} {uri}#{generation}")
+    bands = {name: stored(path)[0] for name, path in (b.split("=", 1) for b in args.band)}
+    data, attributes = announce.json_announcement(
+        args.tile_id, args.acquired, uri=stored(args.paths[0])[0] if args.paths else None,
+        bands=bands or None, sensor=args.sensor,
+        attributes=dict(a.split("=", 1) for a in args.attr))
+    print(announce.publish(publisher, topic, data, attributes))
     return 0
+
+
+def _fail(verb: str, message: str) -> int:
+    print(f"tilestream {verb}: {message}", file=sys.stderr)
+    return 2
 
 
 def cmd_demo(args) -> int:
