@@ -43,7 +43,6 @@ class Job:
     card: ModelCard
     tables: BigQueryTables
     streaming: bool
-    local: bool
 
 
 def runner_name(options: PipelineOptions) -> str:
@@ -82,8 +81,28 @@ def configure(argv: list[str] | None) -> Job:
     streaming = not o.input_glob
     standard.streaming = streaming
     card = load_card(o.model_uri)
+    _check_stage_options(o, card)
     tables = BigQueryTables.in_dataset(o.bq_dataset, gcp.project)
-    return Job(options, card, tables, streaming, local=bool(o.local))
+    return Job(options, card, tables, streaming)
+
+
+def _check_stage_options(o: TileStreamOptions, card: ModelCard) -> None:
+    """Stage settings that would otherwise fail while the graph is built, as ConfigErrors."""
+    import re
+
+    from transforms.announcements import parse_aliases
+    from transforms.chips import ChipSettings
+
+    try:
+        ChipSettings.from_card(card, o.chip_size, o.stride, o.min_valid_fraction)
+        parse_aliases(o.band_aliases)
+        groups = re.compile(o.granule_pattern).groupindex
+    except (ValueError, re.error) as exc:
+        raise ConfigError(str(exc)) from exc
+    if not {"granule", "band"} <= set(groups):
+        raise ConfigError("--granule_pattern needs named groups (?P<granule>…) and (?P<band>…)")
+    if o.max_batch_size < o.min_batch_size or o.min_batch_size < 1:
+        raise ConfigError("need 1 <= --min_batch_size <= --max_batch_size")
 
 
 def build_pipeline(job: Job) -> beam.Pipeline:

@@ -75,3 +75,15 @@ def test_announce_uploads_and_publishes_notifications_and_json(stack):
 def test_announce_json_without_tile_id_is_refused(tmp_path):
     done = tilestream("announce", "--topic=projects/p/topics/t", "--json", str(SAMPLE_TILE))
     assert done.returncode == 2 and "--tile_id" in done.stderr
+
+
+@pytest.mark.parametrize(("flag", "message"), [
+    ("--stride=100", "stride must be in 1..chip_size"),
+    ("--granule_pattern=^(.+)\\.tif$", "named groups"),
+    ("--band_aliases=B02:blue", "not TOKEN=band"),
+    ("--max_batch_size=0", "min_batch_size"),
+])
+def test_run_refuses_bad_stage_options_before_starting(flag, message):
+    done = tilestream("run", "--input_glob=/nonexistent/*.tif", "--bq_dataset=p:d",
+                      "--output_prefix=/tmp/out", flag)
+    assert done.returncode == 2 and message in done.stderr, done.stderr[-2000:]
