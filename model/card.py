@@ -78,6 +78,7 @@ class ModelCard:
     training_data: dict[str, Any] = field(default_factory=dict)
     description: str = ""
     uri: str = ""  # directory the card was loaded from; not serialised
+    architecture: dict[str, Any] = field(default_factory=dict)  # how to rebuild the network
 
     @property
     def model_id(self) -> str:
@@ -129,6 +130,7 @@ class ModelCard:
             "teacher": self.teacher,
             "metrics": self.metrics,
             "training_data": self.training_data,
+            "architecture": self.architecture,
         }
         data["input"]["mean"] = list(self.input.mean)
         data["input"]["std"] = list(self.input.std)
@@ -188,12 +190,15 @@ def card_from_dict(data: dict[str, Any], uri: str = "") -> ModelCard:
         nodata=None if inp.get("nodata") is None else float(inp["nodata"]),
     )
     classes = tuple(
-        ClassInfo(id=int(c["id"]), name=str(c["name"]), colour=str(c["colour"]))
-        for c in _require(data, "classes", where)
+        ClassInfo(
+            id=int(_require(c, "id", f"{where} classes[{i}]")),
+            name=str(_require(c, "name", f"{where} classes[{i}]")),
+            colour=str(_require(c, "colour", f"{where} classes[{i}]")),
+        )
+        for i, c in enumerate(_require(data, "classes", where))
     )
     if [c.id for c in classes] != list(range(len(classes))):
         ids = [c.id for c in classes]
-        raise CardError(f"{where}: class ids must be 0..K-1 in order, got {ids}")
         raise CardError(f"{where}: class ids must be 0..K-1 in order, got {ids}")
     if len(classes) < 2 or len(classes) > 255:
         raise CardError(f"{where}: need 2..255 classes (255 is the nodata value of predictions)")
@@ -201,6 +206,8 @@ def card_from_dict(data: dict[str, Any], uri: str = "") -> ModelCard:
     if bad:
         raise CardError(f"{where}: class colours must be '#rrggbb', got {bad}")
     weights = _require(data, "weights", where)
+    if weights.get("format", "torchscript") != "torchscript":
+        raise CardError(f"{where}: weights.format must be 'torchscript', got {weights['format']!r}")
     sha = str(_require(weights, "sha256", f"{where} weights")).lower()
     if not re.fullmatch(r"[0-9a-f]{64}", sha):
         raise CardError(f"{where}: weights.sha256 is not a sha256 hex digest")
@@ -219,6 +226,7 @@ def card_from_dict(data: dict[str, Any], uri: str = "") -> ModelCard:
         training_data=dict(data.get("training_data") or {}),
         description=str(data.get("description", "")),
         uri=uri,
+        architecture=dict(data.get("architecture") or {}),
     )
 
 

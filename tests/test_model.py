@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import json
 import shutil
 from dataclasses import replace
@@ -110,9 +109,10 @@ def test_scores_count_only_masked_pixels_and_skip_absent_classes():
     pred = np.array([[0, 1, 1, 1], [2, 2, 0, 0]])
     mask = labels < 3
     result = scores(confusion(pred, labels, mask, 4), ["a", "b", "c", "d"])
-    assert result["per_class_iou"] == {"a": pytest.approx(1 / 3), "b": pytest.approx(2 / 3),
-                                       "c": pytest.approx(2 / 3), "d": None}
-    assert result["pixel_accuracy"] == pytest.approx(5 / 7)
+    assert result["per_class_iou"] == {"a": pytest.approx(1 / 3, abs=1e-4),
+                                       "b": pytest.approx(2 / 3, abs=1e-4),
+                                       "c": pytest.approx(2 / 3, abs=1e-4), "d": None}
+    assert result["pixel_accuracy"] == pytest.approx(5 / 7, abs=1e-4)
 
 
 # --- the model card -----------------------------------------------------------------------------
@@ -273,7 +273,7 @@ def _synthetic_scene(size: int = 64):
     spectra = np.array([[90, 77, 80, 67, 93, 68], [75, 60, 58, 95, 84, 52],
                         [71, 54, 50, 30, 40, 25]], np.float32)
     image = spectra[labels].transpose(2, 0, 1) + rng.normal(0, 4, (6, size, size))
-    valid = (xx + yy) < 1.7
+    valid = (yy - xx) < 0.6  # bottom-left triangle without data
     image = np.where(valid, image, 0).astype(np.float32)
     labels = np.where(valid, labels, 255).astype(np.uint8)
     held_out = np.zeros_like(valid)
@@ -293,25 +293,31 @@ def test_two_training_steps_lower_the_loss_for_teacher_and_student():
     net = UNetSpec(in_channels=6, num_classes=3, widths=(4, 8))
     sampler = ChipSampler(image, labels, train_mask, held_out, spec, 3, config)
     assert (sampler.origins[:, 1] + 32 <= 48).all()  # no chip reaches the held-out columns
-    probe = ChipSampler(image, labels, train_mask, held_out, spec, 3, replace(config, seed=9))
-    x, y, m = probe.batch()
-
-    def batch_loss(model):
-        model = copy.deepcopy(model).train()  # batch statistics, like the training steps
-        with torch.no_grad():
-            return masked_cross_entropy(model(x), y, m).item()
+    x, y, m = sampler.batch()
+    assert m.any() and not m.all()  # the nodata corner is masked
+    sampler.batch = lambda: (x, y, m)  # both steps see the same chips, so the loss must drop
 
     seed_everything(config.seed, config.threads)
-    initial = build(net)
     teacher, history = train_teacher(net, sampler, config, weights=None)
-    assert len(history.loss) == 2
-    assert batch_loss(teacher) < batch_loss(initial)
+    assert len(history.loss) == 2 and history.loss[1] < history.loss[0]
 
     student_cfg = DistillConfig(**{**vars(config), "seed": 4}, temperature=2.0)
-    student_net = replace(net, widths=(4, 4))
-    seed_everything(student_cfg.seed, student_cfg.threads)
-    initial_student = build(student_net)
-    student, history = distil_student(student_net, teacher, sampler, student_cfg, weights=None)
-    assert len(history.loss) == 2 and all(np.isfinite(history.loss))
-    assert batch_loss(student) < batch_loss(initial_student)
+    student, history = distil_student(replace(net, widths=(4, 4)), teacher, sampler, student_cfg,
+                                      weights=None)
+    assert len(history.loss) == 2 and history.loss[1] < history.loss[0]
     assert not any(p.requires_grad for p in teacher.parameters())
+    with torch.no_grad():
+        assert student(x).shape == (4, 3, 32, 32)
+
+
+def test_cli_passes_loss_options_to_the_distillation_config():
+    from model.cli import _configs, _parser
+
+    args = _parser().parse_args(["distill", "--ce-weight", "0.5", "--kd-weight", "2",
+                                 "--temperature", "4", "--student-steps", "7", "--seed", "5"])
+    teacher, student = _configs(args)
+    assert (student.ce_weight, student.kd_weight, student.temperature) == (0.5, 2.0, 4.0)
+    assert (student.steps, student.seed, teacher.seed) == (7, 5, 5)
+    assert teacher.steps == TrainConfig.steps and student.lr == DistillConfig.lr
+    with pytest.raises(SystemExit):
+        _parser().parse_args(["fly"])

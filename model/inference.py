@@ -1,0 +1,71 @@
+"""The card's input contract in code: normalisation and chip-wise scoring of a whole raster.
+
+Training, evaluation and the quicklook all go through these two functions, so the numbers in the
+report come from the same preprocessing and chipping the stream is told to use by the card.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from model.card import InputSpec
+
+
+def normalise(raw: np.ndarray, valid: np.ndarray, spec: InputSpec) -> np.ndarray:
+    """``(raw * scale + offset - mean) / std`` per band; invalid pixels become 0."""
+    mean = np.asarray(spec.mean, np.float32)[:, None, None]
+    std = np.asarray(spec.std, np.float32)[:, None, None]
+    out = (raw.astype(np.float32) * spec.scale + spec.offset - mean) / std
+    return np.where(valid[None], out, 0.0).astype(np.float32)
+
+
+def valid_mask(raw: np.ndarray, nodata: float | None) -> np.ndarray:
+    """Pixels where every band is finite and differs from ``nodata``."""
+    ok = np.isfinite(raw).all(axis=0)
+    if nodata is not None:
+        ok &= (raw != nodata).all(axis=0)
+    return ok
+
+
+def _starts(length: int, chip: int, stride: int) -> list[int]:
+    if length <= chip:
+        return [0]
+    starts = list(range(0, length - chip + 1, stride))
+    if starts[-1] != length - chip:
+        starts.append(length - chip)
+    return starts
+
+
+@torch.inference_mode()
+def predict_logits(
+    model: torch.nn.Module,
+    image: np.ndarray,
+    chip_size: int,
+    stride: int,
+    batch_size: int = 32,
+) -> np.ndarray:
+    """Class logits (K, H, W) for a normalised (C, H, W) image, averaged over overlapping chips.
+
+    Images smaller than a chip are zero-padded, like invalid pixels, so the model always sees
+    full chips.
+    """
+    _, height, width = image.shape
+    pad_h, pad_w = max(0, chip_size - height), max(0, chip_size - width)
+    padded = np.pad(image, ((0, 0), (0, pad_h), (0, pad_w)))
+    windows = [(y, x) for y in _starts(padded.shape[1], chip_size, stride)
+               for x in _starts(padded.shape[2], chip_size, stride)]
+    total: torch.Tensor | None = None
+    hits = torch.zeros(padded.shape[1:])
+    source = torch.from_numpy(padded)
+    for i in range(0, len(windows), batch_size):
+        group = windows[i : i + batch_size]
+        chips = torch.stack([source[:, y : y + chip_size, x : x + chip_size] for y, x in group])
+        logits = model(chips).float()
+        if total is None:
+            total = torch.zeros((logits.shape[1], *padded.shape[1:]))
+        for (y, x), out in zip(group, logits, strict=True):
+            total[:, y : y + chip_size, x : x + chip_size] += out
+            hits[y : y + chip_size, x : x + chip_size] += 1
+    assert total is not None
+    return (total / hits)[:, :height, :width].numpy()
