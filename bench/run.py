@@ -61,7 +61,6 @@ def bench_chipping(card: ModelCard, sizes: list[tuple[int, int]], workdir: Path)
     for height, width in sizes:
         path = synthetic_tile(workdir / f"tile_{height}x{width}.tif", height, width)
         fn = _ChipFn(settings)
-        fn.setup()
         tracemalloc.start()
         started = time.perf_counter()
         n = sum(1 for c in fn.process(TileRef("bench", (str(path),), "1", 0.0, 0.0))

@@ -21,7 +21,6 @@ from transforms.records import Chip, TileRef
 
 def first_chip(card) -> Chip:
     fn = _ChipFn(ChipSettings.from_card(card))
-    fn.setup()
     tile = TileRef("check", (str(SAMPLE_TILE),), "0", time.time(), time.time())
     return next(c for c in fn.process(tile) if isinstance(c, Chip))
 

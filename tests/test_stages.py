@@ -155,7 +155,6 @@ def test_chip_grid_covers_every_pixel_once_or_more(length, size, stride):
 def chip_tile(path: Path, settings: chips.ChipSettings, tile: TileRef | None = None):
     tile = tile or TileRef("t", (str(path),), "1", 0.0, 0.0)
     fn = chips._ChipFn(settings)
-    fn.setup()
     out = list(fn.process(tile))
     chips_ = [c for c in out if not isinstance(c, beam.pvalue.TaggedOutput)]
     tagged = [c for c in out if isinstance(c, beam.pvalue.TaggedOutput)]
@@ -223,7 +222,6 @@ def test_a_huge_tile_is_read_a_chip_row_at_a_time(tmp_path):
         d.write(np.full((6, 512, 10_000), 90, np.uint8), window=((0, 512), (0, 10_000)))
     settings = chips.ChipSettings.from_card(test_card(stride=64))
     fn = chips._ChipFn(settings)
-    fn.setup()
     tracemalloc.start()
     produced = fn.process(TileRef("huge", (str(path),), "1", 0.0, 0.0))
     first_rows = [next(produced) for _ in range(3 * 157)]  # three chip rows of 157 chips
@@ -352,3 +350,17 @@ def test_chip_rows_are_assertable_through_beam(tmp_path):
         ids = (p | beam.Create(predictions) | beam.Map(sinks.chip_row, names)
                | beam.Map(lambda row: row["row_id"]))
         assert_that(ids, equal_to([expected]))
+
+
+def test_card_nodata_counts_as_invalid_even_when_the_raster_declares_none(tmp_path):
+    path = tmp_path / "fill.tif"
+    data = np.full((6, 64, 64), 90, np.uint8)
+    data[:, :, :16] = 0  # Landsat Level-1 fill, undeclared in the file
+    with rasterio.open(path, "w", driver="GTiff", width=64, height=64, count=6, dtype="uint8",
+                       crs="EPSG:32633", transform=from_origin(0, 0, 30, 30)) as d:
+        d.write(data)
+    card = dataclasses.replace(test_card(), input=dataclasses.replace(test_card().input,
+                                                                        nodata=0.0))
+    [chip], _ = chip_tile(path, chips.ChipSettings.from_card(card))
+    assert chip.valid_fraction == pytest.approx(48 / 64)
+    assert not chip.valid[:, :16].any() and chip.valid[:, 16:].all()

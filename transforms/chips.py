@@ -19,6 +19,7 @@ import numpy as np
 from apache_beam.metrics import Metrics
 
 from model.card import CardError, ModelCard
+from model.inference import normalise
 from transforms.deadletter import DEAD_LETTER_TAG, dead_letter
 from transforms.records import Chip, TileManifest, TileRef
 
@@ -120,9 +121,9 @@ class _Sources:
         self.height, self.width = first.shape
         self.transform = first.transform
         self.crs = first.crs
+        # A pixel is invalid where any band equals its raster's nodata or the card's.
         self.nodata = [
-            self.datasets[d].nodatavals[b - 1] if self.datasets[d].nodatavals[b - 1] is not None
-            else card.input.nodata
+            {v for v in (self.datasets[d].nodatavals[b - 1], card.input.nodata) if v is not None}
             for d, b in self.band_map
         ]
 
@@ -142,11 +143,6 @@ class _ChipFn(beam.DoFn):
         self.skipped = Metrics.counter("tilestream", "chips_skipped")
         self.failed = Metrics.counter("tilestream", "chips_failed")
         self.strip_ms = Metrics.distribution("tilestream", "chip_strip_read_ms")
-
-    def setup(self):
-        spec = self._s.card.input
-        self._mean = np.asarray(spec.mean, np.float32)[:, None, None]
-        self._std = np.asarray(spec.std, np.float32)[:, None, None]
 
     def process(self, tile: TileRef) -> Iterator:
         import rasterio
@@ -183,9 +179,9 @@ class _ChipFn(beam.DoFn):
                 continue
             self.strip_ms.update(int((time.perf_counter() - started) * 1000))
             invalid_strip = np.zeros(strip.shape[1:], bool)
-            for band, nodata in enumerate(src.nodata):
-                if nodata is not None:
-                    invalid_strip |= strip[band] == nodata
+            for band, values in enumerate(src.nodata):
+                for value in values:
+                    invalid_strip |= strip[band] == value
             if np.issubdtype(strip.dtype, np.floating):
                 invalid_strip |= ~np.isfinite(strip).all(axis=0)
             for col in cols:
@@ -197,12 +193,9 @@ class _ChipFn(beam.DoFn):
                     skipped += 1
                     index += 1
                     continue
-                pixels = np.zeros((strip.shape[0], size, size), np.float32)
-                raw = strip[:, :, col : col + width].astype(np.float32)
-                spec = self._s.card.input
-                pixels[:, :height, :width] = raw * spec.scale + spec.offset
-                pixels = (pixels - self._mean) / self._std
-                pixels[:, ~valid] = 0.0
+                raw = np.zeros((strip.shape[0], size, size), np.float32)
+                raw[:, :height, :width] = strip[:, :, col : col + width]
+                pixels = normalise(raw, valid, self._s.card.input)
                 chip_tf = window_transform(((row, row + size), (col, col + size)), src.transform)
                 yield Chip(
                     tile=tile,
