@@ -10,6 +10,7 @@ from pathlib import Path
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from transforms.announcements import DEFAULT_BAND_ALIASES, DEFAULT_GRANULE_PATTERN
+from transforms.inference import DEFAULT_ACCELERATOR
 
 DEFAULT_MODEL_URI = str(
     Path(__file__).resolve().parents[1] / "model" / "artifacts" / "landcover-student" / "v1"
@@ -64,7 +65,7 @@ class TileStreamOptions(PipelineOptions):
             "start on a worker without CUDA.",
         )
         model.add_argument(
-            "--accelerator", default="type:nvidia-l4;count:1;install-nvidia-driver",
+            "--accelerator", default=DEFAULT_ACCELERATOR,
             help="Dataflow accelerator resource hint used with --device=GPU.",
         )
         chips = parser.add_argument_group("chipping and batching")

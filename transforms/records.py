@@ -97,10 +97,6 @@ class Chip:
     chipped_at: float
     pixels: np.ndarray | None = field(default=None, repr=False)
 
-    @property
-    def key(self) -> str:
-        return f"{self.tile.key}#{self.index}"
-
 
 @dataclass
 class ChipPrediction:

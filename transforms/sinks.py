@@ -9,6 +9,7 @@ model version, the two filters almost every query has.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import hashlib
 from dataclasses import dataclass
 
@@ -161,8 +162,9 @@ def row_id(*parts: object) -> str:
     return hashlib.sha1("|".join(str(p) for p in parts).encode()).hexdigest()
 
 
+@functools.lru_cache(maxsize=64)
 def crs_label(crs_wkt: str) -> str:
-    """``EPSG:nnnn`` when the CRS has a code, else its WKT."""
+    """``EPSG:nnnn`` when the CRS has a code, else its WKT (cached: every chip row asks)."""
     from rasterio.crs import CRS
 
     crs = CRS.from_wkt(crs_wkt)
