@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 from model.card import ModelCard, load_card  # noqa: E402
 from pipeline.demo import SAMPLE_TILE  # noqa: E402
 from pipeline.options import DEFAULT_MODEL_URI  # noqa: E402
-from transforms.chips import ChipSettings, _ChipFn  # noqa: E402
+from transforms.chips import ChipSettings, ChipTileFn  # noqa: E402
 from transforms.inference import StudentModelHandler, segmentation_inference_fn  # noqa: E402
 from transforms.records import Chip, TileRef  # noqa: E402
 
@@ -60,7 +60,7 @@ def bench_chipping(card: ModelCard, sizes: list[tuple[int, int]], workdir: Path)
     results = []
     for height, width in sizes:
         path = synthetic_tile(workdir / f"tile_{height}x{width}.tif", height, width)
-        fn = _ChipFn(settings)
+        fn = ChipTileFn(settings)
         tracemalloc.start()
         started = time.perf_counter()
         n = sum(1 for c in fn.process(TileRef("bench", (str(path),), "1", 0.0, 0.0))

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from model import data as nc
+from model import render
 from model.architectures import count_flops, count_parameters, student_spec, teacher_spec
 from model.card import CARD_FILE, InputSpec, ModelCard, load_card, sha256_of, write_card
 from model.inference import normalise, predict_logits, valid_mask
@@ -167,17 +168,13 @@ def _load_tile(path: Path, spec: InputSpec) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _colourise(classes: np.ndarray, valid: np.ndarray) -> np.ndarray:
-    palette = np.array([c.rgb for c in nc.CLASSES] + [(0, 0, 0)], np.uint8)
-    return palette[np.where(valid, classes, len(nc.CLASSES))]
+    """(H, W, 3) uint8 for matplotlib; invalid pixels black."""
+    return render.colourise(np.where(valid, classes, 255), nc.CLASSES).transpose(1, 2, 0)
 
 
 def _false_colour(raw: np.ndarray, valid: np.ndarray, order: tuple[int, int, int]) -> np.ndarray:
     """NIR/red/green composite with a 2-98 % stretch: vegetation red, water dark, city cyan."""
-    out = np.zeros((*raw.shape[1:], 3), np.float32)
-    for i, band in enumerate(order):
-        lo, hi = np.percentile(raw[band][valid], [2, 98])
-        out[..., i] = np.clip((raw[band] - lo) / max(hi - lo, 1e-6), 0, 1)
-    return out * valid[..., None]
+    return render.stretch(raw[list(order)], valid).transpose(1, 2, 0)
 
 
 def _legend(ax: Any) -> None:

@@ -14,13 +14,13 @@ import torch
 
 from model.card import load_card
 from pipeline.demo import SAMPLE_TILE
-from transforms.chips import ChipSettings, _ChipFn
+from transforms.chips import ChipSettings, ChipTileFn
 from transforms.inference import StudentModelHandler, segmentation_inference_fn, to_prediction
 from transforms.records import Chip, TileRef
 
 
 def first_chip(card) -> Chip:
-    fn = _ChipFn(ChipSettings.from_card(card))
+    fn = ChipTileFn(ChipSettings.from_card(card))
     tile = TileRef("check", (str(SAMPLE_TILE),), "0", time.time(), time.time())
     return next(c for c in fn.process(tile) if isinstance(c, Chip))
 

@@ -8,31 +8,10 @@ from collections.abc import Sequence
 import numpy as np
 
 from model.card import ModelCard
-from transforms.records import NODATA_CLASS
+from model.render import colourise, stretch
 
 MAX_SIDE = 1024
 FALSE_COLOUR = ("nir", "red", "green")  # vegetation red, water dark, urban cyan-grey
-
-
-def stretch(bands: np.ndarray, valid: np.ndarray) -> np.ndarray:
-    """Per-band 2-98 percentile stretch to uint8."""
-    out = np.zeros(bands.shape, np.uint8)
-    for i, band in enumerate(bands.astype(np.float32)):
-        values = band[valid]
-        if values.size == 0:
-            continue
-        lo, hi = np.percentile(values, [2, 98])
-        out[i] = np.clip((band - lo) / max(hi - lo, 1e-6) * 255.0, 0, 255).astype(np.uint8)
-    out[:, ~valid] = 0
-    return out
-
-
-def colourise(class_map: np.ndarray, card: ModelCard) -> np.ndarray:
-    rgb = np.zeros((3, *class_map.shape), np.uint8)
-    for c in card.classes:
-        rgb[:, class_map == c.id] = np.array(c.rgb, np.uint8)[:, None]
-    rgb[:, class_map == NODATA_CLASS] = 0
-    return rgb
 
 
 def _read(path: str, indexes: Sequence[int], max_side: int):
@@ -60,7 +39,7 @@ def write_quicklook(input_uri: str, prediction_uri: str, card: ModelCard, png_pa
     valid = np.ones(image.shape[1:], bool) if nodata is None else (image != nodata).all(axis=0)
     left = stretch(image, valid)
     classes, _ = _read(prediction_uri, [1], max_side)
-    right = colourise(classes[0], card)
+    right = colourise(classes[0], card.classes)
     height = max(left.shape[1], right.shape[1])
     gap = 8
     canvas = np.full((3, height, left.shape[2] + gap + right.shape[2]), 255, np.uint8)

@@ -154,7 +154,7 @@ def test_chip_grid_covers_every_pixel_once_or_more(length, size, stride):
 
 def chip_tile(path: Path, settings: chips.ChipSettings, tile: TileRef | None = None):
     tile = tile or TileRef("t", (str(path),), "1", 0.0, 0.0)
-    fn = chips._ChipFn(settings)
+    fn = chips.ChipTileFn(settings)
     out = list(fn.process(tile))
     chips_ = [c for c in out if not isinstance(c, beam.pvalue.TaggedOutput)]
     tagged = [c for c in out if isinstance(c, beam.pvalue.TaggedOutput)]
@@ -221,7 +221,7 @@ def test_a_huge_tile_is_read_a_chip_row_at_a_time(tmp_path):
                        tiled=True, blockxsize=512, blockysize=512, compress="deflate") as d:
         d.write(np.full((6, 512, 10_000), 90, np.uint8), window=((0, 512), (0, 10_000)))
     settings = chips.ChipSettings.from_card(test_card(stride=64))
-    fn = chips._ChipFn(settings)
+    fn = chips.ChipTileFn(settings)
     tracemalloc.start()
     produced = fn.process(TileRef("huge", (str(path),), "1", 0.0, 0.0))
     first_rows = [next(produced) for _ in range(3 * 157)]  # three chip rows of 157 chips
@@ -364,3 +364,49 @@ def test_card_nodata_counts_as_invalid_even_when_the_raster_declares_none(tmp_pa
     [chip], _ = chip_tile(path, chips.ChipSettings.from_card(card))
     assert chip.valid_fraction == pytest.approx(48 / 64)
     assert not chip.valid[:, :16].any() and chip.valid[:, 16:].all()
+
+
+class _State:
+    """Just enough of Beam's runtime state/timer API to drive a stateful DoFn by hand."""
+
+    def __init__(self, kind="value"):
+        self.values, self.kind = [], kind
+
+    def read(self):
+        if self.kind == "count":
+            return len(self.values)
+        if self.kind == "bag":
+            return list(self.values)
+        return self.values[-1] if self.values else None
+
+    def add(self, value):
+        self.values.append(value)
+
+    write = add
+
+    def clear(self):
+        self.values = []
+
+    def set(self, _timestamp):
+        pass
+
+
+def test_a_timed_out_tile_is_written_partial_and_its_state_starts_over(tmp_path):
+    path = tiles.crop(tmp_path / "c.tif", 0, 0, 64, 112)
+    card = test_card()
+    manifest, predictions = fake_predictions(path, card, lambda chip, k: 200 if k == 1 else 10)
+    fn = assemble._AssembleTileFn(card, str(tmp_path / "out"), 60, True, False)
+    state = {"manifest_state": _State(), "predictions": _State("bag"),
+             "arrived": _State("count"), "failed": _State("count")}
+    timers = {"wall": _State(), "end": _State()}
+    key = manifest.tile.key
+    for item in (manifest, predictions[0]):  # the second chip never comes
+        assert list(fn.process((key, item), **state, **timers)) == []
+    letter, row = fn._timed_out(key, **state)
+    assert letter.tag == "dead_letters" and "1 of 2 chips scored" in letter.value.reason
+    assert (row["complete"], row["chips_scored"], row["chips_failed"]) == (False, 1, 1)
+    assert all(s.read() in (None, 0, []) for s in state.values())
+    # The same tile version delivered again later completes on its own counts.
+    outputs = [out for item in (manifest, *predictions)
+               for out in fn.process((key, item), **state, **timers)]
+    assert [(o["complete"], o["chips_scored"]) for o in outputs] == [(True, 2)]

@@ -33,7 +33,7 @@ from apache_beam.transforms.userstate import (
 
 from model.card import ModelCard, join_uri
 from transforms import timeouts
-from transforms.chips import chip_starts, footprint_wkt, pixel_area_m2
+from transforms.chips import chip_starts, footprint_wkt
 from transforms.deadletter import DEAD_LETTER_TAG, dead_letter
 from transforms.records import KEYED, NODATA_CLASS, Chip, ChipPrediction, TileManifest
 from transforms.sinks import tile_row
@@ -172,21 +172,23 @@ class _AssembleTileFn(beam.DoFn):
     def on_wall_clock(self, key=beam.DoFn.KeyParam,
                       manifest_state=beam.DoFn.StateParam(MANIFEST),
                       predictions=beam.DoFn.StateParam(PREDICTIONS),
+                      arrived=beam.DoFn.StateParam(ARRIVED),
                       failed=beam.DoFn.StateParam(FAILED)):
-        yield from self._timed_out(key, manifest_state, predictions, failed)
+        yield from self._timed_out(key, manifest_state, predictions, arrived, failed)
 
     @on_timer(END_OF_INPUT)
     def on_end_of_input(self, key=beam.DoFn.KeyParam,
                         manifest_state=beam.DoFn.StateParam(MANIFEST),
                         predictions=beam.DoFn.StateParam(PREDICTIONS),
+                        arrived=beam.DoFn.StateParam(ARRIVED),
                         failed=beam.DoFn.StateParam(FAILED)):
-        yield from self._timed_out(key, manifest_state, predictions, failed)
+        yield from self._timed_out(key, manifest_state, predictions, arrived, failed)
 
-    def _timed_out(self, key, manifest_state, predictions, failed):
+    def _timed_out(self, key, manifest_state, predictions, arrived, failed):
         manifest = manifest_state.read()
         held = list(predictions.read())
         n_failed = failed.read()
-        for state in (manifest_state, predictions, failed):
+        for state in (manifest_state, predictions, arrived, failed):
             state.clear()
         if manifest is None:
             if held:
@@ -228,7 +230,7 @@ class _AssembleTileFn(beam.DoFn):
             chips_failed=manifest.chips_failed + n_failed,
             class_counts=counts,
             class_names=tuple(c.name for c in self._card.classes),
-            pixel_area_m2=pixel_area_m2(transform, crs, manifest.height, manifest.width),
+            pixel_area_m2=manifest.pixel_area_m2,
             footprint_wkt=footprint_wkt(transform, crs, 0, 0, manifest.height, manifest.width,
                                         points_per_edge=16),
             raster_uri=uri,

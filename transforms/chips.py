@@ -135,7 +135,9 @@ class _Sources:
         return np.stack([self.datasets[d].read(b, window=window) for d, b in self.band_map])
 
 
-class _ChipFn(beam.DoFn):
+class ChipTileFn(beam.DoFn):
+    """One tile -> its chips and manifest (also run directly by `tilestream check`, bench)."""
+
     def __init__(self, settings: ChipSettings):
         self._s = settings
         self.tiles = Metrics.counter("tilestream", "tiles_chipped")
@@ -165,15 +167,13 @@ class _ChipFn(beam.DoFn):
         area = pixel_area_m2(src.transform, src.crs, src.height, src.width)
         crs_wkt = src.crs.to_wkt()
         skipped = failed = 0
-        index = 0
-        for row in rows:
+        for row_number, row in enumerate(rows):
             height = min(size, src.height - row)
             started = time.perf_counter()
             try:
                 strip = src.read_strip(row, height)
             except Exception as exc:  # a corrupt block fails its strip, not the tile
                 failed += len(cols)
-                index += len(cols)
                 yield dead_letter(STAGE, f"read of rows {row}..{row + height} failed: {exc}",
                                   message_id=tile.message_id, tile_id=tile.tile_id)
                 continue
@@ -184,14 +184,14 @@ class _ChipFn(beam.DoFn):
                     invalid_strip |= strip[band] == value
             if np.issubdtype(strip.dtype, np.floating):
                 invalid_strip |= ~np.isfinite(strip).all(axis=0)
-            for col in cols:
+            for col_number, col in enumerate(cols):
+                index = row_number * len(cols) + col_number
                 width = min(size, src.width - col)
                 valid = np.zeros((size, size), bool)
                 valid[:height, :width] = ~invalid_strip[:, col : col + width]
                 fraction = float(valid.sum()) / (height * width)
                 if fraction < self._s.min_valid_fraction or fraction == 0.0:
                     skipped += 1
-                    index += 1
                     continue
                 raw = np.zeros((strip.shape[0], size, size), np.float32)
                 raw[:, :height, :width] = strip[:, :, col : col + width]
@@ -213,7 +213,6 @@ class _ChipFn(beam.DoFn):
                     chipped_at=time.time(),
                     pixels=pixels,
                 )
-                index += 1
         total = len(rows) * len(cols)
         self.tiles.inc()
         self.total.inc(total)
@@ -227,6 +226,7 @@ class _ChipFn(beam.DoFn):
                 width=src.width,
                 transform=tuple(src.transform)[:6],
                 crs_wkt=crs_wkt,
+                pixel_area_m2=area,
                 chip_size=size,
                 stride=stride,
                 chips_total=total,
@@ -245,6 +245,6 @@ class ChipTiles(beam.PTransform):
         self._settings = settings
 
     def expand(self, tiles):
-        return tiles | beam.ParDo(_ChipFn(self._settings)).with_outputs(
+        return tiles | beam.ParDo(ChipTileFn(self._settings)).with_outputs(
             MANIFESTS_TAG, DEAD_LETTER_TAG, main="chips"
         )

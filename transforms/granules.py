@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import apache_beam as beam
-from apache_beam.coders import PickleCoder
+from apache_beam.coders import BooleanCoder, PickleCoder
 from apache_beam.metrics import Metrics
 from apache_beam.transforms.userstate import BagStateSpec, ReadModifyWriteStateSpec, on_timer
 
@@ -27,7 +27,7 @@ STAGE = "granules"
 class _AssembleGranuleFn(beam.DoFn):
     WALL_CLOCK, END_OF_INPUT = timeouts.timer_specs()
     BANDS = BagStateSpec("bands", PickleCoder())
-    DONE = ReadModifyWriteStateSpec("done", PickleCoder())
+    DONE = ReadModifyWriteStateSpec("done", BooleanCoder())
 
     def __init__(self, bands: Sequence[str], timeout_secs: float, ttl_secs: float,
                  streaming: bool):
@@ -68,17 +68,18 @@ class _AssembleGranuleFn(beam.DoFn):
             bands.clear()
             done.write(True)
             timeouts.arm(wall, end, self._streaming, self._ttl)
+            event_time = max(b.event_time for b in chosen)
             yield beam.window.TimestampedValue(
                 TileRef(
                     tile_id=granule_id,
                     band_uris=tuple(b.uri for b in chosen),
                     generation=content_generation(*((b.uri, b.generation) for b in chosen)),
-                    event_time=max(b.event_time for b in chosen),
+                    event_time=event_time,
                     published=max(b.published for b in chosen),
                     message_id=band.message_id,
                     source="granule",
                 ),
-                max(b.event_time for b in chosen),
+                event_time,
             )
 
     @on_timer(WALL_CLOCK)

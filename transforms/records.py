@@ -60,6 +60,7 @@ class TileManifest:
     width: int
     transform: tuple[float, ...]  # affine (a, b, c, d, e, f) of the tile
     crs_wkt: str
+    pixel_area_m2: float
     chip_size: int
     stride: int
     chips_total: int
