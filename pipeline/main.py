@@ -82,6 +82,10 @@ def configure(argv: list[str] | None) -> Job:
     standard.streaming = streaming
     card = load_card(o.model_uri)
     _check_stage_options(o, card)
+    # The network must keep the card's promise before a single message is pulled.
+    from model.contract import load_checked
+
+    load_checked(card)
     tables = BigQueryTables.in_dataset(o.bq_dataset, gcp.project)
     return Job(options, card, tables, streaming)
 

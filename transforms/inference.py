@@ -25,6 +25,7 @@ from apache_beam.transforms.window import FixedWindows, GlobalWindows
 from apache_beam.utils.timestamp import Duration
 
 from model.card import ModelCard
+from model.contract import check_model
 from transforms.deadletter import DEAD_LETTER_TAG, dead_letter
 from transforms.records import NODATA_CLASS, Chip, ChipPrediction
 
@@ -66,6 +67,7 @@ class StudentModelHandler(PytorchModelHandlerTensor):
             max_batch_duration_secs=max_batch_duration_secs,
         )
         self._require_gpu = device == "GPU"
+        self._card = card
 
     def load_model(self) -> torch.nn.Module:
         if self._require_gpu:
@@ -77,7 +79,9 @@ class StudentModelHandler(PytorchModelHandlerTensor):
                     f"(torch {torch.__version__}, cuda build {torch.version.cuda}): {exc}. "
                     "Check the accelerator hint, the NVIDIA driver install and the image's torch."
                 ) from exc
-        return super().load_model()
+        model = super().load_model()
+        check_model(self._card, model, self._device)
+        return model
 
 
 def to_prediction(chip: Chip, probabilities: np.ndarray, model_name: str,
