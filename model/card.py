@@ -27,6 +27,7 @@ CARD_FILE = "model_card.json"
 CARD_SCHEMA_VERSION = 1
 TASKS = ("segmentation",)
 _COLOUR = re.compile(r"^#[0-9a-fA-F]{6}$")
+_SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}")
 
 
 class CardError(ValueError):
@@ -50,6 +51,8 @@ class InputSpec:
 
     ``normalised = (raw * scale + offset - mean[b]) / std[b]``; pixels equal to ``nodata`` (or to
     the raster's own nodata) are invalid, excluded from statistics and fed to the model as 0.
+    ``valid_range`` is the range of raw values the model was trained on (e.g. ``[0, 255]`` for
+    8-bit DN); a tile whose values mostly fall outside it is refused rather than scored blind.
     """
 
     bands: tuple[str, ...]
@@ -60,6 +63,7 @@ class InputSpec:
     scale: float = 1.0
     offset: float = 0.0
     nodata: float | None = None
+    valid_range: tuple[float, float] | None = None
 
 
 @dataclass(frozen=True)
@@ -134,6 +138,10 @@ class ModelCard:
         }
         data["input"]["mean"] = list(self.input.mean)
         data["input"]["std"] = list(self.input.std)
+        if self.input.valid_range is None:
+            del data["input"]["valid_range"]
+        else:
+            data["input"]["valid_range"] = list(self.input.valid_range)
         return data
 
     def to_json(self) -> str:
@@ -179,6 +187,13 @@ def card_from_dict(data: dict[str, Any], uri: str = "") -> ModelCard:
     if chip_size < 8 or not 0 < stride <= chip_size:
         raise CardError(f"{where}: need chip_size >= 8 and 0 < stride <= chip_size, "
                         f"got {chip_size}/{stride}")
+    valid_range = inp.get("valid_range")
+    if valid_range is not None:
+        if (not isinstance(valid_range, list) or len(valid_range) != 2
+                or not float(valid_range[0]) < float(valid_range[1])):
+            raise CardError(f"{where}: input.valid_range must be [low, high] with low < high, "
+                            f"got {valid_range!r}")
+        valid_range = (float(valid_range[0]), float(valid_range[1]))
     spec = InputSpec(
         bands=bands,
         chip_size=chip_size,
@@ -188,6 +203,7 @@ def card_from_dict(data: dict[str, Any], uri: str = "") -> ModelCard:
         scale=float(inp.get("scale", 1.0)),
         offset=float(inp.get("offset", 0.0)),
         nodata=None if inp.get("nodata") is None else float(inp["nodata"]),
+        valid_range=valid_range,
     )
     classes = tuple(
         ClassInfo(
@@ -211,9 +227,14 @@ def card_from_dict(data: dict[str, Any], uri: str = "") -> ModelCard:
     sha = str(_require(weights, "sha256", f"{where} weights")).lower()
     if not re.fullmatch(r"[0-9a-f]{64}", sha):
         raise CardError(f"{where}: weights.sha256 is not a sha256 hex digest")
+    name, version = str(_require(data, "name", where)), str(_require(data, "version", where))
+    for what, value in (("name", name), ("version", version)):
+        if not _SAFE_NAME.fullmatch(value):
+            raise CardError(f"{where}: {what} {value[:80]!r} must be 1-64 characters of "
+                            "[A-Za-z0-9_.-] (it becomes part of output paths)")
     return ModelCard(
-        name=str(_require(data, "name", where)),
-        version=str(_require(data, "version", where)),
+        name=name,
+        version=version,
         task=task,
         input=spec,
         classes=classes,

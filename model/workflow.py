@@ -91,6 +91,7 @@ def prepare(class_weighting: str = "sqrt-inverse") -> Prepared:
         bands=nc.BANDS, chip_size=CHIP_SIZE, stride=STRIDE,
         mean=tuple(round(m, 4) for m in mean), std=tuple(round(s, 4) for s in std),
         scale=1.0, offset=0.0, nodata=NODATA,
+        valid_range=(0.0, 255.0),  # 8-bit DN, what the training scene holds
     )
     names = [c.name for c in nc.CLASSES]
     counts = {part_name: dict(zip(names, nc.class_counts(scene.labels, split == part).tolist(),
@@ -345,7 +346,8 @@ def _card(name: str, model_info: dict[str, Any], metrics: dict[str, Any], sha: s
         version=VERSION,
         task="segmentation",
         input=InputSpec(**{**spec, "bands": tuple(spec["bands"]), "mean": tuple(spec["mean"]),
-                           "std": tuple(spec["std"])}),
+                           "std": tuple(spec["std"]),
+                           "valid_range": tuple(spec.get("valid_range") or (0.0, 255.0))}),
         classes=nc.CLASSES,
         weights_file="model.pt",
         weights_sha256=sha,

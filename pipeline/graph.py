@@ -13,32 +13,32 @@ from transforms.chips import ChipSettings, ChipTiles
 from transforms.deadletter import BigQueryFailures, WriteDeadLetters
 from transforms.dedup import Deduplicate
 from transforms.granules import AssembleGranules
+from transforms.guards import InputAllowList
 from transforms.inference import ScoreChips
 from transforms.sinks import CHIP_SCHEMA, TILE_SCHEMA, BigQueryTables, chip_row, write_rows
 
 
 def build(p: beam.Pipeline, o: TileStreamOptions, card: ModelCard, tables: BigQueryTables,
-          streaming: bool) -> None:
+          streaming: bool, allow: InputAllowList, chip_settings: ChipSettings) -> None:
     bands = card.input.bands
     rule = GranuleRule(o.granule_pattern, parse_aliases(o.band_aliases))
     class_names = tuple(c.name for c in card.classes)
 
     if o.input_glob:
         parsed = (p | "MatchFiles" >> fileio.MatchFiles(o.input_glob)
-                    | "FilesToRefs" >> FilesToRefs(bands, rule))
+                    | "FilesToRefs" >> FilesToRefs(bands, rule, allow))
     else:
         parsed = (p | "ReadPubSub" >> beam.io.ReadFromPubSub(subscription=o.subscription,
                                                                with_attributes=True)
-                    | "ParseAnnouncements" >> ParseAnnouncements(bands, rule))
+                    | "ParseAnnouncements" >> ParseAnnouncements(bands, rule, allow))
 
     granules = parsed.bands | "AssembleGranules" >> AssembleGranules(
         bands, o.granule_timeout_secs, o.dedup_ttl_secs, streaming)
-    tiles = ((parsed.tiles, granules.tiles)
-             | "AllTiles" >> beam.Flatten()
-             | "Deduplicate" >> Deduplicate(o.dedup_ttl_secs, streaming))
+    deduped = ((parsed.tiles, granules.tiles)
+               | "AllTiles" >> beam.Flatten()
+               | "Deduplicate" >> Deduplicate(o.dedup_ttl_secs, streaming))
 
-    chipped = tiles | "ChipTiles" >> ChipTiles(
-        ChipSettings.from_card(card, o.chip_size, o.stride, o.min_valid_fraction))
+    chipped = deduped.tiles | "ChipTiles" >> ChipTiles(chip_settings)
     scored = chipped.chips | "ScoreChips" >> ScoreChips(
         card, window_secs=o.window_secs, device=o.device, min_batch_size=o.min_batch_size,
         max_batch_size=o.max_batch_size,
@@ -56,7 +56,7 @@ def build(p: beam.Pipeline, o: TileStreamOptions, card: ModelCard, tables: BigQu
                           tile_writes.failed_rows_with_errors)
                          | "BigQueryFailed" >> beam.Flatten()
                          | "BigQueryDeadLetters" >> BigQueryFailures())
-    ((parsed.dead_letters, granules.dead_letters, chipped.dead_letters, scored.dead_letters,
-      assembled.dead_letters, bigquery_failures)
+    ((parsed.dead_letters, granules.dead_letters, deduped.dead_letters, chipped.dead_letters,
+      scored.dead_letters, assembled.dead_letters, bigquery_failures)
      | "AllDeadLetters" >> beam.Flatten()
      | "WriteDeadLetters" >> WriteDeadLetters(tables, o.output_prefix))

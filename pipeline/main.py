@@ -26,6 +26,8 @@ from apache_beam.options.pipeline_options import (
 from model.card import ModelCard, load_card
 from pipeline import graph, local_adapter, local_stack
 from pipeline.options import TileStreamOptions
+from transforms.chips import ChipSettings
+from transforms.guards import InputAllowList
 from transforms.sinks import BigQueryTables
 
 LOG = logging.getLogger("tilestream")
@@ -43,6 +45,7 @@ class Job:
     card: ModelCard
     tables: BigQueryTables
     streaming: bool
+    allow: InputAllowList
 
 
 def runner_name(options: PipelineOptions) -> str:
@@ -69,6 +72,7 @@ def configure(argv: list[str] | None) -> Job:
         o.subscription = o.subscription or (None if o.input_glob else stack.subscription_path)
         o.bq_dataset = o.bq_dataset or f"{stack.project}:{stack.dataset}"
         o.output_prefix = o.output_prefix or f"gs://{stack.bucket}/tilestream"
+        o.input_buckets = o.input_buckets or f"gs://{stack.bucket}"
     if bool(o.subscription) == bool(o.input_glob):
         raise ConfigError("give exactly one input: --subscription (streaming) or --input_glob")
     if not o.bq_dataset or not o.output_prefix:
@@ -87,7 +91,31 @@ def configure(argv: list[str] | None) -> Job:
 
     load_checked(card)
     tables = BigQueryTables.in_dataset(o.bq_dataset, gcp.project)
-    return Job(options, card, tables, streaming)
+    return Job(options, card, tables, streaming, input_allow_list(o))
+
+
+def input_allow_list(o: TileStreamOptions) -> InputAllowList:
+    """``--input_buckets``, plus the folder of an ``--input_glob`` backfill (local or gs://)."""
+    import glob as globs
+
+    entries = [e for e in (o.input_buckets or "").split(",") if e.strip()]
+    local_roots = []
+    if o.input_glob:
+        root = o.input_glob
+        magic = [i for i, ch in enumerate(root) if globs.has_magic(ch)]
+        root = root[: magic[0]] if magic else root
+        root = root.rsplit("/", 1)[0] or "/"
+        if root.startswith("gs://"):
+            entries.append(root)
+        else:
+            local_roots.append(os.path.abspath(root))
+    if not entries and not local_roots:
+        raise ConfigError("--input_buckets is required: the gs://bucket[/prefix] entries rasters "
+                          "may be read from (the bucket notification's bucket)")
+    try:
+        return InputAllowList.parse(entries, local_roots)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
 
 
 def _check_stage_options(o: TileStreamOptions, card: ModelCard) -> None:
@@ -95,10 +123,9 @@ def _check_stage_options(o: TileStreamOptions, card: ModelCard) -> None:
     import re
 
     from transforms.announcements import parse_aliases
-    from transforms.chips import ChipSettings
 
     try:
-        ChipSettings.from_card(card, o.chip_size, o.stride, o.min_valid_fraction)
+        chip_settings(o, card)
         parse_aliases(o.band_aliases)
         groups = re.compile(o.granule_pattern).groupindex
     except (ValueError, re.error) as exc:
@@ -109,9 +136,24 @@ def _check_stage_options(o: TileStreamOptions, card: ModelCard) -> None:
         raise ConfigError("need 1 <= --min_batch_size <= --max_batch_size")
 
 
+def chip_settings(o: TileStreamOptions, card: ModelCard,
+                  allow: InputAllowList | None = None) -> ChipSettings:
+    if not 0.0 <= o.max_out_of_range_fraction <= 1.0:
+        raise ValueError("--max_out_of_range_fraction must be in [0, 1]")
+    if o.read_budget_secs < 0:
+        raise ValueError("--read_budget_secs must not be negative")
+    return ChipSettings.from_card(
+        card, o.chip_size, o.stride, o.min_valid_fraction, allow=allow,
+        max_tile_pixels=o.max_tile_pixels, input_scale=o.input_scale,
+        input_offset=o.input_offset, max_out_of_range=o.max_out_of_range_fraction,
+        read_budget_secs=o.read_budget_secs)
+
+
 def build_pipeline(job: Job) -> beam.Pipeline:
     p = beam.Pipeline(options=job.options)
-    graph.build(p, job.options.view_as(TileStreamOptions), job.card, job.tables, job.streaming)
+    o = job.options.view_as(TileStreamOptions)
+    graph.build(p, o, job.card, job.tables, job.streaming, job.allow,
+                chip_settings(o, job.card, job.allow))
     return p
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from transforms.announcements import DEFAULT_BAND_ALIASES, DEFAULT_GRANULE_PATTERN
+from transforms.chips import DEFAULT_MAX_TILE_PIXELS
 from transforms.inference import DEFAULT_ACCELERATOR
 
 DEFAULT_MODEL_URI = str(
@@ -45,6 +46,12 @@ class TileStreamOptions(PipelineOptions):
             "(local or gs://); per-band files are grouped into granules as in streaming.",
         )
         inputs.add_argument(
+            "--input_buckets", default="",
+            help="Comma-separated gs://bucket[/prefix] entries: the only places rasters are read "
+            "from (required on Dataflow; --local defaults to the stack's bucket, --input_glob "
+            "adds the glob's own folder). Other URIs, schemes and paths are dead-lettered.",
+        )
+        inputs.add_argument(
             "--granule_pattern", default=DEFAULT_GRANULE_PATTERN,
             help="Regex on an object's file name with named groups 'granule' and 'band'; "
             "matching objects are one band of a granule, others whole tiles.",
@@ -77,6 +84,22 @@ class TileStreamOptions(PipelineOptions):
         chips.add_argument("--min_valid_fraction", type=float, default=0.05,
                            help="Chips with a smaller fraction of valid (non-nodata) pixels are "
                            "skipped and counted.")
+        chips.add_argument("--max_tile_pixels", type=int, default=DEFAULT_MAX_TILE_PIXELS,
+                           help="Largest tile (width x height, from the header) that is read; "
+                           "larger ones are dead-lettered before any pixel is read.")
+        chips.add_argument("--input_scale", type=float, default=1.0,
+                           help="Raw values are multiplied by this before the card's own "
+                           "scaling (e.g. 0.0255 to feed uint16 reflectance to an 8-bit DN "
+                           "model); an announcement's input_scale attribute overrides it.")
+        chips.add_argument("--input_offset", type=float, default=0.0,
+                           help="Added to raw values after --input_scale; an announcement's "
+                           "input_offset attribute overrides it.")
+        chips.add_argument("--max_out_of_range_fraction", type=float, default=0.5,
+                           help="A tile whose sampled values lie outside the card's valid range "
+                           "more often than this is dead-lettered with the observed range.")
+        chips.add_argument("--read_budget_secs", type=float, default=120.0,
+                           help="Time one tile may spend on retries of transient storage errors "
+                           "and paused behind a failing bucket before it is dead-lettered.")
         chips.add_argument("--window_secs", type=float, default=5.0,
                            help="Fixed window for micro-batching chips across tiles.")
         chips.add_argument("--min_batch_size", type=int, default=1,

@@ -39,6 +39,7 @@ model_uri() { echo "gs://$(tf_output tiles_bucket)/models/${MODEL_NAME:-landcove
 parameters() {
   local extra
   extra="subscription=$(tf_output subscription),bq_dataset=$(tf_output bq_dataset)"
+  extra+=",input_buckets=$(tf_output input_buckets)"
   extra+=",output_prefix=$(tf_output output_prefix),model_uri=$(model_uri)"
   if [[ $IMAGE_KIND == gpu ]]; then
     extra+=",device=GPU,accelerator=type:${GPU};count:1;install-nvidia-driver"

@@ -24,6 +24,7 @@ from pipeline.demo import SAMPLE_TILE
 from tests import tiles
 from transforms import announcements as ann
 from transforms import assemble, chips, inference, sinks
+from transforms.guards import InputAllowList
 from transforms.records import NODATA_CLASS, ChipPrediction, TileRef
 
 BANDS = tiles.BANDS
@@ -51,17 +52,27 @@ def message(data: bytes, attributes: dict, message_id: str = "m1") -> PubsubMess
                          publish_time=dt.datetime(2026, 11, 26, 12, tzinfo=dt.UTC))
 
 
-def parse(messages: list[PubsubMessage]):
-    """Run the parse DoFn over messages; returns (tiles, bands, dead letters)."""
-    fn = ann._ParseFn(BANDS, RULE)
-    out: dict[str, list] = {"tiles": [], "bands": [], "dead_letters": []}
+ALLOW = InputAllowList.parse("gs://bkt")
+
+
+def parse_all(messages: list[PubsubMessage]):
+    """Run the parse DoFn over messages; returns (tiles, bands, dead letters, set aside)."""
+    fn = ann._ParseFn(BANDS, RULE, ALLOW)
+    out: dict[str, list] = {"tiles": [], "bands": [], "dead_letters": [], "set_aside": []}
     for msg in messages:
         for item in fn.process(msg):
             tag = item.tag if isinstance(item, beam.pvalue.TaggedOutput) else "tiles"
             value = item.value if isinstance(item, beam.pvalue.TaggedOutput) else item
-            out[tag].append(value.value if isinstance(value, beam.window.TimestampedValue)
-                            else value)
-    return out["tiles"], out["bands"], out["dead_letters"]
+            value = value.value if isinstance(value, beam.window.TimestampedValue) else value
+            if tag == "dead_letters" and value.disposition != "dead_letter":
+                tag = "set_aside"
+            out[tag].append(value)
+    return out["tiles"], out["bands"], out["dead_letters"], out["set_aside"]
+
+
+def parse(messages: list[PubsubMessage]):
+    """(tiles, bands, dead letters); filtered messages are checked by their own tests."""
+    return parse_all(messages)[:3]
 
 
 # --- parse ---------------------------------------------------------------------------------
@@ -79,7 +90,10 @@ def test_gcs_finalize_of_a_geotiff_is_one_tile_with_event_time():
                                         "OBJECT_ARCHIVE"])
 def test_other_gcs_events_are_filtered_not_scored_nor_dead_lettered(event_type):
     data, attrs = announce.gcs_notification("bkt", "in/scene.tif", 1, event_type=event_type)
-    assert parse([message(data, attrs)]) == ([], [], [])
+    tiles_, bands, letters, [event] = parse_all([message(data, attrs)])
+    assert tiles_ == bands == letters == []
+    assert (event.disposition, event.message_id) == ("filtered", "m1")
+    assert event_type in event.reason
 
 
 def test_hls_band_file_becomes_a_band_object_with_the_card_band_name():
@@ -93,7 +107,9 @@ def test_hls_band_file_becomes_a_band_object_with_the_card_band_name():
 def test_band_the_model_does_not_use_is_filtered():
     data, attrs = announce.gcs_notification("bkt", "hls/HLS.S30.T17SLU.2024110T160000.v2.0.B01.tif",
                                             3)
-    assert parse([message(data, attrs)]) == ([], [], [])
+    tiles_, bands, letters, [event] = parse_all([message(data, attrs)])
+    assert tiles_ == bands == letters == []
+    assert event.disposition == "filtered" and event.reason == "band_not_used"
 
 
 def test_json_announcement_with_band_map_orders_uris_like_the_card():
@@ -107,7 +123,7 @@ def test_json_announcement_with_band_map_orders_uris_like_the_card():
 
 
 def test_same_announcement_twice_has_the_same_generation():
-    data, attrs = announce.json_announcement("t1", "2024-04-19T16:00:00Z", uri="gs://b/t1.tif")
+    data, attrs = announce.json_announcement("t1", "2024-04-19T16:00:00Z", uri="gs://bkt/t1.tif")
     first, _, _ = parse([message(data, attrs, "a")])
     second, _, _ = parse([message(data, attrs, "b")])
     assert first[0].key == second[0].key
@@ -118,11 +134,11 @@ def test_same_announcement_twice_has_the_same_generation():
     (b"[1, 2]", "must be a JSON object"),
     (json.dumps({"schema": "other/v9", "tile_id": "x"}).encode(), "schema must be"),
     (json.dumps({"schema": ann.ANNOUNCEMENT_SCHEMA, "tile_id": "x",
-                 "acquired": "yesterday", "uri": "gs://b/x.tif"}).encode(), "RFC 3339"),
+                 "acquired": "yesterday", "uri": "gs://bkt/x.tif"}).encode(), "RFC 3339"),
     (json.dumps({"schema": ann.ANNOUNCEMENT_SCHEMA, "tile_id": "x",
                  "acquired": "2024-01-01T00:00:00Z"}).encode(), "exactly one of"),
     (json.dumps({"schema": ann.ANNOUNCEMENT_SCHEMA, "tile_id": "bad id!",
-                 "acquired": "2024-01-01T00:00:00Z", "uri": "gs://b/x.tif"}).encode(), "tile_id"),
+                 "acquired": "2024-01-01T00:00:00Z", "uri": "gs://bkt/x.tif"}).encode(), "tile_id"),
 ])
 def test_malformed_messages_are_dead_lettered_with_the_reason(payload, reason):
     tiles_, bands, [letter] = parse([message(payload, {}, "bad-1")])

@@ -23,6 +23,13 @@ BIN = Path(sys.executable).parent
 EXAMPLES = {
     "subscription": ("projects/tilestream-prod/subscriptions/tiles-sub",
                      "projects/tilestream-prod/topics/tiles"),
+    "input_buckets": ("gs://tilestream-prod-tiles/incoming,gs://landsat-mirror",
+                      "http://169.254.169.254/computeMetadata"),
+    "max_tile_pixels": ("144000000", "-1"),
+    "input_scale": ("0.0255", "x2"),
+    "input_offset": ("-10.5", "ten"),
+    "max_out_of_range_fraction": ("0.5", "1.5"),
+    "read_budget_secs": ("120", "2m"),
     "bq_dataset": ("tilestream-prod:tilestream", "tilestream-prod:tile-stream"),
     "output_prefix": ("gs://tilestream-prod-tiles/output", "s3://bucket/output"),
     "model_uri": ("gs://models-bucket/landcover-student/v1", "models/landcover"),
@@ -175,7 +182,7 @@ def test_notification_topic_and_subscription_are_wired_for_new_tiles_only():
     assert _first(sub["retry_policy"])["maximum_backoff"]
 
 
-@pytest.mark.parametrize("table", ["chips", "tiles", "dead_letters"])
+@pytest.mark.parametrize("table", ["chips", "tiles", "dead_letters", "events"])
 def test_tables_use_the_schema_files_and_partitioning_of_the_stream(table):
     from transforms.sinks import table_parameters
 

@@ -25,14 +25,28 @@ from dataclasses import dataclass, field
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
-from transforms.deadletter import DEAD_LETTER_TAG, dead_letter
+from transforms.deadletter import DEAD_LETTER_TAG, dead_letter, filtered
+from transforms.guards import (
+    MAX_ATTRIBUTES,
+    RASTER_SUFFIXES,
+    InputAllowList,
+    Refused,
+    bounded_number,
+    bounded_text,
+    describe,
+    safe_id,
+    time_in_range,
+)
 from transforms.records import BandObject, TileRef
 
 ANNOUNCEMENT_SCHEMA = "tilestream.announcement/v1"
 TILES_TAG = "tiles"
 BANDS_TAG = "bands"
-RASTER_SUFFIXES = (".tif", ".tiff")
 STAGE = "parse"
+# A tile announcement is a few hundred bytes; anything this large is not one.
+MAX_MESSAGE_BYTES = 64 * 1024
+# Announcement attributes that rescale a source's raw values before the card's normalisation.
+RADIOMETRY_ATTRIBUTES = {"input_scale": (1e-6, 1e6), "input_offset": (-1e9, 1e9)}
 
 # HLS (HLS.S30.T17SLU.2024110T160000.v2.0.B04.tif), Landsat C2 (…_SR_B4.TIF) and similar.
 DEFAULT_GRANULE_PATTERN = r"^(?P<granule>.+?)[._](?:SR_)?(?P<band>B\d{1,2}A?)\.tiff?$"
@@ -40,23 +54,13 @@ DEFAULT_GRANULE_PATTERN = r"^(?P<granule>.+?)[._](?:SR_)?(?P<band>B\d{1,2}A?)\.t
 DEFAULT_BAND_ALIASES = "B02=blue,B03=green,B04=red,B8A=nir,B11=swir1,B12=swir2"
 
 
-class AnnouncementError(ValueError):
+class AnnouncementError(Refused):
     """A message that claims to be an announcement but breaks the schema."""
 
 
 def parse_time(value: object, what: str) -> float:
-    """RFC 3339 string or epoch milliseconds -> UNIX seconds."""
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        return float(value) / 1000.0
-    if not isinstance(value, str) or not value:
-        raise AnnouncementError(f"{what} must be an RFC 3339 time, got {value!r}")
-    try:
-        parsed = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError as exc:
-        raise AnnouncementError(f"{what} is not an RFC 3339 time: {value!r}") from exc
-    if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=dt.UTC)
-    return parsed.timestamp()
+    """RFC 3339 string or epoch milliseconds -> UNIX seconds, within 1970..2100."""
+    return time_in_range(value, what)
 
 
 def rfc3339(seconds: float) -> str:
@@ -110,8 +114,13 @@ def route_object(
     rule: GranuleRule,
     bands: Sequence[str],
     source: str,
+    allow: InputAllowList,
 ) -> TileRef | BandObject | str:
-    """A stored object becomes a tile, a band of a granule, or a reason to filter it."""
+    """A stored object becomes a tile, a band of a granule, or a reason to filter it.
+
+    Objects that are not rasters, and bands the card does not use, are filtered (a reason
+    string); an object outside the allow-list or with an unusable name raises Refused.
+    """
     if not uri.lower().endswith(RASTER_SUFFIXES):
         return "not_a_raster"
     granule = rule.match(uri)
@@ -119,9 +128,12 @@ def route_object(
         granule_id, band = granule
         if band not in bands:
             return "band_not_used"
+        allow.check(uri, "object")
+        safe_id(granule_id, f"granule id of {posixpath.basename(uri)!r}")
         return BandObject(granule_id, band, uri, generation, event_time, published, message_id)
+    allow.check(uri, "object")
     return TileRef(
-        tile_id=tile_id_of(uri),
+        tile_id=safe_id(tile_id_of(uri), f"tile id of {posixpath.basename(uri)!r}"),
         band_uris=(uri,),
         generation=generation,
         event_time=event_time,
@@ -133,36 +145,41 @@ def route_object(
 
 def announcement_tile(
     payload: Mapping, bands: Sequence[str], published: float, message_id: str,
-    event_time_attr: str | None = None,
+    allow: InputAllowList, event_time_attr: str | None = None,
 ) -> TileRef:
     """Validate a v1 announcement and build its TileRef, with band URIs in card order."""
     if payload.get("schema") != ANNOUNCEMENT_SCHEMA:
         raise AnnouncementError(f"schema must be '{ANNOUNCEMENT_SCHEMA}'")
-    tile_id = payload.get("tile_id")
-    if not isinstance(tile_id, str) or not re.fullmatch(r"[\w.\-:/]{1,256}", tile_id):
-        raise AnnouncementError(f"tile_id must be 1-256 chars of [A-Za-z0-9_.-:/], got {tile_id!r}")
+    tile_id = safe_id(payload.get("tile_id"), "tile_id")
     acquired = rfc3339(parse_time(payload.get("acquired"), "acquired"))
     uri, band_map = payload.get("uri"), payload.get("bands")
     if (uri is None) == (band_map is None):
         raise AnnouncementError("give exactly one of 'uri' (multi-band) or 'bands' (band->uri)")
     if uri is not None:
-        if not isinstance(uri, str) or not uri:
-            raise AnnouncementError(f"uri must be a non-empty string, got {uri!r}")
-        uris: tuple[str, ...] = (uri,)
+        uris: tuple[str, ...] = (allow.check(uri, "uri"),)
     else:
-        if not isinstance(band_map, Mapping):
-            raise AnnouncementError("bands must be an object mapping band name to URI")
+        if not isinstance(band_map, Mapping) or len(band_map) > MAX_ATTRIBUTES:
+            raise AnnouncementError(f"bands must be an object of at most {MAX_ATTRIBUTES} "
+                                    "band names mapping to URIs")
         missing = [b for b in bands if b not in band_map]
         if missing:
             raise AnnouncementError(f"bands lacks {missing} that the model needs")
-        uris = tuple(str(band_map[b]) for b in bands)
+        uris = tuple(allow.check(band_map[b], f"band {b}") for b in bands)
     attributes = payload.get("attributes") or {}
-    if not isinstance(attributes, Mapping):
-        raise AnnouncementError("attributes must be an object of strings")
+    if not isinstance(attributes, Mapping) or len(attributes) > MAX_ATTRIBUTES:
+        raise AnnouncementError(f"attributes must be an object of at most {MAX_ATTRIBUTES} "
+                                "strings")
+    attributes = {bounded_text(k, "attribute name", 64): bounded_text(v, f"attribute {k}")
+                  for k, v in attributes.items()}
+    for name, (low, high) in RADIOMETRY_ATTRIBUTES.items():
+        if name in attributes:
+            bounded_number(attributes[name], f"attribute {name}", low, high)
     sensor = payload.get("sensor")
     when = payload.get("event_time") or event_time_attr
     event_time = parse_time(when, "event_time") if when else published
-    generation = str(payload.get("generation") or content_generation(tile_id, acquired, uris))
+    generation = payload.get("generation")
+    generation = (safe_id(str(generation), "generation") if generation
+                  else content_generation(tile_id, acquired, uris))
     return TileRef(
         tile_id=tile_id,
         band_uris=uris,
@@ -172,69 +189,88 @@ def announcement_tile(
         message_id=message_id,
         source="announcement",
         acquired=acquired,
-        sensor=str(sensor) if sensor is not None else None,
-        attributes=tuple(sorted((str(k), str(v)) for k, v in attributes.items())),
+        sensor=bounded_text(sensor, "sensor", 64) if sensor is not None else None,
+        attributes=tuple(sorted(attributes.items())),
     )
 
 
+def _required(attributes: Mapping[str, str], name: str) -> str:
+    value = attributes.get(name)
+    if not value:
+        raise AnnouncementError(f"notification lacks the {name} attribute")
+    return value
+
+
 class _ParseFn(beam.DoFn):
-    def __init__(self, bands: Sequence[str], rule: GranuleRule):
+    """Every exception about one message becomes its dead letter; the bundle never fails."""
+
+    def __init__(self, bands: Sequence[str], rule: GranuleRule, allow: InputAllowList):
         self._bands = tuple(bands)
         self._rule = rule
+        self._allow = allow
         self.messages = Metrics.counter("tilestream", "messages_in")
-        self.filtered = Metrics.counter("tilestream", "messages_filtered")
         self.tiles = Metrics.counter("tilestream", "tiles_parsed")
         self.bands = Metrics.counter("tilestream", "bands_parsed")
 
-    def _filtered(self, reason: str) -> None:
-        self.filtered.inc()
-        Metrics.counter("tilestream", f"filtered_{reason}").inc()
-
     def process(self, message) -> Iterable:
         self.messages.inc()
-        attributes = dict(message.attributes or {})
-        message_id = message.message_id or ""
-        published = (
-            message.publish_time.timestamp() if message.publish_time is not None else time.time()
-        )
+        message_id = str(getattr(message, "message_id", "") or "")[:128]
+        data = getattr(message, "data", b"") or b""
+        attributes: dict = {}
         try:
+            attributes = dict(message.attributes or {})
+            published = (message.publish_time.timestamp() if message.publish_time is not None
+                         else time.time())
+            if len(data) > MAX_MESSAGE_BYTES:
+                raise AnnouncementError(f"message of {len(data):,} bytes is over the "
+                                        f"{MAX_MESSAGE_BYTES:,}-byte limit")
             if "eventType" in attributes:
                 yield from self._notification(attributes, message_id, published)
             else:
-                yield from self._announcement(message.data, attributes, message_id, published)
-        except (AnnouncementError, KeyError, ValueError, TypeError) as exc:
-            yield dead_letter(STAGE, str(exc), message_id=message_id,
-                              payload={"attributes": attributes, "data": _excerpt(message.data)})
+                yield from self._announcement(data, attributes, message_id, published)
+        except Exception as exc:  # the stage boundary: one message, one letter
+            yield dead_letter(STAGE, describe(exc), message_id=message_id,
+                              payload={"attributes": attributes, "data": _excerpt(data)})
 
     def _notification(self, attributes, message_id, published):
         if attributes["eventType"] != "OBJECT_FINALIZE":
-            self._filtered("event_type")
+            yield filtered(STAGE, f"event_type {attributes['eventType'][:64]}",
+                           message_id=message_id)
             return
-        uri = f"gs://{attributes['bucketId']}/{attributes['objectId']}"
-        if "eventTime" not in attributes:
-            raise AnnouncementError("GCS notification without eventTime")
-        event_time = parse_time(attributes["eventTime"], "eventTime")
-        routed = route_object(uri, attributes.get("objectGeneration", ""), event_time, published,
-                              message_id, self._rule, self._bands, "gcs")
-        yield from self._emit(routed, event_time)
+        bucket = _required(attributes, "bucketId")
+        name = _required(attributes, "objectId")
+        generation = _required(attributes, "objectGeneration")
+        if not generation.isdigit() or len(generation) > 20:
+            raise AnnouncementError(f"objectGeneration {generation[:40]!r} is not a generation "
+                                    "number")
+        event_time = parse_time(_required(attributes, "eventTime"), "eventTime")
+        routed = route_object(f"gs://{bucket}/{name}", generation, event_time, published,
+                              message_id, self._rule, self._bands, "gcs", self._allow)
+        yield from self._emit(routed, event_time, message_id)
 
     def _announcement(self, data: bytes, attributes, message_id, published):
         try:
-            payload = json.loads(data)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as exc:
             raise AnnouncementError(
                 "neither a GCS notification (no eventType attribute) nor a JSON announcement "
-                f"({exc.msg if hasattr(exc, 'msg') else exc})"
-            ) from exc
+                f"(not valid UTF-8 at byte {exc.start})") from exc
+        try:
+            payload = json.loads(text)
+        except (json.JSONDecodeError, RecursionError) as exc:
+            detail = exc.msg if isinstance(exc, json.JSONDecodeError) else "nested too deeply"
+            raise AnnouncementError(
+                "neither a GCS notification (no eventType attribute) nor a JSON announcement "
+                f"({detail})") from exc
         if not isinstance(payload, dict):
             raise AnnouncementError("announcement must be a JSON object")
-        tile = announcement_tile(payload, self._bands, published, message_id,
+        tile = announcement_tile(payload, self._bands, published, message_id, self._allow,
                                  attributes.get("eventTime"))
-        yield from self._emit(tile, tile.event_time)
+        yield from self._emit(tile, tile.event_time, message_id)
 
-    def _emit(self, routed, event_time: float):
+    def _emit(self, routed, event_time: float, message_id: str):
         if isinstance(routed, str):
-            self._filtered(routed)
+            yield filtered(STAGE, routed, message_id=message_id)
         elif isinstance(routed, BandObject):
             self.bands.inc()
             yield beam.pvalue.TaggedOutput(BANDS_TAG, beam.window.TimestampedValue(routed,
@@ -255,13 +291,14 @@ class ParseAnnouncements(beam.PTransform):
     announcement's ``event_time``); filtered messages are counted by reason.
     """
 
-    def __init__(self, bands: Sequence[str], rule: GranuleRule):
+    def __init__(self, bands: Sequence[str], rule: GranuleRule, allow: InputAllowList):
         super().__init__()
         self._bands = bands
         self._rule = rule
+        self._allow = allow
 
     def expand(self, messages):
-        return messages | beam.ParDo(_ParseFn(self._bands, self._rule)).with_outputs(
+        return messages | beam.ParDo(_ParseFn(self._bands, self._rule, self._allow)).with_outputs(
             BANDS_TAG, DEAD_LETTER_TAG, main=TILES_TAG
         )
 
@@ -271,21 +308,25 @@ class _FileFn(_ParseFn):
 
     def process(self, metadata):
         self.messages.inc()
-        mtime = metadata.last_updated_in_seconds or time.time()
-        routed = route_object(metadata.path, str(int(mtime * 1e6)), mtime, time.time(), "",
-                              self._rule, self._bands, "file")
-        yield from self._emit(routed, mtime)
+        try:
+            mtime = metadata.last_updated_in_seconds or time.time()
+            routed = route_object(metadata.path, str(int(mtime * 1e6)), mtime, time.time(), "",
+                                  self._rule, self._bands, "file", self._allow)
+            yield from self._emit(routed, mtime, "")
+        except Exception as exc:  # the stage boundary
+            yield dead_letter(STAGE, describe(exc), payload=metadata.path)
 
 
 class FilesToRefs(beam.PTransform):
     """Matched files (``fileio.MatchFiles``) -> the same tagged outputs as ParseAnnouncements."""
 
-    def __init__(self, bands: Sequence[str], rule: GranuleRule):
+    def __init__(self, bands: Sequence[str], rule: GranuleRule, allow: InputAllowList):
         super().__init__()
         self._bands = bands
         self._rule = rule
+        self._allow = allow
 
     def expand(self, files):
-        return files | beam.ParDo(_FileFn(self._bands, self._rule)).with_outputs(
+        return files | beam.ParDo(_FileFn(self._bands, self._rule, self._allow)).with_outputs(
             BANDS_TAG, DEAD_LETTER_TAG, main=TILES_TAG
         )

@@ -14,6 +14,7 @@ accumulation walks the tile one chip row at a time so memory follows a strip, no
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 import time
 from collections.abc import Iterator
@@ -35,6 +36,7 @@ from model.card import ModelCard, join_uri
 from transforms import timeouts
 from transforms.chips import chip_starts, footprint_wkt
 from transforms.deadletter import DEAD_LETTER_TAG, dead_letter
+from transforms.guards import describe, safe_id
 from transforms.records import KEYED, NODATA_CLASS, Chip, ChipPrediction, TileManifest
 from transforms.sinks import tile_row
 
@@ -43,9 +45,28 @@ NODATA_CONFIDENCE = 255
 
 
 def raster_uri(output_prefix: str, card: ModelCard, manifest: TileManifest) -> str:
+    """Where a tile version's COG goes; every segment is checked, so no id can climb out."""
     tile = manifest.tile
-    return join_uri(output_prefix, f"predictions/{card.name}/{card.version}/{tile.tile_id}/"
-                                   f"{tile.generation}.tif")
+    segments = [safe_id(card.name, "model name"), safe_id(card.version, "model version"),
+                safe_id(tile.tile_id, "tile_id"), safe_id(tile.generation, "generation")]
+    return join_uri(output_prefix, "predictions/{}/{}/{}/{}.tif".format(*segments))
+
+
+def scratch_dir() -> str:
+    """This process's scratch folder for assembly; folders of dead processes are removed.
+
+    A stream stopped mid-write (SIGKILL, preemption) leaves its half-written strips behind; the
+    next assembler on the machine sweeps them, so scratch never accumulates.
+    """
+    root = os.path.join(tempfile.gettempdir(), "tilestream-assemble")
+    os.makedirs(root, exist_ok=True)
+    for name in os.listdir(root):
+        pid = int(name) if name.isdigit() else None
+        if pid is not None and pid != os.getpid() and not os.path.exists(f"/proc/{pid}"):
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+    mine = os.path.join(root, str(os.getpid()))
+    os.makedirs(mine, exist_ok=True)
+    return mine
 
 
 def _blend_strips(manifest: TileManifest, predictions: list[ChipPrediction],
@@ -74,7 +95,8 @@ def _blend_strips(manifest: TileManifest, predictions: list[ChipPrediction],
 
 def write_prediction_raster(manifest: TileManifest, predictions: list[ChipPrediction],
                             card: ModelCard, uri: str,
-                            confidence_band: bool = False) -> np.ndarray:
+                            confidence_band: bool = False, scratch: str | None = None,
+                            ) -> np.ndarray:
     """Write the tile's prediction COG to ``uri``; returns valid pixels per class."""
     import rasterio
     import rasterio.shutil
@@ -83,14 +105,14 @@ def write_prediction_raster(manifest: TileManifest, predictions: list[ChipPredic
     from rasterio.windows import Window
 
     counts = np.zeros(card.num_classes, np.int64)
-    with tempfile.TemporaryDirectory(prefix="tilestream-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="tile-", dir=scratch) as tmp:
         strips_path = os.path.join(tmp, "strips.tif")
         profile = {
             "driver": "GTiff", "width": manifest.width, "height": manifest.height,
             "count": 2 if confidence_band else 1, "dtype": "uint8", "nodata": NODATA_CLASS,
             "crs": rasterio.crs.CRS.from_wkt(manifest.crs_wkt),
             "transform": Affine(*manifest.transform), "tiled": True,
-            "blockxsize": 256, "blockysize": 256,
+            "blockxsize": 256, "blockysize": 256, "compress": "DEFLATE",
         }
         with rasterio.open(strips_path, "w", **profile) as dst:
             dst.write_colormap(1, {c.id: (*c.rgb, 255) for c in card.classes})
@@ -134,9 +156,17 @@ class _AssembleTileFn(beam.DoFn):
         self._timeout = timeout_secs
         self._streaming = streaming
         self._confidence = confidence_band
+        self._scratch: str | None = None
         self.written = Metrics.counter("tilestream", "tiles_written")
         self.partial = Metrics.counter("tilestream", "tiles_partial")
         self.write_ms = Metrics.distribution("tilestream", "tile_write_ms")
+
+    def setup(self):
+        self._scratch = scratch_dir()
+
+    def teardown(self):
+        if self._scratch:
+            shutil.rmtree(self._scratch, ignore_errors=True)
 
     def process(
         self,
@@ -161,8 +191,9 @@ class _AssembleTileFn(beam.DoFn):
         else:
             failed.add(item)
         if manifest is not None and arrived.read() + failed.read() >= manifest.chips_expected:
-            yield from self._finish(manifest, list(predictions.read()), failed.read(),
-                                    complete=True)
+            n_failed = failed.read()
+            yield from self._finish(manifest, list(predictions.read()), n_failed,
+                                    complete=n_failed == 0 and manifest.chips_failed == 0)
             for state in (manifest_state, predictions, arrived, failed):
                 state.clear()
             wall.clear()
@@ -209,21 +240,28 @@ class _AssembleTileFn(beam.DoFn):
     def _finish(self, manifest: TileManifest, held: list[ChipPrediction], n_failed: int,
                 complete: bool):
         started = time.perf_counter()
-        uri = raster_uri(self._prefix, self._card, manifest)
+        uri = "(no path)"
         try:
-            counts = write_prediction_raster(manifest, held, self._card, uri, self._confidence)
-        except Exception as exc:  # storage errors must not kill the stream
-            yield dead_letter(STAGE, f"writing {uri} failed: {exc}",
+            uri = raster_uri(self._prefix, self._card, manifest)
+            counts = write_prediction_raster(manifest, held, self._card, uri, self._confidence,
+                                             self._scratch)
+            row = self._tile_row(manifest, held, n_failed, complete, counts, uri)
+        except Exception as exc:  # one tile's fault must not kill the stream
+            yield dead_letter(STAGE, f"writing {uri} failed: {describe(exc)}",
                               message_id=manifest.tile.message_id,
                               tile_id=manifest.tile.tile_id)
             return
         self.write_ms.update(int((time.perf_counter() - started) * 1000))
         (self.written if complete else self.partial).inc()
+        yield row
+
+    def _tile_row(self, manifest: TileManifest, held: list[ChipPrediction], n_failed: int,
+                  complete: bool, counts: np.ndarray, uri: str) -> dict:
         import rasterio
         from affine import Affine
 
         transform, crs = Affine(*manifest.transform), rasterio.crs.CRS.from_wkt(manifest.crs_wkt)
-        yield tile_row(
+        return tile_row(
             manifest,
             complete=complete,
             chips_scored=len(held),

@@ -4,15 +4,25 @@ Memory follows a strip of ``chip_size`` rows across the tile, never the whole ti
 covers every pixel: starts are ``0, stride, 2*stride, ...`` until a chip reaches the far edge, and
 edge chips are padded (padding is invalid and ignored downstream). Chips whose valid-pixel
 fraction is under the threshold are skipped and counted in the tile's manifest, never lost.
+
+Before a pixel is read, a tile must pass its guards: URIs in the input allow-list, GeoTIFF only
+(no VRT or other indirection), a header within ``--max_tile_pixels``, no complex bands, and a
+decimated preview whose values mostly lie in the card's valid range. Transient storage errors are
+retried with backoff and jitter; a bucket that keeps failing opens a circuit breaker that pauses
+reading from it rather than burning every tile on it. Any other exception about a tile is that
+tile's dead letter.
 """
 
 from __future__ import annotations
 
 import math
+import random
+import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import TypeVar
 
 import apache_beam as beam
 import numpy as np
@@ -21,15 +31,80 @@ from apache_beam.metrics import Metrics
 from model.card import CardError, ModelCard
 from model.inference import normalise
 from transforms.deadletter import DEAD_LETTER_TAG, dead_letter
+from transforms.guards import InputAllowList, Refused, describe
 from transforms.records import Chip, TileManifest, TileRef
 
 STAGE = "chips"
 MANIFESTS_TAG = "manifests"
-# GDAL settings for reading COGs from object storage without listing their directory.
+DEFAULT_MAX_TILE_PIXELS = 12_000 * 12_000
+# Only GeoTIFF (COGs included) is opened: VRT and other formats can point anywhere.
+DRIVER = "GTiff"
+# GDAL settings for reading COGs from object storage: no directory listing, bounded waits, a few
+# retries of its own (the delay doubles each time) under ours.
 GDAL_ENV = {
     "GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR",
     "CPL_VSIL_CURL_ALLOWED_EXTENSIONS": ".tif,.tiff",
+    "GDAL_HTTP_TIMEOUT": "30",
+    "GDAL_HTTP_CONNECTTIMEOUT": "10",
+    "GDAL_HTTP_LOW_SPEED_TIME": "15",
+    "GDAL_HTTP_LOW_SPEED_LIMIT": "1",
+    "GDAL_HTTP_MAX_RETRY": "2",
+    "GDAL_HTTP_RETRY_DELAY": "0.5",
 }
+PREVIEW_PIXELS = 256  # long side of the radiometry preview
+_TRANSIENT = re.compile(
+    r"HTTP (?:response )?code:? ?(?:429|5\d\d)|couldn't connect|"
+    r"connection (?:refused|reset)|timed? ?out|empty reply|failed to connect|"
+    r"server returned nothing", re.IGNORECASE)
+T = TypeVar("T")
+
+
+class TransientReadError(OSError):
+    """Storage kept failing with errors that are usually temporary."""
+
+
+def is_transient(exc: BaseException) -> bool:
+    return not isinstance(exc, Refused | CardError) and bool(_TRANSIENT.search(str(exc)))
+
+
+@dataclass
+class CircuitBreaker:
+    """Per bucket: after ``threshold`` consecutive transient failures, pause reading from it.
+
+    While open, readers wait (the stream slows down instead of dead-lettering every tile of an
+    unhealthy bucket); after the cool-down one read is let through, and each failure of that
+    probe doubles the cool-down up to ``max_cooldown``.
+    """
+
+    threshold: int = 3
+    cooldown: float = 5.0
+    max_cooldown: float = 60.0
+    _failures: dict[str, int] = field(default_factory=dict)
+    _open_until: dict[str, float] = field(default_factory=dict)
+
+    def wait(self, bucket: str, deadline: float) -> None:
+        until = self._open_until.get(bucket, 0.0)
+        now = time.monotonic()
+        if until > now:
+            time.sleep(max(0.0, min(until, deadline) - now))
+
+    def is_open(self, bucket: str) -> bool:
+        return self._open_until.get(bucket, 0.0) > time.monotonic()
+
+    def success(self, bucket: str) -> None:
+        self._failures.pop(bucket, None)
+        self._open_until.pop(bucket, None)
+
+    def failure(self, bucket: str) -> None:
+        failures = self._failures.get(bucket, 0) + 1
+        self._failures[bucket] = failures
+        if failures >= self.threshold:
+            pause = min(self.max_cooldown, self.cooldown * 2 ** (failures - self.threshold))
+            self._open_until[bucket] = time.monotonic() + pause
+
+
+def bucket_of(uri: str) -> str:
+    return uri[len("gs://"):].split("/", 1)[0] if uri.startswith("gs://") else "(local)"
 
 
 def chip_starts(length: int, size: int, stride: int) -> list[int]:
@@ -81,26 +156,49 @@ class ChipSettings:
     chip_size: int
     stride: int
     min_valid_fraction: float
+    allow: InputAllowList | None = None  # the stream's allow-list, checked again before opening
+    max_tile_pixels: int = DEFAULT_MAX_TILE_PIXELS
+    input_scale: float = 1.0  # raw * input_scale + input_offset, before the card's scaling
+    input_offset: float = 0.0
+    max_out_of_range: float = 0.5  # largest fraction of preview pixels outside the valid range
+    read_budget_secs: float = 120.0  # retries and breaker pauses for one tile, in all
 
     @classmethod
     def from_card(cls, card: ModelCard, chip_size: int = 0, stride: int = 0,
-                  min_valid_fraction: float = 0.0) -> ChipSettings:
+                  min_valid_fraction: float = 0.0, **guards) -> ChipSettings:
         size = chip_size or card.input.chip_size
         step = stride or (card.input.stride if not chip_size else size)
         if not 0 < step <= size:
             raise ValueError(f"stride must be in 1..chip_size ({size}), got {step}")
         if not 0.0 <= min_valid_fraction <= 1.0:
             raise ValueError(f"min_valid_fraction must be in [0, 1], got {min_valid_fraction}")
-        return cls(card, size, step, min_valid_fraction)
+        settings = cls(card, size, step, min_valid_fraction, **guards)
+        if settings.max_tile_pixels < size * size:
+            raise ValueError(f"max_tile_pixels must be at least one chip ({size * size})")
+        if not (math.isfinite(settings.input_scale) and settings.input_scale != 0
+                and math.isfinite(settings.input_offset)):
+            raise ValueError("input_scale must be finite and non-zero, input_offset finite")
+        return settings
+
+    def radiometry(self, tile: TileRef) -> tuple[float, float]:
+        """(scale, offset) for this tile: its announcement's attributes, else the options."""
+        attrs = dict(tile.attributes)
+        return (float(attrs.get("input_scale", self.input_scale)),
+                float(attrs.get("input_offset", self.input_offset)))
 
 
 class _Sources:
     """The open rasters of one tile and which band of which file feeds each card band."""
 
-    def __init__(self, tile: TileRef, card: ModelCard, stack: ExitStack):
-        import rasterio
+    def __init__(self, tile: TileRef, settings: ChipSettings, stack: ExitStack):
 
-        self.datasets = [stack.enter_context(rasterio.open(uri)) for uri in tile.band_uris]
+        card = settings.card
+        if settings.allow is not None:
+            for uri in tile.band_uris:
+                settings.allow.check(uri, "band file")
+        self.datasets = [stack.enter_context(_open(uri)) for uri in tile.band_uris]
+        for uri, ds in zip(tile.band_uris, self.datasets, strict=True):
+            _check_header(uri, ds, settings.max_tile_pixels)
         first = self.datasets[0]
         if len(self.datasets) == 1:
             self.band_map = [(0, i + 1) for i in card.band_indices(first.descriptions)]
@@ -134,12 +232,80 @@ class _Sources:
         window = Window(0, row, self.width, height)
         return np.stack([self.datasets[d].read(b, window=window) for d, b in self.band_map])
 
+    def preview(self) -> np.ndarray:
+        """A decimated ``(C, h, w)`` read (overviews when the file has them), long side 256."""
+        from rasterio.enums import Resampling
+
+        factor = max(1, math.ceil(max(self.height, self.width) / PREVIEW_PIXELS))
+        shape = (max(1, self.height // factor), max(1, self.width // factor))
+        return np.stack([self.datasets[d].read(b, out_shape=shape,
+                                               resampling=Resampling.nearest)
+                         for d, b in self.band_map])
+
+    def invalid(self, values: np.ndarray) -> np.ndarray:
+        """Pixels where any band is nodata (the raster's or the card's) or not finite."""
+        invalid = np.zeros(values.shape[1:], bool)
+        for band, nodata in enumerate(self.nodata):
+            for value in nodata:
+                invalid |= values[band] == value
+        if np.issubdtype(values.dtype, np.floating):
+            invalid |= ~np.isfinite(values).all(axis=0)
+        return invalid
+
+
+def _open(uri: str):
+    """Open as GeoTIFF only; anything else (a VRT named .tif, HTML, junk) is refused by name."""
+    import rasterio
+
+    try:
+        return rasterio.open(uri, driver=DRIVER)
+    except rasterio.errors.RasterioIOError as exc:
+        if "not recognized as being in a supported file format" in str(exc):
+            raise Refused(f"{uri} is not a GeoTIFF (only GeoTIFF/COG is read; VRT and other "
+                          "formats are refused)") from exc
+        raise
+
+
+def _check_header(uri: str, ds, max_pixels: int) -> None:
+    """Refuse from the header alone, before any pixel is read."""
+    if ds.width * ds.height > max_pixels:
+        raise Refused(f"{uri} declares {ds.width:,} x {ds.height:,} pixels, over "
+                      f"--max_tile_pixels={max_pixels:,}")
+    if ds.count > 1000:
+        raise Refused(f"{uri} declares {ds.count:,} bands")
+    complex_bands = sorted({t for t in ds.dtypes if t.startswith("complex")})
+    if complex_bands:
+        raise Refused(f"{uri} has complex band types {complex_bands}; only real-valued "
+                      "rasters are scored")
+
+
+def check_radiometry(preview: np.ndarray, invalid: np.ndarray, card: ModelCard, scale: float,
+                     offset: float, max_out_of_range: float, uri: str) -> None:
+    """Refuse a tile whose (rescaled) values mostly lie outside the card's valid input range."""
+    valid_range = card.input.valid_range
+    if valid_range is None:
+        return
+    values = preview[:, ~invalid].astype(np.float64) * scale + offset
+    if values.size == 0:
+        return
+    low, high = valid_range
+    outside = float(((values < low) | (values > high)).mean())
+    if outside > max_out_of_range:
+        p1, p99 = np.percentile(values, [1, 99])
+        raise Refused(
+            f"{uri}: {outside:.0%} of sampled values lie outside the model's valid input range "
+            f"[{low:g}, {high:g}] (observed min {values.min():g}, p1 {p1:g}, p99 {p99:g}, max "
+            f"{values.max():g}, after scale {scale:g} and offset {offset:g}); rescale with "
+            "--input_scale/--input_offset or the announcement attributes input_scale/input_offset")
+
 
 class ChipTileFn(beam.DoFn):
     """One tile -> its chips and manifest (also run directly by `tilestream check`, bench)."""
 
     def __init__(self, settings: ChipSettings):
         self._s = settings
+        self._breaker = CircuitBreaker()
+        self.retries = Metrics.counter("tilestream", "read_retries")
         self.tiles = Metrics.counter("tilestream", "tiles_chipped")
         self.total = Metrics.counter("tilestream", "chips_total")
         self.skipped = Metrics.counter("tilestream", "chips_skipped")
@@ -149,16 +315,50 @@ class ChipTileFn(beam.DoFn):
     def process(self, tile: TileRef) -> Iterator:
         import rasterio
 
+        deadline = time.monotonic() + self._s.read_budget_secs
         try:
             with rasterio.Env(**GDAL_ENV), ExitStack() as stack:
-                sources = _Sources(tile, self._s.card, stack)
-                yield from self._chip(tile, sources)
-        except (OSError, CardError, ValueError, rasterio.errors.RasterioError) as exc:
-            yield dead_letter(STAGE, f"cannot chip {', '.join(tile.band_uris)}: {exc}",
-                              message_id=tile.message_id, tile_id=tile.tile_id,
+                sources = self._with_retries(tile, deadline,
+                                             lambda: _Sources(tile, self._s, stack))
+                scale, offset = self._s.radiometry(tile)
+                preview = self._with_retries(tile, deadline, sources.preview)
+                check_radiometry(preview, sources.invalid(preview), self._s.card, scale, offset,
+                                 self._s.max_out_of_range, ", ".join(tile.band_uris))
+                yield from self._chip(tile, sources, deadline, scale, offset)
+        except Exception as exc:  # the stage boundary: one tile, one letter
+            reason = describe(exc)
+            if not isinstance(exc, Refused):
+                reason = f"cannot chip {', '.join(tile.band_uris)}: {reason}"
+            yield dead_letter(STAGE, reason, message_id=tile.message_id, tile_id=tile.tile_id,
                               payload=repr(tile))
 
-    def _chip(self, tile: TileRef, src: _Sources) -> Iterator:
+    def _with_retries(self, tile: TileRef, deadline: float, read: Callable[[], T]) -> T:
+        """``read()``, retried on transient storage errors with backoff, jitter and a breaker."""
+        bucket = bucket_of(tile.band_uris[0])
+        attempt = 0
+        while True:
+            self._breaker.wait(bucket, deadline)
+            try:
+                result = read()
+            except Exception as exc:
+                if not is_transient(exc):
+                    raise
+                self._breaker.failure(bucket)
+                attempt += 1
+                delay = min(8.0, 0.25 * 2 ** attempt) * random.uniform(0.5, 1.5)
+                if time.monotonic() + delay > deadline:
+                    raise TransientReadError(
+                        f"{describe(exc)} (still failing after {attempt} attempts over "
+                        f"{self._s.read_budget_secs:.0f}s; bucket {bucket} "
+                        f"{'paused' if self._breaker.is_open(bucket) else 'flaky'})") from exc
+                self.retries.inc()
+                time.sleep(delay)
+                continue
+            self._breaker.success(bucket)
+            return result
+
+    def _chip(self, tile: TileRef, src: _Sources, deadline: float, scale: float,
+              offset: float) -> Iterator:
         from rasterio.windows import transform as window_transform
 
         size, stride = self._s.chip_size, self._s.stride
@@ -167,23 +367,20 @@ class ChipTileFn(beam.DoFn):
         area = pixel_area_m2(src.transform, src.crs, src.height, src.width)
         crs_wkt = src.crs.to_wkt()
         skipped = failed = 0
+        unreadable: list[str] = []  # one letter per tile, naming every strip that failed
         for row_number, row in enumerate(rows):
             height = min(size, src.height - row)
             started = time.perf_counter()
             try:
-                strip = src.read_strip(row, height)
-            except Exception as exc:  # a corrupt block fails its strip, not the tile
+                strip = self._with_retries(tile, deadline,
+                                           lambda row=row, height=height:
+                                           src.read_strip(row, height))
+            except Exception as exc:  # a corrupt block fails its strip only
                 failed += len(cols)
-                yield dead_letter(STAGE, f"read of rows {row}..{row + height} failed: {exc}",
-                                  message_id=tile.message_id, tile_id=tile.tile_id)
+                unreadable.append(f"rows {row}..{row + height}: {describe(exc)}")
                 continue
             self.strip_ms.update(int((time.perf_counter() - started) * 1000))
-            invalid_strip = np.zeros(strip.shape[1:], bool)
-            for band, values in enumerate(src.nodata):
-                for value in values:
-                    invalid_strip |= strip[band] == value
-            if np.issubdtype(strip.dtype, np.floating):
-                invalid_strip |= ~np.isfinite(strip).all(axis=0)
+            invalid_strip = src.invalid(strip)
             for col_number, col in enumerate(cols):
                 index = row_number * len(cols) + col_number
                 width = min(size, src.width - col)
@@ -195,6 +392,8 @@ class ChipTileFn(beam.DoFn):
                     continue
                 raw = np.zeros((strip.shape[0], size, size), np.float32)
                 raw[:, :height, :width] = strip[:, :, col : col + width]
+                if (scale, offset) != (1.0, 0.0):
+                    raw = raw * np.float32(scale) + np.float32(offset)
                 pixels = normalise(raw, valid, self._s.card.input)
                 chip_tf = window_transform(((row, row + size), (col, col + size)), src.transform)
                 yield Chip(
@@ -214,6 +413,11 @@ class ChipTileFn(beam.DoFn):
                     pixels=pixels,
                 )
         total = len(rows) * len(cols)
+        if unreadable:
+            yield dead_letter(STAGE, f"{len(unreadable)} of {len(rows)} strips of "
+                                     f"{', '.join(tile.band_uris)} unreadable ({failed} of "
+                                     f"{total} chips failed): " + "; ".join(unreadable),
+                              message_id=tile.message_id, tile_id=tile.tile_id)
         self.tiles.inc()
         self.total.inc(total)
         self.skipped.inc(skipped)

@@ -2,12 +2,16 @@
 
 Each stage emits ``DeadLetter`` records on a tagged output; the graph flattens them into
 ``WriteDeadLetters``. Nothing is dropped silently: the reason names the stage and the cause.
+Messages set aside on purpose (filtered, duplicates) travel the same output with another
+disposition and land in the ``events`` table, so the books balance in SQL, not only in counters.
+The writer itself never fails the stream: a dead letter that cannot be stored is logged.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
 import time
 import uuid
 from dataclasses import asdict
@@ -15,12 +19,13 @@ from dataclasses import asdict
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
-from transforms.records import DeadLetter
-from transforms.sinks import ERROR_SCHEMA, BigQueryTables, bq_timestamp, write_rows
+from transforms.records import DEAD_LETTER, DUPLICATE, FILTERED, DeadLetter
+from transforms.sinks import ERROR_SCHEMA, EVENT_SCHEMA, BigQueryTables, bq_timestamp, write_rows
 
 DEAD_LETTER_TAG = "dead_letters"
 PAYLOAD_EXCERPT = 1000
 _counter = Metrics.counter("tilestream", "dead_letters")
+LOG = logging.getLogger(__name__)
 
 
 def dead_letter(
@@ -47,10 +52,35 @@ def dead_letter(
     return beam.pvalue.TaggedOutput(DEAD_LETTER_TAG, letter)
 
 
+def set_aside(disposition: str, stage: str, reason: str, *, message_id: str = "",
+              tile_id: str = "") -> beam.pvalue.TaggedOutput:
+    """A message not scored on purpose (``filtered`` or ``duplicate``), counted by reason."""
+    Metrics.counter("tilestream", f"messages_{disposition}").inc()
+    Metrics.counter("tilestream", f"{disposition}_{reason.split()[0]}").inc()
+    return beam.pvalue.TaggedOutput(DEAD_LETTER_TAG, DeadLetter(
+        stage=stage, reason=reason, message_id=message_id, tile_id=tile_id, time=time.time(),
+        disposition=disposition))
+
+
+def filtered(stage: str, reason: str, **ids: str) -> beam.pvalue.TaggedOutput:
+    return set_aside(FILTERED, stage, reason, **ids)
+
+
+def duplicate(stage: str, reason: str, **ids: str) -> beam.pvalue.TaggedOutput:
+    return set_aside(DUPLICATE, stage, reason, **ids)
+
+
 def error_row(letter: DeadLetter) -> dict:
     row = asdict(letter)
     row["time"] = bq_timestamp(letter.time)
+    del row["disposition"]
     return row
+
+
+def event_row(letter: DeadLetter) -> dict:
+    return {"disposition": letter.disposition, "stage": letter.stage, "reason": letter.reason,
+            "message_id": letter.message_id, "tile_id": letter.tile_id,
+            "time": bq_timestamp(letter.time)}
 
 
 class _JsonLinesPerBundleFn(beam.DoFn):
@@ -63,6 +93,7 @@ class _JsonLinesPerBundleFn(beam.DoFn):
 
     def __init__(self, prefix: str):
         self._prefix = prefix
+        self.failed = Metrics.counter("tilestream", "dead_letter_files_failed")
 
     def start_bundle(self):
         self._lines: list[str] = []
@@ -75,12 +106,17 @@ class _JsonLinesPerBundleFn(beam.DoFn):
 
         if not self._lines:
             return
+        lines, self._lines = self._lines, []
         now = dt.datetime.now(dt.UTC)
         path = (f"{self._prefix}/dead_letters/dt={now:%Y-%m-%d}/hour={now:%H}/"
                 f"{now:%H%M%S}-{uuid.uuid4().hex[:12]}.jsonl")
-        with FileSystems.create(path, mime_type="application/x-ndjson") as out:
-            out.write(("\n".join(self._lines) + "\n").encode())
-        self._lines = []
+        try:
+            with FileSystems.create(path, mime_type="application/x-ndjson") as out:
+                out.write(("\n".join(lines) + "\n").encode())
+        except Exception as exc:  # the dead-letter writer must never be the fault
+            self.failed.inc(len(lines))
+            LOG.error("could not write %d dead letters to %s (they are in BigQuery): %s",
+                      len(lines), path, exc)
 
 
 class WriteDeadLetters(beam.PTransform):
@@ -92,7 +128,11 @@ class WriteDeadLetters(beam.PTransform):
         self._prefix = output_prefix.rstrip("/")
 
     def expand(self, letters):
-        rows = letters | "ToRow" >> beam.Map(error_row)
+        errors, events = letters | "ByDisposition" >> beam.Partition(
+            lambda letter, _: 0 if letter.disposition == DEAD_LETTER else 1, 2)
+        events | "EventRows" >> beam.Map(event_row) | "EventsToBigQuery" >> write_rows(
+            self._tables.events, EVENT_SCHEMA)
+        rows = errors | "ToRow" >> beam.Map(error_row)
         rows | "ToBigQuery" >> write_rows(self._tables.errors, ERROR_SCHEMA)
         return rows | "ToGcs" >> beam.ParDo(_JsonLinesPerBundleFn(self._prefix))
 

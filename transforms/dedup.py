@@ -13,6 +13,7 @@ from apache_beam.metrics import Metrics
 from apache_beam.transforms.userstate import ReadModifyWriteStateSpec, on_timer
 
 from transforms import timeouts
+from transforms.deadletter import DEAD_LETTER_TAG, duplicate
 from transforms.records import KEYED, TileRef
 
 
@@ -35,6 +36,10 @@ class _FirstSeenFn(beam.DoFn):
     ):
         if seen.read():
             self.duplicates.inc()
+            tile = element[1]
+            for message_id in tile.message_ids or ("",):
+                yield duplicate("dedup", f"tile version {tile.key} already taken",
+                                message_id=message_id, tile_id=tile.tile_id)
             return
         seen.write(True)
         timeouts.arm(wall, end, self._streaming, self._ttl)
@@ -51,6 +56,8 @@ class _FirstSeenFn(beam.DoFn):
 
 
 class Deduplicate(beam.PTransform):
+    """TileRef -> first delivery of each version (``tiles``) + ``duplicate`` events."""
+
     def __init__(self, ttl_secs: float, streaming: bool):
         super().__init__()
         self._fn = _FirstSeenFn(ttl_secs, streaming)
@@ -59,5 +66,5 @@ class Deduplicate(beam.PTransform):
         return (
             tiles
             | "KeyByVersion" >> beam.Map(lambda t: (t.key, t)).with_output_types(KEYED)
-            | "FirstSeen" >> beam.ParDo(self._fn)
+            | "FirstSeen" >> beam.ParDo(self._fn).with_outputs(DEAD_LETTER_TAG, main="tiles")
         )

@@ -18,7 +18,7 @@ from apache_beam.transforms.userstate import BagStateSpec, ReadModifyWriteStateS
 
 from transforms import timeouts
 from transforms.announcements import content_generation
-from transforms.deadletter import DEAD_LETTER_TAG, dead_letter
+from transforms.deadletter import DEAD_LETTER_TAG, dead_letter, duplicate
 from transforms.records import KEYED, BandObject, TileRef
 
 STAGE = "granules"
@@ -51,10 +51,15 @@ class _AssembleGranuleFn(beam.DoFn):
         granule_id, band = element
         if done.read():
             self.duplicates.inc()
+            yield duplicate(STAGE, f"band {band.band} of granule {granule_id} arrived after the "
+                            "granule was complete", message_id=band.message_id,
+                            tile_id=granule_id)
             return
         held = list(bands.read())
         if any(b.band == band.band and b.generation == band.generation for b in held):
             self.duplicates.inc()
+            yield duplicate(STAGE, f"band {band.band} of granule {granule_id} delivered twice",
+                            message_id=band.message_id, tile_id=granule_id)
             return
         if not held:
             timeouts.arm(wall, end, self._streaming, self._timeout)
@@ -65,6 +70,10 @@ class _AssembleGranuleFn(beam.DoFn):
             self.complete.inc()
             self.used.inc(len(chosen))
             self.duplicates.inc(len(held) + 1 - len(chosen))
+            for superseded in (b for b in held if b not in chosen):
+                yield duplicate(STAGE, f"band {superseded.band} of granule {granule_id} "
+                                "superseded by a newer generation",
+                                message_id=superseded.message_id, tile_id=granule_id)
             bands.clear()
             done.write(True)
             timeouts.arm(wall, end, self._streaming, self._ttl)
@@ -78,6 +87,7 @@ class _AssembleGranuleFn(beam.DoFn):
                     published=max(b.published for b in chosen),
                     message_id=band.message_id,
                     source="granule",
+                    band_message_ids=tuple(b.message_id for b in chosen if b.message_id),
                 ),
                 event_time,
             )
@@ -101,14 +111,16 @@ class _AssembleGranuleFn(beam.DoFn):
         self.expired.inc(len(held))
         present = sorted({b.band for b in held})
         missing = [b for b in self._bands if b not in present]
-        yield dead_letter(
-            STAGE,
-            f"granule {granule_id} incomplete after {self._timeout:.0f}s: missing bands "
-            f"{missing} (have {present})",
-            message_id=held[-1].message_id,
-            tile_id=granule_id,
-            payload=[b.uri for b in held],
-        )
+        # One letter per band message: the books count messages.
+        for band in held:
+            yield dead_letter(
+                STAGE,
+                f"granule {granule_id} incomplete after {self._timeout:.0f}s: missing bands "
+                f"{missing} (have {present})",
+                message_id=band.message_id,
+                tile_id=granule_id,
+                payload=[b.uri for b in held],
+            )
 
 
 class AssembleGranules(beam.PTransform):

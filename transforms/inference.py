@@ -27,6 +27,7 @@ from apache_beam.utils.timestamp import Duration
 from model.card import ModelCard
 from model.contract import check_model
 from transforms.deadletter import DEAD_LETTER_TAG, dead_letter
+from transforms.guards import describe
 from transforms.records import NODATA_CLASS, Chip, ChipPrediction
 
 STAGE = "inference"
@@ -114,10 +115,32 @@ class _ToPredictionFn(beam.DoFn):
 
     def process(self, element: tuple[Chip, PredictionResult]):
         chip, result = element
-        prediction = to_prediction(chip, result.inference.numpy(), self._name, self._version)
+        try:
+            prediction = to_prediction(chip, result.inference.numpy(), self._name, self._version)
+        except Exception as exc:  # one chip's output, one letter
+            yield dead_letter(STAGE, f"prediction of chip {chip.index} unusable: "
+                                     f"{describe(exc)}",
+                              message_id=chip.tile.message_id, tile_id=chip.tile.tile_id)
+            yield beam.pvalue.TaggedOutput(FAILED_TAG, chip)
+            return
         self.scored.inc()
         self.latency.update(int((prediction.scored_at - chip.tile.published) * 1000))
         yield prediction
+
+
+def failure_reason(exc: object) -> str:
+    """Beam hands failed batches over as ``(type, repr, traceback lines)``: one sentence of it."""
+    if isinstance(exc, BaseException):
+        return f"model raised {describe(exc)}"
+    if isinstance(exc, tuple) and len(exc) == 3 and isinstance(exc[0], type):
+        lines = [line.strip() for chunk in exc[2] for line in str(chunk).splitlines()
+                 if line.strip()]
+        detail = lines[-1] if lines else str(exc[1])
+        name = exc[0].__name__
+        if not detail.startswith(name):
+            detail = f"{name}: {detail}"
+        return f"model raised {detail[:500]}"
+    return f"model raised {str(exc)[:500]}"
 
 
 class _FailedBatchFn(beam.DoFn):
@@ -128,9 +151,10 @@ class _FailedBatchFn(beam.DoFn):
 
     def process(self, failure):
         batch, exc = failure
+        reason = failure_reason(exc)
         for chip, _tensor in batch:
             self.failed.inc()
-            yield dead_letter(STAGE, f"model raised {type(exc).__name__}: {exc}",
+            yield dead_letter(STAGE, reason,
                               message_id=chip.tile.message_id, tile_id=chip.tile.tile_id,
                               payload=f"chip {chip.index} window {chip.row},{chip.col}")
             yield beam.pvalue.TaggedOutput(FAILED_TAG, chip)
@@ -173,11 +197,16 @@ class ScoreChips(beam.PTransform):
                 lambda c: (dataclasses.replace(c, pixels=None), torch.from_numpy(c.pixels)))
             | "RunInference" >> run_inference.with_exception_handling()
         )
-        predictions = (scored
-                       | "ToPrediction" >> beam.ParDo(_ToPredictionFn(self._card))
-                       | "LeaveWindows" >> beam.WindowInto(GlobalWindows()))
+        converted = (scored
+                     | "LeaveWindows" >> beam.WindowInto(GlobalWindows())
+                     | "ToPrediction" >> beam.ParDo(_ToPredictionFn(self._card)).with_outputs(
+                         FAILED_TAG, DEAD_LETTER_TAG, main="predictions"))
         failed = (failures.failed_inferences
                   | "FailedWindows" >> beam.WindowInto(GlobalWindows())
                   | "FailedChips" >> beam.ParDo(_FailedBatchFn()).with_outputs(FAILED_TAG,
                                                                                 DEAD_LETTER_TAG))
-        return ScoredChips(predictions, failed[FAILED_TAG], failed[DEAD_LETTER_TAG])
+        return ScoredChips(
+            converted.predictions,
+            (converted[FAILED_TAG], failed[FAILED_TAG]) | "AllFailed" >> beam.Flatten(),
+            (converted[DEAD_LETTER_TAG], failed[DEAD_LETTER_TAG])
+            | "AllInferenceLetters" >> beam.Flatten())

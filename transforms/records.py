@@ -31,6 +31,12 @@ class TileRef:
     acquired: str | None = None  # RFC 3339, from the announcement or the granule name
     sensor: str | None = None
     attributes: tuple[tuple[str, str], ...] = ()  # carried to output rows
+    band_message_ids: tuple[str, ...] = ()  # a granule: every band file's message
+
+    @property
+    def message_ids(self) -> tuple[str, ...]:
+        """Every Pub/Sub message this tile answers (the books count messages, not tiles)."""
+        return self.band_message_ids or ((self.message_id,) if self.message_id else ())
 
     @property
     def key(self) -> str:
@@ -113,9 +119,19 @@ class ChipPrediction:
     scored_at: float
 
 
+DEAD_LETTER = "dead_letter"
+FILTERED = "filtered"
+DUPLICATE = "duplicate"
+
+
 @dataclass(frozen=True)
 class DeadLetter:
-    """Anything the stream could not use, with why; written to BigQuery and GCS."""
+    """A message or piece the stream did not score, with why.
+
+    ``disposition`` ``dead_letter`` is an error (BigQuery ``dead_letters`` and JSON lines on GCS);
+    ``filtered`` (not for this stream) and ``duplicate`` (already taken) are set aside on purpose
+    and land in the ``events`` table, so every message in leaves a queryable trace.
+    """
 
     stage: str
     reason: str
@@ -123,3 +139,4 @@ class DeadLetter:
     tile_id: str = ""
     payload: str = ""  # excerpt of the offending input
     time: float = 0.0
+    disposition: str = DEAD_LETTER

@@ -48,6 +48,8 @@ _PROVENANCE = [
     _field("source", "STRING", "REQUIRED", "gcs | announcement | granule | file"),
     _field("source_uris", "STRING", "REPEATED"),
     _field("message_id", "STRING"),
+    _field("source_message_ids", "STRING", "REPEATED",
+           "every Pub/Sub message this tile answers (all band files of a granule)"),
     _field("sensor", "STRING"),
     _field("attributes", "RECORD", "REPEATED", "announcement attributes", _ATTRIBUTE_FIELDS),
     _field("model_name", "STRING", "REQUIRED"),
@@ -106,21 +108,35 @@ ERROR_SCHEMA = {
     ]
 }
 
-SCHEMAS = {"chips": CHIP_SCHEMA, "tiles": TILE_SCHEMA, "dead_letters": ERROR_SCHEMA}
-_PARTITION_FIELD = {"chips": "event_time", "tiles": "event_time", "dead_letters": "time"}
+EVENT_SCHEMA = {
+    "fields": [
+        _field("disposition", "STRING", "REQUIRED", "filtered | duplicate"),
+        _field("stage", "STRING", "REQUIRED"),
+        _field("reason", "STRING", "REQUIRED"),
+        _field("message_id", "STRING"),
+        _field("tile_id", "STRING"),
+        _field("time", "TIMESTAMP", "REQUIRED"),
+    ]
+}
+
+SCHEMAS = {"chips": CHIP_SCHEMA, "tiles": TILE_SCHEMA, "dead_letters": ERROR_SCHEMA,
+           "events": EVENT_SCHEMA}
+_PARTITION_FIELD = {"chips": "event_time", "tiles": "event_time", "dead_letters": "time",
+                    "events": "time"}
 
 
 @dataclass(frozen=True)
 class BigQueryTables:
-    """Fully qualified ``project:dataset.table`` names of the three tables."""
+    """Fully qualified ``project:dataset.table`` names of the stream's tables."""
 
     chips: str
     tiles: str
     errors: str
+    events: str
 
     @classmethod
     def in_dataset(cls, dataset: str, project: str | None = None) -> BigQueryTables:
-        """Tables ``chips``, ``tiles`` and ``dead_letters`` in ``[project:]dataset``."""
+        """Tables ``chips``, ``tiles``, ``dead_letters`` and ``events`` in ``[project:]dataset``."""
         if ":" not in dataset:
             if "." in dataset:
                 dataset = dataset.replace(".", ":", 1)
@@ -128,13 +144,14 @@ class BigQueryTables:
                 dataset = f"{project}:{dataset}"
             else:
                 raise ValueError(f"dataset '{dataset}' needs a project (--project)")
-        return cls(f"{dataset}.chips", f"{dataset}.tiles", f"{dataset}.dead_letters")
+        return cls(f"{dataset}.chips", f"{dataset}.tiles", f"{dataset}.dead_letters",
+                   f"{dataset}.events")
 
 
 def table_parameters(kind: str) -> dict:
     """Partitioning and clustering, as Beam passes them to tables.insert."""
     params = {"timePartitioning": {"type": "DAY", "field": _PARTITION_FIELD[kind]}}
-    if kind != "dead_letters":
+    if kind in ("chips", "tiles"):
         params["clustering"] = {"fields": ["tile_id", "model_version"]}
     return params
 
@@ -187,6 +204,7 @@ def provenance(tile: TileRef, model_name: str, model_version: str) -> dict:
         "source": tile.source,
         "source_uris": list(tile.band_uris),
         "message_id": tile.message_id or None,
+        "source_message_ids": list(tile.message_ids),
         "sensor": tile.sensor,
         "attributes": [{"key": k, "value": v} for k, v in tile.attributes],
         "model_name": model_name,

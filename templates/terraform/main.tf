@@ -166,6 +166,17 @@ resource "google_bigquery_table" "dead_letters" {
   }
 }
 
+resource "google_bigquery_table" "events" {
+  dataset_id          = google_bigquery_dataset.tilestream.dataset_id
+  table_id            = "events"
+  schema              = file("${path.module}/../bigquery/events.json")
+  deletion_protection = true
+  time_partitioning {
+    type  = "DAY"
+    field = "time"
+  }
+}
+
 # --- artifact registry ------------------------------------------------------------------------
 
 resource "google_artifact_registry_repository" "images" {

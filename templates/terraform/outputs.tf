@@ -10,6 +10,11 @@ output "tiles_bucket" {
   value = google_storage_bucket.tiles.name
 }
 
+output "input_buckets" {
+  description = "The stream's input allow-list: where the bucket notification points."
+  value       = "gs://${google_storage_bucket.tiles.name}/${var.input_prefix}"
+}
+
 output "output_prefix" {
   value = "gs://${google_storage_bucket.tiles.name}/${var.output_prefix}"
 }
