@@ -1,8 +1,8 @@
 """``tilestream``: the one command line of the project.
 
 Verbs: run (the stream), announce (publish tiles), demo, local (the emulator stack), smoke
-(checks the stack with a minimal stream), check (a worker image before launch), schemas
-(BigQuery JSON), model (train, distill, evaluate, export).
+(checks the stack with a minimal stream), check (a worker image before launch), stats (the
+books), schemas (BigQuery JSON), model (train, distill, evaluate, export).
 """
 
 from __future__ import annotations
@@ -150,6 +150,25 @@ def cmd_check(args) -> int:
     return 0 if report["ok"] else 1
 
 
+def cmd_stats(args) -> int:
+    from pipeline import stats
+
+    if args.local:
+        stack = local_stack.load(args.stack_dir)
+        bq, dataset = stack.bigquery(), args.dataset or f"{stack.project}.{stack.dataset}"
+    elif not args.dataset:
+        return _fail("stats", "--dataset project.dataset is required without --local")
+    else:
+        from google.cloud import bigquery
+
+        bq, dataset = bigquery.Client(), args.dataset.replace(":", ".", 1)
+    report = stats.books(bq, dataset, args.hours)
+    if args.local:
+        report["pubsub_dead_letter_topic"] = stats.pubsub_dead_letters(stack)
+    print(json.dumps(report, indent=2, sort_keys=True, default=str))
+    return 0
+
+
 def cmd_schemas(args) -> int:
     from transforms.sinks import write_schema_files
 
@@ -213,6 +232,14 @@ def parser() -> argparse.ArgumentParser:
     check.add_argument("--model_uri", default=None, help="model directory (default: shipped)")
     check.add_argument("--device", default="GPU", choices=["CPU", "GPU"])
     check.set_defaults(func=cmd_check)
+
+    stat = verbs.add_parser("stats", help="the books for a window: messages in = scored + "
+                            "dead-lettered + filtered + duplicates, tiles, chips, reasons")
+    stat.add_argument("--local", action="store_true", help="read the local stack's dataset")
+    _stack_arg(stat)
+    stat.add_argument("--dataset", help="project.dataset (default: the local stack's)")
+    stat.add_argument("--hours", type=float, default=24.0, help="window, hours back from now")
+    stat.set_defaults(func=cmd_stats)
 
     schemas = verbs.add_parser("schemas", help="write the BigQuery table schemas as JSON")
     schemas.add_argument("directory", nargs="?", default="templates/bigquery")

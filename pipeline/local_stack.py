@@ -77,6 +77,11 @@ class LocalStack:
     def dead_letter_topic_path(self) -> str:
         return f"projects/{self.project}/topics/{self.dead_letter_topic}"
 
+    @property
+    def dead_letter_subscription_path(self) -> str:
+        """Where messages Pub/Sub gave up on wait to be read (``tilestream stats`` reports them)."""
+        return f"projects/{self.project}/subscriptions/{self.dead_letter_topic}-sub"
+
     def env(self) -> dict[str, str]:
         """Environment that points Google clients, Beam and GDAL at this stack."""
         return {
@@ -338,6 +343,12 @@ def ensure_resources(stack: LocalStack) -> None:
                 },
             }
         )
+    except AlreadyExists:
+        pass
+    try:  # without a subscriber, the dead-letter topic would swallow what it is given
+        subscriber.create_subscription(request={"name": stack.dead_letter_subscription_path,
+                                                "topic": stack.dead_letter_topic_path,
+                                                "ack_deadline_seconds": 10})
     except AlreadyExists:
         pass
     try:

@@ -46,6 +46,7 @@ class Job:
     tables: BigQueryTables
     streaming: bool
     allow: InputAllowList
+    stack: local_stack.LocalStack | None = None  # the emulators, with --local
 
 
 def runner_name(options: PipelineOptions) -> str:
@@ -60,6 +61,7 @@ def configure(argv: list[str] | None) -> Job:
     standard = options.view_as(StandardOptions)
     gcp = options.view_as(GoogleCloudOptions)
     standard.runner = runner_name(options)
+    stack = None
     if o.local:
         if standard.runner not in local_adapter.LOCAL_RUNNERS:
             raise ConfigError(
@@ -91,7 +93,7 @@ def configure(argv: list[str] | None) -> Job:
 
     load_checked(card)
     tables = BigQueryTables.in_dataset(o.bq_dataset, gcp.project)
-    return Job(options, card, tables, streaming, input_allow_list(o))
+    return Job(options, card, tables, streaming, input_allow_list(o), stack)
 
 
 def input_allow_list(o: TileStreamOptions) -> InputAllowList:
@@ -220,6 +222,13 @@ def run(argv: list[str] | None = None) -> int:
     job = configure(argv)
     o = job.options.view_as(TileStreamOptions)
     LOG.info("model %s from %s; tables %s", job.card.model_id, o.model_uri, job.tables)
+    if job.stack is not None and job.streaming:
+        from pipeline import local_journal
+
+        replayed = local_journal.replay_unfinished(job.stack, job.tables)
+        if replayed["replayed"]:
+            LOG.warning("journal: %s", replayed)
+        local_journal.install(job.stack)
     result = build_pipeline(job).run()
     if runner_name(job.options) not in local_adapter.LOCAL_RUNNERS:
         job_id = getattr(result, "job_id", lambda: None)()

@@ -123,7 +123,7 @@ def run(stack, model_uri, tmp_path_factory):
             time.sleep(3)
             tiles_done = _query(stack, f"SELECT tile_id FROM `{stack.dataset}.tiles`")
             letters = _query(stack, f"SELECT stage FROM `{stack.dataset}.dead_letters`")
-            if len(tiles_done) >= 3 and len(letters) >= 4:
+            if len(tiles_done) >= 3 and len(letters) >= 5:
                 break
         time.sleep(3)  # let the last chip rows' inserts land
     finally:
@@ -224,8 +224,10 @@ def test_bad_input_is_dead_lettered_with_a_reason(stack, run):
     assert "bands lacks" in reasons["parse"] and "'blue'" in reasons["parse"]
     [missing] = by_stage["chips"]
     assert missing["tile_id"] == "missing" and "incoming/missing.tif" in missing["reason"]
-    [granule] = by_stage["granules"]
-    assert granule["tile_id"] == BROKEN_GRANULE and "missing bands" in granule["reason"]
+    granules = by_stage["granules"]  # one letter per band message of the broken granule
+    assert len(granules) == 2 and len({g["message_id"] for g in granules}) == 2
+    assert all(g["tile_id"] == BROKEN_GRANULE and "missing bands" in g["reason"]
+               for g in granules)
     assert all(x["message_id"] for x in letters)
     files = [b for b in stack.storage().list_blobs(stack.bucket,
                                                    prefix="tilestream/dead_letters/")
@@ -251,10 +253,21 @@ def test_counts_add_up(stack, run):
     assert run["scenario"].published == 16
     scored = {t["tile_id"] for t in tiles_out}
     assert scored == {"olinda", "olinda-4326", GRANULE}
-    assert sorted(x["stage"] for x in letters) == ["chips", "granules", "parse", "parse"]
-    [expired] = [x for x in letters if x["stage"] == "granules"]
-    assert expired["payload"].count("incoming/") == 2  # both bands of the broken granule
+    assert sorted(x["stage"] for x in letters) == ["chips", "granules", "granules", "parse",
+                                                   "parse"]
+    expired = [x for x in letters if x["stage"] == "granules"]
+    assert all(x["payload"].count("incoming/") == 2 for x in expired)  # both bands named
     assert not any("notes" in (x["payload"] or "") for x in letters)  # filtered, not an error
+    # Filtered and duplicate messages leave a queryable trace, one event per message.
+    events = _query(stack, f"SELECT disposition, stage, reason FROM `{stack.dataset}.events`")
+    assert sorted((e["disposition"], e["reason"].split()[0]) for e in events) == [
+        ("duplicate", "tile"), ("filtered", "event_type"), ("filtered", "not_a_raster")]
+    # Every message is in exactly one place: 3 tiles (one of them 6 band messages), 2 events
+    # plus 1 duplicate, 5 dead letters (2 parse, 1 missing object, 2 broken-granule bands).
+    scored_ids = _query(stack, f"SELECT m FROM `{stack.dataset}.tiles`, "
+                               "UNNEST(source_message_ids) AS m")
+    assert len(scored_ids) == 2 + 6
+    assert len(scored_ids) + len(events) + len(letters) == run["scenario"].published
     # Chips: every chip of every tile is scored, skipped or failed; scored ones have a row.
     rows_per_tile = {c["tile_id"]: c["n"] for c in chips_out}
     for tile in tiles_out:
@@ -283,7 +296,7 @@ def test_consumer_queries_answer_from_the_stream_outputs(stack, run):
     by_stage: dict[str, int] = {}
     for r in run_query(bq, "dead_letters_by_stage", dataset, days=1):
         by_stage[r["stage"]] = by_stage.get(r["stage"], 0) + r["letters"]
-    assert by_stage == {"parse": 2, "chips": 1, "granules": 1}
+    assert by_stage == {"parse": 2, "chips": 1, "granules": 2}
 
 
 def test_backfill_over_a_glob_scores_the_same_tiles_bounded(stack, model_uri, tmp_path):

@@ -253,6 +253,10 @@ class _AssembleTileFn(beam.DoFn):
             return
         self.write_ms.update(int((time.perf_counter() - started) * 1000))
         (self.written if complete else self.partial).inc()
+        if manifest.failures:  # beside the row, so a restart never sees one without the other
+            yield dead_letter("chips", manifest.failures[:2000],
+                              message_id=manifest.tile.message_id,
+                              tile_id=manifest.tile.tile_id)
         yield row
 
     def _tile_row(self, manifest: TileManifest, held: list[ChipPrediction], n_failed: int,

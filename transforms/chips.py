@@ -413,11 +413,6 @@ class ChipTileFn(beam.DoFn):
                     pixels=pixels,
                 )
         total = len(rows) * len(cols)
-        if unreadable:
-            yield dead_letter(STAGE, f"{len(unreadable)} of {len(rows)} strips of "
-                                     f"{', '.join(tile.band_uris)} unreadable ({failed} of "
-                                     f"{total} chips failed): " + "; ".join(unreadable),
-                              message_id=tile.message_id, tile_id=tile.tile_id)
         self.tiles.inc()
         self.total.inc(total)
         self.skipped.inc(skipped)
@@ -437,6 +432,9 @@ class ChipTileFn(beam.DoFn):
                 chips_skipped=skipped,
                 chips_failed=failed,
                 chipped_at=time.time(),
+                failures=(f"{len(unreadable)} of {len(rows)} strips of "
+                          f"{', '.join(tile.band_uris)} unreadable ({failed} of {total} chips "
+                          "failed): " + "; ".join(unreadable)) if unreadable else "",
             ),
         )
 

@@ -73,6 +73,7 @@ class TileManifest:
     chips_skipped: int  # under the valid-pixel threshold
     chips_failed: int  # strips that could not be read (dead-lettered)
     chipped_at: float
+    failures: str = ""  # why strips failed; dead-lettered by assembly beside the tile row
 
     @property
     def chips_expected(self) -> int:

@@ -1,0 +1,165 @@
+"""Local mode only: a journal that makes a killed in-process stream lose nothing.
+
+Beam's in-process runner acknowledges Pub/Sub messages as soon as it has pulled them; on Dataflow
+the service acknowledges only after the work is durably committed. To give the local default the
+same guarantee, every pulled message is appended (and fsynced) to a journal in the stack's run
+directory *before* it is acknowledged. When the stream starts again, the journal is reconciled
+with the books in BigQuery: a message is finished when it is in a tile row
+(``source_message_ids``), the ``events`` table or the ``dead_letters`` table. Unfinished messages
+have their partial chip rows deleted and are published again, so each tile ends up scored exactly
+once: one tile row, one chip row per chip, one COG (same path, rewritten).
+
+Nothing here is used on Dataflow: ``pipeline.main`` installs it only with ``--local``.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.local_stack import LocalStack
+from transforms.sinks import BigQueryTables
+
+LOG = logging.getLogger(__name__)
+JOURNAL_FILE = "journal/messages.jsonl"
+REPLAY_ATTRIBUTE = "tilestream_replay_of"
+PULL_LIMIT_BYTES = 64 << 20  # gRPC's 4 MB default would fail a pull of a few large messages
+
+
+def journal_path(stack: LocalStack) -> Path:
+    return Path(stack.run_dir) / JOURNAL_FILE
+
+
+@dataclass(frozen=True)
+class JournalEntry:
+    message_id: str
+    data: bytes
+    attributes: dict[str, str]
+
+
+class _JournalingSubscriber:
+    """A SubscriberClient whose ``pull`` journals what it received before anyone can ack it."""
+
+    def __init__(self, client, path: Path):
+        self._client = client
+        self._path = path
+        self._lock = threading.Lock()
+        path.parent.mkdir(parents=True, exist_ok=True)
+
+    def pull(self, *args, **kwargs):
+        response = self._client.pull(*args, **kwargs)
+        if response.received_messages:
+            lines = [json.dumps({"id": rm.message.message_id,
+                                 "data": base64.b64encode(rm.message.data).decode(),
+                                 "attributes": dict(rm.message.attributes)})
+                     for rm in response.received_messages]
+            with self._lock, open(self._path, "a") as out:
+                out.write("\n".join(lines) + "\n")
+                out.flush()
+                os.fsync(out.fileno())
+        return response
+
+    def __getattr__(self, name):
+        return getattr(self._client, name)
+
+
+def install(stack: LocalStack) -> None:
+    """Route the in-process runner's Pub/Sub reads through a journaling, large-message client."""
+    import grpc
+    from apache_beam.runners.direct import transform_evaluator as te
+    from google.cloud import pubsub
+    from google.pubsub_v1.services.subscriber.transports.grpc import SubscriberGrpcTransport
+
+    path = journal_path(stack)
+
+    def client_state(cls, transform):
+        state = cls._subscriber_client_cache.get(transform)
+        if state is None:
+            channel = grpc.insecure_channel(
+                stack.pubsub_host, options=[("grpc.max_receive_message_length",
+                                             PULL_LIMIT_BYTES)])
+            client = pubsub.SubscriberClient(transport=SubscriberGrpcTransport(channel=channel))
+            state = te._PubSubSubscriberClient(_JournalingSubscriber(client, path))
+            cls._subscriber_client_cache[transform] = state
+        return state
+
+    te._PubSubReadEvaluator._get_subscriber_client_state_unlocked = classmethod(client_state)
+
+
+def read(stack: LocalStack) -> list[JournalEntry]:
+    path = journal_path(stack)
+    if not path.exists():
+        return []
+    entries: dict[str, JournalEntry] = {}
+    for line in path.read_text().splitlines():
+        try:
+            raw = json.loads(line)
+            entries[raw["id"]] = JournalEntry(raw["id"], base64.b64decode(raw["data"]),
+                                              dict(raw["attributes"]))
+        except (ValueError, KeyError, TypeError):
+            LOG.warning("skipping a torn journal line (the stream died while writing it)")
+    return list(entries.values())
+
+
+def finished(stack: LocalStack, tables: BigQueryTables, ids: list[str]) -> set[str]:
+    """Which of ``ids`` the books already account for (tile row, event or dead letter)."""
+    from google.api_core.exceptions import NotFound
+    from google.cloud import bigquery
+
+    bq = stack.bigquery()
+    config = bigquery.QueryJobConfig(
+        query_parameters=[bigquery.ArrayQueryParameter("ids", "STRING", ids)])
+    queries = [
+        f"SELECT DISTINCT m AS id FROM `{_sql(tables.tiles)}`, UNNEST(source_message_ids) AS m "
+        "WHERE m IN UNNEST(@ids)",
+        f"SELECT DISTINCT message_id AS id FROM `{_sql(tables.events)}` "
+        "WHERE message_id IN UNNEST(@ids)",
+        f"SELECT DISTINCT message_id AS id FROM `{_sql(tables.errors)}` "
+        "WHERE message_id IN UNNEST(@ids)",
+    ]
+    done: set[str] = set()
+    for sql in queries:
+        try:
+            done |= {row["id"] for row in bq.query(sql, job_config=config).result()}
+        except NotFound:  # the table is created by the first row written to it
+            continue
+    return done
+
+
+def replay_unfinished(stack: LocalStack, tables: BigQueryTables) -> dict[str, int]:
+    """Reconcile the journal with the books; publish unfinished messages again. Returns counts."""
+    from google.api_core.exceptions import NotFound
+    from google.cloud import bigquery
+
+    entries = read(stack)
+    if not entries:
+        return {"journalled": 0, "replayed": 0}
+    done = finished(stack, tables, [e.message_id for e in entries])
+    pending = [e for e in entries if e.message_id not in done]
+    if pending:
+        ids = [e.message_id for e in pending]
+        try:
+            stack.bigquery().query(
+                f"DELETE FROM `{_sql(tables.chips)}` WHERE message_id IN UNNEST(@ids)",
+                job_config=bigquery.QueryJobConfig(query_parameters=[
+                    bigquery.ArrayQueryParameter("ids", "STRING", ids)])).result()
+        except NotFound:
+            pass
+        publisher = stack.publisher()
+        for entry in pending:
+            attributes = {**entry.attributes, REPLAY_ATTRIBUTE: entry.message_id}
+            publisher.publish(stack.topic_path, entry.data, **attributes).result(timeout=30)
+        LOG.warning("replayed %d unfinished messages from the journal of a stopped stream",
+                    len(pending))
+    journal_path(stack).unlink(missing_ok=True)
+    return {"journalled": len(entries), "replayed": len(pending)}
+
+
+def _sql(table: str) -> str:
+    """``project:dataset.table`` -> ``project.dataset.table`` for standard SQL."""
+    return table.replace(":", ".", 1)
