@@ -53,4 +53,6 @@ def load_checked(card: ModelCard, device: torch.device | str = "cpu") -> torch.n
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip() or type(exc).__name__
     lines = [line for line in text.splitlines() if line.strip()]
-    return f"{type(exc).__name__}: {lines[-1] if len(lines) > 1 else lines[0]}"
+    last = lines[-1] if len(lines) > 1 else lines[0]
+    name = type(exc).__name__
+    return last if last.startswith(name) else f"{name}: {last}"

@@ -18,6 +18,7 @@ import base64
 import json
 import logging
 import os
+import re
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,13 +27,15 @@ from pipeline.local_stack import LocalStack
 from transforms.sinks import BigQueryTables
 
 LOG = logging.getLogger(__name__)
-JOURNAL_FILE = "journal/messages.jsonl"
+JOURNAL_DIR = "journal"
 REPLAY_ATTRIBUTE = "tilestream_replay_of"
 PULL_LIMIT_BYTES = 64 << 20  # gRPC's 4 MB default would fail a pull of a few large messages
 
 
-def journal_path(stack: LocalStack) -> Path:
-    return Path(stack.run_dir) / JOURNAL_FILE
+def journal_path(stack: LocalStack, subscription: str, tables: BigQueryTables) -> Path:
+    """One journal per (subscription, dataset): each is reconciled with its own books."""
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{subscription}__{tables.tiles.rsplit('.', 1)[0]}")
+    return Path(stack.run_dir) / JOURNAL_DIR / f"{name}.jsonl"
 
 
 @dataclass(frozen=True)
@@ -68,14 +71,14 @@ class _JournalingSubscriber:
         return getattr(self._client, name)
 
 
-def install(stack: LocalStack) -> None:
+def install(stack: LocalStack, subscription: str, tables: BigQueryTables) -> None:
     """Route the in-process runner's Pub/Sub reads through a journaling, large-message client."""
     import grpc
     from apache_beam.runners.direct import transform_evaluator as te
     from google.cloud import pubsub
     from google.pubsub_v1.services.subscriber.transports.grpc import SubscriberGrpcTransport
 
-    path = journal_path(stack)
+    path = journal_path(stack, subscription, tables)
 
     def client_state(cls, transform):
         state = cls._subscriber_client_cache.get(transform)
@@ -91,8 +94,7 @@ def install(stack: LocalStack) -> None:
     te._PubSubReadEvaluator._get_subscriber_client_state_unlocked = classmethod(client_state)
 
 
-def read(stack: LocalStack) -> list[JournalEntry]:
-    path = journal_path(stack)
+def read(path: Path) -> list[JournalEntry]:
     if not path.exists():
         return []
     entries: dict[str, JournalEntry] = {}
@@ -131,12 +133,14 @@ def finished(stack: LocalStack, tables: BigQueryTables, ids: list[str]) -> set[s
     return done
 
 
-def replay_unfinished(stack: LocalStack, tables: BigQueryTables) -> dict[str, int]:
+def replay_unfinished(stack: LocalStack, subscription: str,
+                      tables: BigQueryTables) -> dict[str, int]:
     """Reconcile the journal with the books; publish unfinished messages again. Returns counts."""
     from google.api_core.exceptions import NotFound
     from google.cloud import bigquery
 
-    entries = read(stack)
+    path = journal_path(stack, subscription, tables)
+    entries = read(path)
     if not entries:
         return {"journalled": 0, "replayed": 0}
     done = finished(stack, tables, [e.message_id for e in entries])
@@ -151,12 +155,13 @@ def replay_unfinished(stack: LocalStack, tables: BigQueryTables) -> dict[str, in
         except NotFound:
             pass
         publisher = stack.publisher()
+        topic = stack.subscriber().get_subscription(subscription=subscription).topic
         for entry in pending:
             attributes = {**entry.attributes, REPLAY_ATTRIBUTE: entry.message_id}
-            publisher.publish(stack.topic_path, entry.data, **attributes).result(timeout=30)
+            publisher.publish(topic, entry.data, **attributes).result(timeout=30)
         LOG.warning("replayed %d unfinished messages from the journal of a stopped stream",
                     len(pending))
-    journal_path(stack).unlink(missing_ok=True)
+    path.unlink(missing_ok=True)
     return {"journalled": len(entries), "replayed": len(pending)}
 
 

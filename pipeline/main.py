@@ -225,10 +225,10 @@ def run(argv: list[str] | None = None) -> int:
     if job.stack is not None and job.streaming:
         from pipeline import local_journal
 
-        replayed = local_journal.replay_unfinished(job.stack, job.tables)
+        replayed = local_journal.replay_unfinished(job.stack, o.subscription, job.tables)
         if replayed["replayed"]:
             LOG.warning("journal: %s", replayed)
-        local_journal.install(job.stack)
+        local_journal.install(job.stack, o.subscription, job.tables)
     result = build_pipeline(job).run()
     if runner_name(job.options) not in local_adapter.LOCAL_RUNNERS:
         job_id = getattr(result, "job_id", lambda: None)()

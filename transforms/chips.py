@@ -15,6 +15,7 @@ tile's dead letter.
 
 from __future__ import annotations
 
+import functools
 import math
 import random
 import re
@@ -101,6 +102,36 @@ class CircuitBreaker:
         if failures >= self.threshold:
             pause = min(self.max_cooldown, self.cooldown * 2 ** (failures - self.threshold))
             self._open_until[bucket] = time.monotonic() + pause
+
+
+@functools.lru_cache(maxsize=1)
+def _gdal_library():
+    """The GDAL shared library rasterio runs on (its wheel bundles one), for cache control."""
+    import ctypes
+    import ctypes.util
+    import glob
+    import os
+
+    import rasterio
+
+    bundled = glob.glob(os.path.join(os.path.dirname(rasterio.__file__), os.pardir,
+                                     "rasterio.libs", "libgdal*"))
+    path = bundled[0] if bundled else ctypes.util.find_library("gdal")
+    return ctypes.CDLL(path) if path else None
+
+
+def forget_cached_reads(uris: tuple[str, ...]) -> None:
+    """Make GDAL forget what it cached about these objects (a failed answer included).
+
+    GDAL remembers a failed request for an object, so without this a retry never reaches the
+    server again and a transient error becomes permanent.
+    """
+    gdal = _gdal_library()
+    if gdal is None:
+        return
+    for uri in uris:
+        if uri.startswith("gs://"):
+            gdal.VSICurlPartialClearCache(("/vsigs/" + uri[len("gs://"):]).encode())
 
 
 def bucket_of(uri: str) -> str:
@@ -263,6 +294,8 @@ def _open(uri: str):
         if "not recognized as being in a supported file format" in str(exc):
             raise Refused(f"{uri} is not a GeoTIFF (only GeoTIFF/COG is read; VRT and other "
                           "formats are refused)") from exc
+        if re.search(r"HTTP response code: 404|No such file", str(exc)):
+            raise Refused(f"{uri} does not exist") from exc
         raise
 
 
@@ -321,10 +354,14 @@ class ChipTileFn(beam.DoFn):
                 sources = self._with_retries(tile, deadline,
                                              lambda: _Sources(tile, self._s, stack))
                 scale, offset = self._s.radiometry(tile)
-                preview = self._with_retries(tile, deadline, sources.preview)
-                check_radiometry(preview, sources.invalid(preview), self._s.card, scale, offset,
-                                 self._s.max_out_of_range, ", ".join(tile.band_uris))
-                yield from self._chip(tile, sources, deadline, scale, offset)
+                try:
+                    preview = self._with_retries(tile, deadline, sources.preview)
+                except Exception:  # a damaged file: its strips are checked one by one instead
+                    preview = None
+                if preview is not None:
+                    self._check_radiometry(tile, preview, sources.invalid(preview), scale, offset)
+                yield from self._chip(tile, sources, deadline, scale, offset,
+                                      checked=preview is not None)
         except Exception as exc:  # the stage boundary: one tile, one letter
             reason = describe(exc)
             if not isinstance(exc, Refused):
@@ -348,17 +385,23 @@ class ChipTileFn(beam.DoFn):
                 delay = min(8.0, 0.25 * 2 ** attempt) * random.uniform(0.5, 1.5)
                 if time.monotonic() + delay > deadline:
                     raise TransientReadError(
-                        f"{describe(exc)} (still failing after {attempt} attempts over "
+                        f"{describe(exc)} (still failing after {attempt} attempt(s) over "
                         f"{self._s.read_budget_secs:.0f}s; bucket {bucket} "
                         f"{'paused' if self._breaker.is_open(bucket) else 'flaky'})") from exc
                 self.retries.inc()
                 time.sleep(delay)
+                forget_cached_reads(tile.band_uris)
                 continue
             self._breaker.success(bucket)
             return result
 
+    def _check_radiometry(self, tile: TileRef, values: np.ndarray, invalid: np.ndarray,
+                          scale: float, offset: float) -> None:
+        check_radiometry(values, invalid, self._s.card, scale, offset, self._s.max_out_of_range,
+                         ", ".join(tile.band_uris))
+
     def _chip(self, tile: TileRef, src: _Sources, deadline: float, scale: float,
-              offset: float) -> Iterator:
+              offset: float, checked: bool) -> Iterator:
         from rasterio.windows import transform as window_transform
 
         size, stride = self._s.chip_size, self._s.stride
@@ -381,6 +424,9 @@ class ChipTileFn(beam.DoFn):
                 continue
             self.strip_ms.update(int((time.perf_counter() - started) * 1000))
             invalid_strip = src.invalid(strip)
+            if not checked and not invalid_strip.all():  # no preview: the first strip decides
+                self._check_radiometry(tile, strip, invalid_strip, scale, offset)
+                checked = True
             for col_number, col in enumerate(cols):
                 index = row_number * len(cols) + col_number
                 width = min(size, src.width - col)

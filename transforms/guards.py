@@ -152,9 +152,15 @@ def describe(exc: BaseException) -> str:
         return "input nested too deeply to parse"
     if isinstance(exc, UnicodeDecodeError):
         return f"not valid UTF-8 (byte {exc.start})"
-    text = str(exc).strip()
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    detail = lines[-1] if lines else ""
+    messages = []
+    link: BaseException | None = exc
+    while link is not None and len(messages) < 4:  # GDAL's own cause sits deeper in the chain
+        text = " ".join(line.strip() for line in str(link).splitlines()[-1:] if line.strip())
+        if text and "see previous exception" not in text.lower() and not any(
+                text in m for m in messages):
+            messages.append(text)
+        link = link.__cause__ or link.__context__
+    detail = "; ".join(messages)
     if len(detail) > 400:
         detail = detail[:400] + "…"
     return f"{type(exc).__name__}: {detail}" if detail else type(exc).__name__
