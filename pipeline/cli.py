@@ -1,8 +1,9 @@
 """``tilestream``: the one command line of the project.
 
 Verbs: run (the stream), announce (publish tiles), demo, local (the emulator stack), smoke
-(checks the stack with a minimal stream), check (a worker image before launch), schemas
-(BigQuery JSON), model (train, distill, evaluate, export).
+(checks the stack with a minimal stream), check (a worker image before launch), stac (a static
+STAC catalog of the predictions), status (the local stream at a glance), schemas (BigQuery
+JSON), model (train, distill, evaluate, export).
 """
 
 from __future__ import annotations
@@ -46,25 +47,102 @@ def cmd_local(args) -> int:
     return 0 if all(health.values()) else 1
 
 
-def cmd_run(args, rest: list[str]) -> int:
-    from model.card import CardError
-    from pipeline import main
+class _RunHelpFormatter(argparse.ArgumentDefaultsHelpFormatter,
+                        argparse.RawDescriptionHelpFormatter):
+    """Every option with its default; the model summary below keeps its lines."""
 
-    if "-h" in rest or "--help" in rest:
-        from pipeline.options import TileStreamOptions
+
+def _card_summary(rest: list[str]) -> str:
+    """The bands and classes of the model ``--model_uri`` names (or the shipped one), for help."""
+    from model.card import CARD_FILE, card_from_dict
+    from pipeline.options import DEFAULT_MODEL_URI
+
+    model_uri = DEFAULT_MODEL_URI
+    for i, arg in enumerate(rest):
+        if arg.startswith("--model_uri="):
+            model_uri = arg.split("=", 1)[1]
+        elif arg == "--model_uri" and i + 1 < len(rest):
+            model_uri = rest[i + 1]
+    if "://" in model_uri:
+        return f"model {model_uri}: its card is read when the stream starts"
+    try:
+        with open(f"{model_uri.rstrip('/')}/{CARD_FILE}") as f:
+            card = card_from_dict(json.load(f), model_uri)
+    except (OSError, ValueError) as exc:
+        return f"model {model_uri}: no readable model card ({exc})"
+    return (f"model {card.model_id} ({model_uri})\n  bands, in order: "
+            f"{', '.join(card.input.bands)}\n  classes: "
+            f"{', '.join(f'{c.id}={c.name}' for c in card.classes)}\n  chips: "
+            f"{card.input.chip_size} px, stride {card.input.stride}")
+
+
+def cmd_run(args, rest: list[str]) -> int:
+    if "-h" in rest or "--help" in rest:  # answered without importing Beam or torch
+        from pipeline.options import TileStreamArguments
 
         usage = argparse.ArgumentParser(
             prog="tilestream run", description="Run the stream. Any Beam PipelineOptions flag "
-            "(--runner, --project, --region, --temp_location, ...) is accepted too.")
-        TileStreamOptions._add_argparse_args(usage)
+            "(--runner, --project, --region, --temp_location, ...) is accepted too.",
+            formatter_class=_RunHelpFormatter,
+            epilog=_card_summary(rest))
+        TileStreamArguments._add_argparse_args(usage)
         usage.print_help()
         return 0
+    from model.card import CardError
+    from pipeline import main
+
+    _record_local_stream(rest)
     try:
         code = main.run(rest)
     except (main.ConfigError, CardError, local_stack.StackError) as exc:
         return _fail("run", str(exc))
     main.exit_now(code)
     return code
+
+
+def _record_local_stream(rest: list[str]) -> None:
+    """A local stream leaves its PID in the stack's run directory for ``tilestream status``."""
+    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    parser.add_argument("--local", action="store_true")
+    parser.add_argument("--stack_dir", default=None)
+    known, _ = parser.parse_known_args(rest)
+    if known.local:
+        try:
+            from pipeline.status import record_stream
+
+            record_stream(local_stack.load(known.stack_dir))
+        except local_stack.StackError:
+            pass  # main.run says what is missing
+
+
+def cmd_stac(args) -> int:
+    from pipeline import stac_catalog
+
+    if args.local:
+        stack = local_stack.load(args.stack_dir)
+        bigquery, storage = stack.bigquery(), stack.storage()
+        dataset = args.bq_dataset or f"{stack.project}.{stack.dataset}"
+    elif not args.bq_dataset:
+        return _fail("stac", "--bq_dataset is required without --local")
+    else:
+        from google.cloud import bigquery as bq
+        from google.cloud import storage as gcs
+
+        bigquery, storage, dataset = bq.Client(), gcs.Client(), args.bq_dataset
+    try:
+        summary = stac_catalog.run(args.out, bigquery, storage, dataset)
+    except stac_catalog.StacValidationError as exc:
+        return _fail("stac", str(exc))
+    print(json.dumps(summary, sort_keys=True))
+    return 0
+
+
+def cmd_status(args) -> int:
+    from pipeline.status import report
+
+    result = report(local_stack.load(args.stack_dir), args.dataset, args.hours)
+    print(json.dumps(result, indent=2, sort_keys=True, default=str))
+    return 0 if all(result["stack"].values()) else 1
 
 
 def cmd_announce(args) -> int:
@@ -213,6 +291,26 @@ def parser() -> argparse.ArgumentParser:
     check.add_argument("--model_uri", default=None, help="model directory (default: shipped)")
     check.add_argument("--device", default="GPU", choices=["CPU", "GPU"])
     check.set_defaults(func=cmd_check)
+
+    stac = verbs.add_parser("stac", help="write a static STAC catalog (one collection per "
+                            "model version) of the prediction COGs in the tiles table")
+    stac.add_argument("--out", required=True, metavar="DIR_OR_GS_PREFIX",
+                      help="local directory or gs:// prefix for catalog.json and the rest")
+    stac.add_argument("--local", action="store_true", help="read the local stack's tables")
+    _stack_arg(stac)
+    stac.add_argument("--bq_dataset", default=None,
+                      help="project.dataset holding the tiles table (default with --local: "
+                      "the stack's)")
+    stac.set_defaults(func=cmd_stac)
+
+    status = verbs.add_parser("status", help="the local stream: running or not, subscription "
+                              "backlog, last tile scored, recent dead letters")
+    _stack_arg(status)
+    status.add_argument("--dataset", default=None, help="dataset of the stream's tables "
+                        "(default: the stack's)")
+    status.add_argument("--hours", type=float, default=1.0,
+                        help="window for counting dead letters (hours)")
+    status.set_defaults(func=cmd_status)
 
     schemas = verbs.add_parser("schemas", help="write the BigQuery table schemas as JSON")
     schemas.add_argument("directory", nargs="?", default="templates/bigquery")

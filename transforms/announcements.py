@@ -25,7 +25,9 @@ from dataclasses import dataclass, field
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
+from transforms import stac
 from transforms.deadletter import DEAD_LETTER_TAG, dead_letter
+from transforms.presets import unmapped_band_hint
 from transforms.records import BandObject, TileRef
 
 ANNOUNCEMENT_SCHEMA = "tilestream.announcement/v1"
@@ -118,6 +120,9 @@ def route_object(
     if granule:
         granule_id, band = granule
         if band not in bands:
+            hint = unmapped_band_hint(posixpath.basename(uri), rule.pattern, bands)  # presets
+            if hint:
+                raise AnnouncementError(hint)
             return "band_not_used"
         return BandObject(granule_id, band, uri, generation, event_time, published, message_id)
     return TileRef(
@@ -228,6 +233,11 @@ class _ParseFn(beam.DoFn):
             ) from exc
         if not isinstance(payload, dict):
             raise AnnouncementError("announcement must be a JSON object")
+        if stac.is_stac_item(payload):  # a STAC Item (transforms/stac.py)
+            tile = stac.item_tile(payload, self._bands, self._rule.aliases, published, message_id,
+                                  attributes.get("eventTime"))
+            yield from self._emit(tile, tile.event_time)
+            return
         tile = announcement_tile(payload, self._bands, published, message_id,
                                  attributes.get("eventTime"))
         yield from self._emit(tile, tile.event_time)
@@ -272,8 +282,12 @@ class _FileFn(_ParseFn):
     def process(self, metadata):
         self.messages.inc()
         mtime = metadata.last_updated_in_seconds or time.time()
-        routed = route_object(metadata.path, str(int(mtime * 1e6)), mtime, time.time(), "",
-                              self._rule, self._bands, "file")
+        try:
+            routed = route_object(metadata.path, str(int(mtime * 1e6)), mtime, time.time(), "",
+                                  self._rule, self._bands, "file")
+        except AnnouncementError as exc:  # e.g. a band token no alias maps (presets hint)
+            yield dead_letter(STAGE, str(exc), payload=metadata.path)
+            return
         yield from self._emit(routed, mtime)
 
 

@@ -32,7 +32,7 @@ from apache_beam.transforms.userstate import (
 )
 
 from model.card import ModelCard, join_uri
-from transforms import timeouts
+from transforms import stac, timeouts
 from transforms.chips import chip_starts, footprint_wkt
 from transforms.deadletter import DEAD_LETTER_TAG, dead_letter
 from transforms.records import KEYED, NODATA_CLASS, Chip, ChipPrediction, TileManifest
@@ -223,7 +223,7 @@ class _AssembleTileFn(beam.DoFn):
         from affine import Affine
 
         transform, crs = Affine(*manifest.transform), rasterio.crs.CRS.from_wkt(manifest.crs_wkt)
-        yield tile_row(
+        row = tile_row(
             manifest,
             complete=complete,
             chips_scored=len(held),
@@ -238,6 +238,13 @@ class _AssembleTileFn(beam.DoFn):
             model_version=self._card.version,
             completed_at=time.time(),
         )
+        # STAC out: the prediction's STAC Item beside the COG (transforms/stac.py).
+        row["stac_uri"], problem = stac.write_prediction_item(row, manifest, self._card,
+                                                              self._confidence)
+        if problem:
+            yield dead_letter(STAGE, problem, message_id=manifest.tile.message_id,
+                              tile_id=manifest.tile.tile_id)
+        yield row
 
 
 @beam.typehints.with_output_types(KEYED)

@@ -19,6 +19,7 @@ from apache_beam.transforms.userstate import BagStateSpec, ReadModifyWriteStateS
 from transforms import timeouts
 from transforms.announcements import content_generation
 from transforms.deadletter import DEAD_LETTER_TAG, dead_letter
+from transforms.presets import acquired_from_name
 from transforms.records import KEYED, BandObject, TileRef
 
 STAGE = "granules"
@@ -78,6 +79,7 @@ class _AssembleGranuleFn(beam.DoFn):
                     published=max(b.published for b in chosen),
                     message_id=band.message_id,
                     source="granule",
+                    acquired=acquired_from_name(granule_id),
                 ),
                 event_time,
             )
