@@ -140,7 +140,8 @@ def cmd_stac(args) -> int:
 def cmd_status(args) -> int:
     from pipeline.status import report
 
-    result = report(local_stack.load(args.stack_dir), args.dataset, args.hours)
+    result = report(local_stack.load(args.stack_dir), args.dataset, args.hours,
+                    args.subscription)
     print(json.dumps(result, indent=2, sort_keys=True, default=str))
     return 0 if all(result["stack"].values()) else 1
 
@@ -308,6 +309,8 @@ def parser() -> argparse.ArgumentParser:
     _stack_arg(status)
     status.add_argument("--dataset", default=None, help="dataset of the stream's tables "
                         "(default: the stack's)")
+    status.add_argument("--subscription", default=None, help="subscription whose backlog to "
+                        "count (default: the stack's)")
     status.add_argument("--hours", type=float, default=1.0,
                         help="window for counting dead letters (hours)")
     status.set_defaults(func=cmd_status)

@@ -36,7 +36,8 @@ def stream_pid(stack: local_stack.LocalStack) -> int | None:
     return pid if b"run" in cmdline and b"--local" in cmdline else None
 
 
-def peek_backlog(stack: local_stack.LocalStack, limit: int = PEEK_MAX) -> int:
+def peek_backlog(stack: local_stack.LocalStack, subscription: str,
+                 limit: int = PEEK_MAX) -> int:
     """Messages waiting on the subscription (up to ``limit``), handed back at once.
 
     The emulator has no backlog metric, so this pulls without acknowledging and returns every
@@ -46,7 +47,7 @@ def peek_backlog(stack: local_stack.LocalStack, limit: int = PEEK_MAX) -> int:
     seen: set[str] = set()
     ack_ids: list[str] = []
     while len(seen) < limit:
-        response = subscriber.pull(subscription=stack.subscription_path,
+        response = subscriber.pull(subscription=subscription,
                                    max_messages=min(100, limit - len(seen)),
                                    return_immediately=True, timeout=10)
         fresh = [m for m in response.received_messages if m.message.message_id not in seen]
@@ -55,7 +56,7 @@ def peek_backlog(stack: local_stack.LocalStack, limit: int = PEEK_MAX) -> int:
         seen.update(m.message.message_id for m in fresh)
         ack_ids += [m.ack_id for m in response.received_messages]
     if ack_ids:
-        subscriber.modify_ack_deadline(subscription=stack.subscription_path, ack_ids=ack_ids,
+        subscriber.modify_ack_deadline(subscription=subscription, ack_ids=ack_ids,
                                        ack_deadline_seconds=0)
     return len(seen)
 
@@ -71,12 +72,15 @@ def _rows(bigquery, sql: str, params: list | None = None) -> list[dict[str, Any]
         return []
 
 
-def report(stack: local_stack.LocalStack, dataset: str | None = None,
-           hours: float = 1.0) -> dict[str, Any]:
+def report(stack: local_stack.LocalStack, dataset: str | None = None, hours: float = 1.0,
+           subscription: str | None = None) -> dict[str, Any]:
     """The status as a dict: stack health, stream, backlog, last tile, recent dead letters."""
     from google.cloud import bigquery as bq
 
     dataset = dataset or stack.dataset
+    subscription = subscription or stack.subscription_path
+    if "/" not in subscription:
+        subscription = f"projects/{stack.project}/subscriptions/{subscription}"
     health = local_stack.status(stack)
     pid = stream_pid(stack)
     result: dict[str, Any] = {"stack": health, "stream_running": pid is not None,
@@ -84,7 +88,7 @@ def report(stack: local_stack.LocalStack, dataset: str | None = None,
     if not all(health.values()):
         return result
     result["backlog"] = (
-        "pulled by the running stream" if pid is not None else peek_backlog(stack))
+        "pulled by the running stream" if pid is not None else peek_backlog(stack, subscription))
     client = stack.bigquery()
     last = _rows(client, f"SELECT tile_id, tile_generation, completed_at, complete, "
                          f"chips_scored, raster_uri, stac_uri FROM `{dataset}.tiles` "

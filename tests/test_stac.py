@@ -303,6 +303,17 @@ def test_landsat_band_file_under_the_default_aliases_is_reported_at_once_with_a_
     assert (band.granule_id, band.band) == ("LE07_L2SP_217065_20010715_20200917_02_T1", "blue")
 
 
+def test_a_band_file_of_another_product_is_not_read_as_a_whole_tile():
+    from pipeline import announce
+
+    name = "s2/T17SLU_20240419T160001_B8A_20m.tif"  # the default pattern does not match it
+    _, _, [letter] = parse([message(*announce.gcs_notification("b", name, 1))])
+    assert "is a sentinel2-l2a band file (band token B8A)" in letter.reason
+    assert "--band_preset sentinel2-l2a reads it as a band of its granule" in letter.reason
+    _, [band], _ = parse([message(*announce.gcs_notification("b", name, 1))], "sentinel2-l2a")
+    assert (band.granule_id, band.band) == ("T17SLU_20240419T160001", "nir")
+
+
 def test_unused_bands_of_the_right_product_are_filtered_without_a_word():
     from pipeline import announce
 

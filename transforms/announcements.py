@@ -27,7 +27,7 @@ from apache_beam.metrics import Metrics
 
 from transforms import stac
 from transforms.deadletter import DEAD_LETTER_TAG, dead_letter
-from transforms.presets import unmapped_band_hint
+from transforms.presets import band_file_hint
 from transforms.records import BandObject, TileRef
 
 ANNOUNCEMENT_SCHEMA = "tilestream.announcement/v1"
@@ -120,11 +120,14 @@ def route_object(
     if granule:
         granule_id, band = granule
         if band not in bands:
-            hint = unmapped_band_hint(posixpath.basename(uri), rule.pattern, bands)  # presets
+            hint = band_file_hint(posixpath.basename(uri), rule.pattern, bands)  # presets
             if hint:
                 raise AnnouncementError(hint)
             return "band_not_used"
         return BandObject(granule_id, band, uri, generation, event_time, published, message_id)
+    hint = band_file_hint(posixpath.basename(uri), rule.pattern, bands)  # presets
+    if hint:  # another product's band file, not a whole tile
+        raise AnnouncementError(hint)
     return TileRef(
         tile_id=tile_id_of(uri),
         band_uris=(uri,),

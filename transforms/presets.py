@@ -166,24 +166,36 @@ def acquired_from_name(name: str) -> str | None:
     return None
 
 
-def unmapped_band_hint(file_name: str, pattern: str, card_bands: Sequence[str]) -> str | None:
-    """Why a band file that maps to no model band deserves a report, or None to filter it.
+def band_file_hint(file_name: str, pattern: str, card_bands: Sequence[str]) -> str | None:
+    """Why a band file the stream would misread deserves a report at once, or None.
 
-    Products name their bands differently (HLS L30's B05 is NIR, S30's B05 red-edge); a token
-    that the stream's aliases leave unmapped but some preset maps to a model band almost always
-    means a wrong or missing ``--band_preset``. Bands a matching product has but the model does
-    not use (HLS B01, Fmask) are filtered without a word.
+    Two mistakes are caught when the file arrives rather than as a granule timeout later:
+
+    - its token is one the stream's aliases map to no model band while a preset would (HLS L30's
+      B05 is NIR, S30's red-edge; a Landsat ``SR_B1`` under the HLS default);
+    - the stream's granule pattern does not match it, so it would be chipped as a whole
+      one-band tile, while it is a band file of a known product.
+
+    Bands a matching product has but the model does not use (HLS B01, Fmask) give None: they are
+    filtered without a word.
     """
     found = re.match(pattern, file_name, re.IGNORECASE)
-    if not found:
-        return None
-    token = found.group("band").upper()
     products = [p for p in PRESETS.values() if re.search(p.product, file_name)]
-    candidates = [p for p in (products or PRESETS.values())
-                  if p.aliases.get(token) in card_bands]
-    if not candidates:
-        return None
-    would = "; ".join(f"--band_preset {p.name} maps {token} to {p.aliases[token]}"
-                      for p in candidates)
-    return (f"band file {file_name} has band token {token}, which the stream's band aliases map "
-            f"to no model band ({', '.join(card_bands)}): {would}")
+    if found:
+        token = found.group("band").upper()
+        candidates = [p for p in (products or PRESETS.values())
+                      if p.aliases.get(token) in card_bands]
+        if not candidates:
+            return None
+        would = "; ".join(f"--band_preset {p.name} maps {token} to {p.aliases[token]}"
+                          for p in candidates)
+        return (f"band file {file_name} has band token {token}, which the stream's band "
+                f"aliases map to no model band ({', '.join(card_bands)}): {would}")
+    for product in products:
+        own = re.match(product.granule_pattern, file_name, re.IGNORECASE)
+        if own and product.aliases.get(own.group("band").upper()) in card_bands:
+            return (f"band file {file_name} is a {product.name} band file (band token "
+                    f"{own.group('band')}) that the stream's granule pattern does not match, so "
+                    f"it would be read as a whole one-band tile: --band_preset {product.name} "
+                    "reads it as a band of its granule")
+    return None
