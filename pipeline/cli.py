@@ -151,6 +151,8 @@ def cmd_announce(args) -> int:
 
     from pipeline import announce
 
+    if args.stac:
+        return _announce_stac(args)
     if args.json and (not args.tile_id or not args.acquired):
         return _fail("announce", "--json needs --tile_id and --acquired")
     if args.json and (bool(args.band) == bool(args.paths) or len(args.paths) > 1):
@@ -190,6 +192,37 @@ def cmd_announce(args) -> int:
         bands=bands or None, sensor=args.sensor,
         attributes=dict(a.split("=", 1) for a in args.attr))
     print(announce.publish(publisher, topic, data, attributes))
+    return 0
+
+
+def _announce_stac(args) -> int:
+    """Publish STAC Item files as they are: the stream reads the item itself (docs/stac.md)."""
+    from pipeline import announce
+    from transforms.stac import is_stac_item, rfc3339
+
+    items = []
+    for path in args.stac:
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+            item = json.loads(data)
+        except (OSError, ValueError) as exc:
+            return _fail("announce", f"cannot read {path} as JSON: {exc}")
+        if not is_stac_item(item):
+            return _fail("announce", f"{path} is not a STAC Item (a Feature with stac_version)")
+        items.append((data, item["id"]))
+    if args.local:
+        stack = local_stack.load(args.stack_dir)
+        publisher, topic = stack.publisher(), args.topic or stack.topic_path
+    elif not args.topic:
+        return _fail("announce", "--topic is required without --local")
+    else:
+        from google.cloud import pubsub_v1
+
+        publisher, topic = pubsub_v1.PublisherClient(), args.topic
+    for data, item_id in items:
+        attributes = {"eventTime": rfc3339(time.time())}
+        print(f"{announce.publish(publisher, topic, data, attributes)} {item_id}")
     return 0
 
 
@@ -268,6 +301,9 @@ def parser() -> argparse.ArgumentParser:
                      help="one band file of a JSON announcement; repeat per band")
     ann.add_argument("--attr", action="append", default=[], metavar="KEY=VALUE",
                      help="extra attribute carried to the output rows (JSON)")
+    ann.add_argument("--stac", action="append", default=[], metavar="ITEM.json",
+                     help="publish a STAC Item file as it is (its assets must be gs:// "
+                     "objects); repeat per item")
     ann.set_defaults(func=cmd_announce)
 
     demo = verbs.add_parser("demo", help="local stack up, score the sample tile, print SQL "

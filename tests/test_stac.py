@@ -466,3 +466,13 @@ def test_run_help_lists_defaults_presets_and_the_card_without_importing_beam_or_
     assert "(default: 0.05)" in out and "(default: 32)" in out
     assert "bands, in order: blue, green, red, nir, swir1, swir2" in out
     assert "classes: 0=developed, 1=agriculture" in out
+
+
+def test_announce_refuses_a_file_that_is_not_a_stac_item(tmp_path):
+    feature = tmp_path / "feature.json"
+    feature.write_text(json.dumps({"type": "Feature", "geometry": None, "properties": {}}))
+    done = subprocess.run([sys.executable, "-m", "pipeline.cli", "announce",
+                           "--topic=projects/p/topics/t", f"--stac={feature}"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert "is not a STAC Item (a Feature with stac_version)" in done.stderr

@@ -131,7 +131,10 @@ def run(stack, model_uri, tmp_path_factory):
             stdout=log, stderr=subprocess.STDOUT)
     status_running = None
     try:
-        publish(json.dumps(olinda).encode(), {"eventTime": "2026-11-29T09:00:00Z"})
+        (work / "olinda.json").write_text(json.dumps(olinda))
+        announced = tilestream("announce", "--local", f"--stack_dir={stack.run_dir}",
+                               f"--topic={topic}", f"--stac={work / 'olinda.json'}")
+        assert announced.returncode == 0, announced.stderr
         publish(json.dumps(hls).encode())
         for object_uri, generation in landsat_objects:
             publish(*announce.gcs_notification(bucket, object_uri.split("/", 3)[3], generation))
@@ -265,6 +268,14 @@ def test_static_catalog_from_the_tiles_table_is_valid_and_points_at_the_cogs(sta
     assert sorted(i["assets"]["prediction"]["href"] for i in items) == sorted(
         r["raster_uri"] for r in rows)
     assert collection["extent"]["temporal"]["interval"][0][0].startswith("2001-07-15")
+    on_gcs = tilestream("stac", "--local", f"--stack_dir={stack.run_dir}",
+                        f"--bq_dataset={stack.project}.{run['name']}",
+                        f"--out={run['prefix']}/catalog")
+    assert on_gcs.returncode == 0, on_gcs.stderr[-3000:]
+    assert json.loads(on_gcs.stdout)["catalog"] == f"{run['prefix']}/catalog/catalog.json"
+    written = {b.name for b in stack.storage().list_blobs(
+        stack.bucket, prefix=f"{run['name']}/out/catalog/")}
+    assert len(written) == 1 + 1 + 3  # catalog, collection, items
 
 
 def test_status_reports_the_running_stream_its_last_tile_and_dead_letters(stack, run):
