@@ -119,7 +119,10 @@ def cmd_stac(args) -> int:
     from pipeline import stac_catalog
 
     if args.local:
-        stack = local_stack.load(args.stack_dir)
+        try:
+            stack = local_stack.load(args.stack_dir)
+        except local_stack.StackError as exc:
+            return _fail("stac", str(exc))
         bigquery, storage = stack.bigquery(), stack.storage()
         dataset = args.bq_dataset or f"{stack.project}.{stack.dataset}"
     elif not args.bq_dataset:
@@ -140,8 +143,11 @@ def cmd_stac(args) -> int:
 def cmd_status(args) -> int:
     from pipeline.status import report
 
-    result = report(local_stack.load(args.stack_dir), args.dataset, args.hours,
-                    args.subscription)
+    try:
+        stack = local_stack.load(args.stack_dir)
+    except local_stack.StackError as exc:
+        return _fail("status", str(exc))
+    result = report(stack, args.dataset, args.hours, args.subscription)
     print(json.dumps(result, indent=2, sort_keys=True, default=str))
     return 0 if all(result["stack"].values()) else 1
 

@@ -207,6 +207,21 @@ def test_relative_asset_hrefs_resolve_against_a_gs_self_link():
     assert letters == [] and tile.band_uris[0] == f"{BUCKET}/catalog/s2/B02.tif"
 
 
+def test_a_relative_href_cannot_leave_the_items_bucket():
+    item = sentinel2_item()
+    item["links"] = [{"rel": "self", "href": f"{BUCKET}/catalog/item.json"}]
+    item["assets"]["red"]["href"] = "../../other-bucket/B04.tif"
+    _, _, [letter] = parse([message(item)])
+    assert "relative href ../../other-bucket/B04.tif that leaves its item's bucket" in (
+        letter.reason)
+
+
+def test_status_without_a_stack_says_so(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "pipeline.cli", "status",
+                           f"--stack_dir={tmp_path}"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "no local stack recorded" in done.stderr
+
+
 def _without_datetime(item):
     item["properties"]["datetime"] = None
     return item

@@ -122,7 +122,8 @@ def _is_raster(asset: Mapping) -> bool:
 
 
 def _self_href(item: Mapping) -> str | None:
-    for link in item.get("links") or ():
+    links = item.get("links")
+    for link in links if isinstance(links, list) else ():
         if isinstance(link, Mapping) and link.get("rel") == "self" and isinstance(
                 link.get("href"), str):
             return link["href"]
@@ -133,8 +134,12 @@ def _gs_href(key: str, href: object, item_id: str, base: str | None) -> str:
     if not isinstance(href, str) or not href or len(href) > MAX_HREF or re.search(r"\s", href):
         raise StacItemError(f"asset '{key}' of STAC item {item_id} has no usable href")
     if "://" not in href and not href.startswith("/") and base and base.startswith("gs://"):
-        href = posixpath.normpath(posixpath.join(posixpath.dirname(base[5:]), href))
-        href = "gs://" + href
+        bucket = base[5:].split("/", 1)[0]
+        resolved = posixpath.normpath(posixpath.join(posixpath.dirname(base[5:]), href))
+        if resolved.split("/", 1)[0] != bucket or "/" not in resolved:
+            raise StacItemError(f"asset '{key}' of STAC item {item_id} has a relative href "
+                                f"{href[:200]} that leaves its item's bucket gs://{bucket}")
+        href = "gs://" + resolved
     if not href.startswith("gs://") or len(href) <= 5 or href[5] == "/":
         raise StacItemError(f"asset '{key}' of STAC item {item_id} is at {href[:200]}, not a gs:// "
                             "object; TileStream reads only gs:// objects in its input buckets")
@@ -202,8 +207,7 @@ def _preset_hint(assets: Mapping, missing: Sequence[str]) -> str:
 def item_tile(item: Mapping, bands: Sequence[str], aliases: Mapping[str, str], published: float,
               message_id: str, event_time_attr: str | None = None) -> TileRef:
     """Validate a STAC Item and build its TileRef: band URIs in card order, provenance kept."""
-    tile_id = safe_tile_id(item.get("id"))
-    item_id = tile_id
+    tile_id = item_id = safe_tile_id(item.get("id"))
     properties = item.get("properties")
     if not isinstance(properties, Mapping):
         raise StacItemError(f"STAC item {item_id} has no properties object")
