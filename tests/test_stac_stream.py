@@ -1,11 +1,11 @@
 """STAC in and out and the band presets, end to end on the local stack.
 
 One stream (a child process, ``--band_preset landsat7-c2``) on its own topic, subscription,
-dataset and output prefix scores: a STAC Item announcing the real Olinda tile, an HLS S30-shaped
-STAC Item whose per-band assets are objects on the stack, and a Landsat 7 Collection 2 granule
-delivered as per-band files; bad items and a band file of another product are dead-lettered.
-Then ``tilestream stac`` builds a catalog from the tiles table and ``tilestream status`` reports
-on the stream.
+dataset and output prefix scores: a STAC Item announcing the real Olinda tile, HLS S30, HLS L30
+and Sentinel-2 L2A-shaped STAC Items whose per-band assets are objects on the stack, and a
+Landsat 7 Collection 2 granule delivered as per-band files; bad items and a band file of another
+product are dead-lettered. Then ``tilestream stac`` builds a catalog from the tiles table and
+``tilestream status`` reports on the stream.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from google.api_core.exceptions import NotFound
 from pipeline import announce, stac_catalog
 from pipeline.demo import SAMPLE_TILE
 from tests import tiles
-from tests.test_stac import hls_s30_item, landsat_c2_item
+from tests.test_stac import hls_l30_item, hls_s30_item, landsat_c2_item, sentinel2_item
 
 pytestmark = [pytest.mark.stack, pytest.mark.slow]
 
@@ -33,6 +33,8 @@ MIN_VALID = 0.05
 LANDSAT = "LE07_L2SP_217065_20010715_20200917_02_T1"
 LANDSAT_TOKENS = ("SR_B1", "SR_B2", "SR_B3", "SR_B4", "SR_B5", "SR_B7")
 HLS = "HLS.S30.T25MBM.2001196T123000.v2.0"
+HLS_L30 = "HLS.L30.T25MBM.2001196T121500.v2.0"
+S2 = "S2B_25MBM_20010715_0_L2A"
 
 
 def _query(stack, sql: str) -> list[dict]:
@@ -100,6 +102,24 @@ def run(stack, model_uri, tmp_path_factory):
         hls["assets"][token]["href"] = upload(path, f"{name}/hls/{path.name}")[0]
     for key in ("B01", "B05", "B08", "Fmask"):
         del hls["assets"][key]
+    band_uris = {band: hls["assets"][token]["href"]
+                 for band, token in zip(tiles.BANDS, tiles.HLS_TOKENS, strict=True)}
+    # The same band objects behind a Sentinel-2 L2A (Earth Search) and an HLS L30 item, with
+    # decoys where the wrong band would be taken: broad NIR (S2), thermal B10/B11 (L30).
+    s2 = sentinel2_item()
+    s2["id"] = S2
+    s2_keys = {"blue": "blue", "green": "green", "red": "red", "nir": "nir08",
+               "swir1": "swir16", "swir2": "swir22"}
+    s2["assets"] = {k: v for k, v in s2["assets"].items()
+                    if k in (*s2_keys.values(), "nir", "visual", "thumbnail")}
+    for band, key in s2_keys.items():
+        s2["assets"][key]["href"] = band_uris[band]
+    s2["assets"]["nir"]["href"] = band_uris["red"]
+    l30 = hls_l30_item()
+    l30["id"] = HLS_L30
+    l30_keys = dict(zip(tiles.BANDS, ("B02", "B03", "B04", "B05", "B06", "B07"), strict=True))
+    l30["assets"] = {key: {"href": band_uris[band]} for band, key in l30_keys.items()}
+    l30["assets"] |= {"B10": {"href": band_uris["blue"]}, "B11": {"href": band_uris["blue"]}}
     # C: a Landsat 7 C2 granule as per-band files (and its thermal band, which is not used).
     landsat_crop = tiles.crop(work / "landsat.tif", 100, 100, 120, 140)
     landsat_objects = [upload(p, f"{name}/landsat/{p.name}")
@@ -135,7 +155,8 @@ def run(stack, model_uri, tmp_path_factory):
         announced = tilestream("announce", "--local", f"--stack_dir={stack.run_dir}",
                                f"--topic={topic}", f"--stac={work / 'olinda.json'}")
         assert announced.returncode == 0, announced.stderr
-        publish(json.dumps(hls).encode())
+        for item in (hls, s2, l30):
+            publish(json.dumps(item).encode())
         for object_uri, generation in landsat_objects:
             publish(*announce.gcs_notification(bucket, object_uri.split("/", 3)[3], generation))
         for bad in (no_datetime, outside, unmatched):
@@ -148,7 +169,7 @@ def run(stack, model_uri, tmp_path_factory):
             time.sleep(3)
             done = _query(stack, f"SELECT tile_id FROM `{name}.tiles`")
             letters = _query(stack, f"SELECT stage FROM `{name}.dead_letters`")
-            if len(done) >= 3 and len(letters) >= 4:
+            if len(done) >= 5 and len(letters) >= 4:
                 break
         time.sleep(3)  # the last chip rows' inserts
         status_running = tilestream("status", f"--stack_dir={stack.run_dir}",
@@ -158,8 +179,8 @@ def run(stack, model_uri, tmp_path_factory):
         code = child.wait(timeout=60)
     log_text = log_path.read_text(errors="replace")
     assert code == 0, f"stream exited {code}:\n{log_text[-4000:]}"
-    assert len(done) >= 3, f"tiles: {done}\n{log_text[-4000:]}"
-    return {"name": name, "prefix": prefix, "work": work, "topic": topic,
+    assert len(done) >= 5, f"tiles: {done}\n{log_text[-4000:]}"
+    return {"name": name, "prefix": prefix, "work": work, "topic": topic, "bands": band_uris,
             "subscription": subscription, "olinda_item": olinda, "crop": crop,
             "landsat_crop": landsat_crop, "status_running": status_running, "log": log_text}
 
@@ -214,6 +235,16 @@ def test_hls_shaped_item_with_per_band_assets_is_scored_in_card_band_order(stack
     assert (row["chips_total"], row["chips_scored"]) == (total, kept)
 
 
+@pytest.mark.parametrize("tile_id", [S2, HLS_L30])
+def test_sentinel2_and_hls_l30_shaped_items_take_the_right_bands(stack, run, tile_id):
+    """Narrow NIR over broad (S2), and L30's own keys, not its thermal B10/B11."""
+    row = tile_row(stack, run, tile_id)
+    assert (row["source"], row["complete"]) == ("stac", True)
+    assert row["source_uris"] == [run["bands"][b] for b in tiles.BANDS]
+    _, kept = tiles.expected_chips(run["crop"], 64, 48, MIN_VALID)
+    assert row["chips_scored"] == kept
+
+
 def test_landsat_granule_with_its_preset_is_scored_with_the_acquisition_date(stack, run):
     row = tile_row(stack, run, LANDSAT)
     assert (row["source"], row["complete"]) == ("granule", True)
@@ -253,7 +284,7 @@ def test_static_catalog_from_the_tiles_table_is_valid_and_points_at_the_cogs(sta
                       f"--bq_dataset={stack.project}.{run['name']}", f"--out={tmp_path}/cat")
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads(done.stdout)
-    assert summary["collections"] == ["landcover-student-1"] and summary["items"] == 3
+    assert summary["collections"] == ["landcover-student-1"] and summary["items"] == 5
     assert summary["skipped"] == []
     root = tmp_path / "cat"
     catalog = json.loads((root / "catalog.json").read_text())
@@ -275,7 +306,7 @@ def test_static_catalog_from_the_tiles_table_is_valid_and_points_at_the_cogs(sta
     assert json.loads(on_gcs.stdout)["catalog"] == f"{run['prefix']}/catalog/catalog.json"
     written = {b.name for b in stack.storage().list_blobs(
         stack.bucket, prefix=f"{run['name']}/out/catalog/")}
-    assert len(written) == 1 + 1 + 3  # catalog, collection, items
+    assert len(written) == 1 + 1 + 5  # catalog, collection, items
 
 
 def test_status_reports_the_running_stream_its_last_tile_and_dead_letters(stack, run):
@@ -283,7 +314,7 @@ def test_status_reports_the_running_stream_its_last_tile_and_dead_letters(stack,
     assert done.returncode == 0, done.stderr[-2000:]
     status = json.loads(done.stdout)
     assert status["stream_running"] is True and all(status["stack"].values())
-    assert status["last_tile"]["tile_id"] in {"olinda_STAC_1", HLS, LANDSAT}
+    assert status["last_tile"]["tile_id"] in {"olinda_STAC_1", HLS, HLS_L30, S2, LANDSAT}
     assert status["dead_letters_last_1h"] == {"parse": 4}
 
 
