@@ -441,8 +441,10 @@ def test_static_catalog_has_one_collection_per_model_version_with_relative_links
     rows = [tile_row(), tile_row(completed_at="2026-11-29T08:00:00+00:00"),  # an older repeat
             tile_row(tile_id="recife", raster_uri="gs://out/p/recife/3.tif", tile_generation="3"),
             tile_row(model_version="2", raster_uri="gs://out/p2/olinda/17.tif"),
-            tile_row(tile_id="lost", raster_uri="gs://out/p/lost/1.tif")]
-    items = {stac.item_uri(r["raster_uri"]): output_item(r) for r in rows[:4]}
+            tile_row(tile_id="lost", raster_uri="gs://out/p/lost/1.tif"),
+            tile_row(tile_id="broken", raster_uri="gs://out/p/broken/1.tif")]
+    items = {stac.item_uri(r["raster_uri"]): output_item(r) for r in rows[:4] + rows[5:]}
+    del items["gs://out/p/broken/1.json"]["properties"]["datetime"]
 
     def read_json(uri):
         if uri not in items:
@@ -454,7 +456,9 @@ def test_static_catalog_has_one_collection_per_model_version_with_relative_links
         "catalog.json", "landcover-student-1/collection.json",
         "landcover-student-1/items/olinda_17.json", "landcover-student-1/items/recife_3.json",
         "landcover-student-2/collection.json", "landcover-student-2/items/olinda_17.json"]
-    assert [s["tile_id"] for s in skipped] == ["lost"]
+    assert [s["tile_id"] for s in skipped] == ["broken", "lost"]
+    assert "'datetime' is a required property" in skipped[0]["reason"]
+    assert skipped[1]["reason"] == "No such object: gs://out/p/lost/1.json"
     collection = files["landcover-student-1/collection.json"]
     assert [link["href"] for link in collection["links"] if link["rel"] == "item"] == [
         "./items/olinda_17.json", "./items/recife_3.json"]

@@ -333,3 +333,14 @@ def test_status_counts_the_backlog_of_a_stopped_stream_and_leaves_it_there(stack
         status = json.loads(done.stdout)
         assert status["stream_running"] is False
         assert status["backlog"] == 3  # the first peek handed every message back
+
+
+def test_catalog_of_a_dataset_without_tiles_is_empty_not_an_error(stack, tmp_path):
+    empty = f"empty_{uuid.uuid4().hex[:6]}"
+    stack.bigquery().create_dataset(empty)
+    done = tilestream("stac", "--local", f"--stack_dir={stack.run_dir}",
+                      f"--bq_dataset={stack.project}.{empty}", f"--out={tmp_path}/cat")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(done.stdout)["items"] == 0
+    catalog = json.loads((tmp_path / "cat" / "catalog.json").read_text())
+    assert stac_catalog.validation_errors(catalog) == []
