@@ -15,7 +15,7 @@ from __future__ import annotations
 import datetime as dt
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 # The stream's defaults (HLS S30 / Sentinel-2 tokens); transforms/announcements.py holds the same
 # strings and a test keeps them equal.
@@ -44,7 +44,6 @@ class Preset:
     granule_pattern: str
     aliases: Mapping[str, str]  # upper-case file/asset token -> card band
     acquired: str  # regex with named groups: (year, doy, time) or (date)
-    unused: frozenset[str] = field(default_factory=frozenset)  # tokens the product has, unused
 
     def acquired_from(self, name: str) -> str | None:
         """RFC 3339 acquisition time from a granule id or file name of this product, or None."""
@@ -88,31 +87,23 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
     Preset("hls-s30", "HLS v2 Sentinel-2 (S30): HLS.S30.T17SLU.2024110T160000.v2.0.B04.tif",
            r"^HLS\.S30\.", _HLS_PATTERN,
            {"B02": "blue", "B03": "green", "B04": "red", "B8A": "nir", "B11": "swir1",
-            "B12": "swir2"}, _HLS_ACQUIRED,
-           frozenset({"B01", "B05", "B06", "B07", "B08", "B09", "B10", "FMASK", "SAA", "SZA",
-                      "VAA", "VZA"})),
+            "B12": "swir2"}, _HLS_ACQUIRED),
     Preset("hls-l30", "HLS v2 Landsat (L30): HLS.L30.T17SLU.2024110T155000.v2.0.B05.tif",
            r"^HLS\.L30\.", _HLS_PATTERN,
            {"B02": "blue", "B03": "green", "B04": "red", "B05": "nir", "B06": "swir1",
-            "B07": "swir2"}, _HLS_ACQUIRED,
-           frozenset({"B01", "B09", "B10", "B11", "FMASK", "SAA", "SZA", "VAA", "VZA"})),
+            "B07": "swir2"}, _HLS_ACQUIRED),
     Preset("landsat7-c2", "Landsat 7 ETM+ Collection 2 Level-2: LE07_L2SP_217065_20010715_"
            "20200917_02_T1_SR_B1.TIF", r"^LE07_", _LANDSAT_PATTERN,
            {"B1": "blue", "B2": "green", "B3": "red", "B4": "nir", "B5": "swir1", "B7": "swir2"},
-           _LANDSAT_ACQUIRED,
-           frozenset({"B6", "QA_PIXEL", "QA_RADSAT", "CLOUD_QA", "ATMOS_OPACITY", "QA", "TRAD",
-                      "URAD", "DRAD", "ATRAN", "EMIS", "EMSD", "CDIST"})),
+           _LANDSAT_ACQUIRED),
     Preset("landsat8-c2", "Landsat 8/9 OLI Collection 2 Level-2: LC08_L2SP_014035_20240419_"
            "20240425_02_T1_SR_B5.TIF", r"^LC0[89]_", _LANDSAT_PATTERN,
            {"B2": "blue", "B3": "green", "B4": "red", "B5": "nir", "B6": "swir1", "B7": "swir2"},
-           _LANDSAT_ACQUIRED,
-           frozenset({"B1", "B10", "QA_PIXEL", "QA_RADSAT", "QA_AEROSOL", "QA", "TRAD", "URAD",
-                      "DRAD", "ATRAN", "EMIS", "EMSD", "CDIST"})),
+           _LANDSAT_ACQUIRED),
     Preset("sentinel2-l2a", "Sentinel-2 L2A per-band GeoTIFFs: T17SLU_20240419T160001_B8A_20m.tif",
            r"(?:^|_)T\d{2}[A-Z]{3}_\d{8}T\d{6}(?:_|$)", _S2_PATTERN,
            {"B02": "blue", "B03": "green", "B04": "red", "B8A": "nir", "B11": "swir1",
-            "B12": "swir2"}, _S2_ACQUIRED,
-           frozenset({"B01", "B05", "B06", "B07", "B08", "B09", "SCL", "AOT", "WVP", "TCI"})),
+            "B12": "swir2"}, _S2_ACQUIRED),
 )}
 
 
