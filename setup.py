@@ -25,6 +25,9 @@ setup(
         # worker image; a pin here would drag a multi-GB CUDA wheel into every install.
         "torch>=2.3",
         "numpy>=1.24",
+        # STAC validation, offline: core schemas from pystac-core, extensions in pipeline/schemas.
+        "pystac-core>=1.15,<2",
+        "jsonschema>=4.18",
     ],
     extras_require={
         "local": ["gcp-storage-emulator==2026.7.19"],

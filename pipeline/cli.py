@@ -2,7 +2,8 @@
 
 Verbs: run (the stream), announce (publish tiles), demo, local (the emulator stack), smoke
 (checks the stack with a minimal stream), check (a worker image before launch), stats (the
-books), schemas (BigQuery JSON), model (train, distill, evaluate, export).
+books), stac (a static STAC catalog of the predictions), status (the local stream at a glance),
+schemas (BigQuery JSON), model (train, distill, evaluate, export).
 """
 
 from __future__ import annotations
@@ -46,19 +47,51 @@ def cmd_local(args) -> int:
     return 0 if all(health.values()) else 1
 
 
-def cmd_run(args, rest: list[str]) -> int:
-    from model.card import CardError
-    from pipeline import main
+class _RunHelpFormatter(argparse.ArgumentDefaultsHelpFormatter,
+                        argparse.RawDescriptionHelpFormatter):
+    """Every option with its default; the model summary below keeps its lines."""
 
-    if "-h" in rest or "--help" in rest:
-        from pipeline.options import TileStreamOptions
+
+def _card_summary(rest: list[str]) -> str:
+    """The bands and classes of the model ``--model_uri`` names (or the shipped one), for help."""
+    from model.card import CARD_FILE, card_from_dict
+    from pipeline.options import DEFAULT_MODEL_URI
+
+    model_uri = DEFAULT_MODEL_URI
+    for i, arg in enumerate(rest):
+        if arg.startswith("--model_uri="):
+            model_uri = arg.split("=", 1)[1]
+        elif arg == "--model_uri" and i + 1 < len(rest):
+            model_uri = rest[i + 1]
+    if "://" in model_uri:
+        return f"model {model_uri}: its card is read when the stream starts"
+    try:
+        with open(f"{model_uri.rstrip('/')}/{CARD_FILE}") as f:
+            card = card_from_dict(json.load(f), model_uri)
+    except (OSError, ValueError) as exc:
+        return f"model {model_uri}: no readable model card ({exc})"
+    return (f"model {card.model_id} ({model_uri})\n  bands, in order: "
+            f"{', '.join(card.input.bands)}\n  classes: "
+            f"{', '.join(f'{c.id}={c.name}' for c in card.classes)}\n  chips: "
+            f"{card.input.chip_size} px, stride {card.input.stride}")
+
+
+def cmd_run(args, rest: list[str]) -> int:
+    if "-h" in rest or "--help" in rest:  # answered without importing Beam or torch
+        from pipeline.options import TileStreamArguments
 
         usage = argparse.ArgumentParser(
             prog="tilestream run", description="Run the stream. Any Beam PipelineOptions flag "
-            "(--runner, --project, --region, --temp_location, ...) is accepted too.")
-        TileStreamOptions._add_argparse_args(usage)
+            "(--runner, --project, --region, --temp_location, ...) is accepted too.",
+            formatter_class=_RunHelpFormatter,
+            epilog=_card_summary(rest))
+        TileStreamArguments._add_argparse_args(usage)
         usage.print_help()
         return 0
+    from model.card import CardError
+    from pipeline import main
+
+    _record_local_stream(rest)
     try:
         code = main.run(rest)
     except (main.ConfigError, CardError, local_stack.StackError) as exc:
@@ -67,11 +100,65 @@ def cmd_run(args, rest: list[str]) -> int:
     return code
 
 
+def _record_local_stream(rest: list[str]) -> None:
+    """A local stream leaves its PID in the stack's run directory for ``tilestream status``."""
+    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    parser.add_argument("--local", action="store_true")
+    parser.add_argument("--stack_dir", default=None)
+    known, _ = parser.parse_known_args(rest)
+    if known.local:
+        try:
+            from pipeline.status import record_stream
+
+            record_stream(local_stack.load(known.stack_dir))
+        except local_stack.StackError:
+            pass  # main.run says what is missing
+
+
+def cmd_stac(args) -> int:
+    from pipeline import stac_catalog
+
+    if args.local:
+        try:
+            stack = local_stack.load(args.stack_dir)
+        except local_stack.StackError as exc:
+            return _fail("stac", str(exc))
+        bigquery, storage = stack.bigquery(), stack.storage()
+        dataset = args.bq_dataset or f"{stack.project}.{stack.dataset}"
+    elif not args.bq_dataset:
+        return _fail("stac", "--bq_dataset is required without --local")
+    else:
+        from google.cloud import bigquery as bq
+        from google.cloud import storage as gcs
+
+        bigquery, storage, dataset = bq.Client(), gcs.Client(), args.bq_dataset
+    try:
+        summary = stac_catalog.run(args.out, bigquery, storage, dataset)
+    except stac_catalog.StacValidationError as exc:
+        return _fail("stac", str(exc))
+    print(json.dumps(summary, sort_keys=True))
+    return 0
+
+
+def cmd_status(args) -> int:
+    from pipeline.status import report
+
+    try:
+        stack = local_stack.load(args.stack_dir)
+    except local_stack.StackError as exc:
+        return _fail("status", str(exc))
+    result = report(stack, args.dataset, args.hours, args.subscription)
+    print(json.dumps(result, indent=2, sort_keys=True, default=str))
+    return 0 if all(result["stack"].values()) else 1
+
+
 def cmd_announce(args) -> int:
     from google.cloud import pubsub_v1, storage
 
     from pipeline import announce
 
+    if args.stac:
+        return _announce_stac(args)
     if args.json and (not args.tile_id or not args.acquired):
         return _fail("announce", "--json needs --tile_id and --acquired")
     if args.json and (bool(args.band) == bool(args.paths) or len(args.paths) > 1):
@@ -111,6 +198,37 @@ def cmd_announce(args) -> int:
         bands=bands or None, sensor=args.sensor,
         attributes=dict(a.split("=", 1) for a in args.attr))
     print(announce.publish(publisher, topic, data, attributes))
+    return 0
+
+
+def _announce_stac(args) -> int:
+    """Publish STAC Item files as they are: the stream reads the item itself (docs/stac.md)."""
+    from pipeline import announce
+    from transforms.stac import is_stac_item, rfc3339
+
+    items = []
+    for path in args.stac:
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+            item = json.loads(data)
+        except (OSError, ValueError) as exc:
+            return _fail("announce", f"cannot read {path} as JSON: {exc}")
+        if not is_stac_item(item):
+            return _fail("announce", f"{path} is not a STAC Item (a Feature with stac_version)")
+        items.append((data, item["id"]))
+    if args.local:
+        stack = local_stack.load(args.stack_dir)
+        publisher, topic = stack.publisher(), args.topic or stack.topic_path
+    elif not args.topic:
+        return _fail("announce", "--topic is required without --local")
+    else:
+        from google.cloud import pubsub_v1
+
+        publisher, topic = pubsub_v1.PublisherClient(), args.topic
+    for data, item_id in items:
+        attributes = {"eventTime": rfc3339(time.time())}
+        print(f"{announce.publish(publisher, topic, data, attributes)} {item_id}")
     return 0
 
 
@@ -208,6 +326,9 @@ def parser() -> argparse.ArgumentParser:
                      help="one band file of a JSON announcement; repeat per band")
     ann.add_argument("--attr", action="append", default=[], metavar="KEY=VALUE",
                      help="extra attribute carried to the output rows (JSON)")
+    ann.add_argument("--stac", action="append", default=[], metavar="ITEM.json",
+                     help="publish a STAC Item file as it is (its assets must be gs:// "
+                     "objects); repeat per item")
     ann.set_defaults(func=cmd_announce)
 
     demo = verbs.add_parser("demo", help="local stack up, score the sample tile, print SQL "
@@ -240,6 +361,28 @@ def parser() -> argparse.ArgumentParser:
     stat.add_argument("--dataset", help="project.dataset (default: the local stack's)")
     stat.add_argument("--hours", type=float, default=24.0, help="window, hours back from now")
     stat.set_defaults(func=cmd_stats)
+
+    stac = verbs.add_parser("stac", help="write a static STAC catalog (one collection per "
+                            "model version) of the prediction COGs in the tiles table")
+    stac.add_argument("--out", required=True, metavar="DIR_OR_GS_PREFIX",
+                      help="local directory or gs:// prefix for catalog.json and the rest")
+    stac.add_argument("--local", action="store_true", help="read the local stack's tables")
+    _stack_arg(stac)
+    stac.add_argument("--bq_dataset", default=None,
+                      help="project.dataset holding the tiles table (default with --local: "
+                      "the stack's)")
+    stac.set_defaults(func=cmd_stac)
+
+    status = verbs.add_parser("status", help="the local stream: running or not, subscription "
+                              "backlog, last tile scored, recent dead letters")
+    _stack_arg(status)
+    status.add_argument("--dataset", default=None, help="dataset of the stream's tables "
+                        "(default: the stack's)")
+    status.add_argument("--subscription", default=None, help="subscription whose backlog to "
+                        "count (default: the stack's)")
+    status.add_argument("--hours", type=float, default=1.0,
+                        help="window for counting dead letters (hours)")
+    status.set_defaults(func=cmd_status)
 
     schemas = verbs.add_parser("schemas", help="write the BigQuery table schemas as JSON")
     schemas.add_argument("directory", nargs="?", default="templates/bigquery")

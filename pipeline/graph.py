@@ -7,7 +7,8 @@ from apache_beam.io import fileio
 
 from model.card import ModelCard
 from pipeline.options import TileStreamOptions
-from transforms.announcements import FilesToRefs, GranuleRule, ParseAnnouncements, parse_aliases
+from transforms import presets
+from transforms.announcements import FilesToRefs, GranuleRule, ParseAnnouncements
 from transforms.assemble import AssembleTiles
 from transforms.chips import ChipSettings, ChipTiles
 from transforms.deadletter import BigQueryFailures, WriteDeadLetters
@@ -21,7 +22,7 @@ from transforms.sinks import CHIP_SCHEMA, TILE_SCHEMA, BigQueryTables, chip_row,
 def build(p: beam.Pipeline, o: TileStreamOptions, card: ModelCard, tables: BigQueryTables,
           streaming: bool, allow: InputAllowList, chip_settings: ChipSettings) -> None:
     bands = card.input.bands
-    rule = GranuleRule(o.granule_pattern, parse_aliases(o.band_aliases))
+    rule = GranuleRule(*presets.resolve(o.band_preset, o.granule_pattern, o.band_aliases))
     class_names = tuple(c.name for c in card.classes)
 
     if o.input_glob:

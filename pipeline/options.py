@@ -1,17 +1,19 @@
 """TileStream's pipeline options: Beam flags with help text, also the Flex Template parameters.
 
 Every user-facing option here has a twin in templates/metadata.json (a test keeps them equal).
+The module imports neither Beam nor torch until ``TileStreamOptions`` itself is asked for, so
+``tilestream run --help`` answers at once.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from apache_beam.options.pipeline_options import PipelineOptions
+from transforms.guards import DEFAULT_MAX_TILE_PIXELS
+from transforms.presets import DEFAULT_BAND_ALIASES, DEFAULT_GRANULE_PATTERN, PRESETS
 
-from transforms.announcements import DEFAULT_BAND_ALIASES, DEFAULT_GRANULE_PATTERN
-from transforms.chips import DEFAULT_MAX_TILE_PIXELS
-from transforms.inference import DEFAULT_ACCELERATOR
+# transforms/inference.py's default (a test keeps them equal); importing it would import torch.
+DEFAULT_ACCELERATOR = "type:nvidia-l4;count:1;install-nvidia-driver"
 
 DEFAULT_MODEL_URI = str(
     Path(__file__).resolve().parents[1] / "model" / "artifacts" / "landcover-student" / "v1"
@@ -31,7 +33,9 @@ def flag(value: str) -> bool:
 LOCAL_ONLY = ("local", "stack_dir", "metrics_file", "input_glob")
 
 
-class TileStreamOptions(PipelineOptions):
+class TileStreamArguments:
+    """The options' definitions; ``TileStreamOptions`` is these on Beam's PipelineOptions."""
+
     @classmethod
     def _add_argparse_args(cls, parser):
         inputs = parser.add_argument_group("input")
@@ -58,8 +62,16 @@ class TileStreamOptions(PipelineOptions):
         )
         inputs.add_argument(
             "--band_aliases", default=DEFAULT_BAND_ALIASES,
-            help="Comma-separated TOKEN=band pairs mapping file-name band tokens to the model "
-            "card's band names (default: HLS S30 / Sentinel-2).",
+            help="Comma-separated TOKEN=band pairs mapping file-name band tokens (and STAC asset "
+            "keys) to the model card's band names (default: HLS S30 / Sentinel-2); laid over "
+            "--band_preset's.",
+        )
+        inputs.add_argument(
+            "--band_preset", default=None, choices=sorted(PRESETS),
+            help="Band names and granule file names of a public product: "
+            + "; ".join(f"{p.name}: {p.description}" for p in PRESETS.values())
+            + ". Sets --granule_pattern and --band_aliases (unless given) and reads the "
+            "acquisition time from granule names.",
         )
         model = parser.add_argument_group("model")
         model.add_argument(
@@ -138,3 +150,15 @@ class TileStreamOptions(PipelineOptions):
         local.add_argument("--metrics_file", default=None,
                            help="Write the job's counters here as JSON, every few seconds and "
                            "at exit (local runs).")
+
+
+def __getattr__(name: str):
+    """``TileStreamOptions`` is built on first use: Beam's PipelineOptions import costs seconds."""
+    if name != "TileStreamOptions":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    options = type("TileStreamOptions", (TileStreamArguments, PipelineOptions),
+                   {"__module__": __name__, "__doc__": "TileStream's options as a Beam view."})
+    globals()["TileStreamOptions"] = options
+    return options

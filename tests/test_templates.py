@@ -45,6 +45,7 @@ EXAMPLES = {
     "confidence_band": ("true", "yes"),
     "granule_pattern": (r"^(?P<granule>.+)\.(?P<band>B\d+)\.tif$", r"^(.+)\.(B\d+)\.tif$"),
     "band_aliases": ("B02=blue,B03=green", "B02:blue"),
+    "band_preset": ("landsat7-c2", "landsat9"),
     "granule_timeout_secs": ("600", "10m"),
     "tile_timeout_secs": ("900.5", "15 min"),
     "dedup_ttl_secs": ("86400", "1d"),

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
+from transforms import stac
 from transforms.deadletter import DEAD_LETTER_TAG, dead_letter, filtered
 from transforms.guards import (
     MAX_ATTRIBUTES,
@@ -37,6 +38,7 @@ from transforms.guards import (
     safe_id,
     time_in_range,
 )
+from transforms.presets import band_file_hint
 from transforms.records import BandObject, TileRef
 
 ANNOUNCEMENT_SCHEMA = "tilestream.announcement/v1"
@@ -127,10 +129,16 @@ def route_object(
     if granule:
         granule_id, band = granule
         if band not in bands:
+            hint = band_file_hint(posixpath.basename(uri), rule.pattern, bands)  # presets
+            if hint:
+                raise AnnouncementError(hint)
             return "band_not_used"
         allow.check(uri, "object")
         safe_id(granule_id, f"granule id of {posixpath.basename(uri)!r}")
         return BandObject(granule_id, band, uri, generation, event_time, published, message_id)
+    hint = band_file_hint(posixpath.basename(uri), rule.pattern, bands)  # presets
+    if hint:  # another product's band file, not a whole tile
+        raise AnnouncementError(hint)
     allow.check(uri, "object")
     return TileRef(
         tile_id=safe_id(tile_id_of(uri), f"tile id of {posixpath.basename(uri)!r}"),
@@ -264,6 +272,13 @@ class _ParseFn(beam.DoFn):
                 f"({detail})") from exc
         if not isinstance(payload, dict):
             raise AnnouncementError("announcement must be a JSON object")
+        if stac.is_stac_item(payload):  # a STAC Item (transforms/stac.py)
+            tile = stac.item_tile(payload, self._bands, self._rule.aliases, published, message_id,
+                                  attributes.get("eventTime"))
+            for uri in tile.band_uris:
+                self._allow.check(uri, "asset")
+            yield from self._emit(tile, tile.event_time, message_id)
+            return
         tile = announcement_tile(payload, self._bands, published, message_id, self._allow,
                                  attributes.get("eventTime"))
         yield from self._emit(tile, tile.event_time, message_id)

@@ -33,7 +33,7 @@ from apache_beam.transforms.userstate import (
 )
 
 from model.card import ModelCard, join_uri
-from transforms import timeouts
+from transforms import stac, timeouts
 from transforms.chips import chip_starts, footprint_wkt
 from transforms.deadletter import DEAD_LETTER_TAG, dead_letter
 from transforms.guards import describe, safe_id
@@ -246,6 +246,9 @@ class _AssembleTileFn(beam.DoFn):
             counts = write_prediction_raster(manifest, held, self._card, uri, self._confidence,
                                              self._scratch)
             row = self._tile_row(manifest, held, n_failed, complete, counts, uri)
+            # STAC out: the prediction's STAC Item beside the COG (transforms/stac.py).
+            row["stac_uri"], problem = stac.write_prediction_item(row, manifest, self._card,
+                                                                  self._confidence)
         except Exception as exc:  # one tile's fault must not kill the stream
             yield dead_letter(STAGE, f"writing {uri} failed: {describe(exc)}",
                               message_id=manifest.tile.message_id,
@@ -253,6 +256,9 @@ class _AssembleTileFn(beam.DoFn):
             return
         self.write_ms.update(int((time.perf_counter() - started) * 1000))
         (self.written if complete else self.partial).inc()
+        if problem:
+            yield dead_letter(STAGE, problem, message_id=manifest.tile.message_id,
+                              tile_id=manifest.tile.tile_id)
         if manifest.failures:  # beside the row, so a restart never sees one without the other
             yield dead_letter("chips", manifest.failures[:2000],
                               message_id=manifest.tile.message_id,

@@ -32,12 +32,11 @@ from apache_beam.metrics import Metrics
 from model.card import CardError, ModelCard
 from model.inference import normalise
 from transforms.deadletter import DEAD_LETTER_TAG, dead_letter
-from transforms.guards import InputAllowList, Refused, describe
+from transforms.guards import DEFAULT_MAX_TILE_PIXELS, InputAllowList, Refused, describe
 from transforms.records import Chip, TileManifest, TileRef
 
 STAGE = "chips"
 MANIFESTS_TAG = "manifests"
-DEFAULT_MAX_TILE_PIXELS = 12_000 * 12_000
 # Only GeoTIFF (COGs included) is opened: VRT and other formats can point anywhere.
 DRIVER = "GTiff"
 # GDAL settings for reading COGs from object storage: no directory listing, bounded waits, a few

@@ -19,6 +19,7 @@ from apache_beam.transforms.userstate import BagStateSpec, ReadModifyWriteStateS
 from transforms import timeouts
 from transforms.announcements import content_generation
 from transforms.deadletter import DEAD_LETTER_TAG, dead_letter, duplicate
+from transforms.presets import acquired_from_name
 from transforms.records import KEYED, BandObject, TileRef
 
 STAGE = "granules"
@@ -88,6 +89,7 @@ class _AssembleGranuleFn(beam.DoFn):
                     message_id=band.message_id,
                     source="granule",
                     band_message_ids=tuple(b.message_id for b in chosen if b.message_id),
+                    acquired=acquired_from_name(granule_id),
                 ),
                 event_time,
             )

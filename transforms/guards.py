@@ -26,6 +26,7 @@ MAX_ATTRIBUTES = 32
 EARLIEST = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 LATEST = dt.datetime(2100, 1, 1, tzinfo=dt.UTC)
 RASTER_SUFFIXES = (".tif", ".tiff")
+DEFAULT_MAX_TILE_PIXELS = 12_000 * 12_000  # --max_tile_pixels: one HLS tile is 3,660²
 
 
 class Refused(ValueError):

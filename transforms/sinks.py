@@ -91,6 +91,7 @@ TILE_SCHEMA = {
         _field("footprint", "GEOGRAPHY", "REQUIRED"),
         _field("classes", "RECORD", "REPEATED", "per-class pixels and area", _CLASS_FIELDS),
         _field("raster_uri", "STRING", "REQUIRED", "prediction COG"),
+        _field("stac_uri", "STRING", description="STAC Item of the prediction COG"),
         *_PROVENANCE,
         _field("completed_at", "TIMESTAMP", "REQUIRED"),
         _field("latency_s", "FLOAT64", "REQUIRED", "completed_at - published (end to end)"),
