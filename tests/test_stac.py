@@ -328,7 +328,8 @@ def test_a_band_file_of_another_product_is_not_read_as_a_whole_tile():
     _, _, [letter] = parse([message(*announce.gcs_notification("tiles-in", name, 1))])
     assert "is a sentinel2-l2a band file (band token B8A)" in letter.reason
     assert "--band_preset sentinel2-l2a reads it as a band of its granule" in letter.reason
-    _, [band], _ = parse([message(*announce.gcs_notification("tiles-in", name, 1))], "sentinel2-l2a")
+    _, [band], _ = parse([message(*announce.gcs_notification("tiles-in", name, 1))],
+                         "sentinel2-l2a")
     assert (band.granule_id, band.band) == ("T17SLU_20240419T160001", "nir")
 
 
