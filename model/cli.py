@@ -1,5 +1,8 @@
 """``tilestream model ...``: train the teacher, distil the student, evaluate, export.
 
+Operating models (registry, channels, drift) has its own verbs in ``model/ops_cli.py``:
+publish, list, status, promote, canary, shadow, rollback, drift.
+
 Each verb reads what the earlier ones left in ``--workdir``; ``build`` runs them all in order and
 refreshes the committed artifacts and ``docs/model.md``.
 """
@@ -61,8 +64,10 @@ def _configs(args: argparse.Namespace) -> tuple[TrainConfig, DistillConfig]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from model import report, workflow
+    from model import ops_cli, report, workflow
 
+    if argv and argv[0] in ops_cli.VERBS:  # operating models: registry, channels, drift
+        return ops_cli.main(argv)
     args = _parser().parse_args(argv)
     teacher_cfg, student_cfg = _configs(args)
     workdir: Path = args.workdir

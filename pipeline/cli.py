@@ -218,8 +218,9 @@ def parser() -> argparse.ArgumentParser:
     schemas.add_argument("directory", nargs="?", default="templates/bigquery")
     schemas.set_defaults(func=cmd_schemas)
 
-    model = verbs.add_parser("model", help="train, distill, evaluate and export the student "
-                             "(`tilestream model --help`)", add_help=False)
+    model = verbs.add_parser("model", help="train, distill, evaluate and export the student; "
+                             "publish, promote, canary, shadow, roll back (`tilestream model "
+                             "--help`)", add_help=False)
     model.set_defaults(func=cmd_model, passthrough=True)
     return top
 
