@@ -35,15 +35,15 @@ GROUP BY stage
 ORDER BY letters DESC;
 
 -- name: compare_agreement
--- Live vs candidate on the same chips (shadow mode: both scored every tile) in the last @days
--- days: chips compared, share of chips with the same dominant class, pixel overlap (per chip,
+-- Live vs candidate on the same chips (shadow mode: both scored every tile) in the last @window_hours
+-- hours: chips compared, share of chips with the same dominant class, pixel overlap (per chip,
 -- sum over classes of min(live pixels, candidate pixels) / valid pixels: an upper bound of pixel
 -- agreement computed from the rows; exact agreement needs the two prediction COGs), and each
 -- model's mean confidence on those chips. A canary scores disjoint tiles, so it has no pairs.
 WITH chips AS (
   SELECT *
   FROM `{dataset}.chips`
-  WHERE event_time >= TIMESTAMP_SUB(CURRENT_TIMESTAMP(), INTERVAL @days DAY)
+  WHERE event_time >= TIMESTAMP_SUB(CURRENT_TIMESTAMP(), INTERVAL @window_hours HOUR)
     AND model_name = @model_name
   QUALIFY ROW_NUMBER() OVER (PARTITION BY row_id ORDER BY scored_at) = 1
 ),
@@ -79,12 +79,12 @@ FROM pairs AS p
 JOIN overlap AS o USING (live_row);
 
 -- name: compare_class_area
--- Per class: area (km²) by live and by the candidate on the same tile versions in the last @days
--- days, the delta and the delta relative to live.
+-- Per class: area (km²) by live and by the candidate on the same tile versions in the last @window_hours
+-- hours, the delta and the delta relative to live.
 WITH tiles AS (
   SELECT *
   FROM `{dataset}.tiles`
-  WHERE event_time >= TIMESTAMP_SUB(CURRENT_TIMESTAMP(), INTERVAL @days DAY)
+  WHERE event_time >= TIMESTAMP_SUB(CURRENT_TIMESTAMP(), INTERVAL @window_hours HOUR)
     AND model_name = @model_name AND complete
   QUALIFY ROW_NUMBER() OVER (PARTITION BY row_id ORDER BY completed_at) = 1
 ),
@@ -109,14 +109,14 @@ GROUP BY class_name
 ORDER BY ABS(SUM(c.area_m2) - SUM(l.area_m2)) DESC;
 
 -- name: compare_versions
--- Per model version and role in the last @days days: tiles, mean chip confidence, failed-chip
+-- Per model version and role in the last @window_hours hours: tiles, mean chip confidence, failed-chip
 -- ratio, dead letters of the inference and assembly stages on those tiles (matched by tile_id,
 -- as dead letters carry no model version) per tile, and latency p50/p95. Works for shadow and
 -- canary alike.
 WITH tiles AS (
   SELECT *
   FROM `{dataset}.tiles`
-  WHERE event_time >= TIMESTAMP_SUB(CURRENT_TIMESTAMP(), INTERVAL @days DAY)
+  WHERE event_time >= TIMESTAMP_SUB(CURRENT_TIMESTAMP(), INTERVAL @window_hours HOUR)
     AND model_name = @model_name
   QUALIFY ROW_NUMBER() OVER (PARTITION BY row_id ORDER BY completed_at) = 1
 ),
@@ -125,7 +125,7 @@ chips AS (
   FROM (
     SELECT *
     FROM `{dataset}.chips`
-    WHERE event_time >= TIMESTAMP_SUB(CURRENT_TIMESTAMP(), INTERVAL @days DAY)
+    WHERE event_time >= TIMESTAMP_SUB(CURRENT_TIMESTAMP(), INTERVAL @window_hours HOUR)
       AND model_name = @model_name
     QUALIFY ROW_NUMBER() OVER (PARTITION BY row_id ORDER BY scored_at) = 1
   )
@@ -134,7 +134,7 @@ chips AS (
 letters AS (
   SELECT tile_id, COUNT(*) AS letters
   FROM `{dataset}.dead_letters`
-  WHERE time >= TIMESTAMP_SUB(CURRENT_TIMESTAMP(), INTERVAL @days DAY)
+  WHERE time >= TIMESTAMP_SUB(CURRENT_TIMESTAMP(), INTERVAL @window_hours HOUR)
     AND stage IN ('inference', 'assemble')
   GROUP BY tile_id
 ),

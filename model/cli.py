@@ -64,10 +64,18 @@ def _configs(args: argparse.Namespace) -> tuple[TrainConfig, DistillConfig]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import sys
+
     from model import ops_cli, report, workflow
 
+    argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in ops_cli.VERBS:  # operating models: registry, channels, drift
         return ops_cli.main(argv)
+    if argv and argv[0] == "robust-student":  # the second student, v2 (model/robust.py)
+        from model import robust
+
+        print(robust.build(threads=2, steps=int(argv[1]) if len(argv) > 1 else None))
+        return 0
     args = _parser().parse_args(argv)
     teacher_cfg, student_cfg = _configs(args)
     workdir: Path = args.workdir

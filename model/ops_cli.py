@@ -1,4 +1,4 @@
-"""``tilestream model publish|list|status|promote|canary|shadow|rollback|drift``: operate models.
+"""``tilestream model publish|list|status|promote|canary|shadow|rollback|watch|drift``.
 
 The registry is a local directory or ``gs://`` prefix (``--registry``, default
 ``$TILESTREAM_REGISTRY`` or ``.tilestream/registry``); ``--local`` reaches a ``gs://`` registry
@@ -14,7 +14,8 @@ import os
 import sys
 from typing import Any
 
-VERBS = ("publish", "list", "status", "promote", "canary", "shadow", "rollback", "drift")
+VERBS = ("publish", "list", "status", "promote", "canary", "shadow", "rollback", "watch",
+         "drift")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -45,6 +46,15 @@ def _parser() -> argparse.ArgumentParser:
     verb("shadow", "a version scores every tile beside live", changes=True).add_argument(
         "ref", help="name/version")
     verb("rollback", "end the trial, or go back to the previous live version", changes=True)
+    watch = verb("watch", "judge the candidate on its BigQuery rows; roll back if it fails")
+    watch.add_argument("--bq_dataset", default=None,
+                       help="PROJECT:DATASET (default with --local: the stack's)")
+    watch.add_argument("--hours", type=int, default=24, help="window (default %(default)s)")
+    watch.add_argument("--min_tiles", type=int, default=20)
+    watch.add_argument("--max_dead_letter_excess", type=float, default=0.02)
+    watch.add_argument("--min_agreement", type=float, default=0.6)
+    watch.add_argument("--every", type=float, default=0,
+                       help="repeat every N seconds (default: once)")
     drift = verbs.add_parser("drift", help="PSI of a raster against a card's training data")
     drift.add_argument("raster")
     drift.add_argument("--model_uri", default=None, help="model directory (default: shipped)")
@@ -75,6 +85,8 @@ def _run(args: argparse.Namespace) -> Any:
         return raster_drift(args.raster, card, threshold=args.threshold or PSI_THRESHOLD
                             ).to_dict()
     registry = _registry(args)
+    if args.verb == "watch":
+        return _watch(args, registry)
     if args.verb == "publish":
         ref, card = registry.publish(args.model_dir)
         return f"published {ref} to {card.uri} (card, sha256 {card.weights_sha256[:12]}... " \
@@ -91,6 +103,35 @@ def _run(args: argparse.Namespace) -> Any:
     if args.verb == "shadow":
         return str(registry.shadow(ModelRef.parse(args.ref), **kwargs))
     return str(registry.rollback(**kwargs))
+
+
+def _watch(args: argparse.Namespace, registry) -> str:
+    import time
+
+    from model.registry import RegistryError
+    from model.watch import RollbackRule, judge
+
+    if args.local:
+        from pipeline import local_stack
+
+        stack = local_stack.load(args.stack_dir)
+        client, dataset = stack.bigquery(), f"{stack.project}.{stack.dataset}"
+    else:
+        from google.cloud import bigquery
+
+        if not args.bq_dataset:
+            raise RegistryError("--bq_dataset PROJECT:DATASET is required without --local")
+        client = bigquery.Client(project=args.bq_dataset.replace(":", ".").split(".")[0])
+    if args.bq_dataset:
+        dataset = args.bq_dataset.replace(":", ".")
+    rule = RollbackRule(args.hours, args.min_tiles, args.max_dead_letter_excess,
+                        args.min_agreement)
+    while True:
+        verdict = judge(registry, client, dataset, rule)
+        if not args.every:
+            return str(verdict)
+        print(verdict, flush=True)
+        time.sleep(args.every)
 
 
 def main(argv: list[str]) -> int:

@@ -514,9 +514,17 @@ class Registry:
         """``ref`` scores every tile beside live; consumers keep reading live."""
         return self._trial("shadow", ref, 0.0, by, why)
 
-    def rollback(self, by: str | None = None, why: str = "") -> Change:
-        """End a trial (drop the candidate); without one, return to the previous live version."""
+    def rollback(self, by: str | None = None, why: str = "",
+                 expected_candidate: ModelRef | None = None) -> Change:
+        """End a trial (drop the candidate); without one, return to the previous live version.
+
+        ``expected_candidate``: refuse unless that is still the candidate (an automatic rule must
+        not end a trial other than the one it judged).
+        """
         def decide(c: Channels) -> Channels:
+            if expected_candidate is not None and c.candidate != expected_candidate:
+                raise RegistryError(f"the candidate is now {c.candidate or 'none'}, not "
+                                    f"{expected_candidate}: nothing rolled back")
             if c.candidate is not None:
                 return Channels(live=c.live)
             for entry in reversed(c.history):
@@ -550,3 +558,27 @@ def _default_user() -> str:
         return getpass.getuser()
     except (KeyError, OSError):
         return "unknown"
+
+
+def canary_point(candidate: ModelRef, tile_id: str) -> float:
+    """Where a tile falls in [0, 1) for a candidate: a sha256 of both, so the same tiles go to
+    the same candidate on every worker and after every restart, and raising the fraction only
+    adds tiles."""
+    digest = hashlib.sha256(f"{candidate}|{tile_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2.0**64
+
+
+def assignments(channels: Channels, tile_id: str) -> tuple[tuple[ModelRef, str], ...]:
+    """Which versions score a tile, each with its row role (``live``, ``shadow``, ``canary``).
+
+    Exactly one of them answers the tile (``live`` or ``canary``); a shadow scores beside it.
+    """
+    if channels.live is None:
+        raise RegistryError("no live model in the channels document")
+    if channels.candidate is None:
+        return ((channels.live, "live"),)
+    if channels.mode == "shadow":
+        return ((channels.live, "live"), (channels.candidate, "shadow"))
+    if canary_point(channels.candidate, tile_id) < channels.canary_fraction:
+        return ((channels.candidate, "canary"),)
+    return ((channels.live, "live"),)

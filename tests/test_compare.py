@@ -89,7 +89,7 @@ def dataset(stack):
 
 
 def ask(stack, name: str, dataset: str) -> list[dict]:
-    return run_query(stack.bigquery(), name, dataset, OPERATIONS_FILE, days=1,
+    return run_query(stack.bigquery(), name, dataset, OPERATIONS_FILE, window_hours=24,
                      model_name="landcover-student", live_version="1", candidate_version="2")
 
 

@@ -242,3 +242,42 @@ def test_cli_reaches_a_gs_registry_on_the_local_stack(stack):
     blob = stack.storage().bucket(stack.bucket).get_blob(
         reg[1][len(f"gs://{stack.bucket}/"):] + "/channels.json")
     assert json.loads(blob.download_as_bytes())["live"] == "landcover-student/1"
+
+
+def test_canary_routing_is_stable_proportional_and_monotone():
+    from model.registry import Channels, assignments, canary_point
+
+    # A pinned value: the same tile goes to the same side on every worker, after every restart.
+    assert canary_point(V2, "olinda") == pytest.approx(0.9881882, abs=1e-6)
+    ids = [f"tile-{i}" for i in range(10_000)]
+
+    def canary_tiles(fraction: float) -> set[str]:
+        c = Channels(live=V1, candidate=V2, mode="canary", canary_fraction=fraction)
+        routed = {t: assignments(c, t) for t in ids}
+        assert all(len(a) == 1 for a in routed.values())  # one answer per tile
+        return {t for t, a in routed.items() if a == ((V2, "canary"),)}
+
+    small, half = canary_tiles(0.1), canary_tiles(0.5)
+    assert abs(len(small) / len(ids) - 0.1) < 0.015 and abs(len(half) / len(ids) - 0.5) < 0.02
+    assert small <= half  # raising the fraction only adds tiles
+    shadow = Channels(live=V1, candidate=V2, mode="shadow")
+    assert assignments(shadow, "x") == ((V1, "live"), (V2, "shadow"))
+    assert assignments(Channels(live=V1), "x") == ((V1, "live"),)
+
+
+def test_the_second_student_is_a_valid_candidate_for_the_first(tmp_path):
+    """Both shipped students load, validate and can be compared; v2 is really another model."""
+    v2_dir = STUDENT.parent / "v2"
+    reg = Registry(str(tmp_path / "registry"))
+    _, v1 = reg.publish(str(STUDENT))
+    _, v2 = reg.publish(str(v2_dir))
+    assert v2.model_id == "landcover-student/2" and v2.weights_sha256 != v1.weights_sha256
+    assert v2.input == v1.input and v2.architecture == v1.architecture
+    shifts = v2.metrics["radiometric_shift_test"]
+    assert set(shifts) == {"v1", "v2"} and shifts["v1"]["gain 1, offset +0"]["miou"] == \
+        pytest.approx(v1.metrics["miou"], abs=1e-4)  # v1 re-scored on the same test blocks
+    assert v2.training_data["recipe"]["offset_jitter"] == 15.0
+    assert v2.drift_reference["pixels"] == v1.drift_reference["pixels"]
+    reg.promote(V1, by="ana")
+    change = reg.canary(V2, 0.5, by="bo", why="v2 transfers better?")
+    assert "candidate landcover-student/2 (canary 50%)" in str(change)
