@@ -202,7 +202,8 @@ class LocalStore:
             return None
         if size > limit:
             raise RegistryError(f"{path} is {size:,} bytes, over the limit of {limit:,}")
-        data = path.read_bytes()[: limit + 1]
+        with open(path, "rb") as handle:  # never more than the limit, even if it grew
+            data = handle.read(limit + 1)
         if len(data) > limit:
             raise RegistryError(f"{path} grew over the limit of {limit:,} bytes while read")
         return data, hashlib.sha256(data).hexdigest()
