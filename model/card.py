@@ -83,6 +83,8 @@ class ModelCard:
     description: str = ""
     uri: str = ""  # directory the card was loaded from; not serialised
     architecture: dict[str, Any] = field(default_factory=dict)  # how to rebuild the network
+    # training data's per-band and class distributions (model/drift.py reads and checks it)
+    drift_reference: dict[str, Any] = field(default_factory=dict)
 
     @property
     def model_id(self) -> str:
@@ -136,6 +138,8 @@ class ModelCard:
             "training_data": self.training_data,
             "architecture": self.architecture,
         }
+        if self.drift_reference:
+            data["drift_reference"] = self.drift_reference
         data["input"]["mean"] = list(self.input.mean)
         data["input"]["std"] = list(self.input.std)
         if self.input.valid_range is None:
@@ -248,6 +252,7 @@ def card_from_dict(data: dict[str, Any], uri: str = "") -> ModelCard:
         description=str(data.get("description", "")),
         uri=uri,
         architecture=dict(data.get("architecture") or {}),
+        drift_reference=dict(data.get("drift_reference") or {}),
     )
 
 

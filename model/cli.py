@@ -1,5 +1,8 @@
 """``tilestream model ...``: train the teacher, distil the student, evaluate, export.
 
+Operating models (registry, channels, drift) has its own verbs in ``model/ops_cli.py``:
+publish, list, status, promote, canary, shadow, rollback, drift.
+
 Each verb reads what the earlier ones left in ``--workdir``; ``build`` runs them all in order and
 refreshes the committed artifacts and ``docs/model.md``.
 """
@@ -61,8 +64,18 @@ def _configs(args: argparse.Namespace) -> tuple[TrainConfig, DistillConfig]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from model import report, workflow
+    import sys
 
+    from model import ops_cli, report, workflow
+
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in ops_cli.VERBS:  # operating models: registry, channels, drift
+        return ops_cli.main(argv)
+    if argv and argv[0] == "robust-student":  # the second student, v2 (model/robust.py)
+        from model import robust
+
+        print(robust.build(threads=2, steps=int(argv[1]) if len(argv) > 1 else None))
+        return 0
     args = _parser().parse_args(argv)
     teacher_cfg, student_cfg = _configs(args)
     workdir: Path = args.workdir

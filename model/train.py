@@ -36,6 +36,7 @@ class TrainConfig:
     class_weighting: str = "none"  # or "sqrt-inverse"
     balanced_fraction: float = 0.25  # share of chips centred on a randomly chosen class
     gain_jitter: float = 0.1  # per-band multiplicative DN jitter, for other dates and places
+    offset_jitter: float = 0.0  # per-band additive DN jitter (0: off, and no random draw)
 
 
 @dataclass
@@ -125,7 +126,11 @@ class ChipSampler:
             raw = self.image[(slice(None), *window)]
             mask = self.mask[window]
             gain = 1 + rng.uniform(-cfg.gain_jitter, cfg.gain_jitter, (raw.shape[0], 1, 1))
-            chip = normalise(raw * gain.astype(np.float32), mask, self.spec)
+            jittered = raw * gain.astype(np.float32)
+            if cfg.offset_jitter:
+                jittered = jittered + rng.uniform(-cfg.offset_jitter, cfg.offset_jitter,
+                                                  (raw.shape[0], 1, 1)).astype(np.float32)
+            chip = normalise(jittered, mask, self.spec)
             label = self.labels[window]
             k, flip = int(rng.integers(4)), bool(rng.integers(2))
             chip, label, mask = (np.rot90(a, k, axes=(-2, -1)) for a in (chip, label, mask))

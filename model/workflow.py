@@ -22,6 +22,7 @@ from model import data as nc
 from model import render
 from model.architectures import count_flops, count_parameters, student_spec, teacher_spec
 from model.card import CARD_FILE, InputSpec, ModelCard, load_card, sha256_of, write_card
+from model.drift import DriftReference, reference_from_pixels
 from model.inference import normalise, predict_logits, valid_mask
 from model.train import (
     ChipSampler,
@@ -408,6 +409,7 @@ def step_export(workdir: Path, out_dir: Path) -> dict[str, Path]:
                 "teacher on valid pixels."
             )
         card = _card(name, info, metrics, sha, teacher_ref, description)
+        card = replace(card, drift_reference=scene_reference(scripted, card).to_dict())
         write_card(card, str(target))
         load_card(str(target))
         refs[role] = {"name": name, "version": VERSION,
@@ -415,6 +417,35 @@ def step_export(workdir: Path, out_dir: Path) -> dict[str, Path]:
         written[role] = target / CARD_FILE
         print(f"{role}: {target} ({weights.stat().st_size / 1e6:.2f} MB, sha256 {sha[:12]}...)")
     return written
+
+
+def scene_reference(model: torch.nn.Module, card: ModelCard,
+                    threads: int = 2) -> DriftReference:
+    """The card's drift reference: band deciles, label and predicted class shares, all over the
+    training split's valid pixels (the pixels the network learnt from)."""
+    torch.set_num_threads(threads)
+    scene = nc.load_scene()
+    train = nc.block_split(scene.valid) == nc.TRAIN
+    image = normalise(scene.image, scene.valid, card.input)
+    logits = predict_logits(model.eval(), image, card.input.chip_size, card.input.stride)
+    values = scene.image[:, train] * card.input.scale + card.input.offset
+    return reference_from_pixels(
+        values, card.input.bands, logits.argmax(axis=0)[train], card.num_classes,
+        labels=scene.labels[train].astype(np.int64),
+        source=f"training split of {scene.provenance['source']}")
+
+
+def fill_reference(directory: Path, threads: int = 2) -> DriftReference:
+    """Add ``drift_reference`` to an exported card in place; the weights (and sha256) stay."""
+    card = load_card(str(directory))
+    model = torch.jit.load(card.weights_uri, map_location="cpu")
+    reference = scene_reference(model, card, threads)
+    path = directory / CARD_FILE
+    data = json.loads(path.read_text())
+    data["drift_reference"] = reference.to_dict()
+    path.write_text(json.dumps(data, indent=2) + "\n")
+    load_card(str(directory))
+    return reference
 
 
 def _check_roundtrip(model: torch.nn.Module, path: Path) -> None:

@@ -3,7 +3,8 @@
 Verbs: run (the stream), announce (publish tiles), demo, local (the emulator stack), smoke
 (checks the stack with a minimal stream), check (a worker image before launch), stats (the
 books), stac (a static STAC catalog of the predictions), status (the local stream at a glance),
-schemas (BigQuery JSON), model (train, distill, evaluate, export).
+slo (SLO attainment and error budget), schemas (BigQuery JSON), model (train, distill, evaluate,
+export; registry: publish, promote, canary, shadow, rollback; drift).
 """
 
 from __future__ import annotations
@@ -295,6 +296,36 @@ def cmd_schemas(args) -> int:
     return 0
 
 
+def cmd_slo(args) -> int:
+    import datetime as dt
+
+    from pipeline import slo
+
+    try:
+        window = slo.parse_window(args.window)
+        end = dt.datetime.fromisoformat(args.end) if args.end else None
+        if end is not None and end.tzinfo is None:
+            end = end.replace(tzinfo=dt.UTC)
+        if args.local:
+            stack = local_stack.load(args.stack_dir)
+            client, dataset = stack.bigquery(), f"{stack.project}.{stack.dataset}"
+            if args.bq_dataset:
+                dataset = args.bq_dataset.replace(":", ".")
+        elif not args.bq_dataset:
+            return _fail("slo", "--bq_dataset PROJECT:DATASET is required without --local")
+        else:
+            from google.cloud import bigquery
+
+            dataset = args.bq_dataset.replace(":", ".")
+            client = bigquery.Client(project=dataset.split(".")[0])
+        report = slo.compute(client, dataset, window, end, args.latency_s, args.latency_target,
+                             args.error_target, args.freshness_s)
+    except (slo.SloError, ValueError, local_stack.StackError) as exc:
+        return _fail("slo", str(exc))
+    print(json.dumps(report.to_dict(), default=str, indent=2) if args.json else report.text())
+    return 0
+
+
 def cmd_model(args, rest: list[str]) -> int:
     from model import cli as model_cli
 
@@ -388,8 +419,27 @@ def parser() -> argparse.ArgumentParser:
     schemas.add_argument("directory", nargs="?", default="templates/bigquery")
     schemas.set_defaults(func=cmd_schemas)
 
-    model = verbs.add_parser("model", help="train, distill, evaluate and export the student "
-                             "(`tilestream model --help`)", add_help=False)
+    from pipeline import slo as slo_defaults
+
+    slo = verbs.add_parser("slo", help="SLO attainment and error budget left, from the "
+                           "BigQuery rows over a window (local or real dataset)")
+    slo.add_argument("--local", action="store_true", help="the local stack's BigQuery")
+    _stack_arg(slo)
+    slo.add_argument("--bq_dataset", default=None, help="PROJECT:DATASET (default with "
+                     "--local: the stack's)")
+    slo.add_argument("--window", default=slo_defaults.DEFAULT_WINDOW,
+                     help="e.g. 1h, 7d (default %(default)s)")
+    slo.add_argument("--end", default=None, help="end of the window, ISO 8601 (default: now)")
+    slo.add_argument("--latency_s", type=float, default=slo_defaults.LATENCY_SLO_S)
+    slo.add_argument("--latency_target", type=float, default=slo_defaults.LATENCY_TARGET)
+    slo.add_argument("--error_target", type=float, default=slo_defaults.ERROR_TARGET)
+    slo.add_argument("--freshness_s", type=float, default=slo_defaults.FRESHNESS_S)
+    slo.add_argument("--json", action="store_true", help="machine-readable output")
+    slo.set_defaults(func=cmd_slo)
+
+    model = verbs.add_parser("model", help="train, distill, evaluate and export the student; "
+                             "publish, promote, canary, shadow, roll back (`tilestream model "
+                             "--help`)", add_help=False)
     model.set_defaults(func=cmd_model, passthrough=True)
     return top
 

@@ -17,6 +17,7 @@ from transforms.granules import AssembleGranules
 from transforms.guards import InputAllowList
 from transforms.inference import ScoreChips
 from transforms.sinks import CHIP_SCHEMA, TILE_SCHEMA, BigQueryTables, chip_row, write_rows
+from transforms.slis import CountTileSlis
 
 
 def build(p: beam.Pipeline, o: TileStreamOptions, card: ModelCard, tables: BigQueryTables,
@@ -52,6 +53,7 @@ def build(p: beam.Pipeline, o: TileStreamOptions, card: ModelCard, tables: BigQu
                  | "AssembleTiles" >> AssembleTiles(card, o.output_prefix, o.tile_timeout_secs,
                                                     streaming, o.confidence_band))
     tile_writes = assembled.tiles | "WriteTileRows" >> write_rows(tables.tiles, TILE_SCHEMA)
+    _ = assembled.tiles | "TileSlis" >> beam.ParDo(CountTileSlis())  # Cloud Monitoring SLIs
 
     bigquery_failures = ((chip_writes.failed_rows_with_errors,
                           tile_writes.failed_rows_with_errors)

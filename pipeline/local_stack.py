@@ -287,7 +287,7 @@ def up(run_dir: str | Path | None = None, project: str = DEFAULT_PROJECT) -> Loc
         stack.pids["gcs"] = _spawn(
             "gcs",
             [
-                sys.executable, "-m", "gcp_storage_emulator", "start",
+                sys.executable, "-m", "pipeline.gcs_emulator", "start",
                 "--host", "127.0.0.1", "--port", str(stack.gcs_port), "--quiet",
             ],
             gcs_root,

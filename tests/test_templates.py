@@ -157,7 +157,8 @@ def test_worker_account_has_least_privilege():
     roles = sorted(g["role"] for g in grants.values())
     assert roles == sorted([
         "roles/dataflow.worker", "roles/pubsub.subscriber", "roles/pubsub.viewer",
-        "roles/storage.objectViewer", "roles/storage.objectCreator", "roles/storage.objectAdmin",
+        "roles/storage.objectViewer", "roles/storage.objectViewer",
+        "roles/storage.objectCreator", "roles/storage.objectAdmin",
         "roles/bigquery.dataEditor", "roles/artifactregistry.reader"])
     project_level = [k for k in grants if k.startswith("google_project_iam")]
     assert [grants[k]["role"] for k in project_level] == ["roles/dataflow.worker"]
@@ -165,10 +166,22 @@ def test_worker_account_has_least_privilege():
         assert grant["role"] not in ("roles/owner", "roles/editor", "roles/viewer")
         if grant["role"] in ("roles/storage.objectViewer", "roles/storage.objectCreator"):
             condition = _first(grant["condition"])["expression"]
-            prefix = "input_prefix" if "Viewer" in grant["role"] else "output_prefix"
+            prefix = ("output_prefix" if "Creator" in grant["role"] else
+                      "registry_objects" if "models" in grant["bucket"] else "input_prefix")
             assert "startsWith" in condition and prefix in condition, key
         if grant["role"].startswith("roles/pubsub"):
             assert "subscription" in grant and "tiles" in grant["subscription"], key
+
+
+def test_workers_only_read_the_model_registry():
+    r = terraform()
+    on_models = {k: g for k, g in worker_grants(r).items() if "models" in g.get("bucket", "")}
+    assert [g["role"] for g in on_models.values()] == ["roles/storage.objectViewer"]
+    [grant] = on_models.values()
+    assert "registry_objects" in _first(grant["condition"])["expression"]
+    operators = r["google_storage_bucket_iam_member.operators_manage_registry"]
+    assert "registry_objects" in _first(operators["condition"])["expression"]
+    assert _first(r["google_storage_bucket.models"]["versioning"])["enabled"] is True
 
 
 def test_notification_topic_and_subscription_are_wired_for_new_tiles_only():

@@ -54,6 +54,8 @@ _PROVENANCE = [
     _field("attributes", "RECORD", "REPEATED", "announcement attributes", _ATTRIBUTE_FIELDS),
     _field("model_name", "STRING", "REQUIRED"),
     _field("model_version", "STRING", "REQUIRED"),
+    _field("role", "STRING", description="live | shadow | canary: the channel that scored it "
+           "(NULL in rows written before channels existed: live)"),
 ]
 
 CHIP_SCHEMA = {
@@ -197,7 +199,7 @@ def class_records(counts, names, pixel_area_m2: float) -> list[dict]:
     ]
 
 
-def provenance(tile: TileRef, model_name: str, model_version: str) -> dict:
+def provenance(tile: TileRef, model_name: str, model_version: str, role: str = "live") -> dict:
     return {
         "acquired": tile.acquired,
         "event_time": bq_timestamp(tile.event_time),
@@ -210,6 +212,7 @@ def provenance(tile: TileRef, model_name: str, model_version: str) -> dict:
         "attributes": [{"key": k, "value": v} for k, v in tile.attributes],
         "model_name": model_name,
         "model_version": model_version,
+        "role": role,
     }
 
 

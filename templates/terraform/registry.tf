@@ -1,0 +1,58 @@
+# The model registry: versioned model directories and the channels document under one prefix of
+# a bucket of its own (`tilestream model publish|promote|canary|shadow|rollback --registry
+# gs://<bucket>/<prefix>`). Operators change it; the workers only ever read it.
+
+variable "registry_prefix" {
+  description = "Object prefix of the model registry (model directories + channels.json)"
+  type        = string
+  default     = "registry/"
+}
+
+variable "model_operators" {
+  description = "Members (e.g. group:ml-ops@example.com) who publish, promote and roll back"
+  type        = list(string)
+  default     = []
+}
+
+resource "google_storage_bucket" "models" {
+  name                        = "${var.project}-${var.name}-models"
+  location                    = var.region
+  uniform_bucket_level_access = true
+  public_access_prevention    = "enforced"
+  # Every channels.json generation stays recoverable, beside the document's own history.
+  versioning {
+    enabled = true
+  }
+}
+
+locals {
+  registry_objects = "projects/_/buckets/${google_storage_bucket.models.name}/objects/${var.registry_prefix}"
+}
+
+# Workers read cards, weights and channels.json under the registry prefix: read-only, nothing else.
+resource "google_storage_bucket_iam_member" "worker_reads_registry" {
+  bucket = google_storage_bucket.models.name
+  role   = "roles/storage.objectViewer"
+  member = local.worker
+  condition {
+    title      = "registry-prefix-read-only"
+    expression = "resource.name.startsWith(\"${local.registry_objects}\")"
+  }
+}
+
+# Operators write the registry (publish is create-only by generation precondition in the CLI;
+# channels changes are compare-and-swap on the generation).
+resource "google_storage_bucket_iam_member" "operators_manage_registry" {
+  for_each = toset(var.model_operators)
+  bucket   = google_storage_bucket.models.name
+  role     = "roles/storage.objectAdmin"
+  member   = each.value
+  condition {
+    title      = "registry-prefix-only"
+    expression = "resource.name.startsWith(\"${local.registry_objects}\")"
+  }
+}
+
+output "registry" {
+  value = "gs://${google_storage_bucket.models.name}/${trimsuffix(var.registry_prefix, "/")}"
+}

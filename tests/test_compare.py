@@ -1,0 +1,129 @@
+"""Live vs candidate: the comparison SQL of docs/operations.sql on rows in the BigQuery emulator."""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+
+import pytest
+
+from pipeline.queries import OPERATIONS_FILE, run_query
+from transforms.sinks import SCHEMAS
+
+pytestmark = pytest.mark.stack
+
+NAMES = ("developed", "forest", "water")
+NOW = dt.datetime.now(dt.UTC)
+
+
+def classes(pixels: tuple[int, int, int], area: float = 900.0) -> list[dict]:
+    return [{"class_id": i, "name": n, "pixels": p, "area_m2": p * area}
+            for i, (n, p) in enumerate(zip(NAMES, pixels, strict=True))]
+
+
+def chip(tile: str, index: int, version: str, role: str, pixels, confidence: float) -> dict:
+    dominant = NAMES[max(range(3), key=pixels.__getitem__)]
+    t = NOW - dt.timedelta(minutes=5)
+    return {"row_id": f"{version}-{tile}-{index}", "tile_id": tile, "tile_generation": "1",
+            "chip_index": index, "row_off": 0, "col_off": 0, "height": 10, "width": 10,
+            "crs": "EPSG:4326", "footprint": "POINT(0 0)", "valid_fraction": 1.0,
+            "classes": classes(pixels), "dominant_class": dominant,
+            "mean_confidence": confidence, "event_time": t.isoformat(),
+            "published": t.isoformat(), "source": "gcs", "source_uris": [], "attributes": [],
+            "model_name": "landcover-student", "model_version": version, "role": role,
+            "chipped_at": t.isoformat(), "scored_at": t.isoformat(), "latency_s": 2.0}
+
+
+def tile(tile_id: str, version: str, role: str, pixels, latency: float, failed: int = 0,
+         ) -> dict:
+    t = NOW - dt.timedelta(minutes=5)
+    return {"row_id": f"{version}-{tile_id}", "tile_id": tile_id, "tile_generation": "1",
+            "complete": failed == 0, "chips_total": 4, "chips_scored": 4 - failed,
+            "chips_skipped": 0, "chips_failed": failed, "width": 10, "height": 10,
+            "crs": "EPSG:4326", "footprint": "POINT(0 0)", "classes": classes(pixels),
+            "raster_uri": "gs://b/x.tif", "event_time": t.isoformat(), "published": t.isoformat(),
+            "source": "gcs", "source_uris": [], "attributes": [],
+            "model_name": "landcover-student", "model_version": version, "role": role,
+            "completed_at": (t + dt.timedelta(seconds=latency)).isoformat(),
+            "latency_s": latency}
+
+
+# Two tiles of 4 chips (100 valid pixels each) scored by live v1 and shadow v2.
+LIVE = {("a", 0): (80, 20, 0), ("a", 1): (10, 90, 0), ("a", 2): (0, 30, 70),
+        ("a", 3): (50, 40, 10), ("b", 0): (60, 40, 0), ("b", 1): (20, 80, 0),
+        ("b", 2): (0, 0, 100), ("b", 3): (30, 70, 0)}
+SHADOW = {("a", 0): (70, 30, 0), ("a", 1): (10, 90, 0), ("a", 2): (0, 40, 60),
+          ("a", 3): (30, 60, 10), ("b", 0): (40, 60, 0), ("b", 1): (20, 80, 0),
+          ("b", 2): (0, 10, 90), ("b", 3): (30, 70, 0)}
+
+
+@pytest.fixture(scope="module")
+def dataset(stack):
+    from google.cloud import bigquery
+
+    bq = stack.bigquery()
+    name = f"cmp_{uuid.uuid4().hex[:8]}"
+    bq.create_dataset(name)
+    for table, schema in SCHEMAS.items():
+        fields = [bigquery.SchemaField.from_api_repr(f) for f in schema["fields"]]
+        bq.create_table(bigquery.Table(f"{stack.project}.{name}.{table}", schema=fields))
+    chips = [chip(t, i, "1", "live", p, 0.8) for (t, i), p in LIVE.items()]
+    chips += [chip(t, i, "2", "shadow", p, 0.7) for (t, i), p in SHADOW.items()]
+    chips += [dict(chips[0])]  # a retried insert: counted once
+    chips += [chip("c", 0, "2", "canary", (0, 100, 0), 0.9)]  # canary: no live pair
+    chips += [chip("a", 0, "1", "live", (0, 0, 100), 0.1) | {"model_name": "other"}]
+    tiles = [tile(t, "1", "live", tuple(sum(LIVE[(t, i)][k] for i in range(4))
+                                        for k in range(3)), 3.0 + n)
+             for n, t in enumerate("ab")]
+    tiles += [tile(t, "2", "shadow", tuple(sum(SHADOW[(t, i)][k] for i in range(4))
+                                           for k in range(3)), 5.0 + n)
+              for n, t in enumerate("ab")]
+    tiles += [tile("c", "2", "canary", (0, 300, 0), 9.0, failed=1)]
+    letters = [{"stage": "inference", "reason": "model raised", "tile_id": "c",
+                "time": NOW.isoformat()},
+               {"stage": "parse", "reason": "not JSON", "tile_id": "a",
+                "time": NOW.isoformat()}]
+    for table, rows in (("chips", chips), ("tiles", tiles), ("dead_letters", letters)):
+        assert bq.insert_rows_json(f"{stack.project}.{name}.{table}", rows) == []
+    return f"{stack.project}.{name}"
+
+
+def ask(stack, name: str, dataset: str) -> list[dict]:
+    return run_query(stack.bigquery(), name, dataset, OPERATIONS_FILE, window_hours=24,
+                     model_name="landcover-student", live_version="1", candidate_version="2")
+
+
+def test_agreement_on_the_same_chips(stack, dataset):
+    [row] = ask(stack, "compare_agreement", dataset)
+    same = sum(max(range(3), key=LIVE[k].__getitem__) == max(range(3), key=SHADOW[k].__getitem__)
+               for k in LIVE)
+    overlap = sum(sum(min(a, b) for a, b in zip(LIVE[k], SHADOW[k], strict=True)) for k in LIVE)
+    assert (row["tiles"], row["chips"]) == (2, 8)
+    assert row["chip_agreement"] == pytest.approx(same / 8) == pytest.approx(6 / 8)
+    assert row["pixel_overlap"] == pytest.approx(overlap / 800)
+    assert row["live_mean_confidence"] == pytest.approx(0.8)
+    assert row["candidate_mean_confidence"] == pytest.approx(0.7)
+
+
+def test_class_area_deltas(stack, dataset):
+    rows = {r["class_name"]: r for r in ask(stack, "compare_class_area", dataset)}
+    for k, name in enumerate(NAMES):
+        live = sum(p[k] for p in LIVE.values()) * 900 / 1e6
+        cand = sum(p[k] for p in SHADOW.values()) * 900 / 1e6
+        assert rows[name]["live_km2"] == pytest.approx(live)
+        assert rows[name]["candidate_km2"] == pytest.approx(cand)
+        assert rows[name]["delta_km2"] == pytest.approx(cand - live)
+    assert rows["developed"]["delta_ratio"] == pytest.approx((200 - 250) / 250)
+    assert next(iter(rows)) == "forest"  # biggest change (+70 px of 900 m²) first
+
+
+def test_per_version_dead_letters_confidence_and_latency(stack, dataset):
+    rows = {(r["model_version"], r["role"]): r for r in ask(stack, "compare_versions", dataset)}
+    assert set(rows) == {("1", "live"), ("2", "shadow"), ("2", "canary")}
+    canary = rows[("2", "canary")]
+    assert (canary["tiles"], canary["dead_letters"], canary["dead_letter_rate"]) == (1, 1, 1.0)
+    assert canary["chip_failure_ratio"] == pytest.approx(0.25)
+    live = rows[("1", "live")]
+    assert (live["tiles"], live["dead_letters"]) == (2, 0)  # a parse letter is not the model's
+    assert live["mean_confidence"] == pytest.approx(0.8)
+    assert rows[("2", "shadow")]["latency_p95_s"] == pytest.approx(6.0)
