@@ -23,7 +23,12 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from pipeline.queries import OPERATIONS_FILE, run_query
-from transforms.slis import LATENCY_SLO_S
+
+# The latency SLO's threshold: a tile is "fast" when its row lands within this many seconds of
+# the Pub/Sub publish time. docs/operations.md, the Terraform default, `tilestream slo` and the
+# stream's own SLI counters (transforms/slis.py) use it. Kept here, free of Beam, so that the
+# command line can show it without importing Beam.
+LATENCY_SLO_S = 120.0
 
 LATENCY_TARGET = 0.95
 ERROR_TARGET = 0.995

@@ -15,9 +15,10 @@ import pytest
 from apache_beam.metrics.metric import MetricsFilter
 
 from pipeline import slo
+from pipeline.slo import LATENCY_SLO_S
 from tests.test_templates import TEMPLATES, _first, terraform
 from transforms.sinks import SCHEMAS
-from transforms.slis import LATENCY_SLO_S, CountTileSlis
+from transforms.slis import CountTileSlis
 
 ROOT = Path(__file__).resolve().parents[1]
 END = dt.datetime(2026, 5, 4, 12, 0, tzinfo=dt.UTC)

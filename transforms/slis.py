@@ -12,10 +12,9 @@ from __future__ import annotations
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
+from pipeline.slo import LATENCY_SLO_S
+
 NAMESPACE = "tilestream"
-# The latency SLO's threshold: a tile is "fast" when its row lands within this many seconds of
-# the Pub/Sub publish time. docs/operations.md, the Terraform default and `tilestream slo` use it.
-LATENCY_SLO_S = 120.0
 # Names Cloud Monitoring sees; the alert policies and the dashboard refer to them by name.
 TILES_TOTAL = "slo_tiles_total"
 TILES_SLOW = "slo_tiles_slow"
