@@ -169,6 +169,10 @@ def markdown(results: dict) -> str:
                   f"{s['max_batch_size']}: all scored in {s['wall_s']} s ({s['chips_per_s']} "
                   f"chips/s); tile latency publish -> raster + row: median "
                   f"{s['latency_p50_s']} s, max {s['latency_max_s']} s."]
+    if results.get("scale"):
+        import scale
+
+        lines += ["", *scale.markdown(results["scale"])]
     return "\n".join(lines) + "\n"
 
 
@@ -179,6 +183,8 @@ def main() -> int:
     parser.add_argument("--model_uri", default=DEFAULT_MODEL_URI)
     parser.add_argument("--quick", action="store_true", help="small sizes, short timings")
     parser.add_argument("--skip-stream", action="store_true")
+    parser.add_argument("--skip-scale", action="store_true",
+                        help="skip the 3,660² / 7,320² whole-stream ratios (issue 9)")
     parser.add_argument("--out", default=str(ROOT / "bench"))
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
@@ -202,6 +208,13 @@ def main() -> int:
         "stream": None if args.skip_stream else bench_stream(
             4 if args.quick else 8, args.model_uri, 32),
     }
+    if not args.skip_scale:
+        import scale
+
+        with tempfile.TemporaryDirectory() as tmp:
+            results["scale"] = scale.run(card, args.model_uri, Path(tmp))
+        for key in scale.TARGETS:  # the headline ratios, at the top level as well
+            results[key] = results["scale"][key]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")

@@ -1,0 +1,249 @@
+"""Scale benchmarks: the whole stream on HLS-sized tiles, each figure a ratio to its limit.
+
+Every ratio compares two numbers measured side by side in one run on the same machine, so a
+shared, noisy machine moves both: the serial limit of the stream is what one process could do if
+it only chipped and ran the model, ``1 / (1/chipping + 1/model_only)`` chips/s.
+
+Keys written (issue 9): ``stream_vs_serial_limit`` (3,660² tile, publish -> tile row),
+``rows_visible_vs_serial_limit`` (publish -> every chip row queryable), ``inference_vs_model_only``
+(RunInference in Beam vs the bare forward pass), ``chipping_vs_raw_read`` (the chipper vs reading
+the tile's blocks), ``rss_ratio_7320_vs_3660`` (peak RSS of the whole stream process) and
+``bytes_per_chip_vs_raw`` (a Chip as Beam encodes it between stages vs its raw pixels).
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import rasterio
+import torch
+from rasterio.transform import from_origin
+
+ROOT = Path(__file__).resolve().parents[1]
+
+TARGETS = {  # issue 9: >= for the first four, <= for the last two
+    "stream_vs_serial_limit": (">=", 0.8),
+    "rows_visible_vs_serial_limit": (">=", 0.75),
+    "inference_vs_model_only": (">=", 0.85),
+    "chipping_vs_raw_read": (">=", 0.5),
+    "rss_ratio_7320_vs_3660": ("<=", 1.3),
+    "bytes_per_chip_vs_raw": ("<=", 1.2),
+}
+
+
+def mosaic(path: Path, size: int) -> Path:
+    """The Olinda sample tiled to ``size`` x ``size`` (real texture), 512-px deflate blocks."""
+    from pipeline.demo import SAMPLE_TILE
+
+    with rasterio.open(SAMPLE_TILE) as src:
+        base, crs = src.read(), src.crs
+    band = np.tile(base, (1, -(-512 // base.shape[1]), -(-size // base.shape[2])))[:, :512, :size]
+    with rasterio.open(path, "w", driver="GTiff", width=size, height=size, count=6,
+                       dtype="uint8", crs=crs, transform=from_origin(300000, 9200000, 28.5, 28.5),
+                       tiled=True, blockxsize=512, blockysize=512, compress="deflate") as dst:
+        for row in range(0, size, 512):
+            rows = min(512, size - row)
+            dst.write(band[:, :rows], window=((row, row + rows), (0, size)))
+    return path
+
+
+def raw_read_mpx_s(path: Path) -> float:
+    """Reading every block of every band with rasterio: the floor any chipper stands on."""
+    with rasterio.open(path) as src:
+        started = time.perf_counter()
+        for _, window in src.block_windows(1):
+            src.read(window=window)
+        return src.width * src.height / 1e6 / (time.perf_counter() - started)
+
+
+def chipping(path: Path, card) -> dict:
+    """The stream's chipper on the tile, and the size of one Chip as Beam encodes it."""
+    from apache_beam.coders import registry
+
+    from transforms.chips import ChipSettings, ChipTileFn
+    from transforms.records import Chip, TileRef
+
+    fn = ChipTileFn(ChipSettings.from_card(card))
+    coder = registry.get_coder(object)
+    chips, encoded = 0, 0
+    with rasterio.open(path) as src:
+        megapixels = src.width * src.height / 1e6
+    started = time.perf_counter()
+    for item in fn.process(TileRef("bench", (str(path),), "1", 0.0, 0.0)):
+        if isinstance(item, Chip):
+            chips += 1
+            if chips == 1:
+                encoded = len(coder.encode(item))
+    seconds = time.perf_counter() - started
+    raw = len(card.input.bands) * card.input.chip_size ** 2  # uint8 pixels of one chip
+    return {"chips": chips, "seconds": round(seconds, 2), "chips_per_s": round(chips / seconds, 1),
+            "mpx_per_s": round(megapixels / seconds, 2), "bytes_per_chip": encoded,
+            "raw_bytes_per_chip": raw}
+
+
+def model_only(card, chips: int = 3072, batch: int = 32) -> float:
+    """Chips/s of the bare TorchScript forward pass on pre-stacked batches (no Beam at all)."""
+    from model.contract import load_checked
+
+    model = load_checked(card)
+    x = torch.randn(batch, len(card.input.bands), card.input.chip_size, card.input.chip_size)
+    with torch.inference_mode():
+        model(x)
+        started = time.perf_counter()
+        for _ in range(chips // batch):
+            model(x)
+    return chips // batch * batch / (time.perf_counter() - started)
+
+
+def run_inference_in_beam(card, chips: int = 3072, batch: int = 32) -> float:
+    """Chips/s of the stream's RunInference step in a Beam pipeline, minus the same pipeline
+    without it (so Create and the runner's own overhead are not charged to inference)."""
+    import apache_beam as beam
+    from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    from transforms.inference import StudentModelHandler
+
+    shape = (len(card.input.bands), card.input.chip_size, card.input.chip_size)
+
+    def pipeline(with_inference: bool) -> float:
+        options = PipelineOptions(["--runner=BundleBasedDirectRunner"])
+        started = time.perf_counter()
+        with beam.Pipeline(options=options) as p:
+            keyed = (p | beam.Create(range(chips))
+                     | beam.Map(lambda i: (i, torch.from_numpy(
+                         np.random.default_rng(i).standard_normal(shape, np.float32)))))
+            if with_inference:
+                keyed = keyed | RunInference(KeyedModelHandler(StudentModelHandler(
+                    card, min_batch_size=batch, max_batch_size=batch)))
+            _ = keyed | beam.combiners.Count.Globally()
+        return time.perf_counter() - started
+
+    pipeline(False)  # warm imports and the runner
+    base = pipeline(False)
+    full = pipeline(True)
+    return chips / max(full - base, 1e-6)
+
+
+def stream_run(path: Path, model_uri: str) -> dict:
+    """One tile through the whole local stream: publish -> tile row -> every chip row, peak RSS."""
+    from pipeline import announce, local_stack
+
+    run_dir = Path(tempfile.mkdtemp(prefix="tilestream-scale-"))
+    stack = local_stack.up(run_dir)
+    log = open(run_dir / "stream.log", "wb")
+    child = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.cli", "run", "--local", f"--stack_dir={run_dir}",
+         f"--model_uri={model_uri}", "--max_batch_size=32", "--tile_timeout_secs=1800"],
+        stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+    bq = stack.bigquery()
+
+    def rows(sql: str) -> list[dict]:
+        try:
+            return [dict(r) for r in bq.query(sql).result()]
+        except Exception:  # the table appears with its first row
+            return []
+
+    peak = 0
+    try:
+        _, generation = announce.upload(stack.storage(), str(path), stack.bucket,
+                                        f"incoming/{path.name}")
+        time.sleep(8)  # start-up is not what is measured
+        announce.publish(stack.publisher(), stack.topic_path,
+                         *announce.gcs_notification(stack.bucket, f"incoming/{path.name}",
+                                                    generation))
+        tile: list[dict] = []
+        visible_at = None
+        deadline = time.monotonic() + 900
+        while time.monotonic() < deadline:
+            peak = max(peak, _vm_hwm(child.pid))
+            if not tile:
+                tile = rows(f"SELECT published, completed_at, chips_scored "
+                            f"FROM `{stack.dataset}.tiles`")
+            if tile:
+                [count] = rows(f"SELECT COUNT(*) AS n FROM `{stack.dataset}.chips`")
+                if count["n"] >= tile[0]["chips_scored"]:
+                    visible_at = time.time()
+                    break
+            time.sleep(1)
+        if not tile or visible_at is None:
+            raise RuntimeError(f"the tile did not finish in time; see {run_dir}/stream.log")
+        peak = max(peak, _vm_hwm(child.pid))
+        published = tile[0]["published"].timestamp()
+        return {"chips": tile[0]["chips_scored"],
+                "publish_to_tile_row_s": round(tile[0]["completed_at"].timestamp() - published, 1),
+                "publish_to_rows_visible_s": round(visible_at - published, 1),
+                "peak_rss_mb": round(peak / 2**20, 1)}
+    finally:
+        child.send_signal(signal.SIGTERM)
+        child.wait(timeout=60)
+        log.close()
+        local_stack.down(run_dir)
+
+
+def _vm_hwm(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def run(card, model_uri: str, workdir: Path, sizes: tuple[int, int] = (3660, 7320)) -> dict:
+    small, large = (mosaic(workdir / f"mosaic_{s}.tif", s) for s in sizes)
+    raw = raw_read_mpx_s(small)
+    chipped = chipping(small, card)
+    forward = model_only(card)
+    beam_rate = run_inference_in_beam(card)
+    serial = 1.0 / (1.0 / chipped["chips_per_s"] + 1.0 / forward)
+    stream_small = stream_run(small, model_uri)
+    stream_large = stream_run(large, model_uri)
+    ratios = {
+        "stream_vs_serial_limit":
+            stream_small["chips"] / stream_small["publish_to_tile_row_s"] / serial,
+        "rows_visible_vs_serial_limit":
+            stream_small["chips"] / stream_small["publish_to_rows_visible_s"] / serial,
+        "inference_vs_model_only": beam_rate / forward,
+        "chipping_vs_raw_read": chipped["mpx_per_s"] / raw,
+        "rss_ratio_7320_vs_3660": stream_large["peak_rss_mb"] / stream_small["peak_rss_mb"],
+        "bytes_per_chip_vs_raw": chipped["bytes_per_chip"] / chipped["raw_bytes_per_chip"],
+    }
+    ratios = {k: round(v, 3) for k, v in ratios.items()}
+    return {
+        **ratios,
+        "targets": {k: {"target": f"{op} {t}", "met": (ratios[k] >= t if op == ">=" else
+                                                        ratios[k] <= t)}
+                    for k, (op, t) in TARGETS.items()},
+        "raw": {"tile_sizes": list(sizes), "raw_read_mpx_per_s": round(raw, 1),
+                "chipping_3660": chipped, "model_only_chips_per_s": round(forward, 1),
+                "run_inference_chips_per_s": round(beam_rate, 1),
+                "serial_limit_chips_per_s": round(serial, 1),
+                "stream_3660": stream_small, "stream_7320": stream_large},
+    }
+
+
+def markdown(scale: dict) -> list[str]:
+    lines = ["## Scale: the whole stream against its limits (issue 9)", "",
+             "| ratio | value | target | met |", "|---|---|---|---|"]
+    for key, target in scale["targets"].items():
+        lines.append(f"| `{key}` | {scale[key]} | {target['target']} | "
+                     f"{'yes' if target['met'] else 'no'} |")
+    raw = scale["raw"]
+    lines += ["", f"Raw numbers: serial limit {raw['serial_limit_chips_per_s']} chips/s "
+              f"(chipping {raw['chipping_3660']['chips_per_s']}, model only "
+              f"{raw['model_only_chips_per_s']}); RunInference "
+              f"{raw['run_inference_chips_per_s']} chips/s; raw block read "
+              f"{raw['raw_read_mpx_per_s']} Mpx/s vs chipping {raw['chipping_3660']['mpx_per_s']};"
+              f" 3,660²: {raw['stream_3660']}; 7,320²: {raw['stream_7320']}; a Chip is "
+              f"{raw['chipping_3660']['bytes_per_chip']} bytes between stages for "
+              f"{raw['chipping_3660']['raw_bytes_per_chip']} bytes of raw pixels."]
+    return lines
+
