@@ -161,7 +161,7 @@ def stream_run(path: Path, model_uri: str) -> dict:
         tile: list[dict] = []
         visible_at = None
         deadline = time.monotonic() + 900
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and child.poll() is None:
             peak = max(peak, _vm_hwm(child.pid))
             if not tile:
                 tile = rows(f"SELECT published, completed_at, chips_scored "

@@ -20,6 +20,28 @@ def normalise(raw: np.ndarray, valid: np.ndarray, spec: InputSpec) -> np.ndarray
     return np.where(valid[None], out, 0.0).astype(np.float32)
 
 
+def model_input(raw: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """``(C + 1, S, S)`` raw values in their own dtype with the valid mask as a last channel.
+
+    This is what travels to the model: a quarter of normalised float32 for 8-bit sources.
+    :func:`normalise_batch` turns a batch of them into the model's input, on its device.
+    """
+    return np.concatenate([raw, valid[None].astype(raw.dtype)])
+
+
+def normalise_batch(x: torch.Tensor, spec: InputSpec) -> torch.Tensor:
+    """:func:`normalise` for a batch of :func:`model_input` tensors, on whatever device ``x`` is.
+
+    Same float32 arithmetic in the same order as :func:`normalise`, so both give identical
+    values: the stream (on a GPU or not) and training see the same input.
+    """
+    raw, valid = x[:, :-1].float(), x[:, -1:].float()
+    mean = torch.tensor(spec.mean, dtype=torch.float32, device=x.device)[None, :, None, None]
+    std = torch.tensor(spec.std, dtype=torch.float32, device=x.device)[None, :, None, None]
+    out = (raw * spec.scale + spec.offset - mean) / std
+    return torch.where(valid > 0, out, torch.zeros((), device=x.device))
+
+
 def valid_mask(raw: np.ndarray, nodata: float | None) -> np.ndarray:
     """Pixels where every band is finite and differs from ``nodata``."""
     ok = np.isfinite(raw).all(axis=0)

@@ -13,6 +13,7 @@ import time
 import torch
 
 from model.card import load_card
+from model.inference import model_input
 from pipeline.demo import SAMPLE_TILE
 from transforms.chips import ChipSettings, ChipTileFn
 from transforms.inference import StudentModelHandler, segmentation_inference_fn, to_prediction
@@ -40,9 +41,10 @@ def run_check(model_uri: str, device: str) -> dict:
     chip = first_chip(card)
     target = torch.device("cuda" if device == "GPU" else "cpu")
     started = time.perf_counter()
-    [result] = segmentation_inference_fn([torch.from_numpy(chip.pixels)], model, target)
+    [result] = segmentation_inference_fn([torch.from_numpy(model_input(chip.raw, chip.valid))],
+                                         model, target, spec=card.input)
     report["first_chip_ms"] = round((time.perf_counter() - started) * 1000, 1)
-    prediction = to_prediction(dataclasses.replace(chip, pixels=None), result.inference.numpy(),
+    prediction = to_prediction(dataclasses.replace(chip, raw=None), result.inference.numpy(),
                                card.name, card.version)
     counts = prediction.class_counts
     report["chip_class_counts"] = dict(zip((c.name for c in card.classes), counts, strict=True))

@@ -19,13 +19,14 @@ from apache_beam.testing.util import assert_that, equal_to
 from rasterio.transform import from_origin
 
 from model.card import ClassInfo, InputSpec, ModelCard
+from model.inference import model_input, normalise_batch
 from pipeline import announce
 from pipeline.demo import SAMPLE_TILE
 from tests import tiles
 from transforms import announcements as ann
 from transforms import assemble, chips, inference, sinks
 from transforms.guards import InputAllowList
-from transforms.records import NODATA_CLASS, ChipPrediction, TileRef
+from transforms.records import NODATA_CLASS, ChipPrediction, TileRef, pack_mask
 
 BANDS = tiles.BANDS
 RULE = ann.GranuleRule()
@@ -188,12 +189,35 @@ def test_chips_are_normalised_padded_and_georeferenced(tmp_path):
     edge = next(c for c in out if c.row == 48 and c.col == 48)  # bottom-right: 52 x 22 in tile
     assert (edge.height, edge.width) == (52, 22)
     assert edge.valid[:52, :22].all() and not edge.valid[52:].any() and not edge.valid[:, 22:].any()
-    np.testing.assert_allclose(edge.pixels[:, :52, :22], (raw[:, 48:, 48:] - 80.0) / 40.0)
-    assert (edge.pixels[:, 52:, :] == 0).all()
+    # Chips travel raw (uint8, a quarter of float32) and are normalised in the inference step.
+    assert edge.raw.dtype == np.uint8 and edge.crs == "EPSG:31985"
+    batch = torch.from_numpy(model_input(edge.raw, edge.valid))[None]
+    pixels = normalise_batch(batch, settings.card.input)[0].numpy()
+    np.testing.assert_allclose(pixels[:, :52, :22], (raw[:, 48:, 48:] - 80.0) / 40.0)
+    assert (pixels[:, 52:, :] == 0).all()
     assert rasterio.Affine(*edge.transform) * (0, 0) == pytest.approx(transform * (48, 48))
     lon, lat = (float(v) for v in edge.footprint_wkt[len("POLYGON(("):].split(",")[0].split())
     assert -35.0 < lon < -34.8 and -8.1 < lat < -7.9  # Olinda
     assert edge.pixel_area_m2 == pytest.approx(28.5**2, rel=1e-6) and crs.to_epsg() == 31985
+
+
+def test_a_chip_travels_at_about_the_size_of_its_raw_pixels(tmp_path):
+    """Between stages a Chip is what Beam encodes: raw uint8 plus a packed mask, not float32."""
+    from apache_beam.coders import registry
+
+    [chip, *_], _ = chip_tile(SAMPLE_TILE, chips.ChipSettings.from_card(test_card()))
+    encoded = len(registry.get_coder(object).encode(chip))
+    raw_bytes = 6 * 64 * 64
+    assert raw_bytes < encoded < 1.2 * raw_bytes
+
+
+def test_strip_footprints_match_the_per_chip_outline(tmp_path):
+    with rasterio.open(SAMPLE_TILE) as src:
+        transform, crs = src.transform, src.crs
+    cols, widths = [0, 48, 96, 336], [64, 64, 64, 13]
+    together = chips.strip_footprints(transform, crs, 96, 64, cols, widths)
+    assert together == [chips.footprint_wkt(transform, crs, 96, c, 64, w)
+                        for c, w in zip(cols, widths, strict=True)]
 
 
 def test_chips_under_the_valid_threshold_are_skipped_and_counted(tmp_path):
@@ -253,11 +277,13 @@ def test_a_huge_tile_is_read_a_chip_row_at_a_time(tmp_path):
 def test_prediction_counts_only_valid_pixels_and_crops_to_the_window(tmp_path):
     path = tiles.crop(tmp_path / "c.tif", 0, 0, 40, 30)
     [chip], _ = chip_tile(path, chips.ChipSettings.from_card(test_card(chip_size=64)))
-    chip.valid[:10, :] = False
+    mask = chip.valid
+    mask[:10, :] = False
+    chip = dataclasses.replace(chip, valid_bits=pack_mask(mask))
     probs = np.zeros((3, 64, 64), np.uint8)
     probs[2] = 200
     probs[0, :, :15] = 250
-    pred = inference.to_prediction(dataclasses.replace(chip, pixels=None), probs, "m", "1")
+    pred = inference.to_prediction(dataclasses.replace(chip, raw=None), probs, "m", "1")
     assert pred.class_map.shape == (40, 30)
     assert (pred.class_map[:10] == NODATA_CLASS).all()
     assert pred.class_counts == (30 * 15, 0, 30 * 15)
@@ -283,7 +309,7 @@ def fake_predictions(path: Path, card: ModelCard, value_of) -> tuple:
     for chip in out:
         probs = np.stack([np.full((chip.height, chip.width), value_of(chip, k), np.uint8)
                           for k in range(card.num_classes)])
-        predictions.append(ChipPrediction(dataclasses.replace(chip, pixels=None),
+        predictions.append(ChipPrediction(dataclasses.replace(chip, raw=None),
                                           probs.argmax(0).astype(np.uint8), probs, (0,) * 3,
                                           0.5, "m", "1", 0.0))
     return manifest, predictions

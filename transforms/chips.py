@@ -30,10 +30,10 @@ import numpy as np
 from apache_beam.metrics import Metrics
 
 from model.card import CardError, ModelCard
-from model.inference import normalise
 from transforms.deadletter import DEAD_LETTER_TAG, dead_letter
 from transforms.guards import DEFAULT_MAX_TILE_PIXELS, InputAllowList, Refused, describe
-from transforms.records import Chip, TileManifest, TileRef
+from transforms.records import Chip, TileManifest, TileRef, pack_mask
+from transforms.sinks import crs_label
 
 STAGE = "chips"
 MANIFESTS_TAG = "manifests"
@@ -165,6 +165,28 @@ def footprint_wkt(transform, crs, row: int, col: int, height: int, width: int,
     lons, lats = warp(crs, "EPSG:4326", list(xs), list(ys))
     ring = [*zip(lons, lats, strict=True), (lons[0], lats[0])]
     return "POLYGON((" + ", ".join(f"{x:.7f} {y:.7f}" for x, y in ring) + "))"
+
+
+def strip_footprints(transform, crs, row: int, height: int, cols: list[int], widths: list[int],
+                     points_per_edge: int = 4) -> list[str]:
+    """:func:`footprint_wkt` of every chip window of one strip, with one reprojection call."""
+    from rasterio.warp import transform as warp
+
+    steps = np.linspace(0.0, 1.0, points_per_edge + 1)[:-1]
+    n = len(steps)
+    col0 = np.asarray(cols, float)[:, None]
+    w = np.asarray(widths, float)[:, None]
+    ones = np.ones((len(cols), n))
+    rows = np.concatenate([row + steps * height * ones, np.full((len(cols), n), row + height),
+                           row + height - steps * height * ones, np.full((len(cols), n), row)], 1)
+    columns = np.concatenate([col0 * ones, col0 + steps * w, col0 + w * ones,
+                              col0 + w - steps * w], 1)
+    xs, ys = transform @ (columns.ravel(), rows.ravel())
+    lons, lats = (np.asarray(v).reshape(len(cols), 4 * n)
+                  for v in warp(crs, "EPSG:4326", list(xs), list(ys)))
+    return ["POLYGON((" + ", ".join(f"{x:.7f} {y:.7f}" for x, y in
+                                    [*zip(lo, la, strict=True), (lo[0], la[0])]) + "))"
+            for lo, la in zip(lons, lats, strict=True)]
 
 
 def pixel_area_m2(transform, crs, height: int, width: int) -> float:
@@ -401,13 +423,12 @@ class ChipTileFn(beam.DoFn):
 
     def _chip(self, tile: TileRef, src: _Sources, deadline: float, scale: float,
               offset: float, checked: bool) -> Iterator:
-        from rasterio.windows import transform as window_transform
-
         size, stride = self._s.chip_size, self._s.stride
         rows = chip_starts(src.height, size, stride)
         cols = chip_starts(src.width, size, stride)
         area = pixel_area_m2(src.transform, src.crs, src.height, src.width)
         crs_wkt = src.crs.to_wkt()
+        crs = crs_label(crs_wkt)
         skipped = failed = 0
         unreadable: list[str] = []  # one letter per tile, naming every strip that failed
         for row_number, row in enumerate(rows):
@@ -426,21 +447,21 @@ class ChipTileFn(beam.DoFn):
             if not checked and not invalid_strip.all():  # no preview: the first strip decides
                 self._check_radiometry(tile, strip, invalid_strip, scale, offset)
                 checked = True
-            for col_number, col in enumerate(cols):
+            if (scale, offset) != (1.0, 0.0):  # a per-source rescale: float32 from here on
+                strip = strip.astype(np.float32) * np.float32(scale) + np.float32(offset)
+            widths = [min(size, src.width - col) for col in cols]
+            outlines = strip_footprints(src.transform, src.crs, row, height, cols, widths)
+            for col_number, (col, width) in enumerate(zip(cols, widths, strict=True)):
                 index = row_number * len(cols) + col_number
-                width = min(size, src.width - col)
                 valid = np.zeros((size, size), bool)
                 valid[:height, :width] = ~invalid_strip[:, col : col + width]
                 fraction = float(valid.sum()) / (height * width)
                 if fraction < self._s.min_valid_fraction or fraction == 0.0:
                     skipped += 1
                     continue
-                raw = np.zeros((strip.shape[0], size, size), np.float32)
+                raw = np.zeros((strip.shape[0], size, size), strip.dtype)
                 raw[:, :height, :width] = strip[:, :, col : col + width]
-                if (scale, offset) != (1.0, 0.0):
-                    raw = raw * np.float32(scale) + np.float32(offset)
-                pixels = normalise(raw, valid, self._s.card.input)
-                chip_tf = window_transform(((row, row + size), (col, col + size)), src.transform)
+                raw[:, ~valid] = 0  # nodata travels as 0 under the mask, like padding
                 yield Chip(
                     tile=tile,
                     index=index,
@@ -448,14 +469,18 @@ class ChipTileFn(beam.DoFn):
                     col=col,
                     height=height,
                     width=width,
-                    transform=tuple(chip_tf)[:6],
-                    crs_wkt=crs_wkt,
-                    footprint_wkt=footprint_wkt(src.transform, src.crs, row, col, height, width),
+                    size=size,
+                    transform=(*tuple(src.transform)[:2],
+                               src.transform.c + col * src.transform.a + row * src.transform.b,
+                               *tuple(src.transform)[3:5],
+                               src.transform.f + col * src.transform.d + row * src.transform.e),
+                    crs=crs,
+                    footprint_wkt=outlines[col_number],
                     pixel_area_m2=area,
                     valid_fraction=fraction,
-                    valid=valid,
+                    valid_bits=pack_mask(valid),
                     chipped_at=time.time(),
-                    pixels=pixels,
+                    raw=raw,
                 )
         total = len(rows) * len(cols)
         self.tiles.inc()

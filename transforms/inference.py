@@ -11,6 +11,7 @@ refuse to start instead, because a GPU job quietly running on CPU is a cost and 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from collections.abc import Iterable, Sequence
 from typing import Any, NamedTuple
@@ -24,8 +25,9 @@ from apache_beam.ml.inference.pytorch_inference import PytorchModelHandlerTensor
 from apache_beam.transforms.window import FixedWindows, GlobalWindows
 from apache_beam.utils.timestamp import Duration
 
-from model.card import ModelCard
+from model.card import InputSpec, ModelCard
 from model.contract import check_model
+from model.inference import model_input, normalise_batch
 from transforms.deadletter import DEAD_LETTER_TAG, dead_letter
 from transforms.guards import describe
 from transforms.records import NODATA_CLASS, Chip, ChipPrediction
@@ -44,10 +46,23 @@ def segmentation_inference_fn(
     device: Any,
     inference_args: dict[str, Any] | None = None,
     model_id: str | None = None,
+    spec: InputSpec | None = None,
 ) -> Iterable[PredictionResult]:
-    """Stack chips, run the model, return per-chip class probabilities as uint8 (p * 255)."""
+    """Stack chips, normalise them on the device, run the model, return per-chip class
+    probabilities as uint8 (p * 255).
+
+    With ``spec`` (the card's input), each chip is a :func:`model.inference.model_input` tensor:
+    raw values in their own dtype plus the valid mask, so a GPU worker receives a quarter of the
+    bytes of normalised float32 and does the arithmetic itself. Without it, chips are already
+    the model's input.
+    """
     with torch.inference_mode():
-        logits = model(torch.stack(batch).to(device), **(inference_args or {}))
+        if len({t.dtype for t in batch}) > 1:  # tiles of different dtypes in one batch
+            batch = [t.float() for t in batch]
+        x = torch.stack(batch).to(device)
+        if spec is not None:
+            x = normalise_batch(x, spec)
+        logits = model(x, **(inference_args or {}))
         quantised = (torch.softmax(logits.float(), dim=1) * 255.0).round_().to(torch.uint8).cpu()
     return [PredictionResult(x, y, model_id) for x, y in zip(batch, quantised, strict=True)]
 
@@ -62,7 +77,7 @@ class StudentModelHandler(PytorchModelHandlerTensor):
         super().__init__(
             torch_script_model_path=card.weights_uri,
             device=device,
-            inference_fn=segmentation_inference_fn,
+            inference_fn=functools.partial(segmentation_inference_fn, spec=card.input),
             min_batch_size=min_batch_size,
             max_batch_size=max_batch_size,
             max_batch_duration_secs=max_batch_duration_secs,
@@ -194,7 +209,8 @@ class ScoreChips(beam.PTransform):
                 FixedWindows(self._window_secs),
                 allowed_lateness=Duration(seconds=ALLOWED_LATENESS_SECS))
             | "KeyByChip" >> beam.Map(
-                lambda c: (dataclasses.replace(c, pixels=None), torch.from_numpy(c.pixels)))
+                lambda c: (dataclasses.replace(c, raw=None),
+                           torch.from_numpy(model_input(c.raw, c.valid))))
             | "RunInference" >> run_inference.with_exception_handling()
         )
         converted = (scored

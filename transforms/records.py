@@ -83,11 +83,14 @@ class TileManifest:
 
 @dataclass
 class Chip:
-    """A window of a tile, normalised for the model.
+    """A window of a tile, as it travels to the model: small on purpose.
 
-    ``pixels`` is ``(C, S, S)`` float32 with invalid and padded pixels set to 0; ``valid`` marks the
-    pixels that are inside the tile and not nodata. The window may be smaller than ``S`` at the
-    tile's right and bottom edges; the rest of the chip is padding.
+    ``raw`` is ``(C, S, S)`` in the source's own dtype (uint8 for 8-bit DN: a quarter of float32;
+    float32 only when a per-source rescale applies), padded with 0; ``valid_bits`` is the packed
+    ``(S, S)`` mask of pixels inside the tile and not nodata. Normalisation happens in the
+    inference function, on the model's device. The window may be smaller than ``S`` at the
+    tile's right and bottom edges; the rest of the chip is padding. ``crs`` is the short label
+    (``EPSG:nnnn``); the tile's full CRS travels once, in its manifest.
     """
 
     tile: TileRef
@@ -96,14 +99,25 @@ class Chip:
     col: int
     height: int
     width: int
+    size: int  # S
     transform: tuple[float, ...]  # affine of the chip's top-left pixel grid
-    crs_wkt: str
+    crs: str
     footprint_wkt: str  # EPSG:4326 polygon of the in-tile window
     pixel_area_m2: float
     valid_fraction: float
-    valid: np.ndarray  # (S, S) bool
+    valid_bits: np.ndarray  # np.packbits of the (S, S) valid mask
     chipped_at: float
-    pixels: np.ndarray | None = field(default=None, repr=False)
+    raw: np.ndarray | None = field(default=None, repr=False)
+
+    @property
+    def valid(self) -> np.ndarray:
+        """The ``(S, S)`` bool mask (unpacked on demand)."""
+        return np.unpackbits(self.valid_bits, count=self.size * self.size).reshape(
+            self.size, self.size).astype(bool)
+
+
+def pack_mask(mask: np.ndarray) -> np.ndarray:
+    return np.packbits(mask.astype(bool), axis=None)
 
 
 @dataclass

@@ -229,7 +229,7 @@ def chip_row(pred: ChipPrediction, class_names: tuple[str, ...]) -> dict:
         "col_off": chip.col,
         "height": chip.height,
         "width": chip.width,
-        "crs": crs_label(chip.crs_wkt),
+        "crs": chip.crs,
         "footprint": chip.footprint_wkt,
         "valid_fraction": chip.valid_fraction,
         "classes": class_records(counts, class_names, chip.pixel_area_m2),
