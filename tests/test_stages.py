@@ -315,6 +315,45 @@ def fake_predictions(path: Path, card: ModelCard, value_of) -> tuple:
     return manifest, predictions
 
 
+def run_assembly(card: ModelCard, out_dir: Path, manifest, predictions, failed=(),
+                 confidence: bool = False, time_out: bool = False):
+    """Drive the three assembly steps by hand (route, strips, tile); (tile rows, letters)."""
+    route = assemble._RouteFn()
+    strips_fn = assemble._AssembleStripFn(card, str(out_dir), 60, True, confidence)
+    tiles_fn = assemble._FinishTileFn(card, str(out_dir), 60, True, confidence)
+    strips_fn.setup()
+    tiles_fn.setup()
+    to_strips, to_tile, letters, rows = [], [], [], []
+
+    def sort(outputs, downstream):
+        for out in outputs:
+            if isinstance(out, beam.pvalue.TaggedOutput):
+                (to_tile if out.tag == assemble.TILES_TAG else letters).append(out.value)
+            else:
+                downstream.append(out)
+
+    for item in (manifest, *predictions, *failed):
+        sort(route.process(item), to_strips)
+    states: dict[str, dict] = {}
+    for key, item in to_strips:
+        state = states.setdefault(key, {"plan": _State(), "pieces": _State("bag"),
+                                        "arrived": _State("count")})
+        sort(strips_fn.process((key, item), **state, wall=_State(), end=_State()), to_tile)
+    if time_out:
+        for key, state in states.items():
+            sort(strips_fn._timed_out(key, **state), to_tile)
+    tile_state = {"manifest_state": _State(), "results": _State("bag")}
+    for kv in to_tile:
+        sort(tiles_fn.process(kv, **tile_state, wall=_State(), end=_State()), rows)
+    if time_out and tile_state["manifest_state"].read() is not None:
+        sort(tiles_fn._timed_out(manifest.tile.key, **tile_state), rows)
+    return rows, letters, tile_state
+
+
+def class_counts(row: dict) -> list[int]:
+    return [c["pixels"] for c in row["classes"]]
+
+
 def test_overlapping_chips_are_blended_not_overwritten(tmp_path):
     path = tiles.crop(tmp_path / "c.tif", 0, 0, 64, 112)  # chips at cols 0 and 48: overlap 16
     card = test_card()
@@ -326,42 +365,87 @@ def test_overlapping_chips_are_blended_not_overwritten(tmp_path):
         return table[chip.col][k]
 
     manifest, predictions = fake_predictions(path, card, value_of)
-    out = tmp_path / "pred.tif"
     for order in (predictions, predictions[::-1]):
-        counts = assemble.write_prediction_raster(manifest, order, card, str(out))
-        with rasterio.open(out) as r:
+        [row], letters, _ = run_assembly(card, tmp_path / "out", manifest, order)
+        with rasterio.open(row["raster_uri"]) as r:
             classes = r.read(1)
         assert (classes[:, :48] == 0).all() and (classes[:, 48:] == 1).all()
-        assert counts.tolist() == [64 * 48, 64 * 64, 0]
+        assert class_counts(row) == [64 * 48, 64 * 64, 0] and letters == []
+        assert row["complete"] is True
 
 
 def test_prediction_raster_matches_the_input_grid_with_colours_and_confidence(tmp_path):
     path = tiles.reprojected(tmp_path / "w.tif", "EPSG:4326")
     card = test_card()
     manifest, predictions = fake_predictions(path, card, lambda chip, k: 200 if k == 2 else 20)
-    out = tmp_path / "pred.tif"
-    assemble.write_prediction_raster(manifest, predictions, card, str(out), confidence_band=True)
-    with rasterio.open(path) as src, rasterio.open(out) as r:
+    [row], _, _ = run_assembly(card, tmp_path / "out", manifest, predictions, confidence=True)
+    with rasterio.open(path) as src, rasterio.open(row["raster_uri"]) as r:
         assert (r.crs, r.width, r.height) == (src.crs, src.width, src.height)
         assert r.transform.almost_equals(src.transform)
         assert r.count == 2 and r.nodata == 255
+        assert r.tags(ns="IMAGE_STRUCTURE").get("LAYOUT") == "COG"
         assert r.colormap(1)[2][:3] == card.classes[2].rgb
+        assert r.descriptions == ("class", "confidence_percent")
         valid = (src.read() != src.nodata).all(axis=0)
         classes, confidence = r.read(1), r.read(2)
     assert (classes[valid] == 2).all() and (classes[~valid] == 255).all()
     assert set(np.unique(confidence[valid])) == {round(200 / 255 * 100)}
+    pieces = list(Path(row["raster_uri"]).parent.rglob("*.strips/*.tif"))
+    assert pieces == [], "strip pieces are removed once stitched"
 
 
 def test_missing_chips_leave_nodata_in_a_partial_raster(tmp_path):
     path = tiles.crop(tmp_path / "c.tif", 0, 0, 64, 112)
     card = test_card()
     manifest, predictions = fake_predictions(path, card, lambda chip, k: 200 if k == 1 else 10)
-    out = tmp_path / "pred.tif"
-    counts = assemble.write_prediction_raster(manifest, predictions[:1], card, str(out))
-    with rasterio.open(out) as r:
+    [row], [letter], _ = run_assembly(card, tmp_path / "out", manifest, predictions[:1],
+                                      time_out=True)
+    with rasterio.open(row["raster_uri"]) as r:
         classes = r.read(1)
     assert (classes[:, :64] == 1).all() and (classes[:, 64:] == 255).all()
-    assert counts.tolist() == [0, 64 * 64, 0]
+    assert class_counts(row) == [0, 64 * 64, 0]
+    assert (row["complete"], row["chips_scored"], row["chips_failed"]) == (False, 1, 1)
+    assert "1 of 2 chips scored" in letter.reason
+
+
+def test_a_chip_the_model_failed_on_makes_the_tile_partial_not_stuck(tmp_path):
+    path = tiles.crop(tmp_path / "c.tif", 0, 0, 64, 112)
+    card = test_card()
+    manifest, predictions = fake_predictions(path, card, lambda chip, k: 200 if k == 1 else 10)
+    [row], [letter], _ = run_assembly(card, tmp_path / "out", manifest, predictions[:1],
+                                      failed=[predictions[1].chip])
+    assert (row["complete"], row["chips_scored"], row["chips_failed"]) == (False, 1, 1)
+    assert "written as partial" in letter.reason
+
+
+@pytest.mark.parametrize("size", [None, 3660])
+def test_strip_assembly_is_pixel_identical_to_blending_the_whole_tile(tmp_path, size):
+    """On the sample and on an HLS-sized mosaic, with random overlapping probabilities."""
+    from tests.reference_blend import blended
+
+    if size is None:
+        path = SAMPLE_TILE
+    else:
+        import sys
+
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+        from scale import mosaic
+
+        path = mosaic(tmp_path / "mosaic.tif", size)
+    card = test_card(classes=4)
+    rng = np.random.default_rng(5)
+    manifest, predictions = fake_predictions(path, card, lambda chip, k: 0)
+    predictions = [dataclasses.replace(p, probabilities=rng.integers(
+        0, 256, p.probabilities.shape, dtype=np.uint8)) for p in predictions]
+    rng.shuffle(predictions)
+    [row], letters, _ = run_assembly(card, tmp_path / "out", manifest, predictions,
+                                     confidence=True)
+    classes, confidence = blended(manifest, predictions, card.num_classes)
+    with rasterio.open(row["raster_uri"]) as r:
+        assert np.array_equal(r.read(1), classes)
+        assert np.array_equal(r.read(2), confidence)
+    assert row["complete"] is True and letters == []
+    assert class_counts(row) == np.bincount(classes[classes != 255], minlength=4).tolist()
 
 
 # --- sinks -------------------------------------------------------------------------------------
@@ -437,18 +521,11 @@ def test_a_timed_out_tile_is_written_partial_and_its_state_starts_over(tmp_path)
     path = tiles.crop(tmp_path / "c.tif", 0, 0, 64, 112)
     card = test_card()
     manifest, predictions = fake_predictions(path, card, lambda chip, k: 200 if k == 1 else 10)
-    fn = assemble._AssembleTileFn(card, str(tmp_path / "out"), 60, True, False)
-    state = {"manifest_state": _State(), "predictions": _State("bag"),
-             "arrived": _State("count"), "failed": _State("count")}
-    timers = {"wall": _State(), "end": _State()}
-    key = manifest.tile.key
-    for item in (manifest, predictions[0]):  # the second chip never comes
-        assert list(fn.process((key, item), **state, **timers)) == []
-    letter, row = fn._timed_out(key, **state)
-    assert letter.tag == "dead_letters" and "1 of 2 chips scored" in letter.value.reason
+    [row], [letter], tile_state = run_assembly(card, tmp_path / "out", manifest,
+                                               predictions[:1], time_out=True)
+    assert "1 of 2 chips scored" in letter.reason
     assert (row["complete"], row["chips_scored"], row["chips_failed"]) == (False, 1, 1)
-    assert all(s.read() in (None, 0, []) for s in state.values())
+    assert all(s.read() in (None, 0, []) for s in tile_state.values())
     # The same tile version delivered again later completes on its own counts.
-    outputs = [out for item in (manifest, *predictions)
-               for out in fn.process((key, item), **state, **timers)]
-    assert [(o["complete"], o["chips_scored"]) for o in outputs] == [(True, 2)]
+    [again], letters, _ = run_assembly(card, tmp_path / "out", manifest, predictions)
+    assert (again["complete"], again["chips_scored"]) == (True, 2) and letters == []

@@ -1,24 +1,35 @@
 """Stage 6: chip predictions -> one prediction COG per tile on GCS plus one BigQuery tile row.
 
-A stateful step keyed by tile version collects the tile's manifest (from the chipper: how many
-chips to expect) and its chip predictions. When every expected chip has been scored or has
-failed, it writes the raster; a tile still incomplete at the timeout is written as partial (the
-missing chips are nodata) and reported in the dead letters.
+Strip-keyed, so that no state grows with a tile's chip count:
 
-The raster has exactly the input's CRS, transform and size: a uint8 class map with the card's
-colour table and nodata 255, optionally a second band with confidence in percent. Where chips
-overlap (stride < chip size) their class probabilities are averaged, then arg-maxed. The
-accumulation walks the tile one chip row at a time so memory follows a strip, not the tile.
+1. ``RouteToStrips`` cuts each prediction into the rows of the output strips it overlaps (strip
+   ``j`` is rows ``starts[j]..starts[j+1]`` of the chip grid) and keys the pieces by tile version
+   and strip; the tile's manifest goes to every strip (what to expect) and to the tile.
+2. ``AssembleStrips`` (stateful per strip) blends a strip as soon as every chip overlapping it
+   has been scored or has failed, writes it as a small GeoTIFF piece beside the COG, and reports
+   its class counts. Its state is one strip's pieces.
+3. ``FinishTiles`` (stateful per tile, small counters only) stitches the pieces into the COG with
+   windowed reads (a VRT of the pieces -> COG), deletes them, and emits the tile row.
+
+A strip or tile still incomplete at the timeout is written as partial (missing chips are nodata)
+and reported in the dead letters. The raster has exactly the input's CRS, transform and size: a
+uint8 class map with the card's colour table and nodata 255, optionally a second band with
+confidence in percent. Where chips overlap (stride < chip size) their class probabilities are
+summed over valid pixels, then arg-maxed: the sums are integers, so the result does not depend
+on the order pieces arrive in (pixel-identical to blending the whole tile at once).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
-from itertools import groupby
+from collections.abc import Iterable
+from typing import NamedTuple
+from xml.sax.saxutils import escape
 
 import apache_beam as beam
 import numpy as np
@@ -37,7 +48,15 @@ from transforms import stac, timeouts
 from transforms.chips import chip_starts, footprint_wkt
 from transforms.deadletter import DEAD_LETTER_TAG, dead_letter
 from transforms.guards import describe, safe_id
-from transforms.records import KEYED, NODATA_CLASS, Chip, ChipPrediction, TileManifest
+from transforms.records import (
+    KEYED,
+    NODATA_CLASS,
+    Chip,
+    ChipPrediction,
+    StripPiece,
+    StripResult,
+    TileManifest,
+)
 from transforms.sinks import tile_row
 
 STAGE = "assemble"
@@ -69,85 +88,269 @@ def scratch_dir() -> str:
     return mine
 
 
-def _blend_strips(manifest: TileManifest, predictions: list[ChipPrediction],
-                  num_classes: int) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
-    """Yield ``(row, probabilities (K, n, W) float32, weight (n, W))`` strips, top to bottom."""
-    size, width = manifest.chip_size, manifest.width
-    by_row = {row: list(group) for row, group in
-              groupby(sorted(predictions, key=lambda p: p.chip.row), key=lambda p: p.chip.row)}
-    starts = chip_starts(manifest.height, size, manifest.stride)
-    acc = np.zeros((num_classes, size, width), np.float32)
-    weight = np.zeros((size, width), np.float32)
-    for i, row in enumerate(starts):
-        for pred in by_row.get(row, ()):
-            chip = pred.chip
-            h, w = chip.height, chip.width
-            valid = chip.valid[:h, :w]
-            acc[:, :h, chip.col : chip.col + w] += pred.probabilities * valid
-            weight[:h, chip.col : chip.col + w] += valid
-        end = starts[i + 1] if i + 1 < len(starts) else manifest.height
-        done = min(end, manifest.height) - row
-        yield row, acc[:, :done].copy(), weight[:done].copy()
-        # Slide the buffer down to the next chip row: finished rows leave, zeros come in.
-        acc = np.concatenate([acc[:, done:], np.zeros((num_classes, done, width), np.float32)], 1)
-        weight = np.concatenate([weight[done:], np.zeros((done, width), np.float32)], 0)
+TILES_TAG = "tiles"
 
 
-def write_prediction_raster(manifest: TileManifest, predictions: list[ChipPrediction],
-                            card: ModelCard, uri: str,
-                            confidence_band: bool = False, scratch: str | None = None,
-                            ) -> np.ndarray:
-    """Write the tile's prediction COG to ``uri``; returns valid pixels per class."""
-    import rasterio
-    import rasterio.shutil
-    from affine import Affine
+def strip_bounds(height: int, size: int, stride: int) -> list[tuple[int, int]]:
+    """Rows ``(start, end)`` of each output strip: from one chip row's start to the next's."""
+    starts = chip_starts(height, size, stride)
+    return [(start, starts[j + 1] if j + 1 < len(starts) else height)
+            for j, start in enumerate(starts)]
+
+
+def strips_touched(chip_row: int, chip_height: int, bounds: list[tuple[int, int]]) -> list[int]:
+    """Output strips that rows ``chip_row .. chip_row + chip_height`` of a chip overlap."""
+    return [j for j, (start, end) in enumerate(bounds)
+            if start < chip_row + chip_height and end > chip_row]
+
+
+def piece_uri(raster: str, strip: int) -> str:
+    """Where strip ``strip`` of a tile's COG waits to be stitched (deleted once it is)."""
+    return raster[: -len(".tif")] + f".strips/{strip:05d}.tif"
+
+
+def gdal_path(uri: str) -> str:
+    return "/vsigs/" + uri[len("gs://"):] if uri.startswith("gs://") else uri
+
+
+class _RouteFn(beam.DoFn):
+    """Manifest -> every strip and the tile; prediction -> its rows of each strip it touches."""
+
+    def process(self, item: TileManifest | ChipPrediction | Chip):
+        if isinstance(item, TileManifest):
+            key = item.tile.key
+            yield beam.pvalue.TaggedOutput(TILES_TAG, (key, item))
+            for j in range(len(strip_bounds(item.height, item.chip_size, item.stride))):
+                yield f"{key}#{j}", item
+            return
+        chip = item.chip if isinstance(item, ChipPrediction) else item
+        bounds = strip_bounds(chip.tile_height, chip.size, chip.stride)
+        own = chip.row // chip.stride
+        for j in strips_touched(chip.row, chip.height, bounds):
+            start, end = bounds[j]
+            top, bottom = max(start, chip.row), min(end, chip.row + chip.height)
+            piece = StripPiece(strip=j, own=j == own, col=chip.col, offset=top - start,
+                               chip_index=chip.index)
+            if isinstance(item, ChipPrediction):
+                rows = slice(top - chip.row, bottom - chip.row)
+                piece = dataclasses.replace(
+                    piece, probabilities=np.ascontiguousarray(item.probabilities[:, rows]),
+                    valid=chip.valid[rows, : chip.width].copy())
+            yield f"{chip.tile.key}#{j}", piece
+
+
+def blend(pieces: Iterable[StripPiece], num_classes: int, height: int,
+          width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(classes, confidence %, valid pixels per class) of one strip from its pieces."""
+    acc = np.zeros((num_classes, height, width), np.float32)
+    weight = np.zeros((height, width), np.float32)
+    for piece in pieces:
+        if piece.probabilities is None:  # a chip the model failed on: counted, no pixels
+            continue
+        h, w = piece.valid.shape
+        rows, cols = slice(piece.offset, piece.offset + h), slice(piece.col, piece.col + w)
+        acc[:, rows, cols] += piece.probabilities * piece.valid
+        weight[rows, cols] += piece.valid
+    covered = weight > 0
+    classes = np.full((height, width), NODATA_CLASS, np.uint8)
+    classes[covered] = acc[:, covered].argmax(axis=0)
+    confidence = np.full((height, width), NODATA_CONFIDENCE, np.uint8)
+    confidence[covered] = np.round(acc[:, covered].max(axis=0) / weight[covered] / 255.0 * 100.0)
+    counts = np.bincount(classes[covered], minlength=num_classes)
+    return classes, confidence, counts
+
+
+def _write_bytes(path: str, uri: str) -> None:
     from apache_beam.io.filesystems import FileSystems
-    from rasterio.windows import Window
 
-    counts = np.zeros(card.num_classes, np.int64)
+    with open(path, "rb") as src, FileSystems.create(uri, mime_type="image/tiff") as out:
+        while block := src.read(8 << 20):
+            out.write(block)
+
+
+class _AssembleStripFn(beam.DoFn):
+    """One output strip: waits for every chip overlapping it, blends, writes a piece."""
+
+    WALL_CLOCK, END_OF_INPUT = timeouts.timer_specs()
+    PLAN = ReadModifyWriteStateSpec("plan", PickleCoder())
+    PIECES = BagStateSpec("pieces", PickleCoder())
+    ARRIVED = CombiningValueStateSpec("arrived", VarIntCoder(), CountCombineFn())
+
+    def __init__(self, card: ModelCard, output_prefix: str, timeout_secs: float,
+                 streaming: bool, confidence_band: bool):
+        self._card = card
+        self._prefix = output_prefix
+        self._timeout = timeout_secs
+        self._streaming = streaming
+        self._confidence = confidence_band
+        self._scratch: str | None = None
+        self.strips = Metrics.counter("tilestream", "strips_written")
+
+    def setup(self):
+        self._scratch = scratch_dir()
+
+    def teardown(self):
+        if self._scratch:
+            shutil.rmtree(self._scratch, ignore_errors=True)
+
+    def process(self, element: tuple[str, TileManifest | StripPiece],
+                plan=beam.DoFn.StateParam(PLAN), pieces=beam.DoFn.StateParam(PIECES),
+                arrived=beam.DoFn.StateParam(ARRIVED), wall=beam.DoFn.TimerParam(WALL_CLOCK),
+                end=beam.DoFn.TimerParam(END_OF_INPUT)):
+        key, item = element
+        manifest = plan.read()
+        if manifest is None and arrived.read() == 0:
+            timeouts.arm(wall, end, self._streaming, self._timeout)
+        if isinstance(item, TileManifest):
+            manifest = item
+            plan.write(item)
+        else:
+            pieces.add(item)
+            arrived.add(item)
+        if manifest is not None and arrived.read() >= expected_pieces(manifest, _strip(key)):
+            yield from self._finish(key, manifest, list(pieces.read()), complete=True)
+            for state in (plan, pieces, arrived):
+                state.clear()
+            wall.clear()
+            end.clear()
+
+    @on_timer(WALL_CLOCK)
+    def on_wall_clock(self, key=beam.DoFn.KeyParam, plan=beam.DoFn.StateParam(PLAN),
+                      pieces=beam.DoFn.StateParam(PIECES),
+                      arrived=beam.DoFn.StateParam(ARRIVED)):
+        yield from self._timed_out(key, plan, pieces, arrived)
+
+    @on_timer(END_OF_INPUT)
+    def on_end_of_input(self, key=beam.DoFn.KeyParam, plan=beam.DoFn.StateParam(PLAN),
+                        pieces=beam.DoFn.StateParam(PIECES),
+                        arrived=beam.DoFn.StateParam(ARRIVED)):
+        yield from self._timed_out(key, plan, pieces, arrived)
+
+    def _timed_out(self, key, plan, pieces, arrived):
+        manifest, held = plan.read(), list(pieces.read())
+        for state in (plan, pieces, arrived):
+            state.clear()
+        if manifest is not None:  # without it, the tile's own timeout reports the loss
+            yield from self._finish(key, manifest, held, complete=False)
+
+    def _finish(self, key: str, manifest: TileManifest, held: list[StripPiece], complete: bool):
+        import rasterio
+        from affine import Affine
+
+        j = _strip(key)
+        start, stop = strip_bounds(manifest.height, manifest.chip_size, manifest.stride)[j]
+        own = [p for p in held if p.own]
+        failed = sum(p.probabilities is None for p in own)
+        expected_own = manifest.expected_per_row[j]
+        result = StripResult(strip=j, counts=(0,) * self._card.num_classes,
+                             scored=len(own) - failed, failed=failed,
+                             missing=expected_own - len(own), complete=complete)
+        try:
+            classes, confidence, counts = blend(held, self._card.num_classes, stop - start,
+                                                manifest.width)
+            uri = piece_uri(raster_uri(self._prefix, self._card, manifest), j)
+            transform = Affine(*manifest.transform) * Affine.translation(0, start)
+            path = os.path.join(self._scratch or tempfile.gettempdir(),
+                                f"piece-{os.getpid()}-{j}-{time.monotonic_ns()}.tif")
+            with rasterio.open(path, "w", driver="GTiff", width=manifest.width,
+                               height=stop - start, count=2 if self._confidence else 1,
+                               dtype="uint8", nodata=NODATA_CLASS,
+                               crs=rasterio.crs.CRS.from_wkt(manifest.crs_wkt),
+                               transform=transform, tiled=True, blockxsize=256,
+                               blockysize=256, compress="DEFLATE") as dst:
+                dst.write(classes, 1)
+                if self._confidence:
+                    dst.write(confidence, 2)
+            try:
+                _write_bytes(path, uri)
+            finally:
+                os.remove(path)
+            result = dataclasses.replace(result, counts=tuple(int(n) for n in counts),
+                                         written=True)
+        except Exception as exc:  # the tile reports the strip as missing; nothing stops
+            yield dead_letter(STAGE, f"strip {j} of {manifest.tile.key} could not be written: "
+                                     f"{describe(exc)}", message_id=manifest.tile.message_id,
+                              tile_id=manifest.tile.tile_id)
+        self.strips.inc()
+        yield manifest.tile.key, result
+
+
+def _strip(key: str) -> int:
+    return int(key.rsplit("#", 1)[1])
+
+
+def expected_pieces(manifest: TileManifest, strip: int) -> int:
+    """Pieces strip ``strip`` waits for: every chip expected back from the rows overlapping it."""
+    bounds = strip_bounds(manifest.height, manifest.chip_size, manifest.stride)
+    starts = [start for start, _ in bounds]
+    return sum(manifest.expected_per_row[r] for r, row in enumerate(starts)
+               if strip in strips_touched(row, min(manifest.chip_size, manifest.height - row),
+                                          bounds))
+
+
+def stitch(manifest: TileManifest, card: ModelCard, uri: str, written: list[int],
+           confidence_band: bool, scratch: str | None) -> None:
+    """The written strip pieces -> one COG at ``uri``, through a VRT (windowed reads only)."""
+    import rasterio.shutil
+
+    bounds = strip_bounds(manifest.height, manifest.chip_size, manifest.stride)
+    count = 2 if confidence_band else 1
+    bands = []
+    for band in range(1, count + 1):
+        sources = "".join(
+            f"<SimpleSource><SourceFilename relativeToVRT=\"0\">"
+            f"{escape(gdal_path(piece_uri(uri, j)))}</SourceFilename>"
+            f"<SourceBand>{band}</SourceBand>"
+            f"<SrcRect xOff=\"0\" yOff=\"0\" xSize=\"{manifest.width}\" "
+            f"ySize=\"{bounds[j][1] - bounds[j][0]}\"/>"
+            f"<DstRect xOff=\"0\" yOff=\"{bounds[j][0]}\" xSize=\"{manifest.width}\" "
+            f"ySize=\"{bounds[j][1] - bounds[j][0]}\"/></SimpleSource>" for j in written)
+        extra = ("<ColorInterp>Palette</ColorInterp><ColorTable>"
+                 + "".join(f'<Entry c1="{c.rgb[0]}" c2="{c.rgb[1]}" c3="{c.rgb[2]}" c4="255"/>'
+                           for c in card.classes) + "</ColorTable>") if band == 1 else ""
+        name = "class" if band == 1 else "confidence_percent"
+        bands.append(f'<VRTRasterBand dataType="Byte" band="{band}">'
+                     f"<Description>{name}</Description>"
+                     f"<NoDataValue>{NODATA_CLASS}</NoDataValue>{extra}{sources}"
+                     "</VRTRasterBand>")
+    tags = {"model": card.model_id, "tile_id": manifest.tile.tile_id,
+            "classes": ",".join(c.name for c in card.classes)}
+    vrt = (f'<VRTDataset rasterXSize="{manifest.width}" rasterYSize="{manifest.height}">'
+           f"<SRS>{escape(manifest.crs_wkt)}</SRS>"
+           f"<GeoTransform>{', '.join(repr(v) for v in _gdal_transform(manifest.transform))}"
+           "</GeoTransform><Metadata>"
+           + "".join(f'<MDI key="{k}">{escape(v)}</MDI>' for k, v in tags.items())
+           + "</Metadata>" + "".join(bands) + "</VRTDataset>")
     with tempfile.TemporaryDirectory(prefix="tile-", dir=scratch) as tmp:
-        strips_path = os.path.join(tmp, "strips.tif")
-        profile = {
-            "driver": "GTiff", "width": manifest.width, "height": manifest.height,
-            "count": 2 if confidence_band else 1, "dtype": "uint8", "nodata": NODATA_CLASS,
-            "crs": rasterio.crs.CRS.from_wkt(manifest.crs_wkt),
-            "transform": Affine(*manifest.transform), "tiled": True,
-            "blockxsize": 256, "blockysize": 256, "compress": "DEFLATE",
-        }
-        with rasterio.open(strips_path, "w", **profile) as dst:
-            dst.write_colormap(1, {c.id: (*c.rgb, 255) for c in card.classes})
-            dst.set_band_description(1, "class")
-            for row, acc, weight in _blend_strips(manifest, predictions, card.num_classes):
-                covered = weight > 0
-                classes = np.full(weight.shape, NODATA_CLASS, np.uint8)
-                classes[covered] = acc[:, covered].argmax(axis=0)
-                counts += np.bincount(classes[covered], minlength=card.num_classes)
-                window = Window(0, row, manifest.width, weight.shape[0])
-                dst.write(classes, 1, window=window)
-                if confidence_band:
-                    confidence = np.full(weight.shape, NODATA_CONFIDENCE, np.uint8)
-                    confidence[covered] = np.round(
-                        acc[:, covered].max(axis=0) / weight[covered] / 255.0 * 100.0)
-                    dst.write(confidence, 2, window=window)
-            if confidence_band:
-                dst.set_band_description(2, "confidence_percent")
-            dst.update_tags(model=card.model_id, tile_id=manifest.tile.tile_id,
-                            classes=",".join(c.name for c in card.classes))
-        cog_path = os.path.join(tmp, "prediction.tif")
-        rasterio.shutil.copy(strips_path, cog_path, driver="COG", compress="DEFLATE",
-                             overview_resampling="nearest")
-        with open(cog_path, "rb") as src, FileSystems.create(uri, mime_type="image/tiff") as out:
-            while block := src.read(8 << 20):
-                out.write(block)
-    return counts
+        vrt_path, cog_path = os.path.join(tmp, "tile.vrt"), os.path.join(tmp, "tile.tif")
+        with open(vrt_path, "w") as out:
+            out.write(vrt)
+        with rasterio.Env(GDAL_DISABLE_READDIR_ON_OPEN="EMPTY_DIR"):
+            rasterio.shutil.copy(vrt_path, cog_path, driver="COG", compress="DEFLATE",
+                                 overview_resampling="nearest")
+        _write_bytes(cog_path, uri)
 
 
-class _AssembleTileFn(beam.DoFn):
+def _gdal_transform(affine: tuple[float, ...]) -> tuple[float, ...]:
+    a, b, c, d, e, f = affine[:6]
+    return (c, a, b, f, d, e)
+
+
+def remove_pieces(uri: str, strips: Iterable[int]) -> None:
+    from apache_beam.io.filesystems import FileSystems
+
+    try:
+        FileSystems.delete([piece_uri(uri, j) for j in strips])
+    except Exception as exc:  # leftovers cost storage, not correctness
+        logging.getLogger(__name__).warning("could not delete strip pieces of %s: %s", uri, exc)
+
+
+class _FinishTileFn(beam.DoFn):
+    """Per tile, small counters only: once every strip is written, stitch the COG, emit the row."""
+
     WALL_CLOCK, END_OF_INPUT = timeouts.timer_specs()
     MANIFEST = ReadModifyWriteStateSpec("manifest", PickleCoder())
-    PREDICTIONS = BagStateSpec("predictions", PickleCoder())
-    ARRIVED = CombiningValueStateSpec("arrived", VarIntCoder(), CountCombineFn())
-    FAILED = CombiningValueStateSpec("failed", VarIntCoder(), CountCombineFn())
+    RESULTS = BagStateSpec("results", PickleCoder())  # one small record per strip
 
     def __init__(self, card: ModelCard, output_prefix: str, timeout_secs: float,
                  streaming: bool, confidence_band: bool):
@@ -168,84 +371,77 @@ class _AssembleTileFn(beam.DoFn):
         if self._scratch:
             shutil.rmtree(self._scratch, ignore_errors=True)
 
-    def process(
-        self,
-        element: tuple[str, TileManifest | ChipPrediction | Chip],
-        manifest_state=beam.DoFn.StateParam(MANIFEST),
-        predictions=beam.DoFn.StateParam(PREDICTIONS),
-        arrived=beam.DoFn.StateParam(ARRIVED),
-        failed=beam.DoFn.StateParam(FAILED),
-        wall=beam.DoFn.TimerParam(WALL_CLOCK),
-        end=beam.DoFn.TimerParam(END_OF_INPUT),
-    ):
+    def process(self, element: tuple[str, TileManifest | StripResult],
+                manifest_state=beam.DoFn.StateParam(MANIFEST),
+                results=beam.DoFn.StateParam(RESULTS), wall=beam.DoFn.TimerParam(WALL_CLOCK),
+                end=beam.DoFn.TimerParam(END_OF_INPUT)):
         _, item = element
-        manifest = manifest_state.read()
-        if manifest is None and arrived.read() == 0 and failed.read() == 0:
-            timeouts.arm(wall, end, self._streaming, self._timeout)
+        manifest, held = manifest_state.read(), list(results.read())
+        if manifest is None and not held:
+            # A little after the strips' own timeout, so partial strips are in by then.
+            timeouts.arm(wall, end, self._streaming, self._timeout * 1.2 + 5)
         if isinstance(item, TileManifest):
             manifest = item
             manifest_state.write(item)
-        elif isinstance(item, ChipPrediction):
-            predictions.add(item)
-            arrived.add(item)
         else:
-            failed.add(item)
-        if manifest is not None and arrived.read() + failed.read() >= manifest.chips_expected:
-            n_failed = failed.read()
-            yield from self._finish(manifest, list(predictions.read()), n_failed,
-                                    complete=n_failed == 0 and manifest.chips_failed == 0)
-            for state in (manifest_state, predictions, arrived, failed):
-                state.clear()
+            held.append(item)
+            results.add(item)
+        if manifest is not None and len({r.strip for r in held}) >= _strip_count(manifest):
+            yield from self._finish(manifest, held, complete=True)
+            manifest_state.clear()
+            results.clear()
             wall.clear()
             end.clear()
 
     @on_timer(WALL_CLOCK)
     def on_wall_clock(self, key=beam.DoFn.KeyParam,
                       manifest_state=beam.DoFn.StateParam(MANIFEST),
-                      predictions=beam.DoFn.StateParam(PREDICTIONS),
-                      arrived=beam.DoFn.StateParam(ARRIVED),
-                      failed=beam.DoFn.StateParam(FAILED)):
-        yield from self._timed_out(key, manifest_state, predictions, arrived, failed)
+                      results=beam.DoFn.StateParam(RESULTS)):
+        yield from self._timed_out(key, manifest_state, results)
 
     @on_timer(END_OF_INPUT)
     def on_end_of_input(self, key=beam.DoFn.KeyParam,
                         manifest_state=beam.DoFn.StateParam(MANIFEST),
-                        predictions=beam.DoFn.StateParam(PREDICTIONS),
-                        arrived=beam.DoFn.StateParam(ARRIVED),
-                        failed=beam.DoFn.StateParam(FAILED)):
-        yield from self._timed_out(key, manifest_state, predictions, arrived, failed)
+                        results=beam.DoFn.StateParam(RESULTS)):
+        yield from self._timed_out(key, manifest_state, results)
 
-    def _timed_out(self, key, manifest_state, predictions, arrived, failed):
-        manifest = manifest_state.read()
-        held = list(predictions.read())
-        n_failed = failed.read()
-        for state in (manifest_state, predictions, arrived, failed):
-            state.clear()
+    def _timed_out(self, key, manifest_state, results):
+        manifest, held = manifest_state.read(), list(results.read())
+        manifest_state.clear()
+        results.clear()
         if manifest is None:
             if held:
-                tile = held[0].chip.tile
-                yield dead_letter(STAGE, f"{len(held)} chip predictions of {key} arrived but "
-                                         "the tile's manifest never did",
-                                  message_id=tile.message_id, tile_id=tile.tile_id)
+                yield dead_letter(STAGE, f"{len(held)} strips of {key} were assembled but the "
+                                         "tile's manifest never arrived", tile_id=key)
             return
-        missing = manifest.chips_expected - len(held) - n_failed
-        yield dead_letter(
-            STAGE,
-            f"tile {key} incomplete after {self._timeout:.0f}s: {len(held)} of "
-            f"{manifest.chips_expected} chips scored, {n_failed} failed, {missing} never "
-            "arrived; written as partial",
-            message_id=manifest.tile.message_id, tile_id=manifest.tile.tile_id)
-        yield from self._finish(manifest, held, n_failed + missing, complete=False)
+        yield from self._finish(manifest, held, complete=False)
 
-    def _finish(self, manifest: TileManifest, held: list[ChipPrediction], n_failed: int,
-                complete: bool):
+    def _finish(self, manifest: TileManifest, held: list[StripResult], complete: bool):
         started = time.perf_counter()
+        by_strip = {r.strip: r for r in held}
+        strips = _strip_count(manifest)
+        missing_strips = [j for j in range(strips) if j not in by_strip]
+        scored = sum(r.scored for r in by_strip.values())
+        failed = (sum(r.failed + r.missing for r in by_strip.values())
+                  + sum(manifest.expected_per_row[j] for j in missing_strips))
+        complete = (complete and failed == 0 and manifest.chips_failed == 0
+                    and all(r.complete and r.written for r in by_strip.values()))
+        if failed or missing_strips or not all(r.complete for r in by_strip.values()):
+            yield dead_letter(
+                STAGE,
+                f"tile {manifest.tile.key} incomplete: {scored} of {manifest.chips_expected} "
+                f"chips scored, {failed} failed or never arrived, "
+                f"{strips - len(missing_strips)} of {strips} strips written; written as partial",
+                message_id=manifest.tile.message_id, tile_id=manifest.tile.tile_id)
         uri = "(no path)"
         try:
             uri = raster_uri(self._prefix, self._card, manifest)
-            counts = write_prediction_raster(manifest, held, self._card, uri, self._confidence,
-                                             self._scratch)
-            row = self._tile_row(manifest, held, n_failed, complete, counts, uri)
+            written = sorted(j for j, r in by_strip.items() if r.written)
+            stitch(manifest, self._card, uri, written, self._confidence, self._scratch)
+            remove_pieces(uri, written)
+            counts = np.sum([r.counts for r in by_strip.values()] or
+                            [[0] * self._card.num_classes], axis=0)
+            row = self._tile_row(manifest, scored, failed, complete, counts, uri)
             # STAC out: the prediction's STAC Item beside the COG (transforms/stac.py).
             row["stac_uri"], problem = stac.write_prediction_item(row, manifest, self._card,
                                                                   self._confidence)
@@ -265,8 +461,8 @@ class _AssembleTileFn(beam.DoFn):
                               tile_id=manifest.tile.tile_id)
         yield row
 
-    def _tile_row(self, manifest: TileManifest, held: list[ChipPrediction], n_failed: int,
-                  complete: bool, counts: np.ndarray, uri: str) -> dict:
+    def _tile_row(self, manifest: TileManifest, scored: int, failed: int, complete: bool,
+                  counts: np.ndarray, uri: str) -> dict:
         import rasterio
         from affine import Affine
 
@@ -274,8 +470,8 @@ class _AssembleTileFn(beam.DoFn):
         return tile_row(
             manifest,
             complete=complete,
-            chips_scored=len(held),
-            chips_failed=manifest.chips_failed + n_failed,
+            chips_scored=scored,
+            chips_failed=manifest.chips_failed + failed,
             class_counts=counts,
             class_names=tuple(c.name for c in self._card.classes),
             pixel_area_m2=manifest.pixel_area_m2,
@@ -288,31 +484,41 @@ class _AssembleTileFn(beam.DoFn):
         )
 
 
-@beam.typehints.with_output_types(KEYED)
-def _by_tile(item: TileManifest | ChipPrediction | Chip):
-    tile = item.chip.tile if isinstance(item, ChipPrediction) else item.tile
-    return tile.key, item
+def _strip_count(manifest: TileManifest) -> int:
+    return len(chip_starts(manifest.height, manifest.chip_size, manifest.stride))
+
+
+class AssembledTiles(NamedTuple):
+    tiles: beam.PCollection  # tile rows
+    dead_letters: beam.PCollection
 
 
 class AssembleTiles(beam.PTransform):
-    """(manifests, predictions, failed chips) -> tile rows (main) + dead letters."""
+    """(manifests, predictions, failed chips) -> tile rows + dead letters, strip by strip."""
 
     def __init__(self, card: ModelCard, output_prefix: str, timeout_secs: float,
                  streaming: bool, confidence_band: bool = False):
         super().__init__()
-        self._fn = _AssembleTileFn(card, output_prefix, timeout_secs, streaming,
-                                   confidence_band)
+        args = (card, output_prefix, timeout_secs, streaming, confidence_band)
+        self._strips = _AssembleStripFn(*args)
+        self._tiles = _FinishTileFn(*args)
 
-    def expand(self, pcolls):
+    def expand(self, pcolls) -> AssembledTiles:
         manifests, predictions, failed = pcolls
         # Inputs arrive in the global window (ScoreChips leaves its batch windows).
-        keyed = (
-            (
-                manifests | "KeyManifest" >> beam.Map(_by_tile),
-                predictions | "KeyPrediction" >> beam.Map(_by_tile),
-                failed | "KeyFailed" >> beam.Map(_by_tile),
-            )
-            | "Merge" >> beam.Flatten()
-        )
-        return keyed | "Assemble" >> beam.ParDo(self._fn).with_outputs(DEAD_LETTER_TAG,
-                                                                       main="tiles")
+        routed = ((manifests, predictions, failed)
+                  | "Merge" >> beam.Flatten()
+                  | "RouteToStrips" >> beam.ParDo(_RouteFn()).with_outputs(TILES_TAG,
+                                                                           main="strips"))
+        strips = (routed.strips
+                  | "StripKeys" >> beam.Map(lambda kv: kv).with_output_types(KEYED)
+                  | "AssembleStrips" >> beam.ParDo(self._strips).with_outputs(
+                      DEAD_LETTER_TAG, main="results"))
+        tiles = ((routed[TILES_TAG], strips.results)
+                 | "ToTiles" >> beam.Flatten()
+                 | "TileKeys" >> beam.Map(lambda kv: kv).with_output_types(KEYED)
+                 | "FinishTiles" >> beam.ParDo(self._tiles).with_outputs(DEAD_LETTER_TAG,
+                                                                         main="tiles"))
+        letters = ((strips[DEAD_LETTER_TAG], tiles[DEAD_LETTER_TAG])
+                   | "AssemblyLetters" >> beam.Flatten())
+        return AssembledTiles(tiles.tiles, letters)

@@ -430,6 +430,7 @@ class ChipTileFn(beam.DoFn):
         crs_wkt = src.crs.to_wkt()
         crs = crs_label(crs_wkt)
         skipped = failed = 0
+        expected: list[int] = []  # chips emitted per chip row: what assembly waits for
         unreadable: list[str] = []  # one letter per tile, naming every strip that failed
         for row_number, row in enumerate(rows):
             height = min(size, src.height - row)
@@ -440,6 +441,7 @@ class ChipTileFn(beam.DoFn):
                                            src.read_strip(row, height))
             except Exception as exc:  # a corrupt block fails its strip only
                 failed += len(cols)
+                expected.append(0)
                 unreadable.append(f"rows {row}..{row + height}: {describe(exc)}")
                 continue
             self.strip_ms.update(int((time.perf_counter() - started) * 1000))
@@ -450,6 +452,7 @@ class ChipTileFn(beam.DoFn):
             if (scale, offset) != (1.0, 0.0):  # a per-source rescale: float32 from here on
                 strip = strip.astype(np.float32) * np.float32(scale) + np.float32(offset)
             widths = [min(size, src.width - col) for col in cols]
+            expected.append(0)
             outlines = strip_footprints(src.transform, src.crs, row, height, cols, widths)
             for col_number, (col, width) in enumerate(zip(cols, widths, strict=True)):
                 index = row_number * len(cols) + col_number
@@ -470,6 +473,8 @@ class ChipTileFn(beam.DoFn):
                     height=height,
                     width=width,
                     size=size,
+                    stride=stride,
+                    tile_height=src.height,
                     transform=(*tuple(src.transform)[:2],
                                src.transform.c + col * src.transform.a + row * src.transform.b,
                                *tuple(src.transform)[3:5],
@@ -482,6 +487,7 @@ class ChipTileFn(beam.DoFn):
                     chipped_at=time.time(),
                     raw=raw,
                 )
+                expected[-1] += 1
         total = len(rows) * len(cols)
         self.tiles.inc()
         self.total.inc(total)
@@ -502,6 +508,7 @@ class ChipTileFn(beam.DoFn):
                 chips_skipped=skipped,
                 chips_failed=failed,
                 chipped_at=time.time(),
+                expected_per_row=tuple(expected),
                 failures=(f"{len(unreadable)} of {len(rows)} strips of "
                           f"{', '.join(tile.band_uris)} unreadable ({failed} of {total} chips "
                           "failed): " + "; ".join(unreadable)) if unreadable else "",

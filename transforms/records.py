@@ -74,6 +74,7 @@ class TileManifest:
     chips_failed: int  # strips that could not be read (dead-lettered)
     chipped_at: float
     failures: str = ""  # why strips failed; dead-lettered by assembly beside the tile row
+    expected_per_row: tuple[int, ...] = ()  # chips expected back from each chip row
 
     @property
     def chips_expected(self) -> int:
@@ -100,6 +101,8 @@ class Chip:
     height: int
     width: int
     size: int  # S
+    stride: int  # of the chip grid: chip row = row // stride
+    tile_height: int  # the tile's rows, so assembly knows the grid from any one chip
     transform: tuple[float, ...]  # affine of the chip's top-left pixel grid
     crs: str
     footprint_wkt: str  # EPSG:4326 polygon of the in-tile window
@@ -137,6 +140,33 @@ class ChipPrediction:
 DEAD_LETTER = "dead_letter"
 FILTERED = "filtered"
 DUPLICATE = "duplicate"
+
+
+@dataclass(frozen=True)
+class StripPiece:
+    """The rows of one chip's prediction that fall in one output strip (``probabilities`` is
+    None for a chip the model failed on: it still counts towards the strip being complete)."""
+
+    strip: int
+    own: bool  # the chip's own chip row is this strip: its chip is counted here, once
+    col: int
+    offset: int  # first row of the piece inside the strip
+    chip_index: int
+    probabilities: np.ndarray | None = None  # (K, h, w) uint8, p * 255
+    valid: np.ndarray | None = None  # (h, w) bool
+
+
+@dataclass(frozen=True)
+class StripResult:
+    """A finished output strip, as the tile sees it: counts only."""
+
+    strip: int
+    counts: tuple[int, ...]  # valid pixels per class in the strip
+    scored: int  # chips of this chip row that were scored
+    failed: int  # ... that the model failed on
+    missing: int  # ... that never arrived (timeout)
+    complete: bool
+    written: bool = False  # its piece is on storage
 
 
 @dataclass(frozen=True)
