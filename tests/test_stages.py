@@ -465,6 +465,17 @@ def test_tables_in_a_dataset_accept_the_usual_spellings():
         sinks.BigQueryTables.in_dataset("ds")
 
 
+def test_streamed_rows_are_sized_as_the_insert_api_counts_them():
+    """The sink's row-size check is the JSON payload (cheap), and still refuses huge rows."""
+    from apache_beam.io.gcp.bigquery import BigQueryWriteFn
+
+    fn = BigQueryWriteFn(batch_size=10, max_insert_payload_size=1000)
+    row = ({"tile_id": "t", "classes": [{"name": "water", "pixels": 3}]}, "insert-id")
+    assert fn._check_row_size(row) == (len(json.dumps(row)), None)
+    size, error = fn._check_row_size(({"payload": "x" * 2000}, "id"))
+    assert size > 2000 and "exceeds the maximum insert payload size" in error
+
+
 def test_chip_rows_are_assertable_through_beam(tmp_path):
     """chip_row runs inside a pipeline: the row id is deterministic per model, tile and chip."""
     path = tiles.crop(tmp_path / "c.tif", 0, 0, 64, 64)

@@ -91,17 +91,31 @@ def scratch_dir() -> str:
 TILES_TAG = "tiles"
 
 
+STRIP_ROWS = 512  # output strips are whole chip rows, about this many pixel rows tall
+
+
 def strip_bounds(height: int, size: int, stride: int) -> list[tuple[int, int]]:
-    """Rows ``(start, end)`` of each output strip: from one chip row's start to the next's."""
+    """Rows ``(start, end)`` of each output strip: a run of chip rows, about STRIP_ROWS tall.
+
+    Strip boundaries sit on chip-row starts, so each chip has one own strip (where its first
+    row falls) and overlaps at most the next ones; a tall strip means fewer pieces to write.
+    """
     starts = chip_starts(height, size, stride)
-    return [(start, starts[j + 1] if j + 1 < len(starts) else height)
-            for j, start in enumerate(starts)]
+    group = max(1, STRIP_ROWS // stride)
+    firsts = starts[::group]
+    return [(start, firsts[j + 1] if j + 1 < len(firsts) else height)
+            for j, start in enumerate(firsts)]
 
 
 def strips_touched(chip_row: int, chip_height: int, bounds: list[tuple[int, int]]) -> list[int]:
     """Output strips that rows ``chip_row .. chip_row + chip_height`` of a chip overlap."""
     return [j for j, (start, end) in enumerate(bounds)
             if start < chip_row + chip_height and end > chip_row]
+
+
+def own_strip(chip_row: int, bounds: list[tuple[int, int]]) -> int:
+    """The strip a chip is counted in: where its first row falls."""
+    return next(j for j, (start, end) in enumerate(bounds) if start <= chip_row < end)
 
 
 def piece_uri(raster: str, strip: int) -> str:
@@ -125,7 +139,7 @@ class _RouteFn(beam.DoFn):
             return
         chip = item.chip if isinstance(item, ChipPrediction) else item
         bounds = strip_bounds(chip.tile_height, chip.size, chip.stride)
-        own = chip.row // chip.stride
+        own = own_strip(chip.row, bounds)
         for j in strips_touched(chip.row, chip.height, bounds):
             start, end = bounds[j]
             top, bottom = max(start, chip.row), min(end, chip.row + chip.height)
@@ -241,7 +255,7 @@ class _AssembleStripFn(beam.DoFn):
         start, stop = strip_bounds(manifest.height, manifest.chip_size, manifest.stride)[j]
         own = [p for p in held if p.own]
         failed = sum(p.probabilities is None for p in own)
-        expected_own = manifest.expected_per_row[j]
+        expected_own = expected_pieces(manifest, j, own_only=True)
         result = StripResult(strip=j, counts=(0,) * self._card.num_classes,
                              scored=len(own) - failed, failed=failed,
                              missing=expected_own - len(own), complete=complete)
@@ -279,13 +293,19 @@ def _strip(key: str) -> int:
     return int(key.rsplit("#", 1)[1])
 
 
-def expected_pieces(manifest: TileManifest, strip: int) -> int:
-    """Pieces strip ``strip`` waits for: every chip expected back from the rows overlapping it."""
+def expected_pieces(manifest: TileManifest, strip: int, own_only: bool = False) -> int:
+    """Pieces strip ``strip`` waits for: every chip expected back from the chip rows that
+    overlap it (``own_only``: only those counted in it)."""
     bounds = strip_bounds(manifest.height, manifest.chip_size, manifest.stride)
-    starts = [start for start, _ in bounds]
-    return sum(manifest.expected_per_row[r] for r, row in enumerate(starts)
-               if strip in strips_touched(row, min(manifest.chip_size, manifest.height - row),
-                                          bounds))
+    total = 0
+    for r, row in enumerate(chip_starts(manifest.height, manifest.chip_size, manifest.stride)):
+        if own_only:
+            hit = own_strip(row, bounds) == strip
+        else:
+            hit = strip in strips_touched(row, min(manifest.chip_size, manifest.height - row),
+                                          bounds)
+        total += manifest.expected_per_row[r] if hit else 0
+    return total
 
 
 def stitch(manifest: TileManifest, card: ModelCard, uri: str, written: list[int],
@@ -423,7 +443,7 @@ class _FinishTileFn(beam.DoFn):
         missing_strips = [j for j in range(strips) if j not in by_strip]
         scored = sum(r.scored for r in by_strip.values())
         failed = (sum(r.failed + r.missing for r in by_strip.values())
-                  + sum(manifest.expected_per_row[j] for j in missing_strips))
+                  + sum(expected_pieces(manifest, j, own_only=True) for j in missing_strips))
         complete = (complete and failed == 0 and manifest.chips_failed == 0
                     and all(r.complete and r.written for r in by_strip.values()))
         if failed or missing_strips or not all(r.complete for r in by_strip.values()):
@@ -485,7 +505,7 @@ class _FinishTileFn(beam.DoFn):
 
 
 def _strip_count(manifest: TileManifest) -> int:
-    return len(chip_starts(manifest.height, manifest.chip_size, manifest.stride))
+    return len(strip_bounds(manifest.height, manifest.chip_size, manifest.stride))
 
 
 class AssembledTiles(NamedTuple):
