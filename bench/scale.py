@@ -167,7 +167,8 @@ def stream_run(path: Path, model_uri: str) -> dict:
                 tile = rows(f"SELECT published, completed_at, chips_scored "
                             f"FROM `{stack.dataset}.tiles`")
             if tile:
-                [count] = rows(f"SELECT COUNT(*) AS n FROM `{stack.dataset}.chips`")
+                [count] = rows(f"SELECT COUNT(*) AS n, MAX(chipped_at) AS chipped, "
+                               f"MAX(scored_at) AS scored FROM `{stack.dataset}.chips`")
                 if count["n"] >= tile[0]["chips_scored"]:
                     visible_at = time.time()
                     break
@@ -177,6 +178,8 @@ def stream_run(path: Path, model_uri: str) -> dict:
         peak = max(peak, _vm_hwm(child.pid))
         published = tile[0]["published"].timestamp()
         return {"chips": tile[0]["chips_scored"],
+                "publish_to_last_chip_s": round(count["chipped"].timestamp() - published, 1),
+                "publish_to_last_score_s": round(count["scored"].timestamp() - published, 1),
                 "publish_to_tile_row_s": round(tile[0]["completed_at"].timestamp() - published, 1),
                 "publish_to_rows_visible_s": round(visible_at - published, 1),
                 "peak_rss_mb": round(peak / 2**20, 1)}
