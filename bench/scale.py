@@ -91,7 +91,7 @@ def model_only(card, chips: int = 3072, batch: int = 32) -> float:
     """Chips/s of the bare TorchScript forward pass on pre-stacked batches (no Beam at all)."""
     from model.contract import load_checked
 
-    model = load_checked(card)
+    model = load_checked(card)  # normalised float32 input, already stacked: the forward alone
     x = torch.randn(batch, len(card.input.bands), card.input.chip_size, card.input.chip_size)
     with torch.inference_mode():
         model(x)
@@ -108,6 +108,7 @@ def run_inference_in_beam(card, chips: int = 3072, batch: int = 32) -> float:
     from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
     from apache_beam.options.pipeline_options import PipelineOptions
 
+    from model.inference import model_input
     from transforms.inference import StudentModelHandler
 
     shape = (len(card.input.bands), card.input.chip_size, card.input.chip_size)
@@ -117,8 +118,9 @@ def run_inference_in_beam(card, chips: int = 3072, batch: int = 32) -> float:
         started = time.perf_counter()
         with beam.Pipeline(options=options) as p:
             keyed = (p | beam.Create(range(chips))
-                     | beam.Map(lambda i: (i, torch.from_numpy(
-                         np.random.default_rng(i).standard_normal(shape, np.float32)))))
+                     | beam.Map(lambda i: (i, torch.from_numpy(model_input(
+                         np.random.default_rng(i).integers(0, 256, shape, np.uint8),
+                         np.ones(shape[1:], bool))))))
             if with_inference:
                 keyed = keyed | RunInference(KeyedModelHandler(StudentModelHandler(
                     card, min_batch_size=batch, max_batch_size=batch)))
