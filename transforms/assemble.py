@@ -33,6 +33,7 @@ from apache_beam.transforms.userstate import (
 )
 
 from model.card import ModelCard, join_uri
+from model.serving import CardBook
 from transforms import stac, timeouts
 from transforms.chips import chip_starts, footprint_wkt
 from transforms.deadletter import DEAD_LETTER_TAG, dead_letter
@@ -150,8 +151,10 @@ class _AssembleTileFn(beam.DoFn):
     FAILED = CombiningValueStateSpec("failed", VarIntCoder(), CountCombineFn())
 
     def __init__(self, card: ModelCard, output_prefix: str, timeout_secs: float,
-                 streaming: bool, confidence_band: bool):
+                 streaming: bool, confidence_band: bool, registry_uri: str | None = None):
         self._card = card
+        self._registry_uri = registry_uri
+        self._cards: CardBook | None = None
         self._prefix = output_prefix
         self._timeout = timeout_secs
         self._streaming = streaming
@@ -163,6 +166,13 @@ class _AssembleTileFn(beam.DoFn):
 
     def setup(self):
         self._scratch = scratch_dir()
+        self._cards = CardBook(self._card, self._registry_uri)
+
+    def card_of(self, manifest: TileManifest) -> ModelCard:
+        """The card of the version this tile was assigned (the stream's own without a registry)."""
+        if not manifest.tile.model or self._cards is None:
+            return self._card
+        return self._cards.get(manifest.tile.model)
 
     def teardown(self):
         if self._scratch:
@@ -242,12 +252,13 @@ class _AssembleTileFn(beam.DoFn):
         started = time.perf_counter()
         uri = "(no path)"
         try:
-            uri = raster_uri(self._prefix, self._card, manifest)
-            counts = write_prediction_raster(manifest, held, self._card, uri, self._confidence,
+            card = self.card_of(manifest)
+            uri = raster_uri(self._prefix, card, manifest)
+            counts = write_prediction_raster(manifest, held, card, uri, self._confidence,
                                              self._scratch)
-            row = self._tile_row(manifest, held, n_failed, complete, counts, uri)
+            row = self._tile_row(manifest, held, n_failed, complete, counts, uri, card)
             # STAC out: the prediction's STAC Item beside the COG (transforms/stac.py).
-            row["stac_uri"], problem = stac.write_prediction_item(row, manifest, self._card,
+            row["stac_uri"], problem = stac.write_prediction_item(row, manifest, card,
                                                                   self._confidence)
         except Exception as exc:  # one tile's fault must not kill the stream
             yield dead_letter(STAGE, f"writing {uri} failed: {describe(exc)}",
@@ -266,7 +277,7 @@ class _AssembleTileFn(beam.DoFn):
         yield row
 
     def _tile_row(self, manifest: TileManifest, held: list[ChipPrediction], n_failed: int,
-                  complete: bool, counts: np.ndarray, uri: str) -> dict:
+                  complete: bool, counts: np.ndarray, uri: str, card: ModelCard) -> dict:
         import rasterio
         from affine import Affine
 
@@ -277,13 +288,13 @@ class _AssembleTileFn(beam.DoFn):
             chips_scored=len(held),
             chips_failed=manifest.chips_failed + n_failed,
             class_counts=counts,
-            class_names=tuple(c.name for c in self._card.classes),
+            class_names=tuple(c.name for c in card.classes),
             pixel_area_m2=manifest.pixel_area_m2,
             footprint_wkt=footprint_wkt(transform, crs, 0, 0, manifest.height, manifest.width,
                                         points_per_edge=16),
             raster_uri=uri,
-            model_name=self._card.name,
-            model_version=self._card.version,
+            model_name=card.name,
+            model_version=card.version,
             completed_at=time.time(),
         )
 
@@ -291,17 +302,18 @@ class _AssembleTileFn(beam.DoFn):
 @beam.typehints.with_output_types(KEYED)
 def _by_tile(item: TileManifest | ChipPrediction | Chip):
     tile = item.chip.tile if isinstance(item, ChipPrediction) else item.tile
-    return tile.key, item
+    return tile.assignment_key, item
 
 
 class AssembleTiles(beam.PTransform):
     """(manifests, predictions, failed chips) -> tile rows (main) + dead letters."""
 
     def __init__(self, card: ModelCard, output_prefix: str, timeout_secs: float,
-                 streaming: bool, confidence_band: bool = False):
+                 streaming: bool, confidence_band: bool = False,
+                 registry_uri: str | None = None):
         super().__init__()
         self._fn = _AssembleTileFn(card, output_prefix, timeout_secs, streaming,
-                                   confidence_band)
+                                   confidence_band, registry_uri)
 
     def expand(self, pcolls):
         manifests, predictions, failed = pcolls

@@ -113,7 +113,8 @@ ERROR_SCHEMA = {
 
 EVENT_SCHEMA = {
     "fields": [
-        _field("disposition", "STRING", "REQUIRED", "filtered | duplicate"),
+        _field("disposition", "STRING", "REQUIRED",
+               "filtered | duplicate | model (a registry version loaded or refused)"),
         _field("stage", "STRING", "REQUIRED"),
         _field("reason", "STRING", "REQUIRED"),
         _field("message_id", "STRING"),
@@ -235,7 +236,7 @@ def chip_row(pred: ChipPrediction, class_names: tuple[str, ...]) -> dict:
         "classes": class_records(counts, class_names, chip.pixel_area_m2),
         "dominant_class": class_names[dominant],
         "mean_confidence": pred.mean_confidence,
-        **provenance(chip.tile, pred.model_name, pred.model_version),
+        **provenance(chip.tile, pred.model_name, pred.model_version, chip.tile.role or "live"),
         "chipped_at": bq_timestamp(chip.chipped_at),
         "scored_at": bq_timestamp(pred.scored_at),
         "latency_s": pred.scored_at - chip.tile.published,
@@ -273,7 +274,7 @@ def tile_row(
         "footprint": footprint_wkt,
         "classes": class_records(class_counts, class_names, pixel_area_m2),
         "raster_uri": raster_uri,
-        **provenance(tile, model_name, model_version),
+        **provenance(tile, model_name, model_version, tile.role or "live"),
         "completed_at": bq_timestamp(completed_at),
         "latency_s": completed_at - tile.published,
     }
