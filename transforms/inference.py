@@ -162,7 +162,12 @@ class VersionedModelHandler(ModelHandler):
             by_version.setdefault(chip.tile.model, []).append((chip, tensor))
         results = []
         for model_id, pairs in by_version.items():
-            network = model.get(model_id)
+            try:
+                network = model.get(model_id)
+            except Exception as exc:  # only this version's chips fail, not the batch
+                reason = f"model {model_id} could not be loaded: {describe(exc)}"
+                results.extend((c, PredictionResult(t, None, reason)) for c, t in pairs)
+                continue
             scored = segmentation_inference_fn([t for _, t in pairs], network, model.device,
                                                inference_args, model_id)
             results.extend(zip([c for c, _ in pairs], scored, strict=True))
@@ -204,6 +209,11 @@ class _ToPredictionFn(beam.DoFn):
         chip, result = element
         name, version = ((chip.tile.model.split("/", 1)) if chip.tile.model
                          else (self._name, self._version))
+        if result.inference is None:  # its version failed to load (VersionedModelHandler)
+            yield dead_letter(STAGE, str(result.model_id), message_id=chip.tile.message_id,
+                              tile_id=chip.tile.tile_id)
+            yield beam.pvalue.TaggedOutput(FAILED_TAG, chip)
+            return
         try:
             prediction = to_prediction(chip, result.inference.numpy(), name, version)
         except Exception as exc:  # one chip's output, one letter
