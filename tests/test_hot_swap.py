@@ -153,6 +153,15 @@ def test_every_tile_is_scored_once_per_role_and_never_by_two_versions(stack, swa
         assert chip["n"] == chip["d"] == row["chips_scored"]
 
 
+def test_tile_rows_carry_drift_against_the_card_of_the_version_that_scored_them(stack,
+                                                                                 swap_run):
+    rows = query(stack, f"SELECT tile_id, role, drifted, drift_max_band_psi, drift_class_psi, "
+                        f"ARRAY_LENGTH(drift_band_psi) AS bands "
+                        f"FROM `{swap_run['dataset']}.tiles`")
+    assert rows and all(r["drifted"] is not None and r["drift_max_band_psi"] >= 0
+                        and r["drift_class_psi"] is not None and r["bands"] == 6 for r in rows)
+
+
 def test_tiles_flow_under_v1_then_v2_within_the_poll_bound_after_promote(stack, swap_run):
     rows = {r["tile_id"]: r for r in tile_rows(stack, swap_run) if r["role"] == "live"}
     assert {rows[t]["model_version"] for t in swap_run["phases"]["v1"]} == {"1"}

@@ -162,6 +162,7 @@ class _AssembleTileFn(beam.DoFn):
         self._scratch: str | None = None
         self.written = Metrics.counter("tilestream", "tiles_written")
         self.partial = Metrics.counter("tilestream", "tiles_partial")
+        self.drifted = Metrics.counter("tilestream", "tiles_drifted")
         self.write_ms = Metrics.distribution("tilestream", "tile_write_ms")
 
     def setup(self):
@@ -257,6 +258,9 @@ class _AssembleTileFn(beam.DoFn):
             counts = write_prediction_raster(manifest, held, card, uri, self._confidence,
                                              self._scratch)
             row = self._tile_row(manifest, held, n_failed, complete, counts, uri, card)
+            row.update(drift_columns(card, manifest, counts))
+            if row["drifted"]:
+                self.drifted.inc()
             # STAC out: the prediction's STAC Item beside the COG (transforms/stac.py).
             row["stac_uri"], problem = stac.write_prediction_item(row, manifest, card,
                                                                   self._confidence)
@@ -297,6 +301,21 @@ class _AssembleTileFn(beam.DoFn):
             model_version=card.version,
             completed_at=time.time(),
         )
+
+
+def drift_columns(card: ModelCard, manifest: TileManifest, class_counts: np.ndarray) -> dict:
+    """The tile row's drift columns: bands from the chipper's counts, classes from the raster."""
+    from model.drift import reference_from_card, tile_drift
+
+    reference = reference_from_card(card)
+    if reference is None or not manifest.band_counts or not sum(manifest.band_counts[0]):
+        return {"drift_band_psi": [], "drift_class_psi": None, "drift_max_band_psi": None,
+                "drifted": None}
+    drift = tile_drift(reference, [np.asarray(c) for c in manifest.band_counts],
+                       [int(n) for n in class_counts])
+    return {"drift_band_psi": [{"band": b, "psi": v} for b, v in drift.band_psi.items()],
+            "drift_class_psi": drift.class_psi, "drift_max_band_psi": drift.max_band_psi,
+            "drifted": drift.drifted}
 
 
 @beam.typehints.with_output_types(KEYED)

@@ -83,6 +83,9 @@ class TileManifest:
     chips_failed: int  # strips that could not be read (dead-lettered)
     chipped_at: float
     failures: str = ""  # why strips failed; dead-lettered by assembly beside the tile row
+    # Per card band, valid pixels in each bin of the card's drift reference (model/drift.py),
+    # counted while the strips were read; () when the card has no reference.
+    band_counts: tuple[tuple[int, ...], ...] = ()
 
     @property
     def chips_expected(self) -> int:

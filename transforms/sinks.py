@@ -58,6 +58,16 @@ _PROVENANCE = [
            "(NULL in rows written before channels existed: live)"),
 ]
 
+# Per tile, against the card's drift_reference (model/drift.py); NULL without a reference.
+_DRIFT = [
+    _field("drift_band_psi", "RECORD", "REPEATED", "PSI of each band against the training "
+           "pixels", [_field("band", "STRING", "REQUIRED"), _field("psi", "FLOAT64")]),
+    _field("drift_class_psi", "FLOAT64", description="PSI of the predicted classes against "
+           "the model's predictions on the training pixels"),
+    _field("drift_max_band_psi", "FLOAT64"),
+    _field("drifted", "BOOL", description="a band's or the classes' PSI is over the threshold"),
+]
+
 CHIP_SCHEMA = {
     "fields": [
         *_TILE_IDENTITY,
@@ -97,6 +107,7 @@ TILE_SCHEMA = {
         *_PROVENANCE,
         _field("completed_at", "TIMESTAMP", "REQUIRED"),
         _field("latency_s", "FLOAT64", "REQUIRED", "completed_at - published (end to end)"),
+        *_DRIFT,
     ]
 }
 
