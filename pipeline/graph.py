@@ -14,6 +14,7 @@ from transforms.assemble import AssembleTiles
 from transforms.chips import ChipSettings, ChipTiles
 from transforms.deadletter import BigQueryFailures, WriteDeadLetters
 from transforms.dedup import Deduplicate
+from transforms.drift_watch import FlagDriftChanges
 from transforms.granules import AssembleGranules
 from transforms.guards import InputAllowList
 from transforms.inference import ScoreChips
@@ -66,6 +67,7 @@ def build(p: beam.Pipeline, o: TileStreamOptions, card: ModelCard, tables: BigQu
                                                     streaming, o.confidence_band, registry))
     tile_writes = assembled.tiles | "WriteTileRows" >> write_rows(tables.tiles, TILE_SCHEMA)
     _ = assembled.tiles | "TileSlis" >> beam.ParDo(CountTileSlis())  # Cloud Monitoring SLIs
+    letters.append(assembled.tiles | "DriftChanges" >> FlagDriftChanges())  # over time
 
     bigquery_failures = ((chip_writes.failed_rows_with_errors,
                           tile_writes.failed_rows_with_errors)

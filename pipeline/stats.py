@@ -76,7 +76,7 @@ def books(bq, dataset: str, hours: float = 24.0) -> dict[str, Any]:
         for row in _rows(bq, (f"SELECT disposition, stage, reason, COUNT(*) AS n FROM "
                               f"`{dataset}.events` WHERE time >= @since "
                               "GROUP BY disposition, stage, reason ORDER BY n DESC"), since):
-            if row["disposition"] == "model":  # loads and refusals of registry versions
+            if row["disposition"] in ("model", "drift"):  # model changes, drift changes
                 report["model_events"].append({"reason": row["reason"][:200], "n": row["n"]})
                 continue
             bucket = ("filtered_by_reason" if row["disposition"] == "filtered"
