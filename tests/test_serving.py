@@ -98,3 +98,23 @@ def test_chips_of_a_version_that_cannot_load_fail_alone_beside_a_good_one(follow
                for r in by_tile["a"])
     assert all(r.inference is None and "landcover-student/9 could not be loaded" in r.model_id
                and "no model_card.json" in r.model_id for r in by_tile["b"])
+
+
+@pytest.mark.stack
+def test_the_follower_reads_a_gcs_registry_as_the_stream_does(adapted, tmp_path):
+    """The stream builds its own clients (no client passed): through the adapter, as --local."""
+    import uuid
+
+    from model.serving import CardBook
+
+    prefix = f"gs://{adapted.bucket}/registry-{uuid.uuid4().hex[:8]}"
+    registry = Registry(prefix, gcs_client=adapted.storage())
+    registry.publish(str(STUDENT))
+    registry.publish(str(variant(tmp_path, "2")))
+    registry.promote(V1, by="test")
+    card, start = start_snapshot(prefix)
+    follower = ChannelsFollower(prefix, card, start, poll_secs=0.0)
+    registry.canary(V2, 1.0, by="test")
+    assert follower.refresh() == []
+    assert follower.snapshot.assign("any") == (("landcover-student/2", "canary"),)
+    assert CardBook(card, prefix).get("landcover-student/2").version == "2"
