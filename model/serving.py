@@ -107,7 +107,8 @@ class ChannelsFollower:
     """Re-reads the channels at most every ``poll_secs`` and keeps the last validated snapshot.
 
     ``running`` is the card the stream was started with (its chips are cut for it); ``start`` is
-    the snapshot validated at start-up, the fallback whenever a later document is refused.
+    the snapshot validated at start-up. A refused document leaves the last good snapshot in
+    place.
     """
 
     registry_uri: str
