@@ -5,6 +5,9 @@
 -- Rows are written at least once: a streaming insert retried after a stall, or a replay, can
 -- leave a row twice. Every query first keeps one row per `row_id` (QUALIFY), so none counts a
 -- chip or a tile twice.
+-- Rows of a shadow candidate (role = 'shadow', see docs/operations.md) are a comparison, not an
+-- answer: every query leaves them out (`IFNULL(role, 'live') != 'shadow'`; NULL is an older row,
+-- read as live). Canary rows are answers and stay in.
 
 -- name: latest_prediction_per_chip
 -- The newest prediction of every chip of every tile announced in the last @days days, per model.
@@ -15,6 +18,7 @@ FROM (
   SELECT *
   FROM `{dataset}.chips`
   WHERE event_time >= TIMESTAMP_SUB(CURRENT_TIMESTAMP(), INTERVAL @days DAY)
+    AND IFNULL(role, 'live') != 'shadow'
   QUALIFY ROW_NUMBER() OVER (PARTITION BY row_id ORDER BY scored_at) = 1
 )
 WHERE TRUE  -- BigQuery wants a WHERE beside QUALIFY
@@ -29,7 +33,7 @@ SELECT DATE(t.event_time) AS day, t.tile_id, t.model_version, c.name AS class_na
 FROM (
   SELECT *
   FROM `{dataset}.tiles`
-  WHERE complete
+  WHERE complete AND IFNULL(role, 'live') != 'shadow'
   QUALIFY ROW_NUMBER() OVER (PARTITION BY row_id ORDER BY completed_at) = 1
 ) AS t
 CROSS JOIN UNNEST(t.classes) AS c
@@ -43,6 +47,7 @@ FROM (
   SELECT *
   FROM `{dataset}.chips`
   WHERE ST_INTERSECTS(footprint, ST_GEOGFROMTEXT(@region_wkt))
+    AND IFNULL(role, 'live') != 'shadow'
   QUALIFY ROW_NUMBER() OVER (PARTITION BY row_id ORDER BY scored_at) = 1
 )
 ORDER BY tile_id, chip_index;

@@ -6,6 +6,7 @@ import apache_beam as beam
 from apache_beam.io import fileio
 
 from model.card import ModelCard
+from model.serving import Snapshot
 from pipeline.options import TileStreamOptions
 from transforms import presets
 from transforms.announcements import FilesToRefs, GranuleRule, ParseAnnouncements
@@ -13,15 +14,18 @@ from transforms.assemble import AssembleTiles
 from transforms.chips import ChipSettings, ChipTiles
 from transforms.deadletter import BigQueryFailures, WriteDeadLetters
 from transforms.dedup import Deduplicate
+from transforms.drift_watch import FlagDriftChanges
 from transforms.granules import AssembleGranules
 from transforms.guards import InputAllowList
 from transforms.inference import ScoreChips
+from transforms.routing import AssignModels
 from transforms.sinks import CHIP_SCHEMA, TILE_SCHEMA, BigQueryTables, chip_row, write_rows
 from transforms.slis import CountTileSlis
 
 
 def build(p: beam.Pipeline, o: TileStreamOptions, card: ModelCard, tables: BigQueryTables,
-          streaming: bool, allow: InputAllowList, chip_settings: ChipSettings) -> None:
+          streaming: bool, allow: InputAllowList, chip_settings: ChipSettings,
+          start: Snapshot | None = None) -> None:
     bands = card.input.bands
     rule = GranuleRule(*presets.resolve(o.band_preset, o.granule_pattern, o.band_aliases))
     class_names = tuple(c.name for c in card.classes)
@@ -40,26 +44,36 @@ def build(p: beam.Pipeline, o: TileStreamOptions, card: ModelCard, tables: BigQu
                | "AllTiles" >> beam.Flatten()
                | "Deduplicate" >> Deduplicate(o.dedup_ttl_secs, streaming))
 
-    chipped = deduped.tiles | "ChipTiles" >> ChipTiles(chip_settings)
+    letters = [deduped.dead_letters]
+    tiles = deduped.tiles
+    registry = o.model_registry if start is not None else None
+    if registry:  # one element per (version, role) the channels assign to the tile
+        routed = tiles | "AssignModels" >> AssignModels(registry, card, start,
+                                                        o.channels_poll_secs)
+        tiles = routed.tiles
+        letters.append(routed.dead_letters)
+    chipped = tiles | "ChipTiles" >> ChipTiles(chip_settings)
     scored = chipped.chips | "ScoreChips" >> ScoreChips(
         card, window_secs=o.window_secs, device=o.device, min_batch_size=o.min_batch_size,
         max_batch_size=o.max_batch_size,
-        max_batch_duration_secs=o.max_batch_duration_secs or None, accelerator=o.accelerator)
+        max_batch_duration_secs=o.max_batch_duration_secs or None, accelerator=o.accelerator,
+        registry_uri=registry)
 
     chip_writes = (scored.predictions
                    | "ChipRows" >> beam.Map(chip_row, class_names)
                    | "WriteChipRows" >> write_rows(tables.chips, CHIP_SCHEMA))
     assembled = ((chipped.manifests, scored.predictions, scored.failed)
                  | "AssembleTiles" >> AssembleTiles(card, o.output_prefix, o.tile_timeout_secs,
-                                                    streaming, o.confidence_band))
+                                                    streaming, o.confidence_band, registry))
     tile_writes = assembled.tiles | "WriteTileRows" >> write_rows(tables.tiles, TILE_SCHEMA)
     _ = assembled.tiles | "TileSlis" >> beam.ParDo(CountTileSlis())  # Cloud Monitoring SLIs
+    letters.append(assembled.tiles | "DriftChanges" >> FlagDriftChanges())  # over time
 
     bigquery_failures = ((chip_writes.failed_rows_with_errors,
                           tile_writes.failed_rows_with_errors)
                          | "BigQueryFailed" >> beam.Flatten()
                          | "BigQueryDeadLetters" >> BigQueryFailures())
-    ((parsed.dead_letters, granules.dead_letters, deduped.dead_letters, chipped.dead_letters,
+    ((parsed.dead_letters, granules.dead_letters, *letters, chipped.dead_letters,
       scored.dead_letters, assembled.dead_letters, bigquery_failures)
      | "AllDeadLetters" >> beam.Flatten()
      | "WriteDeadLetters" >> WriteDeadLetters(tables, o.output_prefix))

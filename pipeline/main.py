@@ -24,6 +24,7 @@ from apache_beam.options.pipeline_options import (
 )
 
 from model.card import ModelCard, load_card
+from model.serving import Snapshot
 from pipeline import graph, local_adapter, local_stack
 from pipeline.options import TileStreamOptions
 from transforms.chips import ChipSettings
@@ -47,6 +48,7 @@ class Job:
     streaming: bool
     allow: InputAllowList
     stack: local_stack.LocalStack | None = None  # the emulators, with --local
+    start: Snapshot | None = None  # with --model_registry: the channels validated at start-up
 
 
 def runner_name(options: PipelineOptions) -> str:
@@ -86,14 +88,33 @@ def configure(argv: list[str] | None) -> Job:
                           "where the launcher and the workers share the shipped model's path")
     streaming = not o.input_glob
     standard.streaming = streaming
-    card = load_card(o.model_uri)
+    start = None
+    if o.model_registry:
+        card, start = registry_start(o)
+    else:
+        card = load_card(o.model_uri)
     _check_stage_options(o, card)
     # The network must keep the card's promise before a single message is pulled.
     from model.contract import load_checked
 
     load_checked(card)
     tables = BigQueryTables.in_dataset(o.bq_dataset, gcp.project)
-    return Job(options, card, tables, streaming, input_allow_list(o), stack)
+    return Job(options, card, tables, streaming, input_allow_list(o), stack, start)
+
+
+def registry_start(o: TileStreamOptions) -> tuple[ModelCard, Snapshot]:
+    """The registry's live version, validated, and the channels the stream starts with."""
+    from model.registry import RegistryError
+    from model.serving import start_snapshot
+
+    if not 1.0 <= o.channels_poll_secs <= 3600.0:
+        raise ConfigError("--channels_poll_secs must be in [1, 3600]")
+    try:
+        card, start = start_snapshot(o.model_registry)
+    except RegistryError as exc:
+        raise ConfigError(f"--model_registry={o.model_registry}: {exc}") from exc
+    o.model_uri = card.uri  # what the logs and `tilestream check` report
+    return card, start
 
 
 def input_allow_list(o: TileStreamOptions) -> InputAllowList:
@@ -155,7 +176,7 @@ def build_pipeline(job: Job) -> beam.Pipeline:
     p = beam.Pipeline(options=job.options)
     o = job.options.view_as(TileStreamOptions)
     graph.build(p, o, job.card, job.tables, job.streaming, job.allow,
-                chip_settings(o, job.card, job.allow))
+                chip_settings(o, job.card, job.allow), job.start)
     return p
 
 

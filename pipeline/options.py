@@ -79,6 +79,17 @@ class TileStreamArguments:
             help="Directory (local or gs://) holding model_card.json and the TorchScript file.",
         )
         model.add_argument(
+            "--model_registry", default=None,
+            help="Model registry (local directory or gs:// prefix, see `tilestream model`): the "
+            "stream scores with its channels' live version, runs shadow and canary candidates, "
+            "and follows channels.json without a restart. Overrides --model_uri.",
+        )
+        model.add_argument(
+            "--channels_poll_secs", type=float, default=30.0,
+            help="With --model_registry: re-read channels.json this often; a promotion, canary "
+            "or rollback takes effect within this many seconds.",
+        )
+        model.add_argument(
             "--device", default="CPU", choices=["CPU", "GPU"],
             help="GPU adds the Dataflow accelerator hint to the inference step and refuses to "
             "start on a worker without CUDA.",

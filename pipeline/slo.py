@@ -29,7 +29,6 @@ from pipeline.queries import OPERATIONS_FILE, run_query
 # stream's own SLI counters (transforms/slis.py) use it. Kept here, free of Beam, so that the
 # command line can show it without importing Beam.
 LATENCY_SLO_S = 120.0
-
 LATENCY_TARGET = 0.95
 ERROR_TARGET = 0.995
 FRESHNESS_S = 900.0

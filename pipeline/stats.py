@@ -54,7 +54,7 @@ def books(bq, dataset: str, hours: float = 24.0) -> dict[str, Any]:
         "window_hours": hours,
         "messages": {"in": sum(messages.values()), **messages},
         "tiles": {}, "chips": {}, "filtered_by_reason": {}, "duplicates_by_stage": {},
-        "dead_letters_by_stage_and_reason": [],
+        "dead_letters_by_stage_and_reason": [], "model_events": [],
     }
     if "tiles" in present:
         [tiles] = _rows(bq, (
@@ -76,6 +76,9 @@ def books(bq, dataset: str, hours: float = 24.0) -> dict[str, Any]:
         for row in _rows(bq, (f"SELECT disposition, stage, reason, COUNT(*) AS n FROM "
                               f"`{dataset}.events` WHERE time >= @since "
                               "GROUP BY disposition, stage, reason ORDER BY n DESC"), since):
+            if row["disposition"] in ("model", "drift"):  # model changes, drift changes
+                report["model_events"].append({"reason": row["reason"][:200], "n": row["n"]})
+                continue
             bucket = ("filtered_by_reason" if row["disposition"] == "filtered"
                       else "duplicates_by_stage")
             key = row["reason"] if row["disposition"] == "filtered" else row["stage"]

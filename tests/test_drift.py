@@ -184,3 +184,29 @@ def test_cli_reports_psi_of_a_raster(tmp_path):
     report = json.loads(done.stdout)
     assert report["drifted"] is True and report["threshold"] == PSI_THRESHOLD
     assert set(report["band_psi"]) == {"blue", "green", "red", "nir", "swir1", "swir2"}
+
+
+@pytest.mark.parametrize(("gain", "flagged"), [(1.0, False), (1.2, True)])
+def test_the_chipper_counts_drift_while_reading_and_the_tile_row_flags_it(
+        tmp_path, card, student, olinda_reference, gain, flagged):
+    """The stream's own path: counts summed over strips (overlaps once) -> tile row columns."""
+    import dataclasses
+
+    from transforms.assemble import drift_columns
+    from transforms.chips import ChipSettings, ChipTileFn
+    from transforms.records import TileManifest, TileRef
+
+    path = shifted(tmp_path / "tile.tif", gain, 0.0) if gain != 1.0 else SAMPLE_TILE
+    reference_card = dataclasses.replace(card, drift_reference=olinda_reference.to_dict())
+    fn = ChipTileFn(ChipSettings.from_card(reference_card))
+    fn.setup()
+    [manifest] = [o.value for o in fn.process(TileRef("t", (str(path),), "1", 0.0, 0.0))
+                  if isinstance(getattr(o, "value", None), TileManifest)]
+    values, predicted = scored(path, card, student)
+    whole = band_counts(olinda_reference, values)  # one read of the whole raster
+    assert [list(c) for c in manifest.band_counts] == [list(c) for c in whole]
+    columns = drift_columns(reference_card, manifest,
+                            np.bincount(predicted, minlength=card.num_classes))
+    assert columns["drifted"] is flagged, columns
+    assert [b["band"] for b in columns["drift_band_psi"]] == list(card.input.bands)
+    assert (columns["drift_max_band_psi"] > PSI_THRESHOLD) is flagged

@@ -183,3 +183,21 @@ def test_dashboard_json_charts_metrics_the_stream_emits():
                for d in t["widget"]["xyChart"]["dataSets"]]
     assert set(re.findall(r'metric_name=\\?"(\w+)', " ".join(queries))) <= _emitted_counters()
     assert any("job_data_watermark_age" in q for q in queries)
+
+
+def test_the_stream_counts_answered_tiles_for_its_slis_not_shadow_ones():
+    import apache_beam as beam
+    from apache_beam.metrics import MetricsFilter
+
+    from transforms.slis import TILES_SLOW, TILES_TOTAL, CountTileSlis
+
+    rows = [{"role": "live", "latency_s": 200.0, "complete": True, "chips_failed": 0},
+            {"role": "canary", "latency_s": 3.0, "complete": True, "chips_failed": 0},
+            {"role": "shadow", "latency_s": 500.0, "complete": True, "chips_failed": 0}]
+    p = beam.Pipeline()
+    _ = p | beam.Create(rows) | beam.ParDo(CountTileSlis())
+    result = p.run()
+    result.wait_until_finish()
+    counters = {c.key.metric.name: c.committed for c in result.metrics().query(
+        MetricsFilter().with_namespace("tilestream"))["counters"]}
+    assert (counters[TILES_TOTAL], counters[TILES_SLOW]) == (2, 1)

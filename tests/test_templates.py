@@ -33,6 +33,8 @@ EXAMPLES = {
     "bq_dataset": ("tilestream-prod:tilestream", "tilestream-prod:tile-stream"),
     "output_prefix": ("gs://tilestream-prod-tiles/output", "s3://bucket/output"),
     "model_uri": ("gs://models-bucket/landcover-student/v1", "models/landcover"),
+    "model_registry": ("gs://models-bucket/registry", "/etc/registry"),
+    "channels_poll_secs": ("30", "30s"),
     "device": ("GPU", "TPU"),
     "accelerator": ("type:nvidia-l4;count:1;install-nvidia-driver", "nvidia-l4"),
     "chip_size": ("64", "64px"),

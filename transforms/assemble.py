@@ -44,6 +44,7 @@ from apache_beam.transforms.userstate import (
 )
 
 from model.card import ModelCard, join_uri
+from model.serving import CardBook
 from transforms import stac, timeouts
 from transforms.chips import chip_starts, footprint_wkt
 from transforms.deadletter import DEAD_LETTER_TAG, dead_letter
@@ -132,7 +133,7 @@ class _RouteFn(beam.DoFn):
 
     def process(self, item: TileManifest | ChipPrediction | Chip):
         if isinstance(item, TileManifest):
-            key = item.tile.key
+            key = item.tile.assignment_key  # one tile scored by one version: its own state
             yield beam.pvalue.TaggedOutput(TILES_TAG, (key, item))
             for j in range(len(strip_bounds(item.height, item.chip_size, item.stride))):
                 yield f"{key}#{j}", item
@@ -150,7 +151,7 @@ class _RouteFn(beam.DoFn):
                 piece = dataclasses.replace(
                     piece, probabilities=np.ascontiguousarray(item.probabilities[:, rows]),
                     valid=chip.valid[rows, : chip.width].copy())
-            yield f"{chip.tile.key}#{j}", piece
+            yield f"{chip.tile.assignment_key}#{j}", piece
 
 
 def blend(pieces: Iterable[StripPiece], num_classes: int, height: int,
@@ -182,7 +183,36 @@ def _write_bytes(path: str, uri: str) -> None:
             out.write(block)
 
 
-class _AssembleStripFn(beam.DoFn):
+class _WithCards(beam.DoFn):
+    """A DoFn that needs the card of the version each tile was assigned (with a registry)."""
+
+    def __init__(self, card: ModelCard, output_prefix: str, timeout_secs: float,
+                 streaming: bool, confidence_band: bool, registry_uri: str | None = None):
+        self._card = card
+        self._registry_uri = registry_uri
+        self._cards: CardBook | None = None
+        self._prefix = output_prefix
+        self._timeout = timeout_secs
+        self._streaming = streaming
+        self._confidence = confidence_band
+        self._scratch: str | None = None
+
+    def setup(self):
+        self._scratch = scratch_dir()
+        self._cards = CardBook(self._card, self._registry_uri)
+
+    def teardown(self):
+        if self._scratch:
+            shutil.rmtree(self._scratch, ignore_errors=True)
+
+    def card_of(self, manifest: TileManifest) -> ModelCard:
+        """The card of the version this tile was assigned (the stream's own without a registry)."""
+        if not manifest.tile.model or self._cards is None:
+            return self._card
+        return self._cards.get(manifest.tile.model)
+
+
+class _AssembleStripFn(_WithCards):
     """One output strip: waits for every chip overlapping it, blends, writes a piece."""
 
     WALL_CLOCK, END_OF_INPUT = timeouts.timer_specs()
@@ -190,22 +220,9 @@ class _AssembleStripFn(beam.DoFn):
     PIECES = BagStateSpec("pieces", PickleCoder())
     ARRIVED = CombiningValueStateSpec("arrived", VarIntCoder(), CountCombineFn())
 
-    def __init__(self, card: ModelCard, output_prefix: str, timeout_secs: float,
-                 streaming: bool, confidence_band: bool):
-        self._card = card
-        self._prefix = output_prefix
-        self._timeout = timeout_secs
-        self._streaming = streaming
-        self._confidence = confidence_band
-        self._scratch: str | None = None
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
         self.strips = Metrics.counter("tilestream", "strips_written")
-
-    def setup(self):
-        self._scratch = scratch_dir()
-
-    def teardown(self):
-        if self._scratch:
-            shutil.rmtree(self._scratch, ignore_errors=True)
 
     def process(self, element: tuple[str, TileManifest | StripPiece],
                 plan=beam.DoFn.StateParam(PLAN), pieces=beam.DoFn.StateParam(PIECES),
@@ -262,7 +279,7 @@ class _AssembleStripFn(beam.DoFn):
         try:
             classes, confidence, counts = blend(held, self._card.num_classes, stop - start,
                                                 manifest.width)
-            uri = piece_uri(raster_uri(self._prefix, self._card, manifest), j)
+            uri = piece_uri(raster_uri(self._prefix, self.card_of(manifest), manifest), j)
             transform = Affine(*manifest.transform) * Affine.translation(0, start)
             path = os.path.join(self._scratch or tempfile.gettempdir(),
                                 f"piece-{os.getpid()}-{j}-{time.monotonic_ns()}.tif")
@@ -286,7 +303,7 @@ class _AssembleStripFn(beam.DoFn):
                                      f"{describe(exc)}", message_id=manifest.tile.message_id,
                               tile_id=manifest.tile.tile_id)
         self.strips.inc()
-        yield manifest.tile.key, result
+        yield manifest.tile.assignment_key, result
 
 
 def _strip(key: str) -> int:
@@ -365,31 +382,19 @@ def remove_pieces(uri: str, strips: Iterable[int]) -> None:
         logging.getLogger(__name__).warning("could not delete strip pieces of %s: %s", uri, exc)
 
 
-class _FinishTileFn(beam.DoFn):
+class _FinishTileFn(_WithCards):
     """Per tile, small counters only: once every strip is written, stitch the COG, emit the row."""
 
     WALL_CLOCK, END_OF_INPUT = timeouts.timer_specs()
     MANIFEST = ReadModifyWriteStateSpec("manifest", PickleCoder())
     RESULTS = BagStateSpec("results", PickleCoder())  # one small record per strip
 
-    def __init__(self, card: ModelCard, output_prefix: str, timeout_secs: float,
-                 streaming: bool, confidence_band: bool):
-        self._card = card
-        self._prefix = output_prefix
-        self._timeout = timeout_secs
-        self._streaming = streaming
-        self._confidence = confidence_band
-        self._scratch: str | None = None
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
         self.written = Metrics.counter("tilestream", "tiles_written")
         self.partial = Metrics.counter("tilestream", "tiles_partial")
+        self.drifted = Metrics.counter("tilestream", "tiles_drifted")
         self.write_ms = Metrics.distribution("tilestream", "tile_write_ms")
-
-    def setup(self):
-        self._scratch = scratch_dir()
-
-    def teardown(self):
-        if self._scratch:
-            shutil.rmtree(self._scratch, ignore_errors=True)
 
     def process(self, element: tuple[str, TileManifest | StripResult],
                 manifest_state=beam.DoFn.StateParam(MANIFEST),
@@ -455,15 +460,19 @@ class _FinishTileFn(beam.DoFn):
                 message_id=manifest.tile.message_id, tile_id=manifest.tile.tile_id)
         uri = "(no path)"
         try:
-            uri = raster_uri(self._prefix, self._card, manifest)
+            card = self.card_of(manifest)
+            uri = raster_uri(self._prefix, card, manifest)
             written = sorted(j for j, r in by_strip.items() if r.written)
-            stitch(manifest, self._card, uri, written, self._confidence, self._scratch)
+            stitch(manifest, card, uri, written, self._confidence, self._scratch)
             remove_pieces(uri, written)
             counts = np.sum([r.counts for r in by_strip.values()] or
-                            [[0] * self._card.num_classes], axis=0)
-            row = self._tile_row(manifest, scored, failed, complete, counts, uri)
+                            [[0] * card.num_classes], axis=0)
+            row = self._tile_row(manifest, scored, failed, complete, counts, uri, card)
+            row.update(drift_columns(card, manifest, counts))
+            if row["drifted"]:
+                self.drifted.inc()
             # STAC out: the prediction's STAC Item beside the COG (transforms/stac.py).
-            row["stac_uri"], problem = stac.write_prediction_item(row, manifest, self._card,
+            row["stac_uri"], problem = stac.write_prediction_item(row, manifest, card,
                                                                   self._confidence)
         except Exception as exc:  # one tile's fault must not kill the stream
             yield dead_letter(STAGE, f"writing {uri} failed: {describe(exc)}",
@@ -482,7 +491,7 @@ class _FinishTileFn(beam.DoFn):
         yield row
 
     def _tile_row(self, manifest: TileManifest, scored: int, failed: int, complete: bool,
-                  counts: np.ndarray, uri: str) -> dict:
+                  counts: np.ndarray, uri: str, card: ModelCard) -> dict:
         import rasterio
         from affine import Affine
 
@@ -493,15 +502,30 @@ class _FinishTileFn(beam.DoFn):
             chips_scored=scored,
             chips_failed=manifest.chips_failed + failed,
             class_counts=counts,
-            class_names=tuple(c.name for c in self._card.classes),
+            class_names=tuple(c.name for c in card.classes),
             pixel_area_m2=manifest.pixel_area_m2,
             footprint_wkt=footprint_wkt(transform, crs, 0, 0, manifest.height, manifest.width,
                                         points_per_edge=16),
             raster_uri=uri,
-            model_name=self._card.name,
-            model_version=self._card.version,
+            model_name=card.name,
+            model_version=card.version,
             completed_at=time.time(),
         )
+
+
+def drift_columns(card: ModelCard, manifest: TileManifest, class_counts: np.ndarray) -> dict:
+    """The tile row's drift columns: bands from the chipper's counts, classes from the raster."""
+    from model.drift import reference_from_card, tile_drift
+
+    reference = reference_from_card(card)
+    if reference is None or not manifest.band_counts or not sum(manifest.band_counts[0]):
+        return {"drift_band_psi": [], "drift_class_psi": None, "drift_max_band_psi": None,
+                "drifted": None}
+    drift = tile_drift(reference, [np.asarray(c) for c in manifest.band_counts],
+                       [int(n) for n in class_counts])
+    return {"drift_band_psi": [{"band": b, "psi": v} for b, v in drift.band_psi.items()],
+            "drift_class_psi": drift.class_psi, "drift_max_band_psi": drift.max_band_psi,
+            "drifted": drift.drifted}
 
 
 def _strip_count(manifest: TileManifest) -> int:
@@ -517,9 +541,10 @@ class AssembleTiles(beam.PTransform):
     """(manifests, predictions, failed chips) -> tile rows + dead letters, strip by strip."""
 
     def __init__(self, card: ModelCard, output_prefix: str, timeout_secs: float,
-                 streaming: bool, confidence_band: bool = False):
+                 streaming: bool, confidence_band: bool = False,
+                 registry_uri: str | None = None):
         super().__init__()
-        args = (card, output_prefix, timeout_secs, streaming, confidence_band)
+        args = (card, output_prefix, timeout_secs, streaming, confidence_band, registry_uri)
         self._strips = _AssembleStripFn(*args)
         self._tiles = _FinishTileFn(*args)
 

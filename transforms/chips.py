@@ -353,6 +353,16 @@ def check_radiometry(preview: np.ndarray, invalid: np.ndarray, card: ModelCard, 
             "--input_scale/--input_offset or the announcement attributes input_scale/input_offset")
 
 
+def strip_band_counts(reference, strip: np.ndarray, invalid: np.ndarray, card: ModelCard,
+                      scale: float, offset: float) -> list[np.ndarray]:
+    """Drift bins of one strip's valid pixels (after the input and card scaling): a pure
+    function whose results add up over the strips of a tile, so drift needs no second read."""
+    from model.drift import band_counts
+
+    values = strip[:, ~invalid].astype(np.float64) * scale + offset
+    return band_counts(reference, values * card.input.scale + card.input.offset)
+
+
 class ChipTileFn(beam.DoFn):
     """One tile -> its chips and manifest (also run directly by `tilestream check`, bench)."""
 
@@ -365,6 +375,12 @@ class ChipTileFn(beam.DoFn):
         self.skipped = Metrics.counter("tilestream", "chips_skipped")
         self.failed = Metrics.counter("tilestream", "chips_failed")
         self.strip_ms = Metrics.distribution("tilestream", "chip_strip_read_ms")
+        self._reference = None  # the card's drift reference, parsed in setup
+
+    def setup(self):
+        from model.drift import reference_from_card
+
+        self._reference = reference_from_card(self._s.card)
 
     def process(self, tile: TileRef) -> Iterator:
         import rasterio
@@ -432,6 +448,7 @@ class ChipTileFn(beam.DoFn):
         skipped = failed = 0
         expected: list[int] = []  # chips emitted per chip row: what assembly waits for
         unreadable: list[str] = []  # one letter per tile, naming every strip that failed
+        drift_counts: list[np.ndarray] | None = None
         for row_number, row in enumerate(rows):
             height = min(size, src.height - row)
             started = time.perf_counter()
@@ -449,6 +466,12 @@ class ChipTileFn(beam.DoFn):
             if not checked and not invalid_strip.all():  # no preview: the first strip decides
                 self._check_radiometry(tile, strip, invalid_strip, scale, offset)
                 checked = True
+            if self._reference is not None:  # rows up to the next strip: overlaps count once
+                fresh = (rows[row_number + 1] - row if row_number + 1 < len(rows) else height)
+                counts = strip_band_counts(self._reference, strip[:, :fresh],
+                                           invalid_strip[:fresh], self._s.card, scale, offset)
+                drift_counts = counts if drift_counts is None else [
+                    a + b for a, b in zip(drift_counts, counts, strict=True)]
             if (scale, offset) != (1.0, 0.0):  # a per-source rescale: float32 from here on
                 strip = strip.astype(np.float32) * np.float32(scale) + np.float32(offset)
             widths = [min(size, src.width - col) for col in cols]
@@ -509,6 +532,7 @@ class ChipTileFn(beam.DoFn):
                 chips_failed=failed,
                 chipped_at=time.time(),
                 expected_per_row=tuple(expected),
+                band_counts=tuple(tuple(int(n) for n in c) for c in drift_counts or ()),
                 failures=(f"{len(unreadable)} of {len(rows)} strips of "
                           f"{', '.join(tile.band_uris)} unreadable ({failed} of {total} chips "
                           "failed): " + "; ".join(unreadable)) if unreadable else "",

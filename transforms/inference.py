@@ -1,8 +1,10 @@
 """Stage 5: Chips -> ChipPredictions with Beam RunInference and the TorchScript student.
 
 Chips from many tiles are micro-batched inside ``FixedWindows``; ``KeyedModelHandler`` carries
-each chip's identity (the chip without its pixels) beside its tensor. Softmax and quantisation to
-uint8 happen on the device, so a GPU worker returns 1 byte per class and pixel, not float logits.
+each chip's identity (the chip without its pixels) beside its tensor. With ``--model_registry``
+a ``VersionedModelHandler`` scores each chip with the version its tile was assigned. Softmax and
+quantisation to uint8 happen on the device, so a GPU worker returns 1 byte per class and pixel,
+not float logits.
 
 Beam's PyTorch handler silently falls back to CPU when CUDA is missing; with ``--device=GPU`` we
 refuse to start instead, because a GPU job quietly running on CPU is a cost and latency incident.
@@ -20,7 +22,12 @@ import apache_beam as beam
 import numpy as np
 import torch
 from apache_beam.metrics import Metrics
-from apache_beam.ml.inference.base import KeyedModelHandler, PredictionResult, RunInference
+from apache_beam.ml.inference.base import (
+    KeyedModelHandler,
+    ModelHandler,
+    PredictionResult,
+    RunInference,
+)
 from apache_beam.ml.inference.pytorch_inference import PytorchModelHandlerTensor
 from apache_beam.transforms.window import FixedWindows, GlobalWindows
 from apache_beam.utils.timestamp import Duration
@@ -87,17 +94,103 @@ class StudentModelHandler(PytorchModelHandlerTensor):
 
     def load_model(self) -> torch.nn.Module:
         if self._require_gpu:
-            try:
-                torch.empty(1, device="cuda")
-            except (RuntimeError, AssertionError) as exc:
-                raise RuntimeError(
-                    "--device=GPU but CUDA is not usable on this worker "
-                    f"(torch {torch.__version__}, cuda build {torch.version.cuda}): {exc}. "
-                    "Check the accelerator hint, the NVIDIA driver install and the image's torch."
-                ) from exc
+            require_cuda()
         model = super().load_model()
         check_model(self._card, model, self._device)
         return model
+
+
+def require_cuda() -> None:
+    """Refuse to run a ``--device=GPU`` stream on a worker without usable CUDA."""
+    try:
+        torch.empty(1, device="cuda")
+    except (RuntimeError, AssertionError) as exc:
+        raise RuntimeError(
+            "--device=GPU but CUDA is not usable on this worker "
+            f"(torch {torch.__version__}, cuda build {torch.version.cuda}): {exc}. "
+            "Check the accelerator hint, the NVIDIA driver install and the image's torch."
+        ) from exc
+
+
+class VersionedModels:
+    """Validated TorchScript models by ``name/version``, loaded on first use, a few at most.
+
+    Every load goes through :func:`model.contract.load_checked` on the local copy that
+    :func:`model.serving.fetch_validated` validated; the least recently used model is dropped
+    beyond ``capacity`` (live, candidate and the one being replaced).
+    """
+
+    def __init__(self, registry_uri: str, device: torch.device, capacity: int = 3):
+        self._registry_uri = registry_uri
+        self.device = device
+        self._capacity = capacity
+        self._models: dict[str, tuple[torch.nn.Module, InputSpec]] = {}
+        self.loads = Metrics.counter("tilestream", "model_loads")
+
+    def get(self, model_id: str) -> tuple[torch.nn.Module, InputSpec]:
+        """The checked network of a version and the input spec its chips are normalised by."""
+        entry = self._models.pop(model_id, None)
+        if entry is None:
+            from model.contract import load_checked
+            from model.registry import ModelRef, Registry
+            from model.serving import fetch_validated
+
+            card = fetch_validated(Registry(self._registry_uri), ModelRef.parse(model_id))
+            entry = (load_checked(card, self.device), card.input)
+            self.loads.inc()
+            while len(self._models) >= self._capacity:
+                self._models.pop(next(iter(self._models)))
+        self._models[model_id] = entry
+        return entry
+
+
+class VersionedModelHandler(ModelHandler):
+    """A RunInference handler over ``(chip, tensor)`` pairs whose chips name their version.
+
+    Beam's ``KeyedModelHandler`` with ``KeyModelMapping`` fixes its models at construction, and
+    ``model_metadata_pcoll`` swaps the one model of a handler; the stream needs whichever
+    versions the channels name now, several at once (live and candidate). So the "model" this
+    handler loads is a :class:`VersionedModels` cache, and a batch is split by version.
+    RunInference still does the batching, the shared model per process and the exception
+    handling.
+    """
+
+    def __init__(self, registry_uri: str, device: str = "CPU", min_batch_size: int = 1,
+                 max_batch_size: int = 32, max_batch_duration_secs: int | None = None):
+        if device not in ("CPU", "GPU"):
+            raise ValueError(f"device must be CPU or GPU, got {device!r}")
+        super().__init__(min_batch_size=min_batch_size, max_batch_size=max_batch_size,
+                         max_batch_duration_secs=max_batch_duration_secs)
+        self._registry_uri = registry_uri
+        self._gpu = device == "GPU"
+
+    def load_model(self) -> VersionedModels:
+        if self._gpu:
+            require_cuda()
+        return VersionedModels(self._registry_uri,
+                               torch.device("cuda" if self._gpu else "cpu"))
+
+    def run_inference(self, batch: Sequence[tuple[Chip, torch.Tensor]], model: VersionedModels,
+                      inference_args: dict[str, Any] | None = None,
+                      ) -> Iterable[tuple[Chip, PredictionResult]]:
+        by_version: dict[str, list[tuple[Chip, torch.Tensor]]] = {}
+        for chip, tensor in batch:
+            by_version.setdefault(chip.tile.model, []).append((chip, tensor))
+        results = []
+        for model_id, pairs in by_version.items():
+            try:
+                network, spec = model.get(model_id)
+            except Exception as exc:  # only this version's chips fail, not the batch
+                reason = f"model {model_id} could not be loaded: {describe(exc)}"
+                results.extend((c, PredictionResult(t, None, reason)) for c, t in pairs)
+                continue
+            scored = segmentation_inference_fn([t for _, t in pairs], network, model.device,
+                                               inference_args, model_id, spec=spec)
+            results.extend(zip([c for c, _ in pairs], scored, strict=True))
+        return results
+
+    def get_metrics_namespace(self) -> str:
+        return "RunInference"
 
 
 def to_prediction(chip: Chip, probabilities: np.ndarray, model_name: str,
@@ -130,8 +223,15 @@ class _ToPredictionFn(beam.DoFn):
 
     def process(self, element: tuple[Chip, PredictionResult]):
         chip, result = element
+        name, version = ((chip.tile.model.split("/", 1)) if chip.tile.model
+                         else (self._name, self._version))
+        if result.inference is None:  # its version failed to load (VersionedModelHandler)
+            yield dead_letter(STAGE, str(result.model_id), message_id=chip.tile.message_id,
+                              tile_id=chip.tile.tile_id)
+            yield beam.pvalue.TaggedOutput(FAILED_TAG, chip)
+            return
         try:
-            prediction = to_prediction(chip, result.inference.numpy(), self._name, self._version)
+            prediction = to_prediction(chip, result.inference.numpy(), name, version)
         except Exception as exc:  # one chip's output, one letter
             yield dead_letter(STAGE, f"prediction of chip {chip.index} unusable: "
                                      f"{describe(exc)}",
@@ -191,16 +291,20 @@ class ScoreChips(beam.PTransform):
     def __init__(self, card: ModelCard, *, window_secs: float = 5.0, device: str = "CPU",
                  min_batch_size: int = 1, max_batch_size: int = 32,
                  max_batch_duration_secs: int | None = None,
-                 accelerator: str = DEFAULT_ACCELERATOR):
+                 accelerator: str = DEFAULT_ACCELERATOR, registry_uri: str | None = None):
         super().__init__()
         self._card = card
         self._window_secs = window_secs
-        self._handler = StudentModelHandler(card, device, min_batch_size, max_batch_size,
-                                            max_batch_duration_secs)
+        # With a registry, chips name their version (transforms/routing.py); else one model.
+        self._handler: ModelHandler = (
+            VersionedModelHandler(registry_uri, device, min_batch_size, max_batch_size,
+                                  max_batch_duration_secs) if registry_uri
+            else KeyedModelHandler(StudentModelHandler(card, device, min_batch_size,
+                                                       max_batch_size, max_batch_duration_secs)))
         self._accelerator = accelerator if device == "GPU" else None
 
     def expand(self, chips) -> ScoredChips:
-        run_inference = RunInference(KeyedModelHandler(self._handler))
+        run_inference = RunInference(self._handler)
         if self._accelerator:
             run_inference = run_inference.with_resource_hints(accelerator=self._accelerator)
         scored, failures = (

@@ -32,6 +32,10 @@ class TileRef:
     sensor: str | None = None
     attributes: tuple[tuple[str, str], ...] = ()  # carried to output rows
     band_message_ids: tuple[str, ...] = ()  # a granule: every band file's message
+    # Set once per tile by transforms/routing.py: which version scores it and in what role, so
+    # every chip of one assignment is scored by that version and assembled apart from others.
+    model: str = ""  # name/version; "" with a fixed --model_uri
+    role: str = ""  # live | shadow | canary; "" reads as live
 
     @property
     def message_ids(self) -> tuple[str, ...]:
@@ -42,6 +46,11 @@ class TileRef:
     def key(self) -> str:
         """Identity of one version of a tile: stateful steps and dedup key on this."""
         return f"{self.tile_id}@{self.generation}"
+
+    @property
+    def assignment_key(self) -> str:
+        """One tile version as scored by one model in one role: what assembly keys on."""
+        return f"{self.key}|{self.model}|{self.role}" if self.model else self.key
 
 
 @dataclass(frozen=True)
@@ -75,6 +84,9 @@ class TileManifest:
     chipped_at: float
     failures: str = ""  # why strips failed; dead-lettered by assembly beside the tile row
     expected_per_row: tuple[int, ...] = ()  # chips expected back from each chip row
+    # Per card band, valid pixels in each bin of the card's drift reference (model/drift.py),
+    # counted while the strips were read; () when the card has no reference.
+    band_counts: tuple[tuple[int, ...], ...] = ()
 
     @property
     def chips_expected(self) -> int:

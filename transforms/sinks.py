@@ -60,6 +60,16 @@ _PROVENANCE = [
            "(NULL in rows written before channels existed: live)"),
 ]
 
+# Per tile, against the card's drift_reference (model/drift.py); NULL without a reference.
+_DRIFT = [
+    _field("drift_band_psi", "RECORD", "REPEATED", "PSI of each band against the training "
+           "pixels", [_field("band", "STRING", "REQUIRED"), _field("psi", "FLOAT64")]),
+    _field("drift_class_psi", "FLOAT64", description="PSI of the predicted classes against "
+           "the model's predictions on the training pixels"),
+    _field("drift_max_band_psi", "FLOAT64"),
+    _field("drifted", "BOOL", description="a band's or the classes' PSI is over the threshold"),
+]
+
 CHIP_SCHEMA = {
     "fields": [
         *_TILE_IDENTITY,
@@ -99,6 +109,7 @@ TILE_SCHEMA = {
         *_PROVENANCE,
         _field("completed_at", "TIMESTAMP", "REQUIRED"),
         _field("latency_s", "FLOAT64", "REQUIRED", "completed_at - published (end to end)"),
+        *_DRIFT,
     ]
 }
 
@@ -115,7 +126,8 @@ ERROR_SCHEMA = {
 
 EVENT_SCHEMA = {
     "fields": [
-        _field("disposition", "STRING", "REQUIRED", "filtered | duplicate"),
+        _field("disposition", "STRING", "REQUIRED",
+               "filtered | duplicate | model (a registry version loaded or refused)"),
         _field("stage", "STRING", "REQUIRED"),
         _field("reason", "STRING", "REQUIRED"),
         _field("message_id", "STRING"),
@@ -255,7 +267,7 @@ def chip_row(pred: ChipPrediction, class_names: tuple[str, ...]) -> dict:
         "classes": class_records(counts, class_names, chip.pixel_area_m2),
         "dominant_class": class_names[dominant],
         "mean_confidence": pred.mean_confidence,
-        **provenance(chip.tile, pred.model_name, pred.model_version),
+        **provenance(chip.tile, pred.model_name, pred.model_version, chip.tile.role or "live"),
         "chipped_at": bq_timestamp(chip.chipped_at),
         "scored_at": bq_timestamp(pred.scored_at),
         "latency_s": pred.scored_at - chip.tile.published,
@@ -293,7 +305,7 @@ def tile_row(
         "footprint": footprint_wkt,
         "classes": class_records(class_counts, class_names, pixel_area_m2),
         "raster_uri": raster_uri,
-        **provenance(tile, model_name, model_version),
+        **provenance(tile, model_name, model_version, tile.role or "live"),
         "completed_at": bq_timestamp(completed_at),
         "latency_s": completed_at - tile.published,
     }

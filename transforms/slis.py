@@ -33,6 +33,8 @@ class CountTileSlis(beam.DoFn):
         self.latency = Metrics.distribution(NAMESPACE, TILE_LATENCY_MS)
 
     def process(self, row: dict):
+        if row.get("role") == "shadow":  # a comparison nobody reads: not part of the service
+            return []
         latency = float(row.get("latency_s") or 0.0)
         self.total.inc()
         self.latency.update(max(0, int(latency * 1000)))

@@ -1,0 +1,122 @@
+"""The stream's channels follower against hostile registry contents (no stream, no stack)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from model.registry import CHANNELS_FILE, Channels, Registry
+from model.serving import ChannelsFollower, start_snapshot
+from tests.test_registry import STUDENT, V1, V2, V3, variant
+
+
+@pytest.fixture()
+def follower(tmp_path) -> tuple[Registry, ChannelsFollower]:
+    registry = Registry(str(tmp_path / "registry"))
+    registry.publish(str(STUDENT))
+    registry.promote(V1, by="test")
+    card, start = start_snapshot(registry.prefix)
+    return registry, ChannelsFollower(registry.prefix, card, start, poll_secs=0.0)
+
+
+def live_of(f: ChannelsFollower) -> str:
+    return str(f.snapshot.channels.live)
+
+
+def test_a_garbled_channels_document_is_refused_once_and_the_snapshot_kept(follower):
+    registry, f = follower
+    (Path(registry.prefix) / CHANNELS_FILE).write_bytes(b'{"schema": "tilestream.chan')
+    [refusal] = f.refresh()
+    assert "channels document refused" in refusal.reason and "not valid JSON" in refusal.reason
+    assert f.refresh() == [] and live_of(f) == str(V1)
+
+
+def test_a_version_tampered_with_after_publish_is_refused_as_live(follower, tmp_path):
+    registry, f = follower
+    registry.publish(str(variant(tmp_path, "2")))
+    (Path(registry.prefix) / "landcover-student" / "2" / "model.pt").write_bytes(b"tampered")
+    registry.store.write(CHANNELS_FILE, Channels(live=V2).to_bytes(), None)  # a hand edit
+    [refusal] = f.refresh()
+    assert "landcover-student/2 refused as live" in refusal.reason
+    assert "sha256" in refusal.reason and "keeping landcover-student/1" in refusal.reason
+    assert live_of(f) == str(V1) and f.snapshot.assign("t") == (("landcover-student/1", "live"),)
+
+
+def test_a_candidate_normalised_otherwise_is_refused_and_live_answers_alone(follower, tmp_path):
+    registry, f = follower
+
+    def other_mean(card):
+        card["input"]["mean"] = [m + 10 for m in card["input"]["mean"]]
+
+    registry.publish(str(variant(tmp_path, "3", other_mean)))
+    registry.canary(V3, 0.5, by="test")  # the registry checks bands and classes, not the mean
+    [refusal] = f.refresh()
+    assert "landcover-student/3 refused as canary candidate" in refusal.reason
+    assert "cannot score them" in refusal.reason
+    assert f.snapshot.channels.candidate is None
+    assert {f.snapshot.assign(f"t{i}") for i in range(20)} == {(("landcover-student/1",
+                                                                 "live"),)}
+    assert f.refresh() == []  # reported once per document
+
+
+def test_a_valid_shadow_is_taken_and_scores_beside_live(follower, tmp_path):
+    registry, f = follower
+    registry.publish(str(variant(tmp_path, "2")))
+    registry.shadow(V2, by="test")
+    assert f.refresh() == []
+    assert f.snapshot.assign("t") == (("landcover-student/1", "live"),
+                                      ("landcover-student/2", "shadow"))
+
+
+def test_chips_of_a_version_that_cannot_load_fail_alone_beside_a_good_one(follower, tmp_path):
+    """A batch mixing versions: the unloadable one's chips get a reason, the other is scored."""
+    import dataclasses
+
+    import torch
+
+    from model.card import load_card
+    from model.inference import model_input
+    from pipeline.demo import SAMPLE_TILE
+    from tests.test_stages import chip_tile
+    from transforms.chips import ChipSettings
+    from transforms.inference import VersionedModelHandler
+    from transforms.records import TileRef
+
+    registry, _ = follower
+    card = load_card(str(STUDENT))
+    chips, _ = chip_tile(SAMPLE_TILE, ChipSettings.from_card(card))
+    good = TileRef("a", (str(SAMPLE_TILE),), "1", 0.0, 0.0, model=str(V1), role="live")
+    gone = dataclasses.replace(good, tile_id="b", model="landcover-student/9", role="canary")
+    batch = [(dataclasses.replace(c, tile=tile, raw=None),
+              torch.from_numpy(model_input(c.raw, c.valid)))
+             for tile in (good, gone) for c in chips[:2]]
+    handler = VersionedModelHandler(registry.prefix)
+    results = handler.run_inference(batch, handler.load_model())
+    by_tile = {}
+    for chip, result in results:
+        by_tile.setdefault(chip.tile.tile_id, []).append(result)
+    assert all(r.inference is not None and r.inference.shape[0] == card.num_classes
+               for r in by_tile["a"])
+    assert all(r.inference is None and "landcover-student/9 could not be loaded" in r.model_id
+               and "no model_card.json" in r.model_id for r in by_tile["b"])
+
+
+@pytest.mark.stack
+def test_the_follower_reads_a_gcs_registry_as_the_stream_does(adapted, tmp_path):
+    """The stream builds its own clients (no client passed): through the adapter, as --local."""
+    import uuid
+
+    from model.serving import CardBook
+
+    prefix = f"gs://{adapted.bucket}/registry-{uuid.uuid4().hex[:8]}"
+    registry = Registry(prefix, gcs_client=adapted.storage())
+    registry.publish(str(STUDENT))
+    registry.publish(str(variant(tmp_path, "2")))
+    registry.promote(V1, by="test")
+    card, start = start_snapshot(prefix)
+    follower = ChannelsFollower(prefix, card, start, poll_secs=0.0)
+    registry.canary(V2, 1.0, by="test")
+    assert follower.refresh() == []
+    assert follower.snapshot.assign("any") == (("landcover-student/2", "canary"),)
+    assert CardBook(card, prefix).get("landcover-student/2").version == "2"
