@@ -22,6 +22,7 @@ on the order pieces arrive in (pixel-identical to blending the whole tile at onc
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 import shutil
@@ -95,6 +96,7 @@ TILES_TAG = "tiles"
 STRIP_ROWS = 512  # output strips are whole chip rows, about this many pixel rows tall
 
 
+@functools.lru_cache(maxsize=256)
 def strip_bounds(height: int, size: int, stride: int) -> list[tuple[int, int]]:
     """Rows ``(start, end)`` of each output strip: a run of chip rows, about STRIP_ROWS tall.
 
@@ -312,16 +314,23 @@ def _strip(key: str) -> int:
 
 def expected_pieces(manifest: TileManifest, strip: int, own_only: bool = False) -> int:
     """Pieces strip ``strip`` waits for: every chip expected back from the chip rows that
-    overlap it (``own_only``: only those counted in it)."""
-    bounds = strip_bounds(manifest.height, manifest.chip_size, manifest.stride)
+    overlap it (``own_only``: only those counted in it). Asked once per arriving piece, so
+    the answer is cached per grid."""
+    return _expected(manifest.height, manifest.chip_size, manifest.stride,
+                     manifest.expected_per_row, strip, own_only)
+
+
+@functools.lru_cache(maxsize=1024)
+def _expected(height: int, size: int, stride: int, per_row: tuple[int, ...], strip: int,
+              own_only: bool) -> int:
+    bounds = strip_bounds(height, size, stride)
     total = 0
-    for r, row in enumerate(chip_starts(manifest.height, manifest.chip_size, manifest.stride)):
+    for r, row in enumerate(chip_starts(height, size, stride)):
         if own_only:
             hit = own_strip(row, bounds) == strip
         else:
-            hit = strip in strips_touched(row, min(manifest.chip_size, manifest.height - row),
-                                          bounds)
-        total += manifest.expected_per_row[r] if hit else 0
+            hit = strip in strips_touched(row, min(size, height - row), bounds)
+        total += per_row[r] if hit else 0
     return total
 
 
