@@ -219,6 +219,10 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     (out / "RESULTS.md").write_text(markdown(results))
+    if results.get("scale"):  # the Dataflow cost model follows the measured rates
+        import cost
+
+        (ROOT / "docs" / "performance.md").write_text(cost.markdown(results))
     print(markdown(results))
     return 0
 
