@@ -136,6 +136,7 @@ def run_inference_in_beam(card, chips: int = 3072, batch: int = 32) -> float:
 def stream_run(path: Path, model_uri: str) -> dict:
     """One tile through the whole local stream: publish -> tile row -> every chip row, peak RSS."""
     from pipeline import announce, local_stack
+    from tests.streams import peak_rss_bytes
 
     run_dir = Path(tempfile.mkdtemp(prefix="tilestream-scale-"))
     stack = local_stack.up(run_dir)
@@ -164,7 +165,7 @@ def stream_run(path: Path, model_uri: str) -> dict:
         visible_at = None
         deadline = time.monotonic() + 900
         while time.monotonic() < deadline and child.poll() is None:
-            peak = max(peak, _vm_hwm(child.pid))
+            peak = max(peak, peak_rss_bytes(child.pid))
             if not tile:
                 tile = rows(f"SELECT published, completed_at, chips_scored "
                             f"FROM `{stack.dataset}.tiles`")
@@ -177,7 +178,7 @@ def stream_run(path: Path, model_uri: str) -> dict:
             time.sleep(1)
         if not tile or visible_at is None:
             raise RuntimeError(f"the tile did not finish in time; see {run_dir}/stream.log")
-        peak = max(peak, _vm_hwm(child.pid))
+        peak = max(peak, peak_rss_bytes(child.pid))
         published = tile[0]["published"].timestamp()
         return {"chips": tile[0]["chips_scored"],
                 "publish_to_last_chip_s": round(count["chipped"].timestamp() - published, 1),
@@ -190,16 +191,6 @@ def stream_run(path: Path, model_uri: str) -> dict:
         child.wait(timeout=60)
         log.close()
         local_stack.down(run_dir)
-
-
-def _vm_hwm(pid: int) -> int:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
 
 
 def run(card, model_uri: str, workdir: Path, sizes: tuple[int, int] = (3660, 7320)) -> dict:
