@@ -13,7 +13,7 @@ setup(
     version="0.1.0",
     description="Event-driven scoring of satellite tiles with a distilled student model on Beam",
     python_requires=">=3.11",
-    packages=["pipeline", "transforms", "model"],
+    packages=["pipeline", "pipeline.local", "transforms", "model"],
     package_data={"model": ["artifacts/*/*/*"], "pipeline": ["schemas/*.json", "sample/*"]},
     include_package_data=True,
     install_requires=[

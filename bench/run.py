@@ -101,7 +101,8 @@ def bench_inference(card: ModelCard, device: str, batch_sizes: list[int],
 
 def bench_stream(tiles: int, model_uri: str, max_batch_size: int) -> dict:
     """The local stream end to end: N copies of the sample tile, latency and throughput."""
-    from pipeline import announce, local_stack
+    from pipeline import announce
+    from pipeline.local import stack as local_stack
 
     run_dir = Path(tempfile.mkdtemp(prefix="tilestream-bench-"))
     stack = local_stack.up(run_dir)

@@ -135,7 +135,8 @@ def run_inference_in_beam(card, chips: int = 3072, batch: int = 32) -> float:
 
 def stream_run(path: Path, model_uri: str) -> dict:
     """One tile through the whole local stream: publish -> tile row -> every chip row, peak RSS."""
-    from pipeline import announce, local_stack
+    from pipeline import announce
+    from pipeline.local import stack as local_stack
     from tests.streams import peak_rss_bytes
 
     run_dir = Path(tempfile.mkdtemp(prefix="tilestream-scale-"))

@@ -67,7 +67,7 @@ def _registry(args: argparse.Namespace):
 
     client = None
     if args.local:
-        from pipeline import local_stack
+        from pipeline.local import stack as local_stack
 
         client = local_stack.load(args.stack_dir).storage()
     return Registry(args.registry, gcs_client=client)
@@ -112,7 +112,7 @@ def _watch(args: argparse.Namespace, registry) -> str:
     from model.watch import RollbackRule, judge
 
     if args.local:
-        from pipeline import local_stack
+        from pipeline.local import stack as local_stack
 
         stack = local_stack.load(args.stack_dir)
         client, dataset = stack.bigquery(), f"{stack.project}.{stack.dataset}"

@@ -15,7 +15,7 @@ import logging
 import sys
 import time
 
-from pipeline import local_stack
+from pipeline.local import stack as local_stack
 
 
 def _stack_arg(parser: argparse.ArgumentParser) -> None:

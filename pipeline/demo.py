@@ -17,7 +17,8 @@ from pathlib import Path
 from google.api_core.exceptions import NotFound
 
 from model.card import load_card
-from pipeline import announce, local_stack
+from pipeline import announce
+from pipeline.local import stack as local_stack
 from pipeline.options import DEFAULT_MODEL_URI
 from pipeline.queries import run_query
 from pipeline.quicklook import write_quicklook

@@ -25,7 +25,9 @@ from apache_beam.options.pipeline_options import (
 
 from model.card import ModelCard, load_card
 from model.serving import Snapshot
-from pipeline import graph, local_adapter, local_stack
+from pipeline import graph
+from pipeline.local import adapter as local_adapter
+from pipeline.local import stack as local_stack
 from pipeline.options import TileStreamOptions
 from transforms.chips import ChipSettings
 from transforms.guards import InputAllowList
@@ -244,7 +246,7 @@ def run(argv: list[str] | None = None) -> int:
     o = job.options.view_as(TileStreamOptions)
     LOG.info("model %s from %s; tables %s", job.card.model_id, o.model_uri, job.tables)
     if job.stack is not None and job.streaming:
-        from pipeline import local_journal
+        from pipeline.local import journal as local_journal
 
         replayed = local_journal.replay_unfinished(job.stack, o.subscription, job.tables)
         if replayed["replayed"]:

@@ -18,7 +18,8 @@ from apache_beam.io import fileio
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.transforms.window import FixedWindows
 
-from pipeline import local_adapter, local_stack
+from pipeline.local import adapter as local_adapter
+from pipeline.local import stack as local_stack
 from pipeline.main import exit_now, supervise
 from transforms.sinks import bq_timestamp
 

@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from pipeline import local_stack
+from pipeline.local import stack as local_stack
 
 PID_FILE = "stream.pid"
 PEEK_MAX = 1000

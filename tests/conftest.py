@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from pipeline import local_stack
+from pipeline.local import stack as local_stack
 from pipeline.options import DEFAULT_MODEL_URI
 
 
@@ -22,7 +22,7 @@ def stack(tmp_path_factory):
 @pytest.fixture()
 def adapted(stack):
     """This process's Google clients (Beam's included) pointed at the stack."""
-    from pipeline import local_adapter
+    from pipeline.local import adapter as local_adapter
 
     local_adapter.apply(stack)
     return stack

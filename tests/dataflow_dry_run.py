@@ -13,7 +13,8 @@ import sys
 from apache_beam.io.gcp import bigquery_tools
 from apache_beam.options.pipeline_options import StandardOptions
 
-from pipeline import local_adapter, main
+from pipeline import main
+from pipeline.local import adapter as local_adapter
 
 ORIGINAL_BQ_CLIENT = bigquery_tools.BigQueryWrapper._bigquery_client
 

@@ -13,7 +13,8 @@ import rasterio
 from google.cloud import bigquery
 from rasterio.transform import from_origin
 
-from pipeline import local_stack, smoke
+from pipeline import smoke
+from pipeline.local import stack as local_stack
 
 pytestmark = pytest.mark.stack
 
@@ -129,3 +130,16 @@ def test_two_stacks_run_side_by_side_and_down_leaves_no_process(tmp_path):
     finally:
         local_stack.down(tmp_path / "one")
     assert all(not local_stack.group_members(pid) for pid in first.pids.values())
+
+
+def test_a_fresh_stack_forgets_the_journal_of_an_earlier_one(tmp_path):
+    """New emulators mean a new Pub/Sub: an old journal must not be replayed into them (the
+    demo reuses its run directory, and scored its tile twice before this)."""
+    stale = tmp_path / "journal" / "old.jsonl"
+    stale.parent.mkdir(parents=True)
+    stale.write_text('{"id": "1", "data": "", "attributes": {}}\n')
+    local_stack.up(tmp_path)
+    try:
+        assert not stale.exists()
+    finally:
+        local_stack.down(tmp_path)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import functools
 import os
 
-from pipeline.local_stack import LocalStack
+from pipeline.local.stack import LocalStack
 
 _applied: LocalStack | None = None
 LOCAL_RUNNERS = ("BundleBasedDirectRunner", "DirectRunner", "SwitchingDirectRunner")

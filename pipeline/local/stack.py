@@ -26,7 +26,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 STATE_FILE = "stack.json"
 DEFAULT_PROJECT = "tilestream-local"
 READY_TIMEOUT_S = 60.0
@@ -249,6 +249,9 @@ def up(run_dir: str | Path | None = None, project: str = DEFAULT_PROJECT) -> Loc
             return existing
         down(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    # Fresh emulators have a fresh Pub/Sub (message ids start over): a journal of messages an
+    # earlier incarnation pulled is about another stack and must not be replayed into this one.
+    shutil.rmtree(run_dir / "journal", ignore_errors=True)
     gcs_root = run_dir / "gcs"
     gcs_root.mkdir(exist_ok=True)
     stack = LocalStack(
@@ -287,7 +290,7 @@ def up(run_dir: str | Path | None = None, project: str = DEFAULT_PROJECT) -> Loc
         stack.pids["gcs"] = _spawn(
             "gcs",
             [
-                sys.executable, "-m", "pipeline.gcs_emulator", "start",
+                sys.executable, "-m", "pipeline.local.gcs_emulator", "start",
                 "--host", "127.0.0.1", "--port", str(stack.gcs_port), "--quiet",
             ],
             gcs_root,

@@ -23,7 +23,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.local_stack import LocalStack
+from pipeline.local.stack import LocalStack
 from transforms.sinks import BigQueryTables
 
 LOG = logging.getLogger(__name__)
