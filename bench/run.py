@@ -22,13 +22,12 @@ import time
 import tracemalloc
 from pathlib import Path
 
-import numpy as np
-import rasterio
 import torch
-from rasterio.transform import from_origin
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from scale import mosaic  # noqa: E402  (bench/ is on sys.path as the script's folder)
 
 from model.card import ModelCard, load_card  # noqa: E402
 from pipeline.demo import SAMPLE_TILE  # noqa: E402
@@ -40,26 +39,11 @@ from transforms.records import Chip, TileRef  # noqa: E402
 TEACHER_URI = ROOT / "model" / "artifacts" / "landcover-teacher" / "v1"
 
 
-def synthetic_tile(path: Path, height: int, width: int) -> Path:
-    """The Olinda tile repeated to the requested size: real texture, any size, quick to write."""
-    with rasterio.open(SAMPLE_TILE) as src:
-        base, crs = src.read(), src.crs
-    strip = np.tile(base, (1, -(-1024 // base.shape[1]), -(-width // base.shape[2])))
-    strip = strip[:, :1024, :width]
-    with rasterio.open(path, "w", driver="GTiff", width=width, height=height, count=6,
-                       dtype="uint8", crs=crs, transform=from_origin(300000, 9200000, 28.5, 28.5),
-                       tiled=True, blockxsize=512, blockysize=512, compress="deflate") as dst:
-        for row in range(0, height, 1024):
-            rows = min(1024, height - row)
-            dst.write(strip[:, :rows], window=((row, row + rows), (0, width)))
-    return path
-
-
 def bench_chipping(card: ModelCard, sizes: list[tuple[int, int]], workdir: Path) -> list[dict]:
     settings = ChipSettings.from_card(card)
     results = []
     for height, width in sizes:
-        path = synthetic_tile(workdir / f"tile_{height}x{width}.tif", height, width)
+        path = mosaic(workdir / f"tile_{height}x{width}.tif", height, width)
         fn = ChipTileFn(settings)
         tracemalloc.start()
         started = time.perf_counter()

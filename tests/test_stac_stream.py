@@ -20,11 +20,11 @@ from pathlib import Path
 
 import pytest
 import rasterio
-from google.api_core.exceptions import NotFound
 
 from pipeline import announce, stac_catalog
 from pipeline.demo import SAMPLE_TILE
 from tests import tiles
+from tests.streams import query as _query
 from tests.test_stac import hls_l30_item, hls_s30_item, landsat_c2_item, sentinel2_item
 
 pytestmark = [pytest.mark.stack, pytest.mark.slow]
@@ -35,13 +35,6 @@ LANDSAT_TOKENS = ("SR_B1", "SR_B2", "SR_B3", "SR_B4", "SR_B5", "SR_B7")
 HLS = "HLS.S30.T25MBM.2001196T123000.v2.0"
 HLS_L30 = "HLS.L30.T25MBM.2001196T121500.v2.0"
 S2 = "S2B_25MBM_20010715_0_L2A"
-
-
-def _query(stack, sql: str) -> list[dict]:
-    try:
-        return [dict(r) for r in stack.bigquery().query(sql).result()]
-    except NotFound:
-        return []
 
 
 def landsat_band_files(directory: Path, src: Path) -> list[Path]:

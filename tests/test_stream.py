@@ -20,26 +20,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import rasterio
-from google.api_core.exceptions import NotFound
 
 from model.card import load_card
 from pipeline import announce
 from pipeline.demo import SAMPLE_TILE
 from pipeline.queries import run_query
 from tests import tiles
+from tests.streams import query as _query
 
 pytestmark = [pytest.mark.stack, pytest.mark.slow]
 
 MIN_VALID = 0.05
 GRANULE = "HLS.S30.T25MBM.2001196T120000.v2.0"
 BROKEN_GRANULE = "HLS.S30.T25MBN.2001196T120000.v2.0"
-
-
-def _query(stack, sql: str) -> list[dict]:
-    try:
-        return [dict(r) for r in stack.bigquery().query(sql).result()]
-    except NotFound:
-        return []
 
 
 class Scenario:
