@@ -51,7 +51,9 @@ GDAL_ENV = {
     "GDAL_HTTP_MAX_RETRY": "2",
     "GDAL_HTTP_RETRY_DELAY": "0.5",
 }
-PREVIEW_PIXELS = 256  # long side of the radiometry preview
+PREVIEW_PIXELS = 256  # long side of the decimated radiometry preview (overviews, small files)
+PREVIEW_GRID = 3  # a big file without overviews: a 3 x 3 grid of windows, one block each,
+PREVIEW_WINDOW = 128  # of at most 128 x 128 pixels (147,456 sampled pixels in all)
 _TRANSIENT = re.compile(
     r"HTTP (?:response )?code:? ?(?:429|5\d\d)|couldn't connect|"
     r"connection (?:refused|reset)|timed? ?out|empty reply|failed to connect|"
@@ -184,9 +186,18 @@ def strip_footprints(transform, crs, row: int, height: int, cols: list[int], wid
     xs, ys = transform @ (columns.ravel(), rows.ravel())
     lons, lats = (np.asarray(v).reshape(len(cols), 4 * n)
                   for v in warp(crs, "EPSG:4326", list(xs), list(ys)))
-    return ["POLYGON((" + ", ".join(f"{x:.7f} {y:.7f}" for x, y in
-                                    [*zip(lo, la, strict=True), (lo[0], la[0])]) + "))"
-            for lo, la in zip(lons, lats, strict=True)]
+    ring = np.empty((len(cols), 4 * n + 1, 2))  # closed rings of (lon, lat), one per chip
+    ring[:, :-1, 0], ring[:, :-1, 1] = lons, lats
+    ring[:, -1] = ring[:, 0]
+    polygon = _polygon_format(4 * n + 1)
+    return [polygon % tuple(points) for points in ring.reshape(len(cols), -1).tolist()]
+
+
+@functools.lru_cache(maxsize=8)
+def _polygon_format(points: int) -> str:
+    """One ``%`` format for a whole ring: a single C-level call per chip instead of one
+    f-string per coordinate (the per-chip formatting was most of the footprint cost)."""
+    return "POLYGON((" + ", ".join(["%.7f %.7f"] * points) + "))"
 
 
 def pixel_area_m2(transform, crs, height: int, width: int) -> float:
@@ -282,16 +293,40 @@ class _Sources:
         from rasterio.windows import Window
 
         window = Window(0, row, self.width, height)
+        if len(self.datasets) == 1:  # one call: GDAL de-interleaves a pixel-interleaved block once
+            return self.datasets[0].read([b for _, b in self.band_map], window=window)
         return np.stack([self.datasets[d].read(b, window=window) for d, b in self.band_map])
 
     def preview(self) -> np.ndarray:
-        """A decimated ``(C, h, w)`` read (overviews when the file has them), long side 256."""
-        from rasterio.enums import Resampling
+        """A sample of the tile for the radiometry check, for a fraction of a full read.
 
-        factor = max(1, math.ceil(max(self.height, self.width) / PREVIEW_PIXELS))
-        shape = (max(1, self.height // factor), max(1, self.width // factor))
-        return np.stack([self.datasets[d].read(b, out_shape=shape,
-                                               resampling=Resampling.nearest)
+        With overviews, or a file of at most a few blocks, the decimated file (long side 256).
+        Otherwise a decimated read would decode every block, as much as chipping reads: a
+        ``PREVIEW_GRID``² grid of windows spread over the tile is read instead, each inside one
+        block, and returned side by side as ``(C, 1, n)``.
+        """
+        from rasterio.enums import Resampling
+        from rasterio.windows import Window
+
+        first = self.datasets[0]
+        block_h, block_w = first.block_shapes[0]
+        blocks = math.ceil(self.height / block_h) * math.ceil(self.width / block_w)
+        if first.overviews(1) or blocks <= PREVIEW_GRID ** 2:
+            factor = max(1, math.ceil(max(self.height, self.width) / PREVIEW_PIXELS))
+            shape = (max(1, self.height // factor), max(1, self.width // factor))
+            return np.stack([self.datasets[d].read(b, out_shape=shape,
+                                                   resampling=Resampling.nearest)
+                             for d, b in self.band_map])
+        side = min(block_h, block_w, PREVIEW_WINDOW)
+        windows = []
+        for i in range(PREVIEW_GRID):
+            for j in range(PREVIEW_GRID):
+                row = int((i + 0.5) * self.height / PREVIEW_GRID) // block_h * block_h
+                col = int((j + 0.5) * self.width / PREVIEW_GRID) // block_w * block_w
+                windows.append(Window(col, row, min(side, self.width - col),
+                                      min(side, self.height - row)))
+        return np.stack([np.concatenate([self.datasets[d].read(b, window=w).ravel()
+                                         for w in windows])[None]
                          for d, b in self.band_map])
 
     def invalid(self, values: np.ndarray) -> np.ndarray:
@@ -477,17 +512,23 @@ class ChipTileFn(beam.DoFn):
             widths = [min(size, src.width - col) for col in cols]
             expected.append(0)
             outlines = strip_footprints(src.transform, src.crs, row, height, cols, widths)
+            valid_strip = ~invalid_strip
+            strip[:, invalid_strip] = 0  # nodata travels as 0 under the mask, like padding
             for col_number, (col, width) in enumerate(zip(cols, widths, strict=True)):
                 index = row_number * len(cols) + col_number
-                valid = np.zeros((size, size), bool)
-                valid[:height, :width] = ~invalid_strip[:, col : col + width]
-                fraction = float(valid.sum()) / (height * width)
+                fraction = (np.count_nonzero(valid_strip[:, col : col + width])
+                            / (height * width))
                 if fraction < self._s.min_valid_fraction or fraction == 0.0:
                     skipped += 1
                     continue
-                raw = np.zeros((strip.shape[0], size, size), strip.dtype)
-                raw[:, :height, :width] = strip[:, :, col : col + width]
-                raw[:, ~valid] = 0  # nodata travels as 0 under the mask, like padding
+                if height == width == size:  # the usual chip: a copy of its window, no padding
+                    valid = np.ascontiguousarray(valid_strip[:, col : col + size])
+                    raw = np.ascontiguousarray(strip[:, :, col : col + size])
+                else:
+                    valid = np.zeros((size, size), bool)
+                    valid[:height, :width] = valid_strip[:, col : col + width]
+                    raw = np.zeros((strip.shape[0], size, size), strip.dtype)
+                    raw[:, :height, :width] = strip[:, :, col : col + width]
                 yield Chip(
                     tile=tile,
                     index=index,
