@@ -447,7 +447,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: "
                         "%(message)s")
-    for noisy in ("apache_beam.runners.direct", "apache_beam.io.gcp", "apache_beam.typehints",
+    for noisy in ("apache_beam.runners.direct", "apache_beam.typehints",
                   "google", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     argv = sys.argv[1:] if argv is None else argv

@@ -7,12 +7,12 @@ from apache_beam.io import fileio
 
 from model.card import ModelCard
 from model.serving import Snapshot
-from pipeline.options import TileStreamOptions
+from pipeline.options import TileStreamOptions, load_temp_location
 from transforms import presets
 from transforms.announcements import FilesToRefs, GranuleRule, ParseAnnouncements
 from transforms.assemble import AssembleTiles
 from transforms.chips import ChipSettings, ChipTiles
-from transforms.deadletter import BigQueryFailures, WriteDeadLetters
+from transforms.deadletter import BigQueryFailures, CheckRows, WriteDeadLetters
 from transforms.dedup import Deduplicate
 from transforms.drift_watch import FlagDriftChanges
 from transforms.granules import AssembleGranules
@@ -59,9 +59,17 @@ def build(p: beam.Pipeline, o: TileStreamOptions, card: ModelCard, tables: BigQu
         max_batch_duration_secs=o.max_batch_duration_secs or None, accelerator=o.accelerator,
         registry_uri=registry)
 
-    chip_writes = (scored.predictions
-                   | "ChipRows" >> beam.Map(chip_row, class_names)
-                   | "WriteChipRows" >> write_rows(tables.chips, CHIP_SCHEMA))
+    chip_rows = scored.predictions | "ChipRows" >> beam.Map(chip_row, class_names)
+    if o.chip_rows_load_secs:  # load jobs: rows that would fail one are dead-lettered first
+        checked = chip_rows | "CheckChipRows" >> CheckRows(tables.chips, CHIP_SCHEMA)
+        _ = checked.rows | "LoadChipRows" >> write_rows(
+            tables.chips, CHIP_SCHEMA, load_jobs=True,
+            every_secs=o.chip_rows_load_secs if streaming else None,
+            temp_location=load_temp_location(p.options))
+        chip_failures = checked.dead_letters
+    else:
+        chip_failures = (chip_rows | "WriteChipRows" >> write_rows(tables.chips, CHIP_SCHEMA)
+                         ).failed_rows_with_errors | "ChipRowFailures" >> BigQueryFailures()
     assembled = ((chipped.manifests, scored.predictions, scored.failed)
                  | "AssembleTiles" >> AssembleTiles(card, o.output_prefix, o.tile_timeout_secs,
                                                     streaming, o.confidence_band, registry))
@@ -69,11 +77,8 @@ def build(p: beam.Pipeline, o: TileStreamOptions, card: ModelCard, tables: BigQu
     _ = assembled.tiles | "TileSlis" >> beam.ParDo(CountTileSlis())  # Cloud Monitoring SLIs
     letters.append(assembled.tiles | "DriftChanges" >> FlagDriftChanges())  # over time
 
-    bigquery_failures = ((chip_writes.failed_rows_with_errors,
-                          tile_writes.failed_rows_with_errors)
-                         | "BigQueryFailed" >> beam.Flatten()
-                         | "BigQueryDeadLetters" >> BigQueryFailures())
+    tile_failures = tile_writes.failed_rows_with_errors | "TileRowFailures" >> BigQueryFailures()
     ((parsed.dead_letters, granules.dead_letters, *letters, chipped.dead_letters,
-      scored.dead_letters, assembled.dead_letters, bigquery_failures)
+      scored.dead_letters, assembled.dead_letters, chip_failures, tile_failures)
      | "AllDeadLetters" >> beam.Flatten()
      | "WriteDeadLetters" >> WriteDeadLetters(tables, o.output_prefix))

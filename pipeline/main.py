@@ -28,7 +28,7 @@ from model.serving import Snapshot
 from pipeline import graph
 from pipeline.local import adapter as local_adapter
 from pipeline.local import stack as local_stack
-from pipeline.options import TileStreamOptions
+from pipeline.options import TileStreamOptions, load_temp_location
 from transforms.chips import ChipSettings
 from transforms.guards import InputAllowList
 from transforms.sinks import BigQueryTables
@@ -36,6 +36,10 @@ from transforms.sinks import BigQueryTables
 LOG = logging.getLogger("tilestream")
 DEFAULT_LOCAL_RUNNER = "BundleBasedDirectRunner"
 METRICS_EVERY_SECS = 2.0
+# Chip rows go to BigQuery in load jobs this often: BigQuery allows 1,500 load jobs per table and
+# day, so once a minute in production; the emulator has no quota and the local stack's rows
+# should be queryable seconds after their tile's.
+LOAD_SECS, LOCAL_LOAD_SECS = 60, 2
 
 
 class ConfigError(ValueError):
@@ -83,6 +87,13 @@ def configure(argv: list[str] | None) -> Job:
         raise ConfigError("give exactly one input: --subscription (streaming) or --input_glob")
     if not o.bq_dataset or not o.output_prefix:
         raise ConfigError("--bq_dataset and --output_prefix are required (or use --local)")
+    if o.chip_rows_load_secs is None:
+        o.chip_rows_load_secs = LOCAL_LOAD_SECS if o.local else LOAD_SECS
+    if not 0 <= o.chip_rows_load_secs <= 3600:
+        raise ConfigError("--chip_rows_load_secs must be in [0, 3600]")
+    if o.chip_rows_load_secs and not load_temp_location(options).startswith("gs://"):
+        raise ConfigError("chip-row load jobs stage files on GCS: give a gs:// --temp_location "
+                          "or --output_prefix, or --chip_rows_load_secs=0 to stream rows")
     image = options.view_as(WorkerOptions).sdk_container_image
     if standard.runner == "DataflowRunner" and "://" not in o.model_uri and not image:
         raise ConfigError(f"Dataflow workers cannot read --model_uri={o.model_uri}: pass a gs:// "

@@ -20,7 +20,14 @@ import apache_beam as beam
 from apache_beam.metrics import Metrics
 
 from transforms.records import DEAD_LETTER, DUPLICATE, FILTERED, DeadLetter
-from transforms.sinks import ERROR_SCHEMA, EVENT_SCHEMA, BigQueryTables, bq_timestamp, write_rows
+from transforms.sinks import (
+    ERROR_SCHEMA,
+    EVENT_SCHEMA,
+    BigQueryTables,
+    bq_timestamp,
+    row_problem,
+    write_rows,
+)
 
 DEAD_LETTER_TAG = "dead_letters"
 PAYLOAD_EXCERPT = 1000
@@ -151,3 +158,34 @@ class BigQueryFailures(beam.PTransform):
     def expand(self, failures):
         outputs = failures | beam.ParDo(_BigQueryFailureFn()).with_outputs(DEAD_LETTER_TAG)
         return outputs[DEAD_LETTER_TAG]
+
+
+class _CheckRowFn(beam.DoFn):
+    def __init__(self, table: str, schema: dict):
+        self._table, self._fields = table, schema["fields"]
+
+    def process(self, row: dict):
+        try:
+            problem = row_problem(row, self._fields)
+        except Exception as exc:  # the guard itself must not fail the bundle
+            problem = f"row could not be checked: {exc!r}"
+        if problem is None:
+            yield row
+            return
+        yield dead_letter("bigquery", f"row refused for {self._table}: {problem}",
+                          message_id=str(row.get("message_id") or ""),
+                          tile_id=str(row.get("tile_id") or ""),
+                          payload=json.dumps(row, default=str)[:2000])
+
+
+class CheckRows(beam.PTransform):
+    """Rows -> rows BigQuery will load (main) and dead letters for the rest (``dead_letters``):
+    before a load job, where one bad row would fail every row loaded with it."""
+
+    def __init__(self, table: str, schema: dict):
+        super().__init__()
+        self._table, self._schema = table, schema
+
+    def expand(self, rows):
+        return rows | beam.ParDo(_CheckRowFn(self._table, self._schema)).with_outputs(
+            DEAD_LETTER_TAG, main="rows")

@@ -12,6 +12,7 @@ import datetime as dt
 import functools
 import hashlib
 import json
+import math
 from dataclasses import dataclass
 
 import apache_beam as beam
@@ -191,17 +192,65 @@ if hasattr(BigQueryWriteFn, "_check_row_size"):  # applied wherever the sinks ru
     BigQueryWriteFn._check_row_size = _json_row_size
 
 
-def write_rows(table: str, schema: dict) -> beam.io.WriteToBigQuery:
+def write_rows(table: str, schema: dict, *, load_jobs: bool = False,
+               every_secs: int | None = None,
+               temp_location: str | None = None) -> beam.io.WriteToBigQuery:
+    """Streaming inserts, or with ``load_jobs`` load jobs of the rows gathered over
+    ``every_secs`` (a streaming pipeline; a batch one loads once at the end).
+
+    Load jobs are for the chip rows, thousands per tile: the insertAll path costs per row (Beam
+    sizes each row; the API bills by the byte; the local emulator spent 5 CPU-seconds on 5,776
+    rows, against 0.14 s for one load job of the same rows). A load job fails as a whole on one
+    bad row, so rows go through ``deadletter.CheckRows`` first.
+    """
     kind = next(k for k, s in SCHEMAS.items() if s is schema)
+    common = dict(schema=schema,
+                  create_disposition=beam.io.BigQueryDisposition.CREATE_IF_NEEDED,
+                  write_disposition=beam.io.BigQueryDisposition.WRITE_APPEND,
+                  additional_bq_parameters=table_parameters(kind))
+    if load_jobs:
+        return beam.io.WriteToBigQuery(
+            table, method=beam.io.WriteToBigQuery.Method.FILE_LOADS,
+            triggering_frequency=every_secs, custom_gcs_temp_location=temp_location,
+            **common)
     return beam.io.WriteToBigQuery(
-        table,
-        schema=schema,
-        method=beam.io.WriteToBigQuery.Method.STREAMING_INSERTS,
-        create_disposition=beam.io.BigQueryDisposition.CREATE_IF_NEEDED,
-        write_disposition=beam.io.BigQueryDisposition.WRITE_APPEND,
-        additional_bq_parameters=table_parameters(kind),
-        insert_retry_strategy=RetryStrategy.RETRY_ON_TRANSIENT_ERROR,
-    )
+        table, method=beam.io.WriteToBigQuery.Method.STREAMING_INSERTS,
+        insert_retry_strategy=RetryStrategy.RETRY_ON_TRANSIENT_ERROR, **common)
+
+
+_JSON_TYPES = {"STRING": str, "GEOGRAPHY": str, "TIMESTAMP": str, "BOOL": bool,
+               "INT64": int, "FLOAT64": (int, float)}
+
+
+def row_problem(row: dict, fields: list[dict], path: str = "") -> str | None:
+    """Why BigQuery would refuse ``row`` under ``fields`` (None when it would load): required
+    values present, JSON types right, floats finite, no unknown columns."""
+    unknown = set(row) - {f["name"] for f in fields}
+    if unknown:
+        return f"unknown column(s) {sorted(unknown)[:3]}"
+    for f in fields:
+        name, value = f["name"], row.get(f["name"])
+        where = f"{path}{name}"
+        if value is None:
+            if f["mode"] == "REQUIRED":
+                return f"{where} is required"
+            continue
+        values = value if f["mode"] == "REPEATED" else [value]
+        if f["mode"] == "REPEATED" and not isinstance(value, list):
+            return f"{where} must be a list"
+        for v in values:
+            if f["type"] == "RECORD":
+                problem = (row_problem(v, f["fields"], f"{where}.") if isinstance(v, dict)
+                           else f"{where} must be a record")
+                if problem:
+                    return problem
+                continue
+            kind = _JSON_TYPES[f["type"]]
+            if not isinstance(v, kind) or (kind is int and isinstance(v, bool)):
+                return f"{where} must be {f['type']}, not {type(v).__name__}"
+            if isinstance(v, float) and not math.isfinite(v):
+                return f"{where} is {v}"
+    return None
 
 
 def bq_timestamp(seconds: float | None) -> str | None:
