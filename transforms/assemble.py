@@ -162,13 +162,14 @@ def blend(pieces: Iterable[StripPiece], num_classes: int, height: int,
             continue
         h, w = piece.valid.shape
         rows, cols = slice(piece.offset, piece.offset + h), slice(piece.col, piece.col + w)
-        acc[:, rows, cols] += piece.probabilities * piece.valid
+        acc[:, rows, cols] += np.where(piece.valid, piece.probabilities, np.uint8(0))
         weight[rows, cols] += piece.valid
     covered = weight > 0
-    classes = np.full((height, width), NODATA_CLASS, np.uint8)
-    classes[covered] = acc[:, covered].argmax(axis=0)
-    confidence = np.full((height, width), NODATA_CONFIDENCE, np.uint8)
-    confidence[covered] = np.round(acc[:, covered].max(axis=0) / weight[covered] / 255.0 * 100.0)
+    # Whole-strip reductions: indexing acc with the mask would copy K x strip twice.
+    classes = np.where(covered, acc.argmax(axis=0), NODATA_CLASS).astype(np.uint8)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        percent = np.round(acc.max(axis=0) / weight / 255.0 * 100.0)
+    confidence = np.where(covered, percent, NODATA_CONFIDENCE).astype(np.uint8)
     counts = np.bincount(classes[covered], minlength=num_classes)
     return classes, confidence, counts
 
