@@ -40,6 +40,7 @@ METRICS_EVERY_SECS = 2.0
 # day, so once a minute in production; the emulator has no quota and the local stack's rows
 # should be queryable seconds after their tile's.
 LOAD_SECS, LOCAL_LOAD_SECS = 60, 2
+LOCAL_CHIPS_IN_FLIGHT = 1024  # the in-process runner's chipper waits for the model beyond this
 
 
 class ConfigError(ValueError):
@@ -87,6 +88,11 @@ def configure(argv: list[str] | None) -> Job:
         raise ConfigError("give exactly one input: --subscription (streaming) or --input_glob")
     if not o.bq_dataset or not o.output_prefix:
         raise ConfigError("--bq_dataset and --output_prefix are required (or use --local)")
+    if o.max_chips_in_flight is None:  # pacing is for a stream on the in-process runner
+        in_process = standard.runner in local_adapter.LOCAL_RUNNERS
+        o.max_chips_in_flight = LOCAL_CHIPS_IN_FLIGHT if in_process and o.subscription else 0
+    if o.max_chips_in_flight < 0:
+        raise ConfigError("--max_chips_in_flight must not be negative")
     if o.chip_rows_load_secs is None:
         o.chip_rows_load_secs = LOCAL_LOAD_SECS if o.local else LOAD_SECS
     if not 0 <= o.chip_rows_load_secs <= 3600:
@@ -101,6 +107,8 @@ def configure(argv: list[str] | None) -> Job:
                           "where the launcher and the workers share the shipped model's path")
     streaming = not o.input_glob
     standard.streaming = streaming
+    if not streaming:  # a bounded backfill runs stage by stage: nothing to pace against
+        o.max_chips_in_flight = 0
     start = None
     if o.model_registry:
         card, start = registry_start(o)
@@ -182,7 +190,7 @@ def chip_settings(o: TileStreamOptions, card: ModelCard,
         card, o.chip_size, o.stride, o.min_valid_fraction, allow=allow,
         max_tile_pixels=o.max_tile_pixels, input_scale=o.input_scale,
         input_offset=o.input_offset, max_out_of_range=o.max_out_of_range_fraction,
-        read_budget_secs=o.read_budget_secs)
+        read_budget_secs=o.read_budget_secs, max_chips_in_flight=o.max_chips_in_flight or 0)
 
 
 def build_pipeline(job: Job) -> beam.Pipeline:

@@ -123,6 +123,11 @@ class TileStreamArguments:
         chips.add_argument("--read_budget_secs", type=float, default=120.0,
                            help="Time one tile may spend on retries of transient storage errors "
                            "and paused behind a failing bucket before it is dead-lettered.")
+        chips.add_argument("--max_chips_in_flight", type=int, default=None,
+                           help="Chips cut but not yet scored, at most (the chipper waits): "
+                           "memory then follows a strip, not the tile. Default 1024 on the "
+                           "in-process runner, which has no back-pressure; 0 (Dataflow's own "
+                           "flow control) elsewhere.")
         chips.add_argument("--window_secs", type=float, default=5.0,
                            help="Fixed window for micro-batching chips across tiles.")
         chips.add_argument("--min_batch_size", type=int, default=1,

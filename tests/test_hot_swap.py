@@ -85,7 +85,7 @@ def swap_run(stack, tmp_path_factory):
                          f"--bq_dataset={stack.project}:{dataset}",
                          f"--output_prefix=gs://{stack.bucket}/{dataset}",
                          f"--min_valid_fraction={MIN_VALID}", "--window_secs=1",
-                         "--max_batch_size=8")
+                         "--max_batch_size=8", "--chip_rows_load_secs=0")
     phases: dict[str, list[str]] = {}
     marks: dict[str, float] = {}
 

@@ -19,24 +19,45 @@ import functools
 import math
 import random
 import re
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import NamedTuple, TypeVar
 
 import apache_beam as beam
 import numpy as np
+from apache_beam.coders import PickleCoder
 from apache_beam.metrics import Metrics
+from apache_beam.transforms.timeutil import TimeDomain
+from apache_beam.transforms.userstate import (
+    BagStateSpec,
+    ReadModifyWriteStateSpec,
+    TimerSpec,
+    on_timer,
+)
+from apache_beam.utils.timestamp import Timestamp
 
 from model.card import CardError, ModelCard
 from transforms.deadletter import DEAD_LETTER_TAG, dead_letter
 from transforms.guards import DEFAULT_MAX_TILE_PIXELS, InputAllowList, Refused, describe
-from transforms.records import Chip, TileManifest, TileRef, pack_mask
+from transforms.records import (
+    KEYED,
+    Chip,
+    StripReport,
+    StripTask,
+    TileGrid,
+    TileManifest,
+    TileRef,
+    pack_mask,
+)
 from transforms.sinks import crs_label
 
 STAGE = "chips"
 MANIFESTS_TAG = "manifests"
+REPORTS_TAG = "reports"
+STRIP_ROWS = 512  # a strip task is whole chip rows, about this many pixel rows tall
 # Only GeoTIFF (COGs included) is opened: VRT and other formats can point anywhere.
 DRIVER = "GTiff"
 # GDAL settings for reading COGs from object storage: no directory listing, bounded waits, a few
@@ -225,6 +246,7 @@ class ChipSettings:
     input_offset: float = 0.0
     max_out_of_range: float = 0.5  # largest fraction of preview pixels outside the valid range
     read_budget_secs: float = 120.0  # retries and breaker pauses for one tile, in all
+    max_chips_in_flight: int = 0  # pace strip tasks to the model (in-process runner); 0: off
 
     @classmethod
     def from_card(cls, card: ModelCard, chip_size: int = 0, stride: int = 0,
@@ -398,8 +420,54 @@ def strip_band_counts(reference, strip: np.ndarray, invalid: np.ndarray, card: M
     return band_counts(reference, values * card.input.scale + card.input.offset)
 
 
-class ChipTileFn(beam.DoFn):
-    """One tile -> its chips and manifest (also run directly by `tilestream check`, bench)."""
+class InFlight:
+    """Chips cut but not yet back from the model, in this process: the chipper's pacing.
+
+    Beam's in-process runner has no back-pressure: a fast chipper would cut a whole tile while the
+    model scores its first batches, and memory would follow the tile. With ``--max_chips_in_flight``
+    a strip task waits (parked, not blocking its thread) until the model has caught up.
+    Dataflow paces bundles itself, so the default there is no limit.
+    """
+
+    def __init__(self):
+        self._count = 0
+        self._returned_at = time.monotonic()
+        self._changed = threading.Condition()
+
+    @property
+    def count(self) -> int:
+        return self._count
+
+    def add(self, n: int) -> None:
+        with self._changed:
+            if self._count == 0:
+                self._returned_at = time.monotonic()
+            self._count += n
+
+    def done(self, n: int = 1) -> None:
+        with self._changed:
+            self._count = max(0, self._count - n)
+            self._returned_at = time.monotonic()
+            self._changed.notify_all()
+
+    def admits(self, limit: int, wait: float) -> bool:
+        """Whether a task may start: under ``limit`` (waiting up to ``wait`` seconds for it),
+        or nothing has come back for ``PACE_STALL_SECS`` (a lost count must never stop the
+        chipper for good: it is pacing, not accounting)."""
+        with self._changed:
+            return self._changed.wait_for(
+                lambda: (self._count < limit
+                         or time.monotonic() - self._returned_at > PACE_STALL_SECS), wait)
+
+
+IN_FLIGHT = InFlight()
+PACE_WAIT_SECS = 0.0  # the in-process runner has one worker thread: waiting would stall it
+PACE_RETRY_SECS = 0.1  # and is then retried this often
+PACE_STALL_SECS = 10.0  # no chip back from the model for this long: start anyway
+
+
+class _TileReader(beam.DoFn):
+    """Opening a tile's rasters under the guards, with retries, a breaker and metrics."""
 
     def __init__(self, settings: ChipSettings):
         self._s = settings
@@ -417,29 +485,149 @@ class ChipTileFn(beam.DoFn):
 
         self._reference = reference_from_card(self._s.card)
 
-    def process(self, tile: TileRef) -> Iterator:
+    def plan(self, tile: TileRef) -> list[StripTask]:
+        """The tile's strip tasks, once its header and a sample of its values pass the guards
+        (raises for a tile that cannot or must not be read)."""
         import rasterio
 
         deadline = time.monotonic() + self._s.read_budget_secs
+        with rasterio.Env(**GDAL_ENV), ExitStack() as stack:
+            src = self._with_retries(tile, deadline, lambda: _Sources(tile, self._s, stack))
+            scale, offset = self._s.radiometry(tile)
+            size, stride = self._s.chip_size, self._s.stride
+            starts = chip_starts(src.height, size, stride)
+            try:
+                sample = self._with_retries(tile, deadline, src.preview)
+            except Exception:  # a damaged file: the first chip row that reads decides
+                sample = None
+                for row in starts:
+                    try:
+                        sample = src.read_strip(row, min(size, src.height - row))
+                    except Exception:  # unreadable rows are the strip tasks' to report
+                        continue
+                    if not src.invalid(sample).all():
+                        break
+            if sample is not None:
+                check_radiometry(sample, src.invalid(sample), self._s.card, scale, offset,
+                                 self._s.max_out_of_range, ", ".join(tile.band_uris))
+            grid = TileGrid(src.height, src.width, tuple(src.transform)[:6], src.crs.to_wkt(),
+                            pixel_area_m2(src.transform, src.crs, src.height, src.width),
+                            size, stride)
+        group = max(1, STRIP_ROWS // stride)
+        firsts = list(range(0, len(starts), group))
+        return [StripTask(tile, grid, i, len(firsts), first, min(first + group, len(starts)))
+                for i, first in enumerate(firsts)]
+
+    def chip(self, task: StripTask) -> Iterator:
+        """The task's chips, then its :class:`StripReport` on ``REPORTS_TAG``. Never raises:
+        whatever cannot be read is reported as failed chip rows, with the reason."""
+        import rasterio
+
+        tile, grid = task.tile, task.grid
+        size, stride = grid.chip_size, grid.stride
+        starts = chip_starts(grid.height, size, stride)
+        cols = chip_starts(grid.width, size, stride)
+        rows = range(task.first_row, task.stop_row)
+        deadline = time.monotonic() + self._s.read_budget_secs
+        cut = _Cut(len(rows))
         try:
             with rasterio.Env(**GDAL_ENV), ExitStack() as stack:
-                sources = self._with_retries(tile, deadline,
-                                             lambda: _Sources(tile, self._s, stack))
+                src = self._with_retries(tile, deadline, lambda: _Sources(tile, self._s, stack))
+                if (src.height, src.width) != (grid.height, grid.width):
+                    raise ValueError(f"{tile.band_uris[0]} changed size while being read")
                 scale, offset = self._s.radiometry(tile)
+                top = starts[task.first_row]
+                bottom = min(starts[task.stop_row - 1] + size, grid.height)
                 try:
-                    preview = self._with_retries(tile, deadline, sources.preview)
-                except Exception:  # a damaged file: its strips are checked one by one instead
-                    preview = None
-                if preview is not None:
-                    self._check_radiometry(tile, preview, sources.invalid(preview), scale, offset)
-                yield from self._chip(tile, sources, deadline, scale, offset,
-                                      checked=preview is not None)
-        except Exception as exc:  # the stage boundary: one tile, one letter
-            reason = describe(exc)
-            if not isinstance(exc, Refused):
-                reason = f"cannot chip {', '.join(tile.band_uris)}: {reason}"
-            yield dead_letter(STAGE, reason, message_id=tile.message_id, tile_id=tile.tile_id,
-                              payload=repr(tile))
+                    window = self._with_retries(tile, deadline,
+                                                lambda: src.read_strip(top, bottom - top))
+                except Exception:  # a corrupt block: read row by row, so only its rows fail
+                    window = None
+                for k, row in enumerate(rows):
+                    start, height = starts[row], min(size, grid.height - starts[row])
+                    begun = time.perf_counter()
+                    try:
+                        strip = (window[:, start - top : start - top + height] if window is not None
+                                 else self._with_retries(tile, deadline,
+                                                         lambda s=start, h=height:
+                                                         src.read_strip(s, h)))
+                    except Exception as exc:
+                        cut.fail(k, len(cols), f"rows {start}..{start + height}: {describe(exc)}")
+                        continue
+                    self.strip_ms.update(int((time.perf_counter() - begun) * 1000))
+                    fresh = starts[row + 1] - start if row + 1 < len(starts) else height
+                    yield from self._cut_row(task, src, strip, row, cols, fresh, scale, offset,
+                                             cut, k)
+        except Exception as exc:  # could not open it at all: every row not yet cut fails
+            reason = f"rows {starts[task.first_row]}..: {describe(exc)}"
+            for k in range(len(rows)):
+                if cut.expected[k] is None:
+                    cut.fail(k, len(cols), reason)
+        self.total.inc(len(rows) * len(cols))
+        self.skipped.inc(cut.skipped)
+        self.failed.inc(cut.failed)
+        yield beam.pvalue.TaggedOutput(REPORTS_TAG, StripReport(
+            task, tuple(n or 0 for n in cut.expected), cut.skipped, cut.failed,
+            tuple(cut.unreadable), tuple(tuple(int(n) for n in c) for c in cut.counts or ())))
+
+    def _cut_row(self, task: StripTask, src: _Sources, strip: np.ndarray, row: int,
+                 cols: list[int], fresh: int, scale: float, offset: float, cut: _Cut,
+                 k: int) -> Iterator[Chip]:
+        """The chips of one chip row (``strip`` is its pixels, ``fresh`` rows of it are not in
+        the next chip row and count once towards drift)."""
+        grid, tile = task.grid, task.tile
+        size, stride = grid.chip_size, grid.stride
+        start, height = row * stride, strip.shape[1]
+        invalid_strip = src.invalid(strip)
+        if self._reference is not None:
+            counts = strip_band_counts(self._reference, strip[:, :fresh], invalid_strip[:fresh],
+                                       self._s.card, scale, offset)
+            cut.counts = counts if cut.counts is None else [
+                a + b for a, b in zip(cut.counts, counts, strict=True)]
+        if (scale, offset) != (1.0, 0.0):  # a per-source rescale: float32 from here on
+            strip = strip.astype(np.float32) * np.float32(scale) + np.float32(offset)
+        else:
+            strip = strip.copy()  # a view of the task's window: zeroed below, kept apart
+        widths = [min(size, grid.width - col) for col in cols]
+        cut.expected[k] = 0
+        outlines = strip_footprints(src.transform, src.crs, start, height, cols, widths)
+        crs = crs_label(grid.crs_wkt)
+        a, b, c, d, e, f = grid.transform
+        valid_strip = ~invalid_strip
+        strip[:, invalid_strip] = 0  # nodata travels as 0 under the mask, like padding
+        for col_number, (col, width) in enumerate(zip(cols, widths, strict=True)):
+            fraction = int(np.count_nonzero(valid_strip[:, col : col + width])) / (height * width)
+            if fraction < self._s.min_valid_fraction or fraction == 0.0:
+                cut.skipped += 1
+                continue
+            if height == width == size:  # the usual chip: a copy of its window, no padding
+                valid = np.ascontiguousarray(valid_strip[:, col : col + size])
+                raw = np.ascontiguousarray(strip[:, :, col : col + size])
+            else:
+                valid = np.zeros((size, size), bool)
+                valid[:height, :width] = valid_strip[:, col : col + width]
+                raw = np.zeros((strip.shape[0], size, size), strip.dtype)
+                raw[:, :height, :width] = strip[:, :, col : col + width]
+            cut.expected[k] += 1
+            yield Chip(
+                tile=tile,
+                index=row * len(cols) + col_number,
+                row=start,
+                col=col,
+                height=height,
+                width=width,
+                size=size,
+                stride=stride,
+                tile_height=grid.height,
+                transform=(a, b, c + col * a + start * b, d, e, f + col * d + start * e),
+                crs=crs,
+                footprint_wkt=outlines[col_number],
+                pixel_area_m2=grid.pixel_area_m2,
+                valid_fraction=fraction,
+                valid_bits=pack_mask(valid),
+                chipped_at=time.time(),
+                raw=raw,
+            )
 
     def _with_retries(self, tile: TileRef, deadline: float, read: Callable[[], T]) -> T:
         """``read()``, retried on transient storage errors with backoff, jitter and a breaker."""
@@ -467,128 +655,196 @@ class ChipTileFn(beam.DoFn):
             self._breaker.success(bucket)
             return result
 
-    def _check_radiometry(self, tile: TileRef, values: np.ndarray, invalid: np.ndarray,
-                          scale: float, offset: float) -> None:
-        check_radiometry(values, invalid, self._s.card, scale, offset, self._s.max_out_of_range,
-                         ", ".join(tile.band_uris))
 
-    def _chip(self, tile: TileRef, src: _Sources, deadline: float, scale: float,
-              offset: float, checked: bool) -> Iterator:
-        size, stride = self._s.chip_size, self._s.stride
-        rows = chip_starts(src.height, size, stride)
-        cols = chip_starts(src.width, size, stride)
-        area = pixel_area_m2(src.transform, src.crs, src.height, src.width)
-        crs_wkt = src.crs.to_wkt()
-        crs = crs_label(crs_wkt)
-        skipped = failed = 0
-        expected: list[int] = []  # chips emitted per chip row: what assembly waits for
-        unreadable: list[str] = []  # one letter per tile, naming every strip that failed
-        drift_counts: list[np.ndarray] | None = None
-        for row_number, row in enumerate(rows):
-            height = min(size, src.height - row)
-            started = time.perf_counter()
-            try:
-                strip = self._with_retries(tile, deadline,
-                                           lambda row=row, height=height:
-                                           src.read_strip(row, height))
-            except Exception as exc:  # a corrupt block fails its strip only
-                failed += len(cols)
-                expected.append(0)
-                unreadable.append(f"rows {row}..{row + height}: {describe(exc)}")
-                continue
-            self.strip_ms.update(int((time.perf_counter() - started) * 1000))
-            invalid_strip = src.invalid(strip)
-            if not checked and not invalid_strip.all():  # no preview: the first strip decides
-                self._check_radiometry(tile, strip, invalid_strip, scale, offset)
-                checked = True
-            if self._reference is not None:  # rows up to the next strip: overlaps count once
-                fresh = (rows[row_number + 1] - row if row_number + 1 < len(rows) else height)
-                counts = strip_band_counts(self._reference, strip[:, :fresh],
-                                           invalid_strip[:fresh], self._s.card, scale, offset)
-                drift_counts = counts if drift_counts is None else [
-                    a + b for a, b in zip(drift_counts, counts, strict=True)]
-            if (scale, offset) != (1.0, 0.0):  # a per-source rescale: float32 from here on
-                strip = strip.astype(np.float32) * np.float32(scale) + np.float32(offset)
-            widths = [min(size, src.width - col) for col in cols]
-            expected.append(0)
-            outlines = strip_footprints(src.transform, src.crs, row, height, cols, widths)
-            valid_strip = ~invalid_strip
-            strip[:, invalid_strip] = 0  # nodata travels as 0 under the mask, like padding
-            for col_number, (col, width) in enumerate(zip(cols, widths, strict=True)):
-                index = row_number * len(cols) + col_number
-                fraction = (np.count_nonzero(valid_strip[:, col : col + width])
-                            / (height * width))
-                if fraction < self._s.min_valid_fraction or fraction == 0.0:
-                    skipped += 1
-                    continue
-                if height == width == size:  # the usual chip: a copy of its window, no padding
-                    valid = np.ascontiguousarray(valid_strip[:, col : col + size])
-                    raw = np.ascontiguousarray(strip[:, :, col : col + size])
+@dataclass
+class _Cut:
+    """Running totals of one strip task."""
+
+    rows: int
+    expected: list[int | None] = field(default_factory=list)  # None: not reached yet
+    skipped: int = 0
+    failed: int = 0
+    unreadable: list[str] = field(default_factory=list)
+    counts: list[np.ndarray] | None = None
+
+    def __post_init__(self):
+        self.expected = [None] * self.rows
+
+    def fail(self, k: int, chips: int, reason: str) -> None:
+        self.expected[k] = 0
+        self.failed += chips
+        self.unreadable.append(reason)
+
+
+def _refusal(tile: TileRef, exc: Exception) -> beam.pvalue.TaggedOutput:
+    reason = describe(exc)
+    if not isinstance(exc, Refused):
+        reason = f"cannot chip {', '.join(tile.band_uris)}: {reason}"
+    return dead_letter(STAGE, reason, message_id=tile.message_id, tile_id=tile.tile_id,
+                       payload=repr(tile))
+
+
+def merge_reports(reports: list[StripReport]) -> TileManifest:
+    """The tile's manifest from all of its strip tasks' reports (in any order)."""
+    reports = sorted(reports, key=lambda r: r.task.index)
+    task, grid = reports[0].task, reports[0].task.grid
+    tile = task.tile
+    rows = sum(r.task.stop_row - r.task.first_row for r in reports)
+    cols = len(chip_starts(grid.width, grid.chip_size, grid.stride))
+    total = rows * cols
+    failed = sum(r.failed for r in reports)
+    unreadable = [u for r in reports for u in r.unreadable]
+    band_counts: list[list[int]] = []
+    for r in reports:
+        band_counts = ([list(c) for c in r.band_counts] if not band_counts else
+                       [[x + y for x, y in zip(a, b, strict=True)]
+                        for a, b in zip(band_counts, r.band_counts, strict=True)])
+    return TileManifest(
+        tile=tile,
+        height=grid.height,
+        width=grid.width,
+        transform=grid.transform,
+        crs_wkt=grid.crs_wkt,
+        pixel_area_m2=grid.pixel_area_m2,
+        chip_size=grid.chip_size,
+        stride=grid.stride,
+        chips_total=total,
+        chips_skipped=sum(r.skipped for r in reports),
+        chips_failed=failed,
+        chipped_at=time.time(),
+        expected_per_row=tuple(n for r in reports for n in r.expected),
+        band_counts=tuple(tuple(c) for c in band_counts),
+        failures=(f"{len(unreadable)} of {rows} strips of {', '.join(tile.band_uris)} "
+                  f"unreadable ({failed} of {total} chips failed): " + "; ".join(unreadable))
+        if unreadable else "",
+    )
+
+
+class ChipTileFn(_TileReader):
+    """One tile -> its chips and manifest, in one call: plan, every strip task, merge (what
+    `tilestream check` and the benchmarks run; the stream spreads the tasks instead)."""
+
+    def process(self, tile: TileRef) -> Iterator:
+        try:
+            tasks = self.plan(tile)
+        except Exception as exc:  # the stage boundary: one tile, one letter
+            yield _refusal(tile, exc)
+            return
+        reports = []
+        for task in tasks:
+            for item in self.chip(task):
+                if isinstance(item, beam.pvalue.TaggedOutput):
+                    reports.append(item.value)
                 else:
-                    valid = np.zeros((size, size), bool)
-                    valid[:height, :width] = valid_strip[:, col : col + width]
-                    raw = np.zeros((strip.shape[0], size, size), strip.dtype)
-                    raw[:, :height, :width] = strip[:, :, col : col + width]
-                yield Chip(
-                    tile=tile,
-                    index=index,
-                    row=row,
-                    col=col,
-                    height=height,
-                    width=width,
-                    size=size,
-                    stride=stride,
-                    tile_height=src.height,
-                    transform=(*tuple(src.transform)[:2],
-                               src.transform.c + col * src.transform.a + row * src.transform.b,
-                               *tuple(src.transform)[3:5],
-                               src.transform.f + col * src.transform.d + row * src.transform.e),
-                    crs=crs,
-                    footprint_wkt=outlines[col_number],
-                    pixel_area_m2=area,
-                    valid_fraction=fraction,
-                    valid_bits=pack_mask(valid),
-                    chipped_at=time.time(),
-                    raw=raw,
-                )
-                expected[-1] += 1
-        total = len(rows) * len(cols)
+                    yield item
         self.tiles.inc()
-        self.total.inc(total)
-        self.skipped.inc(skipped)
-        self.failed.inc(failed)
-        yield beam.pvalue.TaggedOutput(
-            MANIFESTS_TAG,
-            TileManifest(
-                tile=tile,
-                height=src.height,
-                width=src.width,
-                transform=tuple(src.transform)[:6],
-                crs_wkt=crs_wkt,
-                pixel_area_m2=area,
-                chip_size=size,
-                stride=stride,
-                chips_total=total,
-                chips_skipped=skipped,
-                chips_failed=failed,
-                chipped_at=time.time(),
-                expected_per_row=tuple(expected),
-                band_counts=tuple(tuple(int(n) for n in c) for c in drift_counts or ()),
-                failures=(f"{len(unreadable)} of {len(rows)} strips of "
-                          f"{', '.join(tile.band_uris)} unreadable ({failed} of {total} chips "
-                          "failed): " + "; ".join(unreadable)) if unreadable else "",
-            ),
-        )
+        yield beam.pvalue.TaggedOutput(MANIFESTS_TAG, merge_reports(reports))
+
+
+class _PlanStripsFn(_TileReader):
+    def process(self, tile: TileRef) -> Iterator:
+        try:
+            tasks = self.plan(tile)
+        except Exception as exc:  # the stage boundary: one tile, one letter
+            yield _refusal(tile, exc)
+            return
+        self.tiles.inc()
+        yield from tasks
+
+
+class _ChipStripFn(_TileReader):
+    """A strip task, keyed on its own, -> its chips and report.
+
+    Keying each task apart is what spreads a tile over workers. With ``--max_chips_in_flight``
+    a task that would run ahead of the model is parked in state and retried on a timer, so its
+    thread (and the bundle, whose chips reach the model only when it commits) moves on.
+    """
+
+    TASK = ReadModifyWriteStateSpec("task", PickleCoder())
+    RETRY = TimerSpec("retry", TimeDomain.REAL_TIME)
+
+    def start_bundle(self):
+        self._cut_in_bundle = 0
+
+    def process(self, element: tuple[str, StripTask], parked=beam.DoFn.StateParam(TASK),
+                retry=beam.DoFn.TimerParam(RETRY)) -> Iterator:
+        _, task = element
+        if self._may_start():
+            yield from self._run(task)
+        else:
+            parked.write(task)
+            retry.set(Timestamp.of(time.time() + PACE_RETRY_SECS))
+
+    @on_timer(RETRY)
+    def on_retry(self, parked=beam.DoFn.StateParam(TASK),
+                 retry=beam.DoFn.TimerParam(RETRY)) -> Iterator:
+        task = parked.read()
+        if task is None:
+            return
+        if self._may_start():
+            parked.clear()
+            yield from self._run(task)
+        else:
+            retry.set(Timestamp.of(time.time() + PACE_RETRY_SECS))
+
+    def _may_start(self) -> bool:
+        limit = self._s.max_chips_in_flight
+        # Chips cut in this bundle reach the model only once it commits: waiting would stall.
+        return not limit or IN_FLIGHT.admits(limit, 0 if self._cut_in_bundle else PACE_WAIT_SECS)
+
+    def _run(self, task: StripTask) -> Iterator:
+        for item in self.chip(task):
+            if isinstance(item, Chip):
+                self._cut_in_bundle += 1
+                if self._s.max_chips_in_flight:
+                    IN_FLIGHT.add(1)
+            yield item
+
+
+class _MergeReportsFn(beam.DoFn):
+    """The reports of a tile's strip tasks -> its manifest, once all of them are in."""
+
+    REPORTS = BagStateSpec("reports", PickleCoder())
+
+    def process(self, element: tuple[str, StripReport],
+                reports=beam.DoFn.StateParam(REPORTS)) -> Iterator[TileManifest]:
+        _, report = element
+        reports.add(report)
+        held = list(reports.read())
+        if len({r.task.index for r in held}) == report.task.count:
+            reports.clear()
+            yield merge_reports(held)
+
+
+class ChippedTiles(NamedTuple):
+    chips: beam.PCollection  # Chip
+    manifests: beam.PCollection  # TileManifest, once all strips of a tile are read
+    dead_letters: beam.PCollection
 
 
 class ChipTiles(beam.PTransform):
-    """TileRef -> Chip (main), TileManifest (``manifests``), dead letters."""
+    """TileRef -> strip tasks -> (spread over workers) -> Chips, plus one manifest per tile.
+
+    The planner opens each tile once for its header and guards; its strip tasks are then keyed
+    one by one, which shuffles them: on Dataflow a big tile is read by many workers, and its first
+    chips are scored while later strips are still being read.
+    """
 
     def __init__(self, settings: ChipSettings):
         super().__init__()
         self._settings = settings
 
-    def expand(self, tiles):
-        return tiles | beam.ParDo(ChipTileFn(self._settings)).with_outputs(
-            MANIFESTS_TAG, DEAD_LETTER_TAG, main="chips"
-        )
+    def expand(self, tiles) -> ChippedTiles:
+        planned = tiles | "PlanStrips" >> beam.ParDo(_PlanStripsFn(self._settings)).with_outputs(
+            DEAD_LETTER_TAG, main="tasks")
+        chipped = (planned.tasks
+                   | "ByTask" >> beam.Map(lambda t: (f"{t.tile.assignment_key}#{t.index}", t))
+                   .with_output_types(KEYED)
+                   | "ChipStrips" >> beam.ParDo(_ChipStripFn(self._settings)).with_outputs(
+                       REPORTS_TAG, main="chips"))
+        chips, reports = chipped.chips, chipped[REPORTS_TAG]
+        manifests = (reports
+                     | "ByTile" >> beam.Map(lambda r: (r.task.tile.assignment_key, r))
+                     .with_output_types(KEYED)
+                     | "MergeReports" >> beam.ParDo(_MergeReportsFn()))
+        return ChippedTiles(chips, manifests, planned[DEAD_LETTER_TAG])

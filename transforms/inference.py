@@ -35,6 +35,7 @@ from apache_beam.utils.timestamp import Duration
 from model.card import InputSpec, ModelCard
 from model.contract import check_model
 from model.inference import model_input, normalise_batch
+from transforms.chips import IN_FLIGHT
 from transforms.deadletter import DEAD_LETTER_TAG, dead_letter
 from transforms.guards import describe
 from transforms.records import NODATA_CLASS, Chip, ChipPrediction
@@ -223,6 +224,7 @@ class _ToPredictionFn(beam.DoFn):
 
     def process(self, element: tuple[Chip, PredictionResult]):
         chip, result = element
+        IN_FLIGHT.done()  # the chipper may cut the next strip
         name, version = ((chip.tile.model.split("/", 1)) if chip.tile.model
                          else (self._name, self._version))
         if result.inference is None:  # its version failed to load (VersionedModelHandler)
@@ -268,6 +270,7 @@ class _FailedBatchFn(beam.DoFn):
         batch, exc = failure
         reason = failure_reason(exc)
         for chip, _tensor in batch:
+            IN_FLIGHT.done()
             self.failed.inc()
             yield dead_letter(STAGE, reason,
                               message_id=chip.tile.message_id, tile_id=chip.tile.tile_id,

@@ -67,6 +67,43 @@ class BandObject:
 
 
 @dataclass(frozen=True)
+class TileGrid:
+    """A tile's geometry and chip grid, read once from its header by the planner."""
+
+    height: int
+    width: int
+    transform: tuple[float, ...]  # affine (a, b, c, d, e, f) of the tile
+    crs_wkt: str
+    pixel_area_m2: float
+    chip_size: int
+    stride: int
+
+
+@dataclass(frozen=True)
+class StripTask:
+    """Chip rows ``first_row .. stop_row`` of a tile: one unit of reading, on any worker."""
+
+    tile: TileRef
+    grid: TileGrid
+    index: int  # of this task among the tile's
+    count: int  # tasks of the tile, so their reports know when the tile is whole
+    first_row: int  # chip-row numbers (chip row k starts at pixel row k * stride)
+    stop_row: int
+
+
+@dataclass(frozen=True)
+class StripReport:
+    """What reading one strip task found: the tile's manifest is the sum of its reports."""
+
+    task: StripTask
+    expected: tuple[int, ...]  # chips emitted from each chip row of the task
+    skipped: int
+    failed: int
+    unreadable: tuple[str, ...] = ()  # "rows a..b: reason" for each chip row that failed
+    band_counts: tuple[tuple[int, ...], ...] = ()  # drift bins of the task's fresh rows
+
+
+@dataclass(frozen=True)
 class TileManifest:
     """What the chipper knows about a tile that tile assembly needs to finish it."""
 
