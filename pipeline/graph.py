@@ -70,7 +70,7 @@ def build(p: beam.Pipeline, o: TileStreamOptions, card: ModelCard, tables: BigQu
     else:
         chip_failures = (chip_rows | "WriteChipRows" >> write_rows(tables.chips, CHIP_SCHEMA)
                          ).failed_rows_with_errors | "ChipRowFailures" >> BigQueryFailures()
-    assembled = ((chipped.manifests, scored.predictions, scored.failed)
+    assembled = ((chipped.manifests, chipped.reports, scored.predictions, scored.failed)
                  | "AssembleTiles" >> AssembleTiles(card, o.output_prefix, o.tile_timeout_secs,
                                                     streaming, o.confidence_band, registry))
     tile_writes = assembled.tiles | "WriteTileRows" >> write_rows(tables.tiles, TILE_SCHEMA)

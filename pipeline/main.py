@@ -40,7 +40,6 @@ METRICS_EVERY_SECS = 2.0
 # day, so once a minute in production; the emulator has no quota and the local stack's rows
 # should be queryable seconds after their tile's.
 LOAD_SECS, LOCAL_LOAD_SECS = 60, 2
-LOCAL_CHIPS_IN_FLIGHT = 1024  # the in-process runner's chipper waits for the model beyond this
 
 
 class ConfigError(ValueError):
@@ -88,18 +87,8 @@ def configure(argv: list[str] | None) -> Job:
         raise ConfigError("give exactly one input: --subscription (streaming) or --input_glob")
     if not o.bq_dataset or not o.output_prefix:
         raise ConfigError("--bq_dataset and --output_prefix are required (or use --local)")
-    if o.max_chips_in_flight is None:  # pacing is for a stream on the in-process runner
-        in_process = standard.runner in local_adapter.LOCAL_RUNNERS
-        o.max_chips_in_flight = LOCAL_CHIPS_IN_FLIGHT if in_process and o.subscription else 0
     if o.max_chips_in_flight < 0:
         raise ConfigError("--max_chips_in_flight must not be negative")
-    if o.chip_rows_load_secs is None:
-        o.chip_rows_load_secs = LOCAL_LOAD_SECS if o.local else LOAD_SECS
-    if not 0 <= o.chip_rows_load_secs <= 3600:
-        raise ConfigError("--chip_rows_load_secs must be in [0, 3600]")
-    if o.chip_rows_load_secs and not load_temp_location(options).startswith("gs://"):
-        raise ConfigError("chip-row load jobs stage files on GCS: give a gs:// --temp_location "
-                          "or --output_prefix, or --chip_rows_load_secs=0 to stream rows")
     image = options.view_as(WorkerOptions).sdk_container_image
     if standard.runner == "DataflowRunner" and "://" not in o.model_uri and not image:
         raise ConfigError(f"Dataflow workers cannot read --model_uri={o.model_uri}: pass a gs:// "
@@ -115,6 +104,13 @@ def configure(argv: list[str] | None) -> Job:
     else:
         card = load_card(o.model_uri)
     _check_stage_options(o, card)
+    if o.chip_rows_load_secs is None:
+        o.chip_rows_load_secs = LOCAL_LOAD_SECS if o.local else LOAD_SECS
+    if not 0 <= o.chip_rows_load_secs <= 3600:
+        raise ConfigError("--chip_rows_load_secs must be in [0, 3600]")
+    if o.chip_rows_load_secs and not load_temp_location(options).startswith("gs://"):
+        raise ConfigError("chip-row load jobs stage files on GCS: give a gs:// --temp_location "
+                          "or --output_prefix, or --chip_rows_load_secs=0 to stream rows")
     # The network must keep the card's promise before a single message is pulled.
     from model.contract import load_checked
 
@@ -176,6 +172,7 @@ def _check_stage_options(o: TileStreamOptions, card: ModelCard) -> None:
         raise ConfigError(str(exc)) from exc
     if not {"granule", "band"} <= set(groups):
         raise ConfigError("--granule_pattern needs named groups (?P<granule>…) and (?P<band>…)")
+    o.min_batch_size = o.min_batch_size or o.max_batch_size
     if o.max_batch_size < o.min_batch_size or o.min_batch_size < 1:
         raise ConfigError("need 1 <= --min_batch_size <= --max_batch_size")
 
@@ -190,7 +187,7 @@ def chip_settings(o: TileStreamOptions, card: ModelCard,
         card, o.chip_size, o.stride, o.min_valid_fraction, allow=allow,
         max_tile_pixels=o.max_tile_pixels, input_scale=o.input_scale,
         input_offset=o.input_offset, max_out_of_range=o.max_out_of_range_fraction,
-        read_budget_secs=o.read_budget_secs, max_chips_in_flight=o.max_chips_in_flight or 0)
+        read_budget_secs=o.read_budget_secs, max_chips_in_flight=o.max_chips_in_flight)
 
 
 def build_pipeline(job: Job) -> beam.Pipeline:

@@ -30,7 +30,7 @@ def flag(value: str) -> bool:
 
 
 # Options that only make sense on this machine, not as Flex Template parameters.
-LOCAL_ONLY = ("local", "stack_dir", "metrics_file", "input_glob")
+LOCAL_ONLY = ("local", "stack_dir", "metrics_file", "input_glob", "max_chips_in_flight")
 
 
 class TileStreamArguments:
@@ -123,15 +123,17 @@ class TileStreamArguments:
         chips.add_argument("--read_budget_secs", type=float, default=120.0,
                            help="Time one tile may spend on retries of transient storage errors "
                            "and paused behind a failing bucket before it is dead-lettered.")
-        chips.add_argument("--max_chips_in_flight", type=int, default=None,
-                           help="Chips cut but not yet scored, at most (the chipper waits): "
-                           "memory then follows a strip, not the tile. Default 1024 on the "
-                           "in-process runner, which has no back-pressure; 0 (Dataflow's own "
-                           "flow control) elsewhere.")
+        chips.add_argument("--max_chips_in_flight", type=int, default=0,
+                           help="A local stream's chipper waits while this many chips are cut "
+                           "but not yet scored: less memory for a big tile, more time (the "
+                           "in-process runner has no back-pressure; docs/performance.md has the "
+                           "numbers). 0 (the default): no pacing; Dataflow paces itself.")
         chips.add_argument("--window_secs", type=float, default=5.0,
                            help="Fixed window for micro-batching chips across tiles.")
-        chips.add_argument("--min_batch_size", type=int, default=1,
-                           help="RunInference minimum batch size.")
+        chips.add_argument("--min_batch_size", type=int, default=0,
+                           help="RunInference minimum batch size; 0 (the default) takes "
+                           "--max_batch_size: full batches from the first, and a bundle's "
+                           "end still flushes a short one.")
         chips.add_argument("--max_batch_size", type=int, default=32,
                            help="RunInference maximum batch size.")
         chips.add_argument("--max_batch_duration_secs", type=int, default=0,

@@ -57,7 +57,7 @@ def test_only_the_inference_step_asks_for_the_gpu(gpu_job):
         "type:nvidia-l4;count:1;install-nvidia-driver"}
     stages = {name.split("/")[0] for name in gpu_job["transforms"]}
     assert {"ReadPubSub", "ParseAnnouncements", "AssembleGranules", "Deduplicate", "ChipTiles",
-            "ScoreChips", "WriteChipRows", "AssembleTiles", "WriteTileRows",
+            "ScoreChips", "LoadChipRows", "AssembleTiles", "WriteTileRows",
             "WriteDeadLetters"} <= stages
 
 

@@ -7,6 +7,7 @@ import datetime as dt
 import json
 import tracemalloc
 from pathlib import Path
+from typing import NamedTuple
 
 import apache_beam as beam
 import numpy as np
@@ -26,7 +27,7 @@ from tests import tiles
 from transforms import announcements as ann
 from transforms import assemble, chips, inference, sinks
 from transforms.guards import InputAllowList
-from transforms.records import NODATA_CLASS, ChipPrediction, TileRef, pack_mask
+from transforms.records import NODATA_CLASS, ChipPrediction, TileManifest, TileRef, pack_mask
 
 BANDS = tiles.BANDS
 RULE = ann.GranuleRule()
@@ -181,7 +182,8 @@ def chip_tile(path: Path, settings: chips.ChipSettings, tile: TileRef | None = N
 def test_chips_are_normalised_padded_and_georeferenced(tmp_path):
     path = tiles.crop(tmp_path / "crop.tif", 0, 0, 100, 70)
     settings = chips.ChipSettings.from_card(test_card())
-    out, [manifest] = chip_tile(path, settings)
+    out, tagged = chip_tile(path, settings)
+    [manifest] = [t for t in tagged if t.tag == chips.MANIFESTS_TAG]
     assert manifest.value.chips_total == len(out) == 2 * 2
     with rasterio.open(path) as src:
         raw = src.read().astype(np.float32)
@@ -229,7 +231,8 @@ def test_chips_under_the_valid_threshold_are_skipped_and_counted(tmp_path):
                        nodata=0, crs="EPSG:32633", transform=from_origin(0, 0, 10, 10)) as d:
         d.write(data)
     settings = chips.ChipSettings.from_card(test_card(stride=64), min_valid_fraction=0.1)
-    out, [manifest] = chip_tile(path, settings)
+    out, tagged = chip_tile(path, settings)
+    [manifest] = [t for t in tagged if t.tag == chips.MANIFESTS_TAG]
     assert manifest.value.chips_total == 4 and manifest.value.chips_skipped == 2
     assert sorted((c.row, c.col) for c in out) == [(0, 64), (64, 64)]
 
@@ -301,10 +304,18 @@ def test_gpu_device_refuses_to_start_without_cuda():
 
 # --- assembly ----------------------------------------------------------------------------------
 
+class Chipped(NamedTuple):
+    """What the chipper told assembly about a tile: its manifest and strip reports."""
+
+    manifest: TileManifest
+    reports: tuple
+
+
 def fake_predictions(path: Path, card: ModelCard, value_of) -> tuple:
     settings = chips.ChipSettings.from_card(card)
     out, tagged = chip_tile(path, settings)
-    manifest = next(t.value for t in tagged if t.tag == chips.MANIFESTS_TAG)
+    chipped = Chipped(next(t.value for t in tagged if t.tag == chips.MANIFESTS_TAG),
+                      tuple(t.value for t in tagged if t.tag == chips.REPORTS_TAG))
     predictions = []
     for chip in out:
         probs = np.stack([np.full((chip.height, chip.width), value_of(chip, k), np.uint8)
@@ -312,10 +323,10 @@ def fake_predictions(path: Path, card: ModelCard, value_of) -> tuple:
         predictions.append(ChipPrediction(dataclasses.replace(chip, raw=None),
                                           probs.argmax(0).astype(np.uint8), probs, (0,) * 3,
                                           0.5, "m", "1", 0.0))
-    return manifest, predictions
+    return chipped, predictions
 
 
-def run_assembly(card: ModelCard, out_dir: Path, manifest, predictions, failed=(),
+def run_assembly(card: ModelCard, out_dir: Path, chipped: Chipped, predictions, failed=(),
                  confidence: bool = False, time_out: bool = False):
     """Drive the three assembly steps by hand (route, strips, tile); (tile rows, letters)."""
     route = assemble._RouteFn()
@@ -332,12 +343,12 @@ def run_assembly(card: ModelCard, out_dir: Path, manifest, predictions, failed=(
             else:
                 downstream.append(out)
 
-    for item in (manifest, *predictions, *failed):
+    for item in (chipped.manifest, *chipped.reports, *predictions, *failed):
         sort(route.process(item), to_strips)
     states: dict[str, dict] = {}
     for key, item in to_strips:
-        state = states.setdefault(key, {"plan": _State(), "pieces": _State("bag"),
-                                        "arrived": _State("count")})
+        state = states.setdefault(key, {"reports": _State("bag"), "plan_state": _State(),
+                                        "pieces": _State("bag"), "arrived": _State("count")})
         sort(strips_fn.process((key, item), **state, wall=_State(), end=_State()), to_tile)
     if time_out:
         for key, state in states.items():
@@ -346,7 +357,7 @@ def run_assembly(card: ModelCard, out_dir: Path, manifest, predictions, failed=(
     for kv in to_tile:
         sort(tiles_fn.process(kv, **tile_state, wall=_State(), end=_State()), rows)
     if time_out and tile_state["manifest_state"].read() is not None:
-        sort(tiles_fn._timed_out(manifest.tile.key, **tile_state), rows)
+        sort(tiles_fn._timed_out(chipped.manifest.tile.key, **tile_state), rows)
     return rows, letters, tile_state
 
 
@@ -364,9 +375,9 @@ def test_overlapping_chips_are_blended_not_overwritten(tmp_path):
         table = {0: (153, 102, 0), 48: (25, 230, 0)}
         return table[chip.col][k]
 
-    manifest, predictions = fake_predictions(path, card, value_of)
+    chipped, predictions = fake_predictions(path, card, value_of)
     for order in (predictions, predictions[::-1]):
-        [row], letters, _ = run_assembly(card, tmp_path / "out", manifest, order)
+        [row], letters, _ = run_assembly(card, tmp_path / "out", chipped, order)
         with rasterio.open(row["raster_uri"]) as r:
             classes = r.read(1)
         assert (classes[:, :48] == 0).all() and (classes[:, 48:] == 1).all()
@@ -377,8 +388,8 @@ def test_overlapping_chips_are_blended_not_overwritten(tmp_path):
 def test_prediction_raster_matches_the_input_grid_with_colours_and_confidence(tmp_path):
     path = tiles.reprojected(tmp_path / "w.tif", "EPSG:4326")
     card = test_card()
-    manifest, predictions = fake_predictions(path, card, lambda chip, k: 200 if k == 2 else 20)
-    [row], _, _ = run_assembly(card, tmp_path / "out", manifest, predictions, confidence=True)
+    chipped, predictions = fake_predictions(path, card, lambda chip, k: 200 if k == 2 else 20)
+    [row], _, _ = run_assembly(card, tmp_path / "out", chipped, predictions, confidence=True)
     with rasterio.open(path) as src, rasterio.open(row["raster_uri"]) as r:
         assert (r.crs, r.width, r.height) == (src.crs, src.width, src.height)
         assert r.transform.almost_equals(src.transform)
@@ -397,8 +408,8 @@ def test_prediction_raster_matches_the_input_grid_with_colours_and_confidence(tm
 def test_missing_chips_leave_nodata_in_a_partial_raster(tmp_path):
     path = tiles.crop(tmp_path / "c.tif", 0, 0, 64, 112)
     card = test_card()
-    manifest, predictions = fake_predictions(path, card, lambda chip, k: 200 if k == 1 else 10)
-    [row], [letter], _ = run_assembly(card, tmp_path / "out", manifest, predictions[:1],
+    chipped, predictions = fake_predictions(path, card, lambda chip, k: 200 if k == 1 else 10)
+    [row], [letter], _ = run_assembly(card, tmp_path / "out", chipped, predictions[:1],
                                       time_out=True)
     with rasterio.open(row["raster_uri"]) as r:
         classes = r.read(1)
@@ -411,8 +422,8 @@ def test_missing_chips_leave_nodata_in_a_partial_raster(tmp_path):
 def test_a_chip_the_model_failed_on_makes_the_tile_partial_not_stuck(tmp_path):
     path = tiles.crop(tmp_path / "c.tif", 0, 0, 64, 112)
     card = test_card()
-    manifest, predictions = fake_predictions(path, card, lambda chip, k: 200 if k == 1 else 10)
-    [row], [letter], _ = run_assembly(card, tmp_path / "out", manifest, predictions[:1],
+    chipped, predictions = fake_predictions(path, card, lambda chip, k: 200 if k == 1 else 10)
+    [row], [letter], _ = run_assembly(card, tmp_path / "out", chipped, predictions[:1],
                                       failed=[predictions[1].chip])
     assert (row["complete"], row["chips_scored"], row["chips_failed"]) == (False, 1, 1)
     assert "written as partial" in letter.reason
@@ -434,13 +445,13 @@ def test_strip_assembly_is_pixel_identical_to_blending_the_whole_tile(tmp_path, 
         path = mosaic(tmp_path / "mosaic.tif", size)
     card = test_card(classes=4)
     rng = np.random.default_rng(5)
-    manifest, predictions = fake_predictions(path, card, lambda chip, k: 0)
+    chipped, predictions = fake_predictions(path, card, lambda chip, k: 0)
     predictions = [dataclasses.replace(p, probabilities=rng.integers(
         0, 256, p.probabilities.shape, dtype=np.uint8)) for p in predictions]
     rng.shuffle(predictions)
-    [row], letters, _ = run_assembly(card, tmp_path / "out", manifest, predictions,
+    [row], letters, _ = run_assembly(card, tmp_path / "out", chipped, predictions,
                                      confidence=True)
-    classes, confidence = blended(manifest, predictions, card.num_classes)
+    classes, confidence = blended(chipped.manifest, predictions, card.num_classes)
     with rasterio.open(row["raster_uri"]) as r:
         assert np.array_equal(r.read(1), classes)
         assert np.array_equal(r.read(2), confidence)
@@ -531,12 +542,12 @@ class _State:
 def test_a_timed_out_tile_is_written_partial_and_its_state_starts_over(tmp_path):
     path = tiles.crop(tmp_path / "c.tif", 0, 0, 64, 112)
     card = test_card()
-    manifest, predictions = fake_predictions(path, card, lambda chip, k: 200 if k == 1 else 10)
-    [row], [letter], tile_state = run_assembly(card, tmp_path / "out", manifest,
+    chipped, predictions = fake_predictions(path, card, lambda chip, k: 200 if k == 1 else 10)
+    [row], [letter], tile_state = run_assembly(card, tmp_path / "out", chipped,
                                                predictions[:1], time_out=True)
     assert "1 of 2 chips scored" in letter.reason
     assert (row["complete"], row["chips_scored"], row["chips_failed"]) == (False, 1, 1)
     assert all(s.read() in (None, 0, []) for s in tile_state.values())
     # The same tile version delivered again later completes on its own counts.
-    [again], letters, _ = run_assembly(card, tmp_path / "out", manifest, predictions)
+    [again], letters, _ = run_assembly(card, tmp_path / "out", chipped, predictions)
     assert (again["complete"], again["chips_scored"]) == (True, 2) and letters == []

@@ -47,7 +47,7 @@ from apache_beam.transforms.userstate import (
 from model.card import ModelCard, join_uri
 from model.serving import CardBook
 from transforms import stac, timeouts
-from transforms.chips import chip_starts, footprint_wkt
+from transforms.chips import STRIP_ROWS, chip_starts, footprint_wkt
 from transforms.deadletter import DEAD_LETTER_TAG, dead_letter
 from transforms.guards import describe, safe_id
 from transforms.records import (
@@ -56,6 +56,7 @@ from transforms.records import (
     Chip,
     ChipPrediction,
     StripPiece,
+    StripReport,
     StripResult,
     TileManifest,
 )
@@ -93,12 +94,10 @@ def scratch_dir() -> str:
 TILES_TAG = "tiles"
 
 
-STRIP_ROWS = 512  # output strips are whole chip rows, about this many pixel rows tall
-
-
 @functools.lru_cache(maxsize=256)
 def strip_bounds(height: int, size: int, stride: int) -> list[tuple[int, int]]:
-    """Rows ``(start, end)`` of each output strip: a run of chip rows, about STRIP_ROWS tall.
+    """Rows ``(start, end)`` of each output strip: a run of chip rows, about STRIP_ROWS tall
+    (the chipper's strip tasks are the same runs, so task ``j`` reports on strip ``j``'s rows).
 
     Strip boundaries sit on chip-row starts, so each chip has one own strip (where its first
     row falls) and overlaps at most the next ones; a tall strip means fewer pieces to write.
@@ -129,12 +128,19 @@ def piece_uri(raster: str, strip: int) -> str:
 class _RouteFn(beam.DoFn):
     """Manifest -> every strip and the tile; prediction -> its rows of each strip it touches."""
 
-    def process(self, item: TileManifest | ChipPrediction | Chip):
-        if isinstance(item, TileManifest):
-            key = item.tile.assignment_key  # one tile scored by one version: its own state
-            yield beam.pvalue.TaggedOutput(TILES_TAG, (key, item))
-            for j in range(len(strip_bounds(item.height, item.chip_size, item.stride))):
-                yield f"{key}#{j}", item
+    def process(self, item: TileManifest | StripReport | ChipPrediction | Chip):
+        if isinstance(item, TileManifest):  # one tile scored by one version: its own state
+            yield beam.pvalue.TaggedOutput(TILES_TAG, (item.tile.assignment_key, item))
+            return
+        if isinstance(item, StripReport):  # what to expect, to each strip its rows overlap
+            task, grid = item.task, item.task.grid
+            bounds = strip_bounds(grid.height, grid.chip_size, grid.stride)
+            starts = chip_starts(grid.height, grid.chip_size, grid.stride)
+            touched = {j for r in range(task.first_row, task.stop_row)
+                       for j in strips_touched(starts[r], grid.chip_size, bounds)}
+            light = dataclasses.replace(item, band_counts=())  # drift is the tile's business
+            for j in sorted(touched):
+                yield f"{task.tile.assignment_key}#{j}", light
             return
         chip = item.chip if isinstance(item, ChipPrediction) else item
         bounds = strip_bounds(chip.tile_height, chip.size, chip.stride)
@@ -212,10 +218,13 @@ class _WithCards(beam.DoFn):
 
 
 class _AssembleStripFn(_WithCards):
-    """One output strip: waits for every chip overlapping it, blends, writes a piece."""
+    """One output strip: waits for the reports of the strip tasks whose chip rows overlap it
+    (what to expect) and for every chip they emitted, blends, writes a piece. It does not wait
+    for the rest of the tile to be read."""
 
     WALL_CLOCK, END_OF_INPUT = timeouts.timer_specs()
-    PLAN = ReadModifyWriteStateSpec("plan", PickleCoder())
+    REPORTS = BagStateSpec("reports", PickleCoder())
+    PLAN = ReadModifyWriteStateSpec("plan", PickleCoder())  # once every report is in
     PIECES = BagStateSpec("pieces", PickleCoder())
     ARRIVED = CombiningValueStateSpec("arrived", VarIntCoder(), CountCombineFn())
 
@@ -223,45 +232,53 @@ class _AssembleStripFn(_WithCards):
         super().__init__(*args, **kwargs)
         self.strips = Metrics.counter("tilestream", "strips_written")
 
-    def process(self, element: tuple[str, TileManifest | StripPiece],
-                plan=beam.DoFn.StateParam(PLAN), pieces=beam.DoFn.StateParam(PIECES),
-                arrived=beam.DoFn.StateParam(ARRIVED), wall=beam.DoFn.TimerParam(WALL_CLOCK),
-                end=beam.DoFn.TimerParam(END_OF_INPUT)):
+    def process(self, element: tuple[str, StripReport | StripPiece],
+                reports=beam.DoFn.StateParam(REPORTS), plan_state=beam.DoFn.StateParam(PLAN),
+                pieces=beam.DoFn.StateParam(PIECES), arrived=beam.DoFn.StateParam(ARRIVED),
+                wall=beam.DoFn.TimerParam(WALL_CLOCK), end=beam.DoFn.TimerParam(END_OF_INPUT)):
         key, item = element
-        manifest = plan.read()
-        if manifest is None and arrived.read() == 0:
+        plan = plan_state.read()
+        if plan is None and arrived.read() == 0 and isinstance(item, StripPiece):
             timeouts.arm(wall, end, self._streaming, self._timeout)
-        if isinstance(item, TileManifest):
-            manifest = item
-            plan.write(item)
+        if isinstance(item, StripReport):
+            reports.add(item)
+            known = list(reports.read())
+            if len(known) == 1 and arrived.read() == 0:
+                timeouts.arm(wall, end, self._streaming, self._timeout)
+            plan = strip_plan(known, _strip(key))
+            if plan is not None:
+                plan_state.write(plan)
         else:
             pieces.add(item)
             arrived.add(item)
-        if manifest is not None and arrived.read() >= expected_pieces(manifest, _strip(key)):
-            yield from self._finish(key, manifest, list(pieces.read()), complete=True)
-            for state in (plan, pieces, arrived):
+        if plan is not None and arrived.read() >= expected_pieces(plan, _strip(key)):
+            yield from self._finish(key, plan, list(pieces.read()), complete=True)
+            for state in (reports, plan_state, pieces, arrived):
                 state.clear()
             wall.clear()
             end.clear()
 
     @on_timer(WALL_CLOCK)
-    def on_wall_clock(self, key=beam.DoFn.KeyParam, plan=beam.DoFn.StateParam(PLAN),
+    def on_wall_clock(self, key=beam.DoFn.KeyParam, reports=beam.DoFn.StateParam(REPORTS),
+                      plan_state=beam.DoFn.StateParam(PLAN),
                       pieces=beam.DoFn.StateParam(PIECES),
                       arrived=beam.DoFn.StateParam(ARRIVED)):
-        yield from self._timed_out(key, plan, pieces, arrived)
+        yield from self._timed_out(key, reports, plan_state, pieces, arrived)
 
     @on_timer(END_OF_INPUT)
-    def on_end_of_input(self, key=beam.DoFn.KeyParam, plan=beam.DoFn.StateParam(PLAN),
+    def on_end_of_input(self, key=beam.DoFn.KeyParam, reports=beam.DoFn.StateParam(REPORTS),
+                        plan_state=beam.DoFn.StateParam(PLAN),
                         pieces=beam.DoFn.StateParam(PIECES),
                         arrived=beam.DoFn.StateParam(ARRIVED)):
-        yield from self._timed_out(key, plan, pieces, arrived)
+        yield from self._timed_out(key, reports, plan_state, pieces, arrived)
 
-    def _timed_out(self, key, plan, pieces, arrived):
-        manifest, held = plan.read(), list(pieces.read())
-        for state in (plan, pieces, arrived):
+    def _timed_out(self, key, reports, plan_state, pieces, arrived):
+        known, held = list(reports.read()), list(pieces.read())
+        for state in (reports, plan_state, pieces, arrived):
             state.clear()
-        if manifest is not None:  # without it, the tile's own timeout reports the loss
-            yield from self._finish(key, manifest, held, complete=False)
+        if known:  # without any report, the tile's own timeout reports the loss
+            yield from self._finish(key, strip_plan(known, _strip(key), partial=True), held,
+                                    complete=False)
 
     def _finish(self, key: str, manifest: TileManifest, held: list[StripPiece], complete: bool):
         import rasterio
@@ -315,6 +332,35 @@ def expected_pieces(manifest: TileManifest, strip: int, own_only: bool = False) 
     the answer is cached per grid."""
     return _expected(manifest.height, manifest.chip_size, manifest.stride,
                      manifest.expected_per_row, strip, own_only)
+
+
+def strip_plan(reports: list[StripReport], strip: int,
+               partial: bool = False) -> TileManifest | None:
+    """What strip ``strip`` needs of its tile, from the reports of the tasks overlapping it:
+    None until all of them are in (``partial``: from whatever is in)."""
+    grid = reports[0].task.grid
+    per_row = [0] * len(chip_starts(grid.height, grid.chip_size, grid.stride))
+    covered = set()
+    for report in reports:
+        for k, n in enumerate(report.expected):
+            per_row[report.task.first_row + k] = n
+            covered.add(report.task.first_row + k)
+    if not partial and not _rows_touching(grid.height, grid.chip_size, grid.stride,
+                                          strip) <= covered:
+        return None
+    return TileManifest(tile=reports[0].task.tile, height=grid.height, width=grid.width,
+                        transform=grid.transform, crs_wkt=grid.crs_wkt,
+                        pixel_area_m2=grid.pixel_area_m2, chip_size=grid.chip_size,
+                        stride=grid.stride, chips_total=0, chips_skipped=0, chips_failed=0,
+                        chipped_at=0.0, expected_per_row=tuple(per_row))
+
+
+@functools.lru_cache(maxsize=1024)
+def _rows_touching(height: int, size: int, stride: int, strip: int) -> frozenset[int]:
+    """Chip-row numbers whose chips overlap strip ``strip``."""
+    bounds = strip_bounds(height, size, stride)
+    return frozenset(r for r, row in enumerate(chip_starts(height, size, stride))
+                     if strip in strips_touched(row, min(size, height - row), bounds))
 
 
 @functools.lru_cache(maxsize=1024)
@@ -553,7 +599,8 @@ class AssembledTiles(NamedTuple):
 
 
 class AssembleTiles(beam.PTransform):
-    """(manifests, predictions, failed chips) -> tile rows + dead letters, strip by strip."""
+    """(manifests, strip reports, predictions, failed chips) -> tile rows + dead letters, strip
+    by strip."""
 
     def __init__(self, card: ModelCard, output_prefix: str, timeout_secs: float,
                  streaming: bool, confidence_band: bool = False,
@@ -564,9 +611,9 @@ class AssembleTiles(beam.PTransform):
         self._tiles = _FinishTileFn(*args)
 
     def expand(self, pcolls) -> AssembledTiles:
-        manifests, predictions, failed = pcolls
+        manifests, reports, predictions, failed = pcolls
         # Inputs arrive in the global window (ScoreChips leaves its batch windows).
-        routed = ((manifests, predictions, failed)
+        routed = ((manifests, reports, predictions, failed)
                   | "Merge" >> beam.Flatten()
                   | "RouteToStrips" >> beam.ParDo(_RouteFn()).with_outputs(TILES_TAG,
                                                                            main="strips"))

@@ -721,8 +721,8 @@ def merge_reports(reports: list[StripReport]) -> TileManifest:
 
 
 class ChipTileFn(_TileReader):
-    """One tile -> its chips and manifest, in one call: plan, every strip task, merge (what
-    `tilestream check` and the benchmarks run; the stream spreads the tasks instead)."""
+    """One tile -> its chips, strip reports and manifest, in one call: plan, every strip task,
+    merge (what `tilestream check` and the benchmarks run; the stream spreads the tasks)."""
 
     def process(self, tile: TileRef) -> Iterator:
         try:
@@ -735,8 +735,7 @@ class ChipTileFn(_TileReader):
             for item in self.chip(task):
                 if isinstance(item, beam.pvalue.TaggedOutput):
                     reports.append(item.value)
-                else:
-                    yield item
+                yield item
         self.tiles.inc()
         yield beam.pvalue.TaggedOutput(MANIFESTS_TAG, merge_reports(reports))
 
@@ -818,6 +817,7 @@ class _MergeReportsFn(beam.DoFn):
 
 class ChippedTiles(NamedTuple):
     chips: beam.PCollection  # Chip
+    reports: beam.PCollection  # StripReport, one per strip task, as soon as it is read
     manifests: beam.PCollection  # TileManifest, once all strips of a tile are read
     dead_letters: beam.PCollection
 
@@ -847,4 +847,4 @@ class ChipTiles(beam.PTransform):
                      | "ByTile" >> beam.Map(lambda r: (r.task.tile.assignment_key, r))
                      .with_output_types(KEYED)
                      | "MergeReports" >> beam.ParDo(_MergeReportsFn()))
-        return ChippedTiles(chips, manifests, planned[DEAD_LETTER_TAG])
+        return ChippedTiles(chips, reports, manifests, planned[DEAD_LETTER_TAG])
