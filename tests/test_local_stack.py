@@ -143,3 +143,52 @@ def test_a_fresh_stack_forgets_the_journal_of_an_earlier_one(tmp_path):
         assert not stale.exists()
     finally:
         local_stack.down(tmp_path)
+
+
+def _row(schema: dict, **values) -> dict:
+    """A row with every REQUIRED field of ``schema`` filled in, then ``values``."""
+    filler = {"STRING": "x", "INT64": 0, "FLOAT64": 0.0, "BOOL": True, "GEOGRAPHY": "POINT(0 0)",
+              "TIMESTAMP": "2026-01-01T00:00:00Z"}
+    row = {f["name"]: filler[f["type"]] for f in schema["fields"]
+           if f["mode"] == "REQUIRED" and f["type"] in filler}
+    return {**row, **values}
+
+
+def test_a_tile_row_whose_chip_rows_are_not_all_in_is_replayed_not_kept(stack):
+    """Chip rows reach BigQuery in load jobs, so a stream can die after a tile row and before
+    its chip rows: on restart that tile is scored again, its partial rows removed first."""
+    import base64
+
+    from pipeline.local import journal
+    from tests.streams import fresh_input, query
+    from transforms.sinks import CHIP_SCHEMA, TILE_SCHEMA, BigQueryTables
+
+    _, subscription, dataset = fresh_input(stack, "journal")
+    tables = BigQueryTables.in_dataset(f"{stack.project}:{dataset}")
+    bq = stack.bigquery()
+    for name, schema in (("chips", CHIP_SCHEMA), ("tiles", TILE_SCHEMA)):
+        bq.create_table(bigquery.Table(f"{stack.project}.{dataset}.{name}", schema=[
+            bigquery.SchemaField.from_api_repr(f) for f in schema["fields"]]))
+    for tile, message in (("whole", "m-whole"), ("partial", "m-partial")):
+        assert not bq.insert_rows_json(f"{stack.project}.{dataset}.tiles", [_row(
+            TILE_SCHEMA, row_id=f"tile-{tile}", tile_id=tile, chips_scored=2, role="live",
+            message_id=message, source_message_ids=[message])])
+    assert not bq.insert_rows_json(f"{stack.project}.{dataset}.chips", [
+        _row(CHIP_SCHEMA, row_id=f"{tile}-{i}", tile_id=tile, chip_index=i, role="live",
+             message_id=f"m-{tile}") for tile, i in (("whole", 0), ("whole", 1), ("partial", 0))])
+    path = journal.journal_path(stack, subscription, tables)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps({"id": m, "data": base64.b64encode(m.encode()).decode(),
+                                        "attributes": {}}) + "\n"
+                            for m in ("m-whole", "m-partial")))
+
+    assert journal.replay_unfinished(stack, subscription, tables) == {"journalled": 2,
+                                                                       "replayed": 1}
+    assert [r["tile_id"] for r in query(stack, f"SELECT tile_id FROM `{dataset}.tiles`")] \
+        == ["whole"]
+    assert sorted(r["row_id"] for r in query(stack, f"SELECT row_id FROM `{dataset}.chips`")) \
+        == ["whole-0", "whole-1"]
+    [again] = stack.subscriber().pull(subscription=subscription, max_messages=5,
+                                      timeout=30).received_messages
+    assert again.message.data == b"m-partial"
+    assert again.message.attributes[journal.REPLAY_ATTRIBUTE] == "m-partial"

@@ -261,8 +261,14 @@ def test_kill_and_restart_scores_every_tile_exactly_once(stack, model_uri, strea
     assert started, log.read_text(errors="replace")[-3000:]
     before = len(rows())
     second = start_stream(stack, model_uri, log, *args)
-    try:
-        finished = wait_until(lambda: len(rows()) >= len(names), 240, second)
+
+    def chip_rows() -> int:
+        counted = query(stack, f"SELECT COUNT(*) AS n FROM `{dataset}.chips`")
+        return counted[0]["n"] if counted else 0
+
+    try:  # chip rows are loaded every 2 s: they may land after the last tile row
+        finished = wait_until(lambda: len(rows()) >= len(names)
+                              and chip_rows() >= kept * len(names), 240, second)
         time.sleep(3)
     finally:
         stop_stream(second)

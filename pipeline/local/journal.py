@@ -5,9 +5,10 @@ the service acknowledges only after the work is durably committed. To give the l
 same guarantee, every pulled message is appended (and fsynced) to a journal in the stack's run
 directory *before* it is acknowledged. When the stream starts again, the journal is reconciled
 with the books in BigQuery: a message is finished when it is in a tile row
-(``source_message_ids``), the ``events`` table or the ``dead_letters`` table. Unfinished messages
-have their partial chip rows deleted and are published again, so each tile ends up scored exactly
-once: one tile row, one chip row per chip, one COG (same path, rewritten).
+(``source_message_ids``) whose chip rows are all in, the ``events`` table or the ``dead_letters``
+table. Unfinished messages have their partial rows deleted and are published again, so each
+tile ends up scored exactly once: one tile row, one chip row per chip, one COG (same path,
+rewritten).
 
 The same client keeps each pull short (``PULL_WAIT_SECS``) and lifts gRPC's 4 MB message limit.
 Nothing here is used on Dataflow: ``pipeline.main`` installs it only with ``--local``.
@@ -121,29 +122,52 @@ def read(path: Path) -> list[JournalEntry]:
     return list(entries.values())
 
 
-def finished(stack: LocalStack, tables: BigQueryTables, ids: list[str]) -> set[str]:
-    """Which of ``ids`` the books already account for (tile row, event or dead letter)."""
+def finished(stack: LocalStack, tables: BigQueryTables,
+             ids: list[str]) -> tuple[set[str], list[str]]:
+    """Which of ``ids`` the books account for: an event, a dead letter, or tile rows whose chip
+    rows are all in (chip rows are loaded in batches, so a tile row can land first). Also the
+    row ids of tile rows written for messages that are not finished, to be removed before the
+    replay writes them again."""
     from google.api_core.exceptions import NotFound
     from google.cloud import bigquery
 
     bq = stack.bigquery()
-    config = bigquery.QueryJobConfig(
-        query_parameters=[bigquery.ArrayQueryParameter("ids", "STRING", ids)])
-    queries = [
-        f"SELECT DISTINCT m AS id FROM `{_sql(tables.tiles)}`, UNNEST(source_message_ids) AS m "
-        "WHERE m IN UNNEST(@ids)",
-        f"SELECT DISTINCT message_id AS id FROM `{_sql(tables.events)}` "
-        "WHERE message_id IN UNNEST(@ids)",
-        f"SELECT DISTINCT message_id AS id FROM `{_sql(tables.errors)}` "
-        "WHERE message_id IN UNNEST(@ids)",
-    ]
-    done: set[str] = set()
-    for sql in queries:
+
+    def rows(sql: str, values: list[str] = ids) -> list[dict]:
+        config = bigquery.QueryJobConfig(
+            query_parameters=[bigquery.ArrayQueryParameter("ids", "STRING", values)])
         try:
-            done |= {row["id"] for row in bq.query(sql, job_config=config).result()}
+            return [dict(row) for row in bq.query(sql, job_config=config).result()]
         except NotFound:  # the table is created by the first row written to it
-            continue
-    return done
+            return []
+
+    done: set[str] = set()
+    for table in (tables.events, tables.errors):
+        done |= {r["id"] for r in rows(f"SELECT DISTINCT message_id AS id FROM `{_sql(table)}` "
+                                       "WHERE message_id IN UNNEST(@ids)")}
+    tile_rows = rows(
+        f"SELECT row_id, tile_id, tile_generation, model_name, model_version, role, "
+        f"chips_scored, source_message_ids FROM `{_sql(tables.tiles)}` "
+        "WHERE EXISTS (SELECT 1 FROM UNNEST(source_message_ids) AS m WHERE m IN UNNEST(@ids))")
+    if not tile_rows:
+        return done, []
+    chip_counts = {(r["tile_id"], r["tile_generation"], r["model_name"], r["model_version"],
+                    r["role"]): r["n"] for r in rows(
+        f"SELECT tile_id, tile_generation, model_name, model_version, role, "
+        f"COUNT(DISTINCT row_id) AS n FROM `{_sql(tables.chips)}` WHERE tile_id IN UNNEST(@ids) "
+        "GROUP BY tile_id, tile_generation, model_name, model_version, role",
+        sorted({r["tile_id"] for r in tile_rows}))}
+    whole: dict[str, bool] = {}
+    for r in tile_rows:
+        key = (r["tile_id"], r["tile_generation"], r["model_name"], r["model_version"],
+               r["role"])
+        complete = chip_counts.get(key, 0) >= r["chips_scored"]
+        for m in r["source_message_ids"]:
+            whole[m] = whole.get(m, True) and complete
+    done |= {m for m, complete in whole.items() if complete and m in ids}
+    unfinished_rows = [r["row_id"] for r in tile_rows
+                       if not all(whole.get(m, False) for m in r["source_message_ids"])]
+    return done, unfinished_rows
 
 
 def replay_unfinished(stack: LocalStack, subscription: str,
@@ -156,17 +180,22 @@ def replay_unfinished(stack: LocalStack, subscription: str,
     entries = read(path)
     if not entries:
         return {"journalled": 0, "replayed": 0}
-    done = finished(stack, tables, [e.message_id for e in entries])
+    done, stale_tile_rows = finished(stack, tables, [e.message_id for e in entries])
     pending = [e for e in entries if e.message_id not in done]
     if pending:
         ids = [e.message_id for e in pending]
-        try:
-            stack.bigquery().query(
-                f"DELETE FROM `{_sql(tables.chips)}` WHERE message_id IN UNNEST(@ids)",
-                job_config=bigquery.QueryJobConfig(query_parameters=[
-                    bigquery.ArrayQueryParameter("ids", "STRING", ids)])).result()
-        except NotFound:
-            pass
+        for sql, values in (
+                (f"DELETE FROM `{_sql(tables.chips)}` WHERE message_id IN UNNEST(@ids)", ids),
+                (f"DELETE FROM `{_sql(tables.tiles)}` WHERE row_id IN UNNEST(@ids)",
+                 stale_tile_rows)):
+            if not values:
+                continue
+            try:
+                stack.bigquery().query(sql, job_config=bigquery.QueryJobConfig(
+                    query_parameters=[bigquery.ArrayQueryParameter("ids", "STRING",
+                                                                   values)])).result()
+            except NotFound:
+                pass
         publisher = stack.publisher()
         topic = stack.subscriber().get_subscription(subscription=subscription).topic
         for entry in pending:
