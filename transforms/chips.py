@@ -461,6 +461,7 @@ class InFlight:
 
 
 IN_FLIGHT = InFlight()
+OPEN_TILES = 4  # a strip reader keeps this many tiles' rasters open within a bundle
 PACE_WAIT_SECS = 0.0  # the in-process runner has one worker thread: waiting would stall it
 PACE_RETRY_SECS = 0.1  # and is then retried this often
 PACE_STALL_SECS = 10.0  # no chip back from the model for this long: start anyway
@@ -491,8 +492,8 @@ class _TileReader(beam.DoFn):
         import rasterio
 
         deadline = time.monotonic() + self._s.read_budget_secs
-        with rasterio.Env(**GDAL_ENV), ExitStack() as stack:
-            src = self._with_retries(tile, deadline, lambda: _Sources(tile, self._s, stack))
+        with rasterio.Env(**GDAL_ENV):  # kept open: a reader that chips the tile too reuses it
+            src = self._with_retries(tile, deadline, lambda: self._sources(tile))
             scale, offset = self._s.radiometry(tile)
             size, stride = self._s.chip_size, self._s.stride
             starts = chip_starts(src.height, size, stride)
@@ -524,41 +525,52 @@ class _TileReader(beam.DoFn):
         import rasterio
 
         tile, grid = task.tile, task.grid
-        size, stride = grid.chip_size, grid.stride
-        starts = chip_starts(grid.height, size, stride)
-        cols = chip_starts(grid.width, size, stride)
+        size = grid.chip_size
+        starts = chip_starts(grid.height, size, grid.stride)
+        cols = chip_starts(grid.width, size, grid.stride)
         rows = range(task.first_row, task.stop_row)
         deadline = time.monotonic() + self._s.read_budget_secs
         cut = _Cut(len(rows))
+
+        def fresh_end(row: int) -> int:  # rows up to the next chip row's start count once
+            return starts[row + 1] if row + 1 < len(starts) else grid.height
+
         try:
-            with rasterio.Env(**GDAL_ENV), ExitStack() as stack:
-                src = self._with_retries(tile, deadline, lambda: _Sources(tile, self._s, stack))
+            with rasterio.Env(**GDAL_ENV):
+                src = self._with_retries(tile, deadline, lambda: self._sources(tile))
                 if (src.height, src.width) != (grid.height, grid.width):
                     raise ValueError(f"{tile.band_uris[0]} changed size while being read")
                 scale, offset = self._s.radiometry(tile)
                 top = starts[task.first_row]
                 bottom = min(starts[task.stop_row - 1] + size, grid.height)
+                begun = time.perf_counter()
                 try:
                     window = self._with_retries(tile, deadline,
                                                 lambda: src.read_strip(top, bottom - top))
+                    self.strip_ms.update(int((time.perf_counter() - begun) * 1000))
+                    values, valid = self._prepare(src, window, fresh_end(task.stop_row - 1) - top,
+                                                  scale, offset, cut)
                 except Exception:  # a corrupt block: read row by row, so only its rows fail
-                    window = None
+                    values = None
                 for k, row in enumerate(rows):
                     start, height = starts[row], min(size, grid.height - starts[row])
-                    begun = time.perf_counter()
-                    try:
-                        strip = (window[:, start - top : start - top + height] if window is not None
-                                 else self._with_retries(tile, deadline,
-                                                         lambda s=start, h=height:
-                                                         src.read_strip(s, h)))
-                    except Exception as exc:
-                        cut.fail(k, len(cols), f"rows {start}..{start + height}: {describe(exc)}")
-                        continue
-                    self.strip_ms.update(int((time.perf_counter() - begun) * 1000))
-                    fresh = starts[row + 1] - start if row + 1 < len(starts) else height
-                    yield from self._cut_row(task, src, strip, row, cols, fresh, scale, offset,
-                                             cut, k)
+                    if values is not None:
+                        part = values[:, start - top : start - top + height]
+                        part_valid = valid[start - top : start - top + height]
+                    else:
+                        try:
+                            raw = self._with_retries(tile, deadline, lambda s=start, h=height:
+                                                     src.read_strip(s, h))
+                        except Exception as exc:
+                            cut.fail(k, len(cols), f"rows {start}..{start + height}: "
+                                                   f"{describe(exc)}")
+                            continue
+                        part, part_valid = self._prepare(src, raw, fresh_end(row) - start,
+                                                         scale, offset, cut)
+                    cut.expected[k] = 0
+                    yield from self._cut_row(task, src, part, part_valid, row, cols, cut, k)
         except Exception as exc:  # could not open it at all: every row not yet cut fails
+            self.close_sources(tile.band_uris)  # a handle that failed is not reused
             reason = f"rows {starts[task.first_row]}..: {describe(exc)}"
             for k in range(len(rows)):
                 if cut.expected[k] is None:
@@ -570,31 +582,33 @@ class _TileReader(beam.DoFn):
             task, tuple(n or 0 for n in cut.expected), cut.skipped, cut.failed,
             tuple(cut.unreadable), tuple(tuple(int(n) for n in c) for c in cut.counts or ())))
 
-    def _cut_row(self, task: StripTask, src: _Sources, strip: np.ndarray, row: int,
-                 cols: list[int], fresh: int, scale: float, offset: float, cut: _Cut,
-                 k: int) -> Iterator[Chip]:
-        """The chips of one chip row (``strip`` is its pixels, ``fresh`` rows of it are not in
-        the next chip row and count once towards drift)."""
-        grid, tile = task.grid, task.tile
-        size, stride = grid.chip_size, grid.stride
-        start, height = row * stride, strip.shape[1]
-        invalid_strip = src.invalid(strip)
+    def _prepare(self, src: _Sources, values: np.ndarray, fresh: int, scale: float,
+                 offset: float, cut: _Cut) -> tuple[np.ndarray, np.ndarray]:
+        """Rows just read -> (values ready to cut, valid mask): drift counted on the first
+        ``fresh`` rows (the rest belong to the next read), the per-source rescale applied, and
+        nodata set to 0 under the mask, like padding. ``values`` is ours to change."""
+        invalid = src.invalid(values)
         if self._reference is not None:
-            counts = strip_band_counts(self._reference, strip[:, :fresh], invalid_strip[:fresh],
+            counts = strip_band_counts(self._reference, values[:, :fresh], invalid[:fresh],
                                        self._s.card, scale, offset)
             cut.counts = counts if cut.counts is None else [
                 a + b for a, b in zip(cut.counts, counts, strict=True)]
         if (scale, offset) != (1.0, 0.0):  # a per-source rescale: float32 from here on
-            strip = strip.astype(np.float32) * np.float32(scale) + np.float32(offset)
-        else:
-            strip = strip.copy()  # a view of the task's window: zeroed below, kept apart
+            values = values.astype(np.float32) * np.float32(scale) + np.float32(offset)
+        values[:, invalid] = 0
+        return values, ~invalid
+
+    def _cut_row(self, task: StripTask, src: _Sources, strip: np.ndarray,
+                 valid_strip: np.ndarray, row: int, cols: list[int], cut: _Cut,
+                 k: int) -> Iterator[Chip]:
+        """The chips of one chip row, from its (prepared) pixels and valid mask."""
+        grid, tile = task.grid, task.tile
+        size, stride = grid.chip_size, grid.stride
+        start, height = row * stride, strip.shape[1]
         widths = [min(size, grid.width - col) for col in cols]
-        cut.expected[k] = 0
         outlines = strip_footprints(src.transform, src.crs, start, height, cols, widths)
         crs = crs_label(grid.crs_wkt)
         a, b, c, d, e, f = grid.transform
-        valid_strip = ~invalid_strip
-        strip[:, invalid_strip] = 0  # nodata travels as 0 under the mask, like padding
         for col_number, (col, width) in enumerate(zip(cols, widths, strict=True)):
             fraction = int(np.count_nonzero(valid_strip[:, col : col + width])) / (height * width)
             if fraction < self._s.min_valid_fraction or fraction == 0.0:
@@ -628,6 +642,36 @@ class _TileReader(beam.DoFn):
                 chipped_at=time.time(),
                 raw=raw,
             )
+
+    def _sources(self, tile: TileRef) -> _Sources:
+        """The tile's open rasters, kept open across its strip tasks in this bundle: GDAL's
+        block cache belongs to an open dataset, and neighbouring tasks share a block row (the
+        chips overlapping their boundary), which a fresh handle would decode again."""
+        cache = self.__dict__.setdefault("_open", {})
+        if tile.band_uris not in cache:
+            while len(cache) >= OPEN_TILES:
+                self.close_sources(next(iter(cache)))
+            stack = ExitStack()  # opened under the caller's rasterio.Env(**GDAL_ENV)
+            try:
+                cache[tile.band_uris] = (stack, _Sources(tile, self._s, stack))
+            except BaseException:
+                stack.close()
+                raise
+        return cache[tile.band_uris][1]
+
+    def close_sources(self, uris: tuple[str, ...] | None = None) -> None:
+        """Close the kept rasters of one tile (``uris``), or all of them."""
+        cache = self.__dict__.get("_open", {})
+        for key in [uris] if uris is not None else list(cache):
+            entry = cache.pop(key, None)
+            if entry is not None:
+                entry[0].close()
+
+    def finish_bundle(self):
+        self.close_sources()
+
+    def teardown(self):
+        self.close_sources()
 
     def _with_retries(self, tile: TileRef, deadline: float, read: Callable[[], T]) -> T:
         """``read()``, retried on transient storage errors with backoff, jitter and a breaker."""
@@ -728,14 +772,18 @@ class ChipTileFn(_TileReader):
         try:
             tasks = self.plan(tile)
         except Exception as exc:  # the stage boundary: one tile, one letter
+            self.close_sources(tile.band_uris)
             yield _refusal(tile, exc)
             return
         reports = []
-        for task in tasks:
-            for item in self.chip(task):
-                if isinstance(item, beam.pvalue.TaggedOutput):
-                    reports.append(item.value)
-                yield item
+        try:
+            for task in tasks:
+                for item in self.chip(task):
+                    if isinstance(item, beam.pvalue.TaggedOutput):
+                        reports.append(item.value)
+                    yield item
+        finally:
+            self.close_sources(tile.band_uris)
         self.tiles.inc()
         yield beam.pvalue.TaggedOutput(MANIFESTS_TAG, merge_reports(reports))
 
@@ -747,6 +795,8 @@ class _PlanStripsFn(_TileReader):
         except Exception as exc:  # the stage boundary: one tile, one letter
             yield _refusal(tile, exc)
             return
+        finally:  # its strips are read by ChipStrips, maybe elsewhere
+            self.close_sources(tile.band_uris)
         self.tiles.inc()
         yield from tasks
 
