@@ -46,7 +46,6 @@ def test_probabilities_are_the_rounded_softmax_times_255():
         logits = model(normalise_batch(torch.stack(chips), spec))
         expected = (torch.softmax(logits, dim=1) * 255.0).round().to(torch.uint8)
     assert [r.model_id for r in results] == ["m/1"] * 4
-    assert all(r.example is c for r, c in zip(results, chips, strict=True))
     assert torch.equal(torch.stack([r.inference for r in results]), expected)
 
 

@@ -74,7 +74,9 @@ def segmentation_inference_fn(
         # In place on the softmax's own output: one pass and one buffer fewer, same bytes.
         probs = torch.softmax(logits.float(), dim=1)
         quantised = probs.mul_(255.0).round_().to(torch.uint8).cpu()
-    return [PredictionResult(x, y, model_id) for x, y in zip(batch, quantised, strict=True)]
+    # The input is not kept beside its output: the stream keys each prediction by its chip, and
+    # keeping the tensor would hold every input until the predictions are consumed.
+    return [PredictionResult(None, y, model_id) for y in quantised]
 
 
 class StudentModelHandler(PytorchModelHandlerTensor):
