@@ -181,9 +181,10 @@ def stream_run(path: Path, model_uri: str, *extra: str) -> dict:
             if not tile:
                 tile = rows(f"SELECT published, completed_at, chips_scored "
                             f"FROM `{stack.dataset}.tiles`")
-            if tile:
-                [count] = rows(f"SELECT COUNT(*) AS n, MAX(chipped_at) AS chipped, "
+            if tile:  # chip rows are loaded in batches: their table may not exist yet
+                counted = rows(f"SELECT COUNT(*) AS n, MAX(chipped_at) AS chipped, "
                                f"MAX(scored_at) AS scored FROM `{stack.dataset}.chips`")
+                count = counted[0] if counted else {"n": 0}
                 if count["n"] >= tile[0]["chips_scored"]:
                     visible_at = time.time()
                     break
