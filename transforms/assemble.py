@@ -348,11 +348,8 @@ def strip_plan(reports: list[StripReport], strip: int,
     if not partial and not _rows_touching(grid.height, grid.chip_size, grid.stride,
                                           strip) <= covered:
         return None
-    return TileManifest(tile=reports[0].task.tile, height=grid.height, width=grid.width,
-                        transform=grid.transform, crs_wkt=grid.crs_wkt,
-                        pixel_area_m2=grid.pixel_area_m2, chip_size=grid.chip_size,
-                        stride=grid.stride, chips_total=0, chips_skipped=0, chips_failed=0,
-                        chipped_at=0.0, expected_per_row=tuple(per_row))
+    return TileManifest(tile=reports[0].task.tile, grid=grid, chips_total=0, chips_skipped=0,
+                        chips_failed=0, chipped_at=0.0, expected_per_row=tuple(per_row))
 
 
 @functools.lru_cache(maxsize=1024)

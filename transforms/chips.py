@@ -745,13 +745,7 @@ def merge_reports(reports: list[StripReport]) -> TileManifest:
                         for a, b in zip(band_counts, r.band_counts, strict=True)])
     return TileManifest(
         tile=tile,
-        height=grid.height,
-        width=grid.width,
-        transform=grid.transform,
-        crs_wkt=grid.crs_wkt,
-        pixel_area_m2=grid.pixel_area_m2,
-        chip_size=grid.chip_size,
-        stride=grid.stride,
+        grid=grid,
         chips_total=total,
         chips_skipped=sum(r.skipped for r in reports),
         chips_failed=failed,

@@ -108,13 +108,7 @@ class TileManifest:
     """What the chipper knows about a tile that tile assembly needs to finish it."""
 
     tile: TileRef
-    height: int
-    width: int
-    transform: tuple[float, ...]  # affine (a, b, c, d, e, f) of the tile
-    crs_wkt: str
-    pixel_area_m2: float
-    chip_size: int
-    stride: int
+    grid: TileGrid
     chips_total: int
     chips_skipped: int  # under the valid-pixel threshold
     chips_failed: int  # strips that could not be read (dead-lettered)
@@ -129,6 +123,15 @@ class TileManifest:
     def chips_expected(self) -> int:
         """Chips that should come back from inference."""
         return self.chips_total - self.chips_skipped - self.chips_failed
+
+    # The grid's fields, read as the manifest's own by assembly, STAC and drift.
+    height = property(lambda self: self.grid.height)
+    width = property(lambda self: self.grid.width)
+    transform = property(lambda self: self.grid.transform)
+    crs_wkt = property(lambda self: self.grid.crs_wkt)
+    pixel_area_m2 = property(lambda self: self.grid.pixel_area_m2)
+    chip_size = property(lambda self: self.grid.chip_size)
+    stride = property(lambda self: self.grid.stride)
 
 
 @dataclass
