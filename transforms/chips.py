@@ -1,13 +1,17 @@
-"""Stage 4: TileRef -> Chips, read with rasterio windows one chip row at a time.
+"""Stage 4: TileRef -> strip tasks -> Chips, read with rasterio windows one strip at a time.
 
-Memory follows a strip of ``chip_size`` rows across the tile, never the whole tile. The chip grid
-covers every pixel: starts are ``0, stride, 2*stride, ...`` until a chip reaches the far edge, and
-edge chips are padded (padding is invalid and ignored downstream). Chips whose valid-pixel
-fraction is under the threshold are skipped and counted in the tile's manifest, never lost.
+A planner opens each tile once and cuts it into strip tasks of about ``STRIP_ROWS`` rows; each
+task is keyed on its own, so a runner spreads one tile's tasks over its workers. A task reads
+its rows in one window, so memory follows a strip, never the whole tile, and reports what it
+found; the tile's manifest is the merge of its reports. The chip grid covers every pixel: starts
+are ``0, stride, 2*stride, ...`` until a chip reaches the far edge, and edge chips are padded
+(padding is invalid and ignored downstream). Chips whose valid-pixel fraction is under the
+threshold are skipped and counted in the tile's manifest, never lost.
 
 Before a pixel is read, a tile must pass its guards: URIs in the input allow-list, GeoTIFF only
 (no VRT or other indirection), a header within ``--max_tile_pixels``, no complex bands, and a
-decimated preview whose values mostly lie in the card's valid range. Transient storage errors are
+sample (overviews, or a grid of single-block windows) whose values mostly lie in the card's
+valid range. Transient storage errors are
 retried with backoff and jitter; a bucket that keeps failing opens a circuit breaker that pauses
 reading from it rather than burning every tile on it. Any other exception about a tile is that
 tile's dead letter.
