@@ -500,6 +500,32 @@ def test_chip_rows_are_assertable_through_beam(tmp_path):
         assert_that(ids, equal_to([expected]))
 
 
+def test_rows_a_load_job_would_refuse_become_dead_letters_not_a_failed_load(tmp_path):
+    """One bad row fails a whole BigQuery load job (and a stream retrying it): CheckRows lets
+    the good rows through and gives each bad one a dead letter saying what is wrong."""
+    from transforms.deadletter import CheckRows
+
+    path = tiles.crop(tmp_path / "c.tif", 0, 0, 64, 64)
+    card = test_card()
+    _, [prediction] = fake_predictions(path, card, lambda chip, k: 100)
+    good = sinks.chip_row(prediction, tuple(c.name for c in card.classes))
+    bad = {"nan": {**good, "mean_confidence": float("nan")},
+           "missing": {k: v for k, v in good.items() if k != "tile_id"},
+           "type": {**good, "chip_index": "7"},
+           "nested": {**good, "classes": [{**good["classes"][0], "pixels": None}]},
+           "unknown": {**good, "extra": 1}}
+    with beam.Pipeline(options=runner_options()) as p:
+        checked = (p | beam.Create([good, *bad.values()])
+                   | CheckRows("p:d.chips", sinks.CHIP_SCHEMA))
+        assert_that(checked.rows | beam.Map(lambda r: r["row_id"]), equal_to([good["row_id"]]),
+                    label="good")
+        assert_that(checked.dead_letters | beam.Map(lambda d: d.reason.split(": ", 1)[1]),
+                    equal_to(["mean_confidence is nan", "tile_id is required",
+                              "chip_index must be INT64, not str",
+                              "classes.pixels is required", "unknown column(s) ['extra']"]),
+                    label="bad")
+
+
 def test_card_nodata_counts_as_invalid_even_when_the_raster_declares_none(tmp_path):
     path = tmp_path / "fill.tif"
     data = np.full((6, 64, 64), 90, np.uint8)
