@@ -65,7 +65,7 @@ def build(p: beam.Pipeline, o: TileStreamOptions, card: ModelCard, tables: BigQu
         _ = checked.rows | "LoadChipRows" >> write_rows(
             tables.chips, CHIP_SCHEMA, load_jobs=True,
             every_secs=o.chip_rows_load_secs if streaming else None,
-            temp_location=load_temp_location(p.options))
+            temp_location=load_temp_location(o))
         chip_failures = checked.dead_letters
     else:
         chip_failures = (chip_rows | "WriteChipRows" >> write_rows(tables.chips, CHIP_SCHEMA)

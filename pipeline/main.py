@@ -108,7 +108,7 @@ def configure(argv: list[str] | None) -> Job:
         o.chip_rows_load_secs = LOCAL_LOAD_SECS if o.local else LOAD_SECS
     if not 0 <= o.chip_rows_load_secs <= 3600:
         raise ConfigError("--chip_rows_load_secs must be in [0, 3600]")
-    if o.chip_rows_load_secs and not load_temp_location(options).startswith("gs://"):
+    if o.chip_rows_load_secs and not load_temp_location(o).startswith("gs://"):
         raise ConfigError("chip-row load jobs stage files on GCS: give a gs:// --temp_location "
                           "or --output_prefix, or --chip_rows_load_secs=0 to stream rows")
     # The network must keep the card's promise before a single message is pulled.

@@ -175,13 +175,13 @@ class TileStreamArguments:
                            "at exit (local runs).")
 
 
-def load_temp_location(options) -> str:
-    """Where chip-row load jobs stage their files: ``--temp_location``, else under the output
-    prefix (the bucket the stream already writes to)."""
+def load_temp_location(o) -> str:
+    """Where chip-row load jobs stage their files (``o``: the pipeline's options, any view):
+    ``--temp_location``, else under the output prefix, the bucket the stream already writes."""
     from apache_beam.options.pipeline_options import GoogleCloudOptions
 
-    prefix = (options.view_as(__getattr__("TileStreamOptions")).output_prefix or "").rstrip("/")
-    return options.view_as(GoogleCloudOptions).temp_location or f"{prefix}/tmp/bigquery"
+    prefix = (o.output_prefix or "").rstrip("/")
+    return o.view_as(GoogleCloudOptions).temp_location or f"{prefix}/tmp/bigquery"
 
 
 def __getattr__(name: str):

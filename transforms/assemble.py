@@ -137,7 +137,9 @@ class _RouteFn(beam.DoFn):
             bounds = strip_bounds(grid.height, grid.chip_size, grid.stride)
             starts = chip_starts(grid.height, grid.chip_size, grid.stride)
             touched = {j for r in range(task.first_row, task.stop_row)
-                       for j in strips_touched(starts[r], grid.chip_size, bounds)}
+                       for j in strips_touched(starts[r],
+                                               min(grid.chip_size, grid.height - starts[r]),
+                                               bounds)}
             light = dataclasses.replace(item, band_counts=())  # drift is the tile's business
             for j in sorted(touched):
                 yield f"{task.tile.assignment_key}#{j}", light
@@ -238,14 +240,11 @@ class _AssembleStripFn(_WithCards):
                 wall=beam.DoFn.TimerParam(WALL_CLOCK), end=beam.DoFn.TimerParam(END_OF_INPUT)):
         key, item = element
         plan = plan_state.read()
-        if plan is None and arrived.read() == 0 and isinstance(item, StripPiece):
+        if plan is None and arrived.read() == 0 and not list(reports.read()):  # the first
             timeouts.arm(wall, end, self._streaming, self._timeout)
         if isinstance(item, StripReport):
             reports.add(item)
-            known = list(reports.read())
-            if len(known) == 1 and arrived.read() == 0:
-                timeouts.arm(wall, end, self._streaming, self._timeout)
-            plan = strip_plan(known, _strip(key))
+            plan = strip_plan(list(reports.read()), _strip(key))
             if plan is not None:
                 plan_state.write(plan)
         else:

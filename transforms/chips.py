@@ -79,6 +79,7 @@ GDAL_ENV = {
 PREVIEW_PIXELS = 256  # long side of the decimated radiometry preview (overviews, small files)
 PREVIEW_GRID = 3  # a big file without overviews: a 3 x 3 grid of windows, one block each,
 PREVIEW_WINDOW = 128  # of at most 128 x 128 pixels (147,456 sampled pixels in all)
+PREVIEW_ROWS = 16  # a file whose preview fails: the first readable of this many chip rows
 _TRANSIENT = re.compile(
     r"HTTP (?:response )?code:? ?(?:429|5\d\d)|couldn't connect|"
     r"connection (?:refused|reset)|timed? ?out|empty reply|failed to connect|"
@@ -438,10 +439,6 @@ class InFlight:
         self._returned_at = time.monotonic()
         self._changed = threading.Condition()
 
-    @property
-    def count(self) -> int:
-        return self._count
-
     def add(self, n: int) -> None:
         with self._changed:
             if self._count == 0:
@@ -466,8 +463,7 @@ class InFlight:
 
 IN_FLIGHT = InFlight()
 OPEN_TILES = 4  # a strip reader keeps this many tiles' rasters open within a bundle
-PACE_WAIT_SECS = 0.0  # the in-process runner has one worker thread: waiting would stall it
-PACE_RETRY_SECS = 0.1  # and is then retried this often
+PACE_RETRY_SECS = 0.1  # a parked strip task is retried this often
 PACE_STALL_SECS = 10.0  # no chip back from the model for this long: start anyway
 
 
@@ -505,7 +501,7 @@ class _TileReader(beam.DoFn):
                 sample = self._with_retries(tile, deadline, src.preview)
             except Exception:  # a damaged file: the first chip row that reads decides
                 sample = None
-                for row in starts:
+                for row in starts[:PREVIEW_ROWS]:  # bounded: unreadable rows are reported later
                     try:
                         sample = src.read_strip(row, min(size, src.height - row))
                     except Exception:  # unreadable rows are the strip tasks' to report
@@ -810,9 +806,6 @@ class _ChipStripFn(_TileReader):
     TASK = ReadModifyWriteStateSpec("task", PickleCoder())
     RETRY = TimerSpec("retry", TimeDomain.REAL_TIME)
 
-    def start_bundle(self):
-        self._cut_in_bundle = 0
-
     def process(self, element: tuple[str, StripTask], parked=beam.DoFn.StateParam(TASK),
                 retry=beam.DoFn.TimerParam(RETRY)) -> Iterator:
         _, task = element
@@ -835,16 +828,15 @@ class _ChipStripFn(_TileReader):
             retry.set(Timestamp.of(time.time() + PACE_RETRY_SECS))
 
     def _may_start(self) -> bool:
+        # Never wait here: the in-process runner has one worker thread, and this bundle's chips
+        # reach the model only once it commits.
         limit = self._s.max_chips_in_flight
-        # Chips cut in this bundle reach the model only once it commits: waiting would stall.
-        return not limit or IN_FLIGHT.admits(limit, 0 if self._cut_in_bundle else PACE_WAIT_SECS)
+        return not limit or IN_FLIGHT.admits(limit, wait=0)
 
     def _run(self, task: StripTask) -> Iterator:
         for item in self.chip(task):
-            if isinstance(item, Chip):
-                self._cut_in_bundle += 1
-                if self._s.max_chips_in_flight:
-                    IN_FLIGHT.add(1)
+            if self._s.max_chips_in_flight and isinstance(item, Chip):
+                IN_FLIGHT.add(1)
             yield item
 
 
