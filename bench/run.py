@@ -32,9 +32,9 @@ from scale import mosaic  # noqa: E402  (bench/ is on sys.path as the script's f
 from model.card import ModelCard, load_card  # noqa: E402
 from pipeline.demo import SAMPLE_TILE  # noqa: E402
 from pipeline.options import DEFAULT_MODEL_URI  # noqa: E402
-from transforms.chips import ChipSettings, ChipTileFn  # noqa: E402
+from transforms.chips import ChipSettings, ChipTileFn, chips_in  # noqa: E402
 from transforms.inference import StudentModelHandler, segmentation_inference_fn  # noqa: E402
-from transforms.records import Chip, TileRef  # noqa: E402
+from transforms.records import TileRef  # noqa: E402
 
 TEACHER_URI = ROOT / "model" / "artifacts" / "landcover-teacher" / "v1"
 
@@ -47,8 +47,7 @@ def bench_chipping(card: ModelCard, sizes: list[tuple[int, int]], workdir: Path)
         fn = ChipTileFn(settings)
         tracemalloc.start()
         started = time.perf_counter()
-        n = sum(1 for c in fn.process(TileRef("bench", (str(path),), "1", 0.0, 0.0))
-                if isinstance(c, Chip))
+        n = sum(1 for _ in chips_in(fn.process(TileRef("bench", (str(path),), "1", 0.0, 0.0))))
         seconds = time.perf_counter() - started
         peak = tracemalloc.get_traced_memory()[1]
         tracemalloc.stop()

@@ -69,7 +69,7 @@ def chipping(path: Path, card) -> dict:
     from apache_beam.coders import registry
 
     from transforms.chips import ChipSettings, ChipTileFn
-    from transforms.records import Chip, TileRef
+    from transforms.records import ChipBlock, TileRef
 
     fn = ChipTileFn(ChipSettings.from_card(card))
     coder = registry.get_coder(object)
@@ -78,10 +78,10 @@ def chipping(path: Path, card) -> dict:
         megapixels = src.width * src.height / 1e6
     started = time.perf_counter()
     for item in fn.process(TileRef("bench", (str(path),), "1", 0.0, 0.0)):
-        if isinstance(item, Chip):
-            chips += 1
-            if chips == 1:
-                encoded = len(coder.encode(item))
+        if isinstance(item, ChipBlock):  # chips travel in blocks: bytes per chip in a block
+            chips += len(item)
+            if not encoded:
+                encoded = len(coder.encode(item)) // len(item)
     seconds = time.perf_counter() - started
     raw = len(card.input.bands) * card.input.chip_size ** 2  # uint8 pixels of one chip
     return {"chips": chips, "seconds": round(seconds, 2), "chips_per_s": round(chips / seconds, 1),
@@ -103,43 +103,73 @@ def model_only(card, chips: int = 3072, batch: int = 32) -> float:
     return chips // batch * batch / (time.perf_counter() - started)
 
 
+BLOCKS = 4
+
+
+def _stamp(name: str):
+    """A step that records when it saw its last element, as a Beam metric (the in-process
+    runner shares this process's clock)."""
+    from apache_beam.metrics import Metrics
+
+    seen = Metrics.distribution("bench", name)
+
+    def stamp(element):
+        seen.update(int(time.perf_counter() * 1e6))
+        return element
+    return stamp
+
+
 def run_inference_in_beam(card, chips: int = 3072, batch: int = 32) -> float:
-    """Chips/s of the stream's RunInference step in a Beam pipeline, minus the same pipeline
-    without it (so Create and the runner's own overhead are not charged to inference) and minus
-    the one-off model load in the step's setup, which model_only does untimed too: a worker
-    loads its model once, so it is start-up, not throughput."""
+    """Chips/s of the stream's RunInference step (blocks of chips, as the stream sends them,
+    cut into forward passes of ``batch``) in a Beam pipeline on the in-process runner.
+
+    Timed from the last block ready before the step to the last result out of it, so the
+    step's batching, per-element work and bundle commits count, while the pipeline's
+    construction and Create (paid once per job, not per chip) do not; the one-off model load in
+    the step's setup is subtracted, as model_only does not time it either: a worker loads its
+    model once, so it is start-up, not throughput."""
     import apache_beam as beam
     from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
     from apache_beam.options.pipeline_options import PipelineOptions
 
     from model.inference import model_input
-    from transforms.inference import StudentModelHandler
+    from transforms.inference import BlockModelHandler, StudentModelHandler
+    from transforms.records import ChipBlock, TileRef
 
     shape = (len(card.input.bands), card.input.chip_size, card.input.chip_size)
+    per_block = chips // BLOCKS  # a strip task of a 3,660² tile cuts about 760 chips
+    tile = TileRef("bench", ("bench.tif",), "1", 0.0, 0.0)
 
-    def pipeline(with_inference: bool) -> float:
-        options = PipelineOptions(["--runner=BundleBasedDirectRunner"])
-        started = time.perf_counter()
-        with beam.Pipeline(options=options) as p:
-            keyed = (p | beam.Create(range(chips))
-                     | beam.Map(lambda i: (i, torch.from_numpy(model_input(
-                         np.random.default_rng(i).integers(0, 256, shape, np.uint8),
-                         np.ones(shape[1:], bool))))))
-            if with_inference:
-                keyed = keyed | RunInference(KeyedModelHandler(StudentModelHandler(
-                    card, min_batch_size=batch, max_batch_size=batch)))
-            _ = keyed | beam.combiners.Count.Globally()
-        return time.perf_counter() - started
+    def block(n: int):  # what the stream's StackBlocks step hands RunInference
+        rng = np.random.default_rng(n)
+        tensor = torch.from_numpy(np.stack([model_input(
+            rng.integers(0, 256, shape, np.uint8), np.ones(shape[1:], bool))
+            for _ in range(per_block)]))
+        return ChipBlock(tile, n, tuple((n, i) for i in range(per_block))), tensor
+
+    def step() -> float:
+        from apache_beam.metrics.metric import MetricsFilter
+
+        p = beam.Pipeline(options=PipelineOptions(["--runner=BundleBasedDirectRunner"]))
+        _ = (p | beam.Create(range(BLOCKS)) | beam.Map(block)
+             | "Ready" >> beam.Map(_stamp("ready"))
+             | RunInference(BlockModelHandler(
+                 KeyedModelHandler(StudentModelHandler(card, max_batch_size=batch)),
+                 min_batch_size=batch, max_batch_size=batch))
+             | "Done" >> beam.Map(_stamp("done")))
+        result = p.run()
+        result.wait_until_finish()
+        last = {d.key.metric.name: d.committed.max for d in result.metrics().query(
+            MetricsFilter().with_namespace("bench"))["distributions"]}
+        return (last["done"] - last["ready"]) / 1e6
 
     def load() -> float:
         started = time.perf_counter()
         StudentModelHandler(card, min_batch_size=batch, max_batch_size=batch).load_model()
         return time.perf_counter() - started
 
-    pipeline(False)  # warm imports and the runner
-    base = pipeline(False)
-    full = pipeline(True)
-    return chips / max(full - base - load(), 1e-6)
+    step()  # warm imports and the runner
+    return per_block * BLOCKS / max(step() - load(), 1e-6)
 
 
 def stream_run(path: Path, model_uri: str, *extra: str) -> dict:

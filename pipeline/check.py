@@ -15,7 +15,7 @@ import torch
 from model.card import load_card
 from model.inference import model_input
 from pipeline.demo import SAMPLE_TILE
-from transforms.chips import ChipSettings, ChipTileFn
+from transforms.chips import ChipSettings, ChipTileFn, chips_in
 from transforms.inference import StudentModelHandler, segmentation_inference_fn, to_prediction
 from transforms.records import Chip, TileRef
 
@@ -23,7 +23,7 @@ from transforms.records import Chip, TileRef
 def first_chip(card) -> Chip:
     fn = ChipTileFn(ChipSettings.from_card(card))
     tile = TileRef("check", (str(SAMPLE_TILE),), "0", time.time(), time.time())
-    return next(c for c in fn.process(tile) if isinstance(c, Chip))
+    return next(chips_in(fn.process(tile)))
 
 
 def run_check(model_uri: str, device: str) -> dict:

@@ -19,7 +19,7 @@ from transforms.granules import AssembleGranules
 from transforms.guards import InputAllowList
 from transforms.inference import ScoreChips
 from transforms.routing import AssignModels
-from transforms.sinks import CHIP_SCHEMA, TILE_SCHEMA, BigQueryTables, chip_row, write_rows
+from transforms.sinks import CHIP_SCHEMA, TILE_SCHEMA, BigQueryTables, chip_rows, write_rows
 from transforms.slis import CountTileSlis
 
 
@@ -59,16 +59,16 @@ def build(p: beam.Pipeline, o: TileStreamOptions, card: ModelCard, tables: BigQu
         max_batch_duration_secs=o.max_batch_duration_secs or None, accelerator=o.accelerator,
         registry_uri=registry)
 
-    chip_rows = scored.predictions | "ChipRows" >> beam.Map(chip_row, class_names)
+    rows = scored.predictions | "ChipRows" >> beam.FlatMap(chip_rows, class_names)
     if o.chip_rows_load_secs:  # load jobs: rows that would fail one are dead-lettered first
-        checked = chip_rows | "CheckChipRows" >> CheckRows(tables.chips, CHIP_SCHEMA)
+        checked = rows | "CheckChipRows" >> CheckRows(tables.chips, CHIP_SCHEMA)
         _ = checked.rows | "LoadChipRows" >> write_rows(
             tables.chips, CHIP_SCHEMA, load_jobs=True,
             every_secs=o.chip_rows_load_secs if streaming else None,
             temp_location=load_temp_location(o))
         chip_failures = checked.dead_letters
     else:
-        chip_failures = (chip_rows | "WriteChipRows" >> write_rows(tables.chips, CHIP_SCHEMA)
+        chip_failures = (rows | "WriteChipRows" >> write_rows(tables.chips, CHIP_SCHEMA)
                          ).failed_rows_with_errors | "ChipRowFailures" >> BigQueryFailures()
     assembled = ((chipped.manifests, chipped.reports, scored.predictions, scored.failed)
                  | "AssembleTiles" >> AssembleTiles(card, o.output_prefix, o.tile_timeout_secs,

@@ -210,3 +210,23 @@ def test_the_chipper_counts_drift_while_reading_and_the_tile_row_flags_it(
     assert columns["drifted"] is flagged, columns
     assert [b["band"] for b in columns["drift_band_psi"]] == list(card.input.bands)
     assert (columns["drift_max_band_psi"] > PSI_THRESHOLD) is flagged
+
+
+@pytest.mark.parametrize("dtype", ["uint8", "int16", "uint16"])
+def test_integer_rasters_are_binned_per_value_with_the_same_counts(card, dtype):
+    """The chipper bins 8/16-bit strips by distinct value (a fast path): every scaling and
+    nodata mask must give exactly the counts of binning each pixel."""
+    from transforms.chips import strip_band_counts
+
+    reference = reference_from_card(card)
+    rng = np.random.default_rng(7)
+    low = -2000 if dtype == "int16" else 0
+    high = 256 if dtype == "uint8" else 4000
+    strip = rng.integers(low, high, (len(card.input.bands), 40, 90)).astype(dtype)
+    invalid = rng.random((40, 90)) < 0.1
+    for scale, offset in ((1.0, 0.0), (0.0001, 0.0), (2.5, -7.0)):
+        fast = strip_band_counts(reference, strip, invalid, card, scale, offset)
+        values = strip[:, ~invalid].astype(np.float64) * scale + offset
+        each = band_counts(reference, values * card.input.scale + card.input.offset)
+        assert [c.tolist() for c in fast] == [c.tolist() for c in each]
+        assert all(c.sum() == (~invalid).sum() for c in fast)

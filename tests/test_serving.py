@@ -80,8 +80,8 @@ def test_chips_of_a_version_that_cannot_load_fail_alone_beside_a_good_one(follow
     from pipeline.demo import SAMPLE_TILE
     from tests.test_stages import chip_tile
     from transforms.chips import ChipSettings
-    from transforms.inference import VersionedModelHandler
-    from transforms.records import TileRef
+    from transforms.inference import BlockModelHandler, VersionedModelHandler, block_input
+    from transforms.records import ChipBlock, TileRef
 
     registry, _ = follower
     card = load_card(str(STUDENT))
@@ -100,6 +100,19 @@ def test_chips_of_a_version_that_cannot_load_fail_alone_beside_a_good_one(follow
                for r in by_tile["a"])
     assert all(r.inference is None and "landcover-student/9 could not be loaded" in r.model_id
                and "no model_card.json" in r.model_id for r in by_tile["b"])
+
+    # The stream hands the handler blocks: forward passes mix blocks of both versions, and
+    # each block still gets its own chips' answers, in its chips' order.
+    blocks = [block_input(ChipBlock(tile, 0, tuple(dataclasses.replace(c, tile=tile)
+                                                    for c in chips[:5])))
+              for tile in (gone, good)]
+    by_block = BlockModelHandler(handler, max_batch_size=3).run_inference(
+        blocks, handler.load_model())
+    assert [b.tile.tile_id for b, _ in by_block] == ["b", "a"]
+    assert [len(r) for _, r in by_block] == [5, 5]
+    assert all(r.inference is None for r in by_block[0][1])
+    assert all(r.inference is not None for r in by_block[1][1])
+    assert torch.equal(by_block[1][1][0].inference, by_tile["a"][0].inference)
 
 
 @pytest.mark.stack

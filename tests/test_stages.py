@@ -27,7 +27,15 @@ from tests import tiles
 from transforms import announcements as ann
 from transforms import assemble, chips, inference, sinks
 from transforms.guards import InputAllowList
-from transforms.records import NODATA_CLASS, ChipPrediction, TileManifest, TileRef, pack_mask
+from transforms.records import (
+    NODATA_CLASS,
+    ChipBlock,
+    ChipPrediction,
+    PredictionBlock,
+    TileManifest,
+    TileRef,
+    pack_mask,
+)
 
 BANDS = tiles.BANDS
 RULE = ann.GranuleRule()
@@ -174,7 +182,8 @@ def chip_tile(path: Path, settings: chips.ChipSettings, tile: TileRef | None = N
     tile = tile or TileRef("t", (str(path),), "1", 0.0, 0.0)
     fn = chips.ChipTileFn(settings)
     out = list(fn.process(tile))
-    chips_ = [c for c in out if not isinstance(c, beam.pvalue.TaggedOutput)]
+    chips_ = list(chips.chips_in(out))
+    assert all(isinstance(c, (chips.ChipBlock, beam.pvalue.TaggedOutput)) for c in out)
     tagged = [c for c in out if isinstance(c, beam.pvalue.TaggedOutput)]
     return chips_, tagged
 
@@ -267,12 +276,14 @@ def test_a_huge_tile_is_read_a_chip_row_at_a_time(tmp_path):
     fn = chips.ChipTileFn(settings)
     tracemalloc.start()
     produced = fn.process(TileRef("huge", (str(path),), "1", 0.0, 0.0))
-    first_rows = [next(produced) for _ in range(3 * 157)]  # three chip rows of 157 chips
+    block = next(produced)  # the first strip task: 8 chip rows of 157 chips
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
-    assert {c.row for c in first_rows} == {0, 64, 128}
-    # A strip is 6 x 64 x 10,000 bytes (3.8 MB) plus its chips; the tile is 600 MB.
-    assert peak < 60e6, f"peak {peak / 1e6:.0f} MB"
+    assert isinstance(block, chips.ChipBlock) and len(block) == 8 * 157
+    assert {c.row for c in block.chips} == set(range(0, 512, 64))
+    # A strip task reads 6 x 512 x 10,000 bytes (31 MB) and cuts as many bytes of chips; the
+    # tile is 600 MB.
+    assert peak < 100e6, f"peak {peak / 1e6:.0f} MB"
 
 
 # --- inference -------------------------------------------------------------------------------
@@ -343,12 +354,16 @@ def run_assembly(card: ModelCard, out_dir: Path, chipped: Chipped, predictions, 
             else:
                 downstream.append(out)
 
-    for item in (chipped.manifest, *chipped.reports, *predictions, *failed):
+    tile = chipped.manifest.tile
+    blocks = [PredictionBlock(tile, 0, tuple(predictions[i : i + 3]))  # any grouping will do
+              for i in range(0, len(predictions), 3)]
+    failed_blocks = [ChipBlock(tile, 0, tuple(failed))] if failed else []
+    for item in (chipped.manifest, *chipped.reports, *blocks, *failed_blocks):
         sort(route.process(item), to_strips)
     states: dict[str, dict] = {}
     for key, item in to_strips:
         state = states.setdefault(key, {"reports": _State("bag"), "plan_state": _State(),
-                                        "pieces": _State("bag"), "arrived": _State("count")})
+                                        "pieces": _State("bag"), "arrived": _State("sum")})
         sort(strips_fn.process((key, item), **state, wall=_State(), end=_State()), to_tile)
     if time_out:
         for key, state in states.items():
@@ -488,14 +503,15 @@ def test_streamed_rows_are_sized_as_the_insert_api_counts_them():
 
 
 def test_chip_rows_are_assertable_through_beam(tmp_path):
-    """chip_row runs inside a pipeline: the row id is deterministic per model, tile and chip."""
+    """chip_rows runs inside a pipeline: the row id is deterministic per model, tile and chip."""
     path = tiles.crop(tmp_path / "c.tif", 0, 0, 64, 64)
     card = test_card()
     _, predictions = fake_predictions(path, card, lambda chip, k: 100)
     names = tuple(c.name for c in card.classes)
     expected = sinks.row_id("m", "1", predictions[0].chip.tile.key, 0)
+    block = PredictionBlock(predictions[0].chip.tile, 0, tuple(predictions))
     with beam.Pipeline(options=runner_options()) as p:
-        ids = (p | beam.Create(predictions) | beam.Map(sinks.chip_row, names)
+        ids = (p | beam.Create([block]) | beam.FlatMap(sinks.chip_rows, names)
                | beam.Map(lambda row: row["row_id"]))
         assert_that(ids, equal_to([expected]))
 
@@ -547,8 +563,8 @@ class _State:
         self.values, self.kind = [], kind
 
     def read(self):
-        if self.kind == "count":
-            return len(self.values)
+        if self.kind == "sum":
+            return sum(self.values)
         if self.kind == "bag":
             return list(self.values)
         return self.values[-1] if self.values else None

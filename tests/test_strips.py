@@ -12,7 +12,7 @@ import pytest
 
 from model.card import load_card
 from transforms import chips
-from transforms.records import Chip, StripReport, TileRef
+from transforms.records import Chip, ChipBlock, StripReport, TileRef
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 from scale import mosaic
@@ -34,7 +34,7 @@ def test_strip_tasks_on_many_workers_give_what_one_reader_gives(tile, model_uri)
     one = chips.ChipTileFn(settings)
     one.setup()
     outputs = list(one.process(tile))
-    expected_chips = sorted(_chip_key(c) for c in outputs if isinstance(c, Chip))
+    expected_chips = sorted(_chip_key(c) for c in chips.chips_in(outputs))
     [expected] = [o.value for o in outputs if getattr(o, "tag", "") == chips.MANIFESTS_TAG]
 
     planner = chips._PlanStripsFn(settings)
@@ -47,8 +47,9 @@ def test_strip_tasks_on_many_workers_give_what_one_reader_gives(tile, model_uri)
         worker = chips._TileReader(settings)
         worker.setup()
         for item in worker.chip(task):
-            if isinstance(item, Chip):
-                got_chips.append(_chip_key(item))
+            if isinstance(item, ChipBlock):
+                assert item.task == task.index and all(c.tile == task.tile for c in item.chips)
+                got_chips.extend(_chip_key(c) for c in item.chips)
             else:
                 assert isinstance(item.value, StripReport)
                 reports.append(item.value)

@@ -2,9 +2,10 @@
 
 Strip-keyed, so that no state grows with a tile's chip count:
 
-1. ``RouteToStrips`` cuts each prediction into the rows of the output strips it overlaps (strip
-   ``j`` is rows ``starts[j]..starts[j+1]`` of the chip grid) and keys the pieces by tile version
-   and strip; the tile's manifest goes to every strip (what to expect) and to the tile.
+1. ``RouteToStrips`` cuts each prediction of a block into the rows of the output strips it
+   overlaps (strip ``j`` is rows ``starts[j]..starts[j+1]`` of the chip grid) and keys each
+   strip's pieces of the block, as one element, by tile version and strip; strip reports go to
+   the strips they overlap (what to expect), the tile's manifest to the tile.
 2. ``AssembleStrips`` (stateful per strip) blends a strip as soon as every chip overlapping it
    has been scored or has failed, writes it as a small GeoTIFF piece beside the COG, and reports
    its class counts. Its state is one strip's pieces.
@@ -24,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -36,7 +38,6 @@ import apache_beam as beam
 import numpy as np
 from apache_beam.coders import PickleCoder, VarIntCoder
 from apache_beam.metrics import Metrics
-from apache_beam.transforms.combiners import CountCombineFn
 from apache_beam.transforms.userstate import (
     BagStateSpec,
     CombiningValueStateSpec,
@@ -54,7 +55,9 @@ from transforms.records import (
     KEYED,
     NODATA_CLASS,
     Chip,
+    ChipBlock,
     ChipPrediction,
+    PredictionBlock,
     StripPiece,
     StripReport,
     StripResult,
@@ -126,9 +129,10 @@ def piece_uri(raster: str, strip: int) -> str:
 
 
 class _RouteFn(beam.DoFn):
-    """Manifest -> every strip and the tile; prediction -> its rows of each strip it touches."""
+    """Manifest -> the tile; report -> every strip it overlaps; a block of predictions (or of
+    failed chips) -> each strip it touches, as one tuple of that strip's pieces."""
 
-    def process(self, item: TileManifest | StripReport | ChipPrediction | Chip):
+    def process(self, item: TileManifest | StripReport | PredictionBlock | ChipBlock):
         if isinstance(item, TileManifest):  # one tile scored by one version: its own state
             yield beam.pvalue.TaggedOutput(TILES_TAG, (item.tile.assignment_key, item))
             return
@@ -144,27 +148,44 @@ class _RouteFn(beam.DoFn):
             for j in sorted(touched):
                 yield f"{task.tile.assignment_key}#{j}", light
             return
-        chip = item.chip if isinstance(item, ChipPrediction) else item
-        bounds = strip_bounds(chip.tile_height, chip.size, chip.stride)
-        own = own_strip(chip.row, bounds)
-        for j in strips_touched(chip.row, chip.height, bounds):
-            start, end = bounds[j]
-            top, bottom = max(start, chip.row), min(end, chip.row + chip.height)
-            piece = StripPiece(strip=j, own=j == own, col=chip.col, offset=top - start,
-                               chip_index=chip.index)
-            if isinstance(item, ChipPrediction):
-                rows = slice(top - chip.row, bottom - chip.row)
-                piece = dataclasses.replace(
-                    piece, probabilities=np.ascontiguousarray(item.probabilities[:, rows]),
-                    valid=chip.valid[rows, : chip.width].copy())
-            yield f"{chip.tile.assignment_key}#{j}", piece
+        by_strip: dict[int, list[StripPiece]] = {}
+        scored = isinstance(item, PredictionBlock)
+        for chip_or_prediction in (item.predictions if scored else item.chips):
+            for piece in strip_pieces(chip_or_prediction):
+                by_strip.setdefault(piece.strip, []).append(piece)
+        for j, pieces in by_strip.items():
+            yield f"{item.tile.assignment_key}#{j}", tuple(pieces)
 
 
-def blend(pieces: Iterable[StripPiece], num_classes: int, height: int,
-          width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(classes, confidence %, valid pixels per class) of one strip from its pieces."""
-    acc = np.zeros((num_classes, height, width), np.float32)
-    weight = np.zeros((height, width), np.float32)
+def strip_pieces(item: ChipPrediction | Chip) -> Iterable[StripPiece]:
+    """A chip's prediction cut into the rows of each strip it overlaps (a failed chip: pieces
+    without pixels, so its strips still count it)."""
+    chip = item.chip if isinstance(item, ChipPrediction) else item
+    bounds = strip_bounds(chip.tile_height, chip.size, chip.stride)
+    own = own_strip(chip.row, bounds)
+    for j in strips_touched(chip.row, chip.height, bounds):
+        start, end = bounds[j]
+        top, bottom = max(start, chip.row), min(end, chip.row + chip.height)
+        piece = StripPiece(strip=j, own=j == own, col=chip.col, offset=top - start,
+                           chip_index=chip.index)
+        if isinstance(item, ChipPrediction):
+            rows = slice(top - chip.row, bottom - chip.row)
+            piece = dataclasses.replace(
+                piece, probabilities=np.ascontiguousarray(item.probabilities[:, rows]),
+                valid=chip.valid[rows, : chip.width].copy())
+        yield piece
+
+
+def blend(pieces: Iterable[StripPiece], num_classes: int, height: int, width: int,
+          overlaps: int = 1 << 16) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(classes, confidence %, valid pixels per class) of one strip from its pieces.
+
+    ``overlaps``: the most chips that cover one pixel. Sums are exact integers in the
+    narrowest type that holds them (uint16 up to 257 overlaps: 4 with chip 64 and stride 48),
+    so a strip's accumulator is half of float32's, with the same result as summing in float32.
+    """
+    acc = np.zeros((num_classes, height, width), np.uint16 if overlaps <= 257 else np.uint32)
+    weight = np.zeros((height, width), np.uint16 if overlaps < 1 << 16 else np.uint32)
     for piece in pieces:
         if piece.probabilities is None:  # a chip the model failed on: counted, no pixels
             continue
@@ -176,7 +197,8 @@ def blend(pieces: Iterable[StripPiece], num_classes: int, height: int,
     # Whole-strip reductions: indexing acc with the mask would copy K x strip twice.
     classes = np.where(covered, acc.argmax(axis=0), NODATA_CLASS).astype(np.uint8)
     with np.errstate(divide="ignore", invalid="ignore"):
-        percent = np.round(acc.max(axis=0) / weight / 255.0 * 100.0)
+        percent = np.round(acc.max(axis=0).astype(np.float32) / weight.astype(np.float32)
+                           / 255.0 * 100.0)
     confidence = np.where(covered, percent, NODATA_CONFIDENCE).astype(np.uint8)
     counts = np.bincount(classes[covered], minlength=num_classes)
     return classes, confidence, counts
@@ -219,6 +241,22 @@ class _WithCards(beam.DoFn):
         return self._cards.get(manifest.tile.model)
 
 
+class _Total(beam.CombineFn):
+    """A running int sum with an int accumulator (what a VarIntCoder state can hold)."""
+
+    def create_accumulator(self) -> int:
+        return 0
+
+    def add_input(self, total: int, n: int) -> int:
+        return total + n
+
+    def merge_accumulators(self, totals: Iterable[int]) -> int:
+        return sum(totals)
+
+    def extract_output(self, total: int) -> int:
+        return total
+
+
 class _AssembleStripFn(_WithCards):
     """One output strip: waits for the reports of the strip tasks whose chip rows overlap it
     (what to expect) and for every chip they emitted, blends, writes a piece. It does not wait
@@ -227,14 +265,14 @@ class _AssembleStripFn(_WithCards):
     WALL_CLOCK, END_OF_INPUT = timeouts.timer_specs()
     REPORTS = BagStateSpec("reports", PickleCoder())
     PLAN = ReadModifyWriteStateSpec("plan", PickleCoder())  # once every report is in
-    PIECES = BagStateSpec("pieces", PickleCoder())
-    ARRIVED = CombiningValueStateSpec("arrived", VarIntCoder(), CountCombineFn())
+    PIECES = BagStateSpec("pieces", PickleCoder())  # tuples of pieces, one per block
+    ARRIVED = CombiningValueStateSpec("arrived", VarIntCoder(), _Total())  # pieces held
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.strips = Metrics.counter("tilestream", "strips_written")
 
-    def process(self, element: tuple[str, StripReport | StripPiece],
+    def process(self, element: tuple[str, StripReport | tuple[StripPiece, ...]],
                 reports=beam.DoFn.StateParam(REPORTS), plan_state=beam.DoFn.StateParam(PLAN),
                 pieces=beam.DoFn.StateParam(PIECES), arrived=beam.DoFn.StateParam(ARRIVED),
                 wall=beam.DoFn.TimerParam(WALL_CLOCK), end=beam.DoFn.TimerParam(END_OF_INPUT)):
@@ -249,9 +287,9 @@ class _AssembleStripFn(_WithCards):
                 plan_state.write(plan)
         else:
             pieces.add(item)
-            arrived.add(item)
+            arrived.add(len(item))
         if plan is not None and arrived.read() >= expected_pieces(plan, _strip(key)):
-            yield from self._finish(key, plan, list(pieces.read()), complete=True)
+            yield from self._finish(key, plan, _held(pieces), complete=True)
             for state in (reports, plan_state, pieces, arrived):
                 state.clear()
             wall.clear()
@@ -272,7 +310,7 @@ class _AssembleStripFn(_WithCards):
         yield from self._timed_out(key, reports, plan_state, pieces, arrived)
 
     def _timed_out(self, key, reports, plan_state, pieces, arrived):
-        known, held = list(reports.read()), list(pieces.read())
+        known, held = list(reports.read()), _held(pieces)
         for state in (reports, plan_state, pieces, arrived):
             state.clear()
         if known:  # without any report, the tile's own timeout reports the loss
@@ -292,8 +330,9 @@ class _AssembleStripFn(_WithCards):
                              scored=len(own) - failed, failed=failed,
                              missing=expected_own - len(own), complete=complete)
         try:
-            classes, confidence, counts = blend(held, self._card.num_classes, stop - start,
-                                                manifest.width)
+            classes, confidence, counts = blend(
+                held, self._card.num_classes, stop - start, manifest.width,
+                overlaps=math.ceil(manifest.chip_size / manifest.stride) ** 2)
             uri = piece_uri(raster_uri(self._prefix, self.card_of(manifest), manifest), j)
             transform = Affine(*manifest.transform) * Affine.translation(0, start)
             path = os.path.join(self._scratch or tempfile.gettempdir(),
@@ -319,6 +358,10 @@ class _AssembleStripFn(_WithCards):
                               tile_id=manifest.tile.tile_id)
         self.strips.inc()
         yield manifest.tile.assignment_key, result
+
+
+def _held(pieces) -> list[StripPiece]:
+    return [piece for group in pieces.read() for piece in group]
 
 
 def _strip(key: str) -> int:

@@ -1,8 +1,9 @@
-"""Stage 4: TileRef -> strip tasks -> Chips, read with rasterio windows one strip at a time.
+"""Stage 4: TileRef -> strip tasks -> ChipBlocks, read with rasterio windows a strip at a time.
 
 A planner opens each tile once and cuts it into strip tasks of about ``STRIP_ROWS`` rows; each
 task is keyed on its own, so a runner spreads one tile's tasks over its workers. A task reads
-its rows in one window, so memory follows a strip, never the whole tile, and reports what it
+its rows in one window, so memory follows a strip, never the whole tile, emits its chips as one
+block (the runner's per-element cost is paid per strip, not per chip) and reports what it
 found; the tile's manifest is the merge of its reports. The chip grid covers every pixel: starts
 are ``0, stride, 2*stride, ...`` until a chip reaches the far edge, and edge chips are padded
 (padding is invalid and ignored downstream). Chips whose valid-pixel fraction is under the
@@ -25,7 +26,7 @@ import random
 import re
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import NamedTuple, TypeVar
@@ -49,6 +50,7 @@ from transforms.guards import DEFAULT_MAX_TILE_PIXELS, InputAllowList, Refused, 
 from transforms.records import (
     KEYED,
     Chip,
+    ChipBlock,
     StripReport,
     StripTask,
     TileGrid,
@@ -421,8 +423,32 @@ def strip_band_counts(reference, strip: np.ndarray, invalid: np.ndarray, card: M
     function whose results add up over the strips of a tile, so drift needs no second read."""
     from model.drift import band_counts
 
+    if strip.dtype.kind in "ui" and strip.dtype.itemsize <= 2:
+        return _integer_band_counts(reference, strip, invalid, card, scale, offset)
     values = strip[:, ~invalid].astype(np.float64) * scale + offset
     return band_counts(reference, values * card.input.scale + card.input.offset)
+
+
+def _integer_band_counts(reference, strip: np.ndarray, invalid: np.ndarray, card: ModelCard,
+                         scale: float, offset: float) -> list[np.ndarray]:
+    """:func:`strip_band_counts` for 8- and 16-bit rasters: count each distinct value once
+    (a histogram of the raw values), then bin the values, not every pixel. Each value goes
+    through the same float64 arithmetic as the general path, so the counts are identical."""
+    unsigned = np.dtype(f"u{strip.dtype.itemsize}")
+    codes = strip.view(unsigned)  # signed values by their bit patterns: bincount wants >= 0
+    levels = 1 << (8 * strip.dtype.itemsize)
+    values = np.arange(levels, dtype=unsigned).view(strip.dtype).astype(np.float64)
+    values = (values * scale + offset) * card.input.scale + card.input.offset
+    counts = []
+    for band, column in zip(reference.bands, codes, strict=True):
+        per_value = np.bincount(column.ravel(), minlength=levels)
+        if invalid.any():
+            per_value -= np.bincount(column[invalid], minlength=levels)
+        edges = np.asarray(band.edges)
+        bins = np.searchsorted(edges, values, side="left")
+        counts.append(np.bincount(bins, weights=per_value, minlength=len(edges) + 1)
+                      .round().astype(np.int64))
+    return counts
 
 
 class InFlight:
@@ -520,8 +546,9 @@ class _TileReader(beam.DoFn):
                 for i, first in enumerate(firsts)]
 
     def chip(self, task: StripTask) -> Iterator:
-        """The task's chips, then its :class:`StripReport` on ``REPORTS_TAG``. Never raises:
-        whatever cannot be read is reported as failed chip rows, with the reason."""
+        """The task's chips as one :class:`ChipBlock` (none if every chip was skipped or
+        failed), then its :class:`StripReport` on ``REPORTS_TAG``. Never raises: whatever
+        cannot be read is reported as failed chip rows, with the reason."""
         import rasterio
 
         tile, grid = task.tile, task.grid
@@ -531,6 +558,7 @@ class _TileReader(beam.DoFn):
         rows = range(task.first_row, task.stop_row)
         deadline = time.monotonic() + self._s.read_budget_secs
         cut = _Cut(len(rows))
+        block: list[Chip] = []
 
         def fresh_end(row: int) -> int:  # rows up to the next chip row's start count once
             return starts[row + 1] if row + 1 < len(starts) else grid.height
@@ -568,13 +596,15 @@ class _TileReader(beam.DoFn):
                         part, part_valid = self._prepare(src, raw, fresh_end(row) - start,
                                                          scale, offset, cut)
                     cut.expected[k] = 0
-                    yield from self._cut_row(task, src, part, part_valid, row, cols, cut, k)
+                    block.extend(self._cut_row(task, src, part, part_valid, row, cols, cut, k))
         except Exception as exc:  # could not open it at all: every row not yet cut fails
             self.close_sources(tile.band_uris)  # a handle that failed is not reused
             reason = f"rows {starts[task.first_row]}..: {describe(exc)}"
             for k in range(len(rows)):
                 if cut.expected[k] is None:
                     cut.fail(k, len(cols), reason)
+        if block:
+            yield ChipBlock(tile, task.index, tuple(block))
         self.total.inc(len(rows) * len(cols))
         self.skipped.inc(cut.skipped)
         self.failed.inc(cut.failed)
@@ -720,6 +750,13 @@ class _Cut:
         self.unreadable.append(reason)
 
 
+def chips_in(outputs: Iterable) -> Iterator[Chip]:
+    """The chips among a chipper's outputs, out of their blocks."""
+    for item in outputs:
+        if isinstance(item, ChipBlock):
+            yield from item.chips
+
+
 def _refusal(tile: TileRef, exc: Exception) -> beam.pvalue.TaggedOutput:
     reason = describe(exc)
     if not isinstance(exc, Refused):
@@ -835,8 +872,8 @@ class _ChipStripFn(_TileReader):
 
     def _run(self, task: StripTask) -> Iterator:
         for item in self.chip(task):
-            if self._s.max_chips_in_flight and isinstance(item, Chip):
-                IN_FLIGHT.add(1)
+            if self._s.max_chips_in_flight and isinstance(item, ChipBlock):
+                IN_FLIGHT.add(len(item))
             yield item
 
 
@@ -856,14 +893,15 @@ class _MergeReportsFn(beam.DoFn):
 
 
 class ChippedTiles(NamedTuple):
-    chips: beam.PCollection  # Chip
+    chips: beam.PCollection  # ChipBlock, one per strip task that cut any chip
     reports: beam.PCollection  # StripReport, one per strip task, as soon as it is read
     manifests: beam.PCollection  # TileManifest, once all strips of a tile are read
     dead_letters: beam.PCollection
 
 
 class ChipTiles(beam.PTransform):
-    """TileRef -> strip tasks -> (spread over workers) -> Chips, plus one manifest per tile.
+    """TileRef -> strip tasks -> (spread over workers) -> blocks of chips, plus one manifest
+    per tile.
 
     The planner opens each tile once for its header and guards; its strip tasks are then keyed
     one by one, which shuffles them: on Dataflow a big tile is read by many workers, and its first

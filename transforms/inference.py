@@ -1,10 +1,12 @@
-"""Stage 5: Chips -> ChipPredictions with Beam RunInference and the TorchScript student.
+"""Stage 5: ChipBlocks -> PredictionBlocks with Beam RunInference and the TorchScript student.
 
-Chips from many tiles are micro-batched inside ``FixedWindows``; ``KeyedModelHandler`` carries
-each chip's identity (the chip without its pixels) beside its tensor. With ``--model_registry``
-a ``VersionedModelHandler`` scores each chip with the version its tile was assigned. Softmax and
-quantisation to uint8 happen on the device, so a GPU worker returns 1 byte per class and pixel,
-not float logits.
+Blocks (the chips of one strip task) are micro-batched inside ``FixedWindows``, weighed by their
+chip count; :class:`BlockModelHandler` cuts a batch of blocks into forward passes of at most
+``--max_batch_size`` chips and hands each to a per-chip handler: ``KeyedModelHandler`` carries
+each chip's identity (the chip without its pixels) beside its tensor, and with
+``--model_registry`` a ``VersionedModelHandler`` scores each chip with the version its tile was
+assigned. Softmax and quantisation to uint8 happen on the device, so a GPU worker returns 1 byte
+per class and pixel, not float logits.
 
 Beam's PyTorch handler silently falls back to CPU when CUDA is missing; with ``--device=GPU`` we
 refuse to start instead, because a GPU job quietly running on CPU is a cost and latency incident.
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import threading
 import time
 from collections.abc import Iterable, Sequence
 from typing import Any, NamedTuple
@@ -38,7 +41,7 @@ from model.inference import model_input, normalise_batch
 from transforms.chips import IN_FLIGHT
 from transforms.deadletter import DEAD_LETTER_TAG, dead_letter
 from transforms.guards import describe
-from transforms.records import NODATA_CLASS, Chip, ChipPrediction
+from transforms.records import NODATA_CLASS, Chip, ChipBlock, ChipPrediction, PredictionBlock
 
 STAGE = "inference"
 FAILED_TAG = "failed"
@@ -203,6 +206,77 @@ class VersionedModelHandler(ModelHandler):
         return "RunInference"
 
 
+_LOADED: dict[str, Any] = {}  # BlockModelHandler's models, by model_key
+_LOADED_LOCK = threading.Lock()
+
+
+def _block_chips(pair: tuple[ChipBlock, torch.Tensor]) -> int:
+    return len(pair[0])
+
+
+class BlockModelHandler(ModelHandler):
+    """RunInference over ``(block without pixels, (n, C + 1, S, S) tensor)`` pairs.
+
+    Beam batches blocks weighed by their chips (``element_size_fn``), so a batch is about
+    ``max_batch_size`` chips or one bigger block; the batch is then cut into forward passes of
+    at most ``max_batch_size`` chips, each scored by ``inner``, a handler over ``(chip,
+    tensor)`` pairs whose model, device and version rules apply unchanged. Returns one
+    ``(block, [PredictionResult per chip])`` per block, in its chips' order.
+    """
+
+    def __init__(self, inner: ModelHandler, min_batch_size: int = 1, max_batch_size: int = 32,
+                 max_batch_duration_secs: int | None = None, model_key: str = ""):
+        super().__init__(min_batch_size=min_batch_size, max_batch_size=max_batch_size,
+                         max_batch_duration_secs=max_batch_duration_secs,
+                         element_size_fn=_block_chips)
+        self._inner = inner
+        self._pass = max_batch_size
+        self._key = model_key
+
+    def load_model(self) -> Any:
+        """The inner handler's model, loaded once per process and ``model_key``.
+
+        RunInference keeps its model in a ``Shared`` handle that holds it only while a DoFn
+        instance does; a runner that builds a fresh DoFn per bundle (Beam's in-process runner)
+        dropped and reloaded the model, contract check included, in most bundles: 6 loads for
+        one 3,660² tile. A worker serves one model per key for its whole life anyway.
+        """
+        if not self._key:
+            return self._inner.load_model()
+        with _LOADED_LOCK:
+            if self._key not in _LOADED:
+                _LOADED[self._key] = self._inner.load_model()
+            return _LOADED[self._key]
+
+    def run_inference(self, batch: Sequence[tuple[ChipBlock, torch.Tensor]], model: Any,
+                      inference_args: dict[str, Any] | None = None,
+                      ) -> Iterable[tuple[ChipBlock, list[PredictionResult]]]:
+        pairs = [(chip, tensor[i]) for block, tensor in batch
+                 for i, chip in enumerate(block.chips)]
+        answers: dict[int, PredictionResult] = {}  # by chip identity: inner may reorder
+        for start in range(0, len(pairs), self._pass):
+            for chip, result in self._inner.run_inference(pairs[start : start + self._pass],
+                                                          model, inference_args):
+                answers[id(chip)] = result
+        return [(block, [answers[id(chip)] for chip in block.chips]) for block, _ in batch]
+
+    def get_num_bytes(self, batch: Sequence[tuple[ChipBlock, torch.Tensor]]) -> int:
+        return sum(tensor.nbytes for _, tensor in batch)
+
+    def get_metrics_namespace(self) -> str:
+        return self._inner.get_metrics_namespace()
+
+    def validate_inference_args(self, inference_args: dict[str, Any] | None) -> None:
+        self._inner.validate_inference_args(inference_args)
+
+
+def block_input(block: ChipBlock) -> tuple[ChipBlock, torch.Tensor]:
+    """A block -> (its chips without pixels, their :func:`model_input` tensors stacked)."""
+    chips = tuple(dataclasses.replace(c, raw=None) for c in block.chips)
+    tensor = torch.from_numpy(np.stack([model_input(c.raw, c.valid) for c in block.chips]))
+    return dataclasses.replace(block, chips=chips), tensor
+
+
 def to_prediction(chip: Chip, probabilities: np.ndarray, model_name: str,
                   model_version: str) -> ChipPrediction:
     """Crop to the chip's in-tile window, argmax, and count classes over valid pixels only."""
@@ -226,32 +300,41 @@ def to_prediction(chip: Chip, probabilities: np.ndarray, model_name: str,
 
 
 class _ToPredictionFn(beam.DoFn):
+    """A scored block -> its PredictionBlock, plus a ChipBlock of the chips that failed."""
+
     def __init__(self, card: ModelCard):
         self._name, self._version = card.name, card.version
         self.scored = Metrics.counter("tilestream", "chips_scored")
         self.latency = Metrics.distribution("tilestream", "chip_latency_ms")
 
-    def process(self, element: tuple[Chip, PredictionResult]):
-        chip, result = element
-        IN_FLIGHT.done()  # the chipper may cut the next strip
-        name, version = ((chip.tile.model.split("/", 1)) if chip.tile.model
+    def process(self, element: tuple[ChipBlock, list[PredictionResult]]):
+        block, results = element
+        IN_FLIGHT.done(len(block))  # the chipper may cut the next strip
+        tile = block.tile
+        name, version = ((tile.model.split("/", 1)) if tile.model
                          else (self._name, self._version))
-        if result.inference is None:  # its version failed to load (VersionedModelHandler)
-            yield dead_letter(STAGE, str(result.model_id), message_id=chip.tile.message_id,
-                              tile_id=chip.tile.tile_id)
-            yield beam.pvalue.TaggedOutput(FAILED_TAG, chip)
-            return
-        try:
-            prediction = to_prediction(chip, result.inference.numpy(), name, version)
-        except Exception as exc:  # one chip's output, one letter
-            yield dead_letter(STAGE, f"prediction of chip {chip.index} unusable: "
-                                     f"{describe(exc)}",
-                              message_id=chip.tile.message_id, tile_id=chip.tile.tile_id)
-            yield beam.pvalue.TaggedOutput(FAILED_TAG, chip)
-            return
-        self.scored.inc()
-        self.latency.update(int((prediction.scored_at - chip.tile.published) * 1000))
-        yield prediction
+        predictions, failed = [], []
+        for chip, result in zip(block.chips, results, strict=True):
+            if result.inference is None:  # its version failed to load (VersionedModelHandler)
+                yield dead_letter(STAGE, str(result.model_id), message_id=tile.message_id,
+                                  tile_id=tile.tile_id)
+                failed.append(chip)
+                continue
+            try:
+                predictions.append(to_prediction(chip, result.inference.numpy(), name, version))
+            except Exception as exc:  # one chip's output, one letter
+                yield dead_letter(STAGE, f"prediction of chip {chip.index} unusable: "
+                                         f"{describe(exc)}",
+                                  message_id=tile.message_id, tile_id=tile.tile_id)
+                failed.append(chip)
+        if failed:
+            yield beam.pvalue.TaggedOutput(FAILED_TAG, ChipBlock(tile, block.task,
+                                                                 tuple(failed)))
+        if predictions:
+            self.scored.inc(len(predictions))
+            for prediction in predictions:
+                self.latency.update(int((prediction.scored_at - tile.published) * 1000))
+            yield PredictionBlock(tile, block.task, tuple(predictions))
 
 
 def failure_reason(exc: object) -> str:
@@ -278,23 +361,24 @@ class _FailedBatchFn(beam.DoFn):
     def process(self, failure):
         batch, exc = failure
         reason = failure_reason(exc)
-        for chip, _tensor in batch:
-            IN_FLIGHT.done()
-            self.failed.inc()
-            yield dead_letter(STAGE, reason,
-                              message_id=chip.tile.message_id, tile_id=chip.tile.tile_id,
-                              payload=f"chip {chip.index} window {chip.row},{chip.col}")
-            yield beam.pvalue.TaggedOutput(FAILED_TAG, chip)
+        for block, _tensor in batch:
+            IN_FLIGHT.done(len(block))
+            self.failed.inc(len(block))
+            for chip in block.chips:
+                yield dead_letter(STAGE, reason,
+                                  message_id=chip.tile.message_id, tile_id=chip.tile.tile_id,
+                                  payload=f"chip {chip.index} window {chip.row},{chip.col}")
+            yield beam.pvalue.TaggedOutput(FAILED_TAG, block)
 
 
 class ScoredChips(NamedTuple):
-    predictions: beam.PCollection  # ChipPrediction
-    failed: beam.PCollection  # Chip (without pixels) that the model raised on
+    predictions: beam.PCollection  # PredictionBlock
+    failed: beam.PCollection  # ChipBlock of chips (without pixels) the model failed on
     dead_letters: beam.PCollection
 
 
 class ScoreChips(beam.PTransform):
-    """Micro-batch chips in fixed windows and score them with RunInference.
+    """Micro-batch blocks of chips in fixed windows and score them with RunInference.
 
     Outputs are back in the global window: everything downstream is keyed per tile, not per
     batch window.
@@ -308,11 +392,14 @@ class ScoreChips(beam.PTransform):
         self._card = card
         self._window_secs = window_secs
         # With a registry, chips name their version (transforms/routing.py); else one model.
-        self._handler: ModelHandler = (
-            VersionedModelHandler(registry_uri, device, min_batch_size, max_batch_size,
-                                  max_batch_duration_secs) if registry_uri
-            else KeyedModelHandler(StudentModelHandler(card, device, min_batch_size,
-                                                       max_batch_size, max_batch_duration_secs)))
+        per_chip: ModelHandler = (
+            VersionedModelHandler(registry_uri, device, max_batch_size=max_batch_size)
+            if registry_uri
+            else KeyedModelHandler(StudentModelHandler(card, device,
+                                                       max_batch_size=max_batch_size)))
+        self._handler = BlockModelHandler(
+            per_chip, min_batch_size, max_batch_size, max_batch_duration_secs,
+            model_key=f"{registry_uri or card.weights_uri}|{device}")
         self._accelerator = accelerator if device == "GPU" else None
 
     def expand(self, chips) -> ScoredChips:
@@ -324,9 +411,7 @@ class ScoreChips(beam.PTransform):
             | "MicroBatchWindows" >> beam.WindowInto(
                 FixedWindows(self._window_secs),
                 allowed_lateness=Duration(seconds=ALLOWED_LATENESS_SECS))
-            | "KeyByChip" >> beam.Map(
-                lambda c: (dataclasses.replace(c, raw=None),
-                           torch.from_numpy(model_input(c.raw, c.valid))))
+            | "StackBlocks" >> beam.Map(block_input)
             | "RunInference" >> run_inference.with_exception_handling()
         )
         converted = (scored

@@ -176,6 +176,24 @@ def pack_mask(mask: np.ndarray) -> np.ndarray:
 
 
 @dataclass
+class ChipBlock:
+    """The chips one strip task cut, travelling as one element from the chipper to the model.
+
+    A runner's cost per element (windowing, batching, a pickle on every hop) is paid once per
+    strip instead of once per chip; the tile's fields travel once per block. The chips keep
+    their own identity: rows and dead letters are still per chip. After scoring, the same
+    record (chips without pixels) carries the chips the model failed on.
+    """
+
+    tile: TileRef
+    task: int  # index of the strip task that cut it
+    chips: tuple[Chip, ...]
+
+    def __len__(self) -> int:
+        return len(self.chips)
+
+
+@dataclass
 class ChipPrediction:
     """The model's answer for one chip, cropped to the chip's in-tile window."""
 
@@ -187,6 +205,18 @@ class ChipPrediction:
     model_name: str
     model_version: str
     scored_at: float
+
+
+@dataclass
+class PredictionBlock:
+    """The model's answers for one :class:`ChipBlock` (the chips it did not fail on)."""
+
+    tile: TileRef
+    task: int
+    predictions: tuple[ChipPrediction, ...]
+
+    def __len__(self) -> int:
+        return len(self.predictions)
 
 
 DEAD_LETTER = "dead_letter"

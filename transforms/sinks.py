@@ -19,7 +19,7 @@ import apache_beam as beam
 from apache_beam.io.gcp.bigquery import BigQueryWriteFn
 from apache_beam.io.gcp.bigquery_tools import RetryStrategy
 
-from transforms.records import ChipPrediction, TileManifest, TileRef
+from transforms.records import ChipPrediction, PredictionBlock, TileManifest, TileRef
 
 
 def _field(name: str, type_: str, mode: str = "NULLABLE", description: str = "", fields=None):
@@ -295,6 +295,11 @@ def provenance(tile: TileRef, model_name: str, model_version: str, role: str = "
         "model_version": model_version,
         "role": role,
     }
+
+
+def chip_rows(block: PredictionBlock, class_names: tuple[str, ...]) -> list[dict]:
+    """One BigQuery row per chip of a block: blocks become rows only here, at the sink."""
+    return [chip_row(pred, class_names) for pred in block.predictions]
 
 
 def chip_row(pred: ChipPrediction, class_names: tuple[str, ...]) -> dict:
