@@ -40,6 +40,9 @@ METRICS_EVERY_SECS = 2.0
 # day, so once a minute in production; the emulator has no quota and the local stack's rows
 # should be queryable seconds after their tile's.
 LOAD_SECS, LOCAL_LOAD_SECS = 60, 2
+# The local stream paces its chipper to the model (docs/performance.md has the measurements):
+# about two strip tasks of an HLS tile, one of a 7,320-pixel-wide tile.
+LOCAL_CHIPS_IN_FLIGHT = 1024
 
 
 class ConfigError(ValueError):
@@ -87,8 +90,6 @@ def configure(argv: list[str] | None) -> Job:
         raise ConfigError("give exactly one input: --subscription (streaming) or --input_glob")
     if not o.bq_dataset or not o.output_prefix:
         raise ConfigError("--bq_dataset and --output_prefix are required (or use --local)")
-    if o.max_chips_in_flight < 0:
-        raise ConfigError("--max_chips_in_flight must not be negative")
     image = options.view_as(WorkerOptions).sdk_container_image
     if standard.runner == "DataflowRunner" and "://" not in o.model_uri and not image:
         raise ConfigError(f"Dataflow workers cannot read --model_uri={o.model_uri}: pass a gs:// "
@@ -98,6 +99,10 @@ def configure(argv: list[str] | None) -> Job:
     standard.streaming = streaming
     if not streaming:  # a bounded backfill runs stage by stage: nothing to pace against
         o.max_chips_in_flight = 0
+    elif o.max_chips_in_flight is None:
+        o.max_chips_in_flight = LOCAL_CHIPS_IN_FLIGHT if o.local else 0
+    if o.max_chips_in_flight < 0:
+        raise ConfigError("--max_chips_in_flight must not be negative")
     start = None
     if o.model_registry:
         card, start = registry_start(o)
@@ -268,6 +273,10 @@ def run(argv: list[str] | None = None) -> int:
         if replayed["replayed"]:
             LOG.warning("journal: %s", replayed)
         local_journal.install(job.stack, o.subscription, job.tables)
+    if job.stack is not None and runner_name(job.options) in local_adapter.LOCAL_RUNNERS:
+        from pipeline.local import runner as local_runner
+
+        local_runner.install()
     result = build_pipeline(job).run()
     if runner_name(job.options) not in local_adapter.LOCAL_RUNNERS:
         job_id = getattr(result, "job_id", lambda: None)()

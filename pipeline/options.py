@@ -123,11 +123,12 @@ class TileStreamArguments:
         chips.add_argument("--read_budget_secs", type=float, default=120.0,
                            help="Time one tile may spend on retries of transient storage errors "
                            "and paused behind a failing bucket before it is dead-lettered.")
-        chips.add_argument("--max_chips_in_flight", type=int, default=0,
+        chips.add_argument("--max_chips_in_flight", type=int, default=None,
                            help="A local stream's chipper waits while this many chips are cut "
-                           "but not yet scored: less memory for a big tile, more time (the "
-                           "in-process runner has no back-pressure; docs/performance.md has the "
-                           "numbers). 0 (the default): no pacing; Dataflow paces itself.")
+                           "but not yet scored, so memory follows a strip task, not the tile "
+                           "(the in-process runner has no back-pressure; docs/performance.md "
+                           "has the numbers). Default 1024 with --local, else 0 (off): "
+                           "Dataflow paces itself.")
         chips.add_argument("--window_secs", type=float, default=5.0,
                            help="Fixed window for micro-batching chips across tiles.")
         chips.add_argument("--min_batch_size", type=int, default=0,
