@@ -244,6 +244,23 @@ def runner_threads() -> int:
     return _ExecutorServiceParallelExecutor.NUM_WORKERS
 
 
+def on_a_thread(measure):
+    """``measure()`` run on a thread of its own, as every Beam worker runs its model.
+
+    On this machine a bare forward pass is about a quarter slower on any thread but the main one
+    (OpenMP keeps the main thread's team spinning between parallel regions; with
+    ``OMP_WAIT_POLICY=PASSIVE`` both run at the slower speed), so this is the speed a worker
+    thread can reach with no Beam at all.
+    """
+    import threading
+
+    result = []
+    worker = threading.Thread(target=lambda: result.append(measure()))
+    worker.start()
+    worker.join()
+    return result[0]
+
+
 def best_of(repeats: int, *measures):
     """Each measure's best of ``repeats`` runs, interleaved: a neighbour's burst on a shared
     machine slows one run of one side, not the ratio of the best runs."""
@@ -257,8 +274,9 @@ def run(card, model_uri: str, workdir: Path, sizes: tuple[int, int] = (3660, 732
     chip_runs = [chipping(small, card) for _ in range(repeats)]
     raw, _ = best_of(repeats, lambda: raw_read_mpx_s(small), lambda: 0.0)
     chipped = max(chip_runs, key=lambda c: c["chips_per_s"])
-    forward, beam_rate = best_of(repeats, lambda: model_only(card),
-                                 lambda: run_inference_in_beam(card))
+    forward, beam_rate, threaded = best_of(repeats, lambda: model_only(card),
+                                           lambda: run_inference_in_beam(card),
+                                           lambda: on_a_thread(lambda: model_only(card)))
     serial = 1.0 / (1.0 / chipped["chips_per_s"] + 1.0 / forward)
     stream_small = stream_run(small, model_uri)
     stream_large = stream_run(large, model_uri)
@@ -281,6 +299,8 @@ def run(card, model_uri: str, workdir: Path, sizes: tuple[int, int] = (3660, 732
         "raw": {"tile_sizes": list(sizes), "repeats": repeats,
                 "runner_threads": runner_threads(), "raw_read_mpx_per_s": round(raw, 1),
                 "chipping_3660": chipped, "model_only_chips_per_s": round(forward, 1),
+                "model_only_on_a_thread_chips_per_s": round(threaded, 1),
+                "inference_vs_model_only_on_a_thread": round(beam_rate / threaded, 3),
                 "run_inference_chips_per_s": round(beam_rate, 1),
                 "serial_limit_chips_per_s": round(serial, 1),
                 "stream_3660": stream_small, "stream_7320": stream_large},
@@ -299,7 +319,8 @@ def markdown(scale: dict) -> list[str]:
               "on the local stack the stages take turns, they cannot overlap.",
               "", f"Raw numbers: serial limit {raw['serial_limit_chips_per_s']} chips/s "
               f"(chipping {raw['chipping_3660']['chips_per_s']}, model only "
-              f"{raw['model_only_chips_per_s']}); RunInference "
+              f"{raw['model_only_chips_per_s']}; on a thread "
+              f"{raw.get('model_only_on_a_thread_chips_per_s', '?')}); RunInference "
               f"{raw['run_inference_chips_per_s']} chips/s; raw block read "
               f"{raw['raw_read_mpx_per_s']} Mpx/s vs chipping {raw['chipping_3660']['mpx_per_s']};"
               f" 3,660²: {raw['stream_3660']}; 7,320²: {raw['stream_7320']}; a Chip is "

@@ -15,6 +15,7 @@ from apache_beam.options.pipeline_options import StandardOptions
 
 from pipeline import main
 from pipeline.local import adapter as local_adapter
+from pipeline.options import TileStreamOptions
 
 ORIGINAL_BQ_CLIENT = bigquery_tools.BigQueryWrapper._bigquery_client
 
@@ -38,6 +39,7 @@ def dry_run(argv: list[str]) -> dict:
         "bq_client_patched": bigquery_tools.BigQueryWrapper._bigquery_client
         is not ORIGINAL_BQ_CLIENT,
         "emulator_env": sorted(k for k in os.environ if k.endswith("_EMULATOR_HOST")),
+        "max_chips_in_flight": job.options.view_as(TileStreamOptions).max_chips_in_flight,
     }
 
 

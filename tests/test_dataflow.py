@@ -69,6 +69,7 @@ def test_dataflow_translation_leaves_the_local_adapter_out(gpu_job):
     assert gpu_job["adapter_applied"] is False
     assert gpu_job["bq_client_patched"] is False
     assert gpu_job["emulator_env"] == []
+    assert gpu_job["max_chips_in_flight"] == 0  # the local runner's pacing: Dataflow paces itself
 
 
 def test_local_flag_is_refused_with_the_dataflow_runner():

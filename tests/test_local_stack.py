@@ -192,3 +192,62 @@ def test_a_tile_row_whose_chip_rows_are_not_all_in_is_replayed_not_kept(stack):
                                       timeout=30).received_messages
     assert again.message.data == b"m-partial"
     assert again.message.attributes[journal.REPLAY_ATTRIBUTE] == "m-partial"
+
+
+def test_the_local_stream_paces_its_chipper_and_dataflow_does_not(adapted, model_uri):
+    """With --local the chipper waits for the model by default (memory follows a strip task,
+    not the tile); an explicit 0 turns it off. The Dataflow side is in test_dataflow.py."""
+    from pipeline import main
+    from pipeline.options import TileStreamOptions
+
+    def pacing(*extra: str) -> int:
+        job = main.configure(["--local", f"--stack_dir={adapted.run_dir}",
+                              f"--model_uri={model_uri}", *extra])
+        return job.options.view_as(TileStreamOptions).max_chips_in_flight
+
+    assert pacing() == main.LOCAL_CHIPS_IN_FLIGHT > 0
+    assert pacing("--max_chips_in_flight=0") == 0
+
+
+def test_the_local_runner_fixes_keep_beams_answers_and_run_serial_work_in_order():
+    """pipeline/local/runner.py: memoised specs equal Beam's own for the stream's stateful
+    DoFns (and instance-bound methods are still inspected); a stateful step's queued bundles run
+    oldest first, as they arrived (Beam's own queue runs the newest first)."""
+    from apache_beam.runners.direct import executor
+    from apache_beam.transforms import userstate
+
+    from model.card import load_card
+    from pipeline.local import runner as local_runner
+    from pipeline.options import DEFAULT_MODEL_URI
+    from transforms.assemble import _AssembleStripFn, _FinishTileFn
+    from transforms.chips import ChipSettings, _ChipStripFn, _MergeReportsFn
+
+    beams = getattr(userstate.get_dofn_specs, "__wrapped__", userstate.get_dofn_specs)
+    calls = []
+    memo = local_runner.memoised(lambda dofn: calls.append(dofn) or beams(dofn))
+    card = load_card(DEFAULT_MODEL_URI)
+    dofns = [_AssembleStripFn(card, "/tmp/out", 60, True, False),
+             _FinishTileFn(card, "/tmp/out", 60, True, False),
+             _ChipStripFn(ChipSettings.from_card(card)), _MergeReportsFn()]
+    for dofn in dofns * 2:  # the second round from the memo
+        assert memo(dofn) == beams(dofn) and memo(dofn)[0]
+    assert len(calls) == len(dofns)
+    bound = _MergeReportsFn()
+    bound.process = bound.process  # a method bound on the instance: asked every time
+    memo(bound), memo(bound)
+    assert calls[-2:] == [bound, bound]
+
+    def run_order(state_class) -> list[str]:
+        submitted = []
+        state = state_class(type("Service", (), {"submit": submitted.append})(), set())
+        for work in ("first", "second", "third"):
+            state.schedule(work)
+        state.complete("first")
+        state.complete(submitted[-1])
+        return submitted
+
+    class Fifo(executor._SerialEvaluationState):
+        __init__ = local_runner.first_in_first_out(executor._SerialEvaluationState.__init__)
+
+    assert run_order(Fifo) == ["first", "second", "third"]
+    assert run_order(executor._SerialEvaluationState) == ["first", "third", "second"]

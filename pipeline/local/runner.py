@@ -24,6 +24,7 @@ from __future__ import annotations
 import collections
 import functools
 import types
+from collections.abc import Callable
 
 _installed = False
 
@@ -35,15 +36,8 @@ class _FifoQueue(collections.deque):
         return self.popleft()
 
 
-def install() -> None:
-    """Patch the in-process runner in this process (idempotent)."""
-    global _installed
-    if _installed:
-        return
-    from apache_beam.runners.direct import executor, transform_evaluator
-    from apache_beam.transforms import userstate
-
-    inspect = userstate.get_dofn_specs
+def memoised(inspect: Callable) -> Callable:
+    """``userstate.get_dofn_specs`` answering once per DoFn class."""
     by_class: dict[type, tuple[frozenset, frozenset]] = {}
 
     @functools.wraps(inspect)
@@ -57,15 +51,31 @@ def install() -> None:
         states, timers = by_class[cls]
         return set(states), set(timers)  # callers may change theirs
 
-    userstate.get_dofn_specs = get_dofn_specs  # is_stateful_dofn and validators look it up here
-    transform_evaluator.get_dofn_specs = get_dofn_specs  # imported by name there
+    return get_dofn_specs
 
-    serial_init = executor._SerialEvaluationState.__init__
 
-    @functools.wraps(serial_init)
+def first_in_first_out(init: Callable) -> Callable:
+    """``_SerialEvaluationState.__init__`` whose work queue hands out its oldest item."""
+
+    @functools.wraps(init)
     def fifo_init(self, *args, **kwargs):
-        serial_init(self, *args, **kwargs)
+        init(self, *args, **kwargs)
         self.serial_queue = _FifoQueue(self.serial_queue)
 
-    executor._SerialEvaluationState.__init__ = fifo_init
+    return fifo_init
+
+
+def install() -> None:
+    """Patch the in-process runner in this process (idempotent)."""
+    global _installed
+    if _installed:
+        return
+    from apache_beam.runners.direct import executor, transform_evaluator
+    from apache_beam.transforms import userstate
+
+    specs = memoised(userstate.get_dofn_specs)
+    userstate.get_dofn_specs = specs  # is_stateful_dofn and validators look it up here
+    transform_evaluator.get_dofn_specs = specs  # imported by name there
+    serial = executor._SerialEvaluationState
+    serial.__init__ = first_in_first_out(serial.__init__)
     _installed = True
