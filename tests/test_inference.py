@@ -52,3 +52,38 @@ def test_probabilities_are_the_rounded_softmax_times_255():
 def test_a_batch_counts_its_real_bytes():
     chips = [torch.zeros((7, 64, 64), dtype=torch.uint8) for _ in range(3)]
     assert StudentModelHandler.get_num_bytes(None, chips) == 3 * 7 * 64 * 64  # type: ignore[arg-type]
+
+
+def test_a_block_the_model_raises_on_is_dead_lettered_chip_by_chip_and_the_rest_scores():
+    """RunInference batches blocks; a batch the network raises on fails only its own blocks,
+    each of their chips gets a dead letter and comes back as failed, the other blocks score."""
+    import dataclasses
+
+    import apache_beam as beam
+    from apache_beam.testing.util import assert_that, equal_to
+
+    from model.card import load_card
+    from pipeline.demo import SAMPLE_TILE
+    from pipeline.options import DEFAULT_MODEL_URI
+    from tests.test_stages import chip_tile, runner_options
+    from transforms.chips import ChipSettings
+    from transforms.inference import ScoreChips
+    from transforms.records import ChipBlock
+
+    card = load_card(DEFAULT_MODEL_URI)
+    chips, _ = chip_tile(SAMPLE_TILE, ChipSettings.from_card(card))
+    tile = chips[0].tile
+    good = ChipBlock(tile, 0, tuple(chips[:3]))
+    bad = ChipBlock(tile, 1, tuple(dataclasses.replace(c, raw=c.raw[:2])  # 2 of 6 bands
+                                   for c in chips[3:6]))
+    with beam.Pipeline(options=runner_options()) as p:
+        scored = (p | beam.Create([good, bad])
+                  | ScoreChips(card, min_batch_size=3, max_batch_size=3))
+        assert_that(scored.predictions | beam.Map(
+            lambda b: (b.task, [x.chip.index for x in b.predictions])),
+            equal_to([(0, [c.index for c in chips[:3]])]), label="scored")
+        assert_that(scored.failed | beam.Map(lambda b: (b.task, [c.index for c in b.chips])),
+                    equal_to([(1, [c.index for c in chips[3:6]])]), label="failed")
+        assert_that(scored.dead_letters | beam.Map(
+            lambda d: (d.stage, d.reason.startswith("model raised"), d.payload.split()[1])),
+            equal_to([("inference", True, str(c.index)) for c in chips[3:6]]), label="letters")

@@ -42,7 +42,7 @@ def memoised(inspect: Callable) -> Callable:
 
     @functools.wraps(inspect)
     def get_dofn_specs(dofn):
-        if any(isinstance(v, types.MethodType) for v in vars(dofn).values()):
+        if any(isinstance(v, types.MethodType) for v in getattr(dofn, "__dict__", {}).values()):
             return inspect(dofn)  # methods bound on the instance: not the class's to answer
         cls = type(dofn)
         if cls not in by_class:
