@@ -212,7 +212,8 @@ def test_the_local_stream_paces_its_chipper_and_dataflow_does_not(adapted, model
 def test_the_local_runner_fixes_keep_beams_answers_and_run_serial_work_in_order():
     """pipeline/local/runner.py: memoised specs equal Beam's own for the stream's stateful
     DoFns (and instance-bound methods are still inspected); a stateful step's queued bundles run
-    oldest first, as they arrived (Beam's own queue runs the newest first)."""
+    oldest first, as they arrived, each as soon as the step is free (Beam's own queue runs the
+    newest first, and behind whatever else was queued meanwhile)."""
     from apache_beam.runners.direct import executor
     from apache_beam.transforms import userstate
 
@@ -238,16 +239,28 @@ def test_the_local_runner_fixes_keep_beams_answers_and_run_serial_work_in_order(
     assert calls[-2:] == [bound, bound]
 
     def run_order(state_class) -> list[str]:
-        submitted = []
-        state = state_class(type("Service", (), {"submit": submitted.append})(), set())
+        """The order the runner's worker takes work in: another step's work is queued first,
+        then three bundles of one serial step; each bundle completes as soon as it is taken."""
+        service = type("Service", (), {})()
+        service.queue, service.shutdown_requested = local_runner._WorkQueue(), False
+        service.submit = service.queue.put
+        state = state_class(service, set())
+        service.submit("other step")
         for work in ("first", "second", "third"):
             state.schedule(work)
-        state.complete("first")
-        state.complete(submitted[-1])
-        return submitted
+        taken = []
+        while not service.queue.empty():
+            taken.append(service.queue.get_nowait())
+            if taken[-1] != "other step":
+                state.complete(taken[-1])
+        return taken
 
-    class Fifo(executor._SerialEvaluationState):
-        __init__ = local_runner.first_in_first_out(executor._SerialEvaluationState.__init__)
+    class InOrder(executor._SerialEvaluationState):
+        _update_currently_evaluating = local_runner.serial_in_order
 
-    assert run_order(Fifo) == ["first", "second", "third"]
-    assert run_order(executor._SerialEvaluationState) == ["first", "third", "second"]
+    # Beam's own: newest first, and each next bundle waits behind everything queued meanwhile.
+    assert run_order(executor._SerialEvaluationState) == ["other step", "first", "third",
+                                                          "second"]
+    # Ours: oldest first, each straight to the front once the step is free, so a serial step
+    # (a strip waiting for its pieces) never falls a turn of the queue behind per bundle.
+    assert run_order(InOrder) == ["first", "second", "third", "other step"]

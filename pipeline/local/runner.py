@@ -12,28 +12,35 @@ in-process runner; nothing here runs on a Dataflow worker.
    class: the specs are the defaults of the class's methods (``StateParam``/``TimerParam``),
    the same for every instance; a DoFn that binds methods on the instance itself is inspected
    as before.
-2. **Last in, first out.** A stateful step (and a GroupByKey) runs one bundle at a time from a
-   queue that the runner pops from its newest end. While new bundles keep arriving (strip
-   reports, timers), the oldest wait: a strip's predictions reached assembly only once the
-   whole tile had been scored, so every strip of the tile was held at once and peak memory
-   followed the tile. The queue is made first in, first out.
+2. **Serial steps fall behind.** A stateful step (and a GroupByKey) runs one bundle at a time
+   from a queue of its own that the runner pops from the newest end, and each next bundle joins
+   the back of the runner's single work queue. While strip reports and timers kept arriving,
+   a strip's predictions reached assembly only after the whole tile was scored; with the
+   oldest popped first, a 7,320² tile's strip step still got one turn per strip task (3–4 s)
+   for the two bundles each task sends it, so pieces piled up and peak memory followed the
+   tile. Now the oldest bundle goes first, straight to the front of the work queue once the
+   step is free: paced 7,320² peaks at 0.91–0.94 GB, flat through the tile, against
+   1.2–1.8 GB.
 """
 
 from __future__ import annotations
 
-import collections
 import functools
+import queue
 import types
 from collections.abc import Callable
 
 _installed = False
 
 
-class _FifoQueue(collections.deque):
-    """A deque whose ``pop`` takes the oldest item: the runner's serial queue, in order."""
+class _WorkQueue(queue.Queue):
+    """The runner's work queue, with a way in at the front for a serial step's next bundle."""
 
-    def pop(self):
-        return self.popleft()
+    def put_front(self, item) -> None:
+        with self.not_full:
+            self.queue.appendleft(item)
+            self.unfinished_tasks += 1
+            self.not_empty.notify()
 
 
 def memoised(inspect: Callable) -> Callable:
@@ -54,15 +61,35 @@ def memoised(inspect: Callable) -> Callable:
     return get_dofn_specs
 
 
-def first_in_first_out(init: Callable) -> Callable:
-    """``_SerialEvaluationState.__init__`` whose work queue hands out its oldest item."""
+def executor_with_front_door(service_class: type) -> Callable:
+    """``_ExecutorService.__init__`` whose workers take work from a :class:`_WorkQueue`."""
 
-    @functools.wraps(init)
-    def fifo_init(self, *args, **kwargs):
-        init(self, *args, **kwargs)
-        self.serial_queue = _FifoQueue(self.serial_queue)
+    def __init__(self, num_workers):
+        self.queue = _WorkQueue()
+        self.workers = [service_class._ExecutorServiceWorker(self.queue, i)
+                        for i in range(num_workers)]
+        self.shutdown_requested = False
 
-    return fifo_init
+    return __init__
+
+
+def serial_in_order(self, new_work, completed_work) -> None:
+    """``_SerialEvaluationState._update_currently_evaluating``, oldest bundle first and
+    straight to the front of the runner's queue once the step is free."""
+    with self._lock:
+        if new_work:
+            self.serial_queue.append(new_work)
+        if completed_work:
+            assert self.currently_evaluating == completed_work
+            self.currently_evaluating = None
+        if self.serial_queue and not self.currently_evaluating:
+            next_work = self.serial_queue.popleft()
+            self.currently_evaluating = next_work
+            self.scheduled.add(next_work)
+            service = self.executor_service
+            if not service.shutdown_requested:
+                front = getattr(service.queue, "put_front", service.queue.put)
+                front(next_work)
 
 
 def install() -> None:
@@ -76,6 +103,7 @@ def install() -> None:
     specs = memoised(userstate.get_dofn_specs)
     userstate.get_dofn_specs = specs  # is_stateful_dofn and validators look it up here
     transform_evaluator.get_dofn_specs = specs  # imported by name there
-    serial = executor._SerialEvaluationState
-    serial.__init__ = first_in_first_out(serial.__init__)
+    service = executor._ExecutorService
+    service.__init__ = executor_with_front_door(service)
+    executor._SerialEvaluationState._update_currently_evaluating = serial_in_order
     _installed = True
