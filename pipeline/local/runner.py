@@ -16,11 +16,11 @@ in-process runner; nothing here runs on a Dataflow worker.
    from a queue of its own that the runner pops from the newest end, and each next bundle joins
    the back of the runner's single work queue. While strip reports and timers kept arriving,
    a strip's predictions reached assembly only after the whole tile was scored; with the
-   oldest popped first, a 7,320² tile's strip step still got one turn per strip task (3–4 s)
+   oldest popped first, a 7,320² tile's strip step still got one turn per strip task (3-4 s)
    for the two bundles each task sends it, so pieces piled up and peak memory followed the
    tile. Now the oldest bundle goes first, straight to the front of the work queue once the
-   step is free: paced 7,320² peaks at 0.91–0.94 GB, flat through the tile, against
-   1.2–1.8 GB.
+   step is free: paced 7,320² peaks at 0.91-0.94 GB, flat through the tile, against
+   1.2-1.8 GB.
 """
 
 from __future__ import annotations
