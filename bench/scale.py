@@ -8,7 +8,8 @@ Keys written (issue 9): ``stream_vs_serial_limit`` (3,660² tile, publish -> til
 ``rows_visible_vs_serial_limit`` (publish -> every chip row queryable), ``inference_vs_model_only``
 (RunInference in Beam vs the bare forward pass), ``chipping_vs_raw_read`` (the chipper vs reading
 the tile's blocks), ``rss_ratio_7320_vs_3660`` (peak RSS of the whole stream process) and
-``bytes_per_chip_vs_raw`` (a Chip as Beam encodes it between stages vs its raw pixels).
+``bytes_per_chip_vs_raw`` (a chip's share of a ChipBlock as Beam encodes it between stages vs
+its raw pixels).
 """
 
 from __future__ import annotations
@@ -323,7 +324,7 @@ def markdown(scale: dict) -> list[str]:
               f"{raw.get('model_only_on_a_thread_chips_per_s', '?')}); RunInference "
               f"{raw['run_inference_chips_per_s']} chips/s; raw block read "
               f"{raw['raw_read_mpx_per_s']} Mpx/s vs chipping {raw['chipping_3660']['mpx_per_s']};"
-              f" 3,660²: {raw['stream_3660']}; 7,320²: {raw['stream_7320']}; a Chip is "
+              f" 3,660²: {raw['stream_3660']}; 7,320²: {raw['stream_7320']}; a chip in a block is "
               f"{raw['chipping_3660']['bytes_per_chip']} bytes between stages for "
               f"{raw['chipping_3660']['raw_bytes_per_chip']} bytes of raw pixels."]
     return lines

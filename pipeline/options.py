@@ -126,7 +126,7 @@ class TileStreamArguments:
         chips.add_argument("--max_chips_in_flight", type=int, default=None,
                            help="A local stream's chipper waits while this many chips are cut "
                            "but not yet scored, so memory follows a strip task, not the tile "
-                           "(the in-process runner has no back-pressure; docs/performance.md "
+                           "(the in-process runner has no back-pressure; docs/ARCHITECTURE.md "
                            "has the numbers). Default 1024 with --local, else 0 (off): "
                            "Dataflow paces itself.")
         chips.add_argument("--window_secs", type=float, default=5.0,
