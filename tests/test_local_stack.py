@@ -145,6 +145,31 @@ def test_a_fresh_stack_forgets_the_journal_of_an_earlier_one(tmp_path):
         local_stack.down(tmp_path)
 
 
+def test_a_port_that_answers_in_another_protocol_is_not_ready_and_ports_are_distinct():
+    """CI once gave the Pub/Sub emulator and the BigQuery emulator's gRPC server one port: the
+    readiness probe read gRPC's answer and crashed the stack's start instead of waiting."""
+    import socket
+    import threading
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+
+    def answer_like_grpc():
+        conn, _ = server.accept()
+        with conn:
+            conn.recv(1024)
+            conn.sendall(b"\x00\x00\x06\x04\x00\x00\x00\x00\x00Unexpected HTTP/1.x request")
+
+    threading.Thread(target=answer_like_grpc, daemon=True).start()
+    try:
+        assert local_stack._http_ok(f"http://127.0.0.1:{server.getsockname()[1]}/") is False
+    finally:
+        server.close()
+    ports = local_stack._free_ports(64)
+    assert len(set(ports)) == 64
+
+
 def _row(schema: dict, **values) -> dict:
     """A row with every REQUIRED field of ``schema`` filled in, then ``values``."""
     filler = {"STRING": "x", "INT64": 0, "FLOAT64": 0.0, "BOOL": True, "GEOGRAPHY": "POINT(0 0)",

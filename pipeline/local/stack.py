@@ -13,6 +13,7 @@ own process group, so ``down`` stops exactly what ``up`` started, children inclu
 from __future__ import annotations
 
 import glob
+import http.client
 import json
 import os
 import shutil
@@ -151,10 +152,18 @@ def load(run_dir: str | Path | None = None) -> LocalStack:
     return LocalStack(**json.loads(path.read_text()))
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def _free_ports(count: int) -> list[int]:
+    """``count`` distinct free ports: all sockets stay bound until every port is picked, so the
+    kernel cannot hand the same port out twice (two emulators on one port looked like a Pub/Sub
+    emulator answering in gRPC)."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
 
 
 def pubsub_emulator_command() -> list[str]:
@@ -225,7 +234,9 @@ def _http_ok(url: str) -> bool:
     try:
         with urllib.request.urlopen(url, timeout=2) as response:
             return response.status == 200
-    except OSError:
+    except (OSError, http.client.HTTPException):
+        # Not ready yet, or something else answers on the port: an emulator that lost the port
+        # exits, and _wait_ready reports it.
         return False
 
 
@@ -254,13 +265,14 @@ def up(run_dir: str | Path | None = None, project: str = DEFAULT_PROJECT) -> Loc
     shutil.rmtree(run_dir / "journal", ignore_errors=True)
     gcs_root = run_dir / "gcs"
     gcs_root.mkdir(exist_ok=True)
+    pubsub_port, bigquery_port, bigquery_grpc_port, gcs_port = _free_ports(4)
     stack = LocalStack(
         run_dir=str(run_dir),
         project=project,
-        pubsub_port=_free_port(),
-        bigquery_port=_free_port(),
-        bigquery_grpc_port=_free_port(),
-        gcs_port=_free_port(),
+        pubsub_port=pubsub_port,
+        bigquery_port=bigquery_port,
+        bigquery_grpc_port=bigquery_grpc_port,
+        gcs_port=gcs_port,
     )
     bq_venv = bqemulator_venv()
     if not (bq_venv / "bin/bqemulator").exists():
