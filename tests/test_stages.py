@@ -226,9 +226,10 @@ def test_strip_footprints_match_the_per_chip_outline(tmp_path):
     with rasterio.open(SAMPLE_TILE) as src:
         transform, crs = src.transform, src.crs
     cols, widths = [0, 48, 96, 336], [64, 64, 64, 13]
-    together = chips.strip_footprints(transform, crs, 96, 64, cols, widths)
-    assert together == [chips.footprint_wkt(transform, crs, 96, c, 64, w)
-                        for c, w in zip(cols, widths, strict=True)]
+    rows = [(96, 64), (144, 64), (336, 13)]
+    together = chips.strip_footprints(transform, crs, rows, cols, widths)
+    assert together == [[chips.footprint_wkt(transform, crs, r, c, h, w)
+                         for c, w in zip(cols, widths, strict=True)] for r, h in rows]
 
 
 def test_chips_under_the_valid_threshold_are_skipped_and_counted(tmp_path):
@@ -554,6 +555,31 @@ def test_card_nodata_counts_as_invalid_even_when_the_raster_declares_none(tmp_pa
     [chip], _ = chip_tile(path, chips.ChipSettings.from_card(card))
     assert chip.valid_fraction == pytest.approx(48 / 64)
     assert not chip.valid[:, :16].any() and chip.valid[:, 16:].all()
+
+
+@pytest.mark.parametrize("dtype, nodata", [
+    ("uint8", [{0}] * 3), ("uint8", [{255}] * 3), ("uint8", [{7}] * 3), ("uint8", [{0.0}] * 3),
+    ("uint8", [{0}, {0}, {5}]), ("uint8", [{0, 255}] * 3), ("int16", [{-32768}] * 3),
+    ("int16", [{-9999}] * 3), ("uint16", [{65535}] * 3), ("float32", [{0.0}] * 3),
+])
+def test_a_pixel_is_invalid_where_any_band_holds_its_nodata(dtype, nodata):
+    """The shortcut for one shared nodata at the type's floor or ceiling marks the same pixels
+    as the band-by-band definition."""
+    from types import SimpleNamespace
+
+    rng = np.random.default_rng(3)
+    info = np.iinfo(dtype) if dtype != "float32" else None
+    values = (rng.integers(info.min, info.max, (3, 40, 50), endpoint=True).astype(dtype)
+              if info else rng.normal(size=(3, 40, 50)).astype(dtype))
+    for band, band_nodata in enumerate(nodata):
+        for value in band_nodata:
+            values[band, rng.integers(0, 40, 30), rng.integers(0, 50, 30)] = value
+    expected = np.zeros((40, 50), bool)
+    for band, band_nodata in enumerate(nodata):
+        for value in band_nodata:
+            expected |= values[band] == value
+    got = chips._Sources.invalid(SimpleNamespace(nodata=nodata), values)
+    assert expected.any() and np.array_equal(got, expected)
 
 
 class _State:

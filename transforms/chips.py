@@ -197,28 +197,33 @@ def footprint_wkt(transform, crs, row: int, col: int, height: int, width: int,
     return "POLYGON((" + ", ".join(f"{x:.7f} {y:.7f}" for x, y in ring) + "))"
 
 
-def strip_footprints(transform, crs, row: int, height: int, cols: list[int], widths: list[int],
-                     points_per_edge: int = 4) -> list[str]:
-    """:func:`footprint_wkt` of every chip window of one strip, with one reprojection call."""
+def strip_footprints(transform, crs, rows: list[tuple[int, int]], cols: list[int],
+                     widths: list[int], points_per_edge: int = 4) -> list[list[str]]:
+    """:func:`footprint_wkt` of every chip window of a strip task, one list per chip row of
+    ``rows`` (each ``(first pixel row, height)``), with one reprojection call for them all."""
     from rasterio.warp import transform as warp
 
     steps = np.linspace(0.0, 1.0, points_per_edge + 1)[:-1]
     n = len(steps)
-    col0 = np.asarray(cols, float)[:, None]
-    w = np.asarray(widths, float)[:, None]
-    ones = np.ones((len(cols), n))
-    rows = np.concatenate([row + steps * height * ones, np.full((len(cols), n), row + height),
-                           row + height - steps * height * ones, np.full((len(cols), n), row)], 1)
-    columns = np.concatenate([col0 * ones, col0 + steps * w, col0 + w * ones,
-                              col0 + w - steps * w], 1)
-    xs, ys = transform @ (columns.ravel(), rows.ravel())
-    lons, lats = (np.asarray(v).reshape(len(cols), 4 * n)
+    top = np.repeat(np.asarray([r for r, _ in rows], float), len(cols))[:, None]
+    h = np.repeat(np.asarray([h for _, h in rows], float), len(cols))[:, None]
+    col0 = np.tile(np.asarray(cols, float), len(rows))[:, None]
+    w = np.tile(np.asarray(widths, float), len(rows))[:, None]
+    ones = np.ones((len(top), n))
+    rings = len(top)
+    pixel_rows = np.concatenate([top + steps * h, (top + h) * ones, top + h - steps * h,
+                                 top * ones], 1)
+    pixel_cols = np.concatenate([col0 * ones, col0 + steps * w, (col0 + w) * ones,
+                                 col0 + w - steps * w], 1)
+    xs, ys = transform @ (pixel_cols.ravel(), pixel_rows.ravel())
+    lons, lats = (np.asarray(v).reshape(rings, 4 * n)
                   for v in warp(crs, "EPSG:4326", list(xs), list(ys)))
-    ring = np.empty((len(cols), 4 * n + 1, 2))  # closed rings of (lon, lat), one per chip
+    ring = np.empty((rings, 4 * n + 1, 2))  # closed rings of (lon, lat), one per chip
     ring[:, :-1, 0], ring[:, :-1, 1] = lons, lats
     ring[:, -1] = ring[:, 0]
     polygon = _polygon_format(4 * n + 1)
-    return [polygon % tuple(points) for points in ring.reshape(len(cols), -1).tolist()]
+    outlines = [polygon % tuple(points) for points in ring.reshape(rings, -1).tolist()]
+    return [outlines[i : i + len(cols)] for i in range(0, rings, len(cols))]
 
 
 @functools.lru_cache(maxsize=8)
@@ -360,10 +365,20 @@ class _Sources:
 
     def invalid(self, values: np.ndarray) -> np.ndarray:
         """Pixels where any band is nodata (the raster's or the card's) or not finite."""
+        shared = self.nodata[0] if all(n == self.nodata[0] for n in self.nodata) else None
+        if values.dtype.kind in "ui" and shared and len(shared) == 1:
+            [value] = shared  # the usual case, e.g. 0 in every band: one reduction, not a pass
+            limits = np.iinfo(values.dtype)  # per band (a nodata at the type's floor or ceiling)
+            if value == limits.min:
+                return values.min(axis=0) == value
+            if value == limits.max:
+                return values.max(axis=0) == value
         invalid = np.zeros(values.shape[1:], bool)
+        hit = np.empty_like(invalid)
         for band, nodata in enumerate(self.nodata):
             for value in nodata:
-                invalid |= values[band] == value
+                np.equal(values[band], value, out=hit)
+                invalid |= hit
         if np.issubdtype(values.dtype, np.floating):
             invalid |= ~np.isfinite(values).all(axis=0)
         return invalid
@@ -569,6 +584,9 @@ class _TileReader(beam.DoFn):
                 if (src.height, src.width) != (grid.height, grid.width):
                     raise ValueError(f"{tile.band_uris[0]} changed size while being read")
                 scale, offset = self._s.radiometry(tile)
+                windows = [(starts[r], min(size, grid.height - starts[r])) for r in rows]
+                outlines = strip_footprints(src.transform, src.crs, windows, cols,
+                                            [min(size, grid.width - c) for c in cols])
                 top = starts[task.first_row]
                 bottom = min(starts[task.stop_row - 1] + size, grid.height)
                 begun = time.perf_counter()
@@ -580,8 +598,7 @@ class _TileReader(beam.DoFn):
                                                   scale, offset, cut)
                 except Exception:  # a corrupt block: read row by row, so only its rows fail
                     values = None
-                for k, row in enumerate(rows):
-                    start, height = starts[row], min(size, grid.height - starts[row])
+                for k, (row, (start, height)) in enumerate(zip(rows, windows, strict=True)):
                     if values is not None:
                         part = values[:, start - top : start - top + height]
                         part_valid = valid[start - top : start - top + height]
@@ -596,7 +613,8 @@ class _TileReader(beam.DoFn):
                         part, part_valid = self._prepare(src, raw, fresh_end(row) - start,
                                                          scale, offset, cut)
                     cut.expected[k] = 0
-                    block.extend(self._cut_row(task, src, part, part_valid, row, cols, cut, k))
+                    block.extend(self._cut_row(task, part, part_valid, row, cols, outlines[k],
+                                               cut, k))
         except Exception as exc:  # could not open it at all: every row not yet cut fails
             self.close_sources(tile.band_uris)  # a handle that failed is not reused
             reason = f"rows {starts[task.first_row]}..: {describe(exc)}"
@@ -628,15 +646,17 @@ class _TileReader(beam.DoFn):
         values[:, invalid] = 0
         return values, ~invalid
 
-    def _cut_row(self, task: StripTask, src: _Sources, strip: np.ndarray,
-                 valid_strip: np.ndarray, row: int, cols: list[int], cut: _Cut,
-                 k: int) -> Iterator[Chip]:
-        """The chips of one chip row, from its (prepared) pixels and valid mask."""
+    def _cut_row(self, task: StripTask, strip: np.ndarray, valid_strip: np.ndarray, row: int,
+                 cols: list[int], outlines: list[str], cut: _Cut, k: int) -> Iterator[Chip]:
+        """The chips of one chip row, from its (prepared) pixels and valid mask.
+
+        A full chip's pixels are a view of the strip, not a copy: the block holds every chip of
+        the strip anyway, overlapping chips then share their pixels, and whatever encodes the
+        block between stages writes each chip's own window."""
         grid, tile = task.grid, task.tile
         size, stride = grid.chip_size, grid.stride
         start, height = row * stride, strip.shape[1]
         widths = [min(size, grid.width - col) for col in cols]
-        outlines = strip_footprints(src.transform, src.crs, start, height, cols, widths)
         crs = crs_label(grid.crs_wkt)
         a, b, c, d, e, f = grid.transform
         for col_number, (col, width) in enumerate(zip(cols, widths, strict=True)):
@@ -644,9 +664,9 @@ class _TileReader(beam.DoFn):
             if fraction < self._s.min_valid_fraction or fraction == 0.0:
                 cut.skipped += 1
                 continue
-            if height == width == size:  # the usual chip: a copy of its window, no padding
-                valid = np.ascontiguousarray(valid_strip[:, col : col + size])
-                raw = np.ascontiguousarray(strip[:, :, col : col + size])
+            if height == width == size:  # the usual chip: its window, no padding
+                valid = valid_strip[:, col : col + size]
+                raw = strip[:, :, col : col + size]
             else:
                 valid = np.zeros((size, size), bool)
                 valid[:height, :width] = valid_strip[:, col : col + width]

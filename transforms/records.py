@@ -172,7 +172,7 @@ class Chip:
 
 
 def pack_mask(mask: np.ndarray) -> np.ndarray:
-    return np.packbits(mask.astype(bool), axis=None)
+    return np.packbits(np.asarray(mask, bool), axis=None)
 
 
 @dataclass
