@@ -8,9 +8,12 @@ the stream runs this before it reads a message, and again whenever it loads a mo
 
 from __future__ import annotations
 
+import threading
+
 import torch
 
 from model.card import CardError, ModelCard
+from model.inference import off_the_main_thread
 
 
 def check_model(card: ModelCard, model: torch.nn.Module, device: torch.device | str = "cpu",
@@ -36,7 +39,14 @@ def check_model(card: ModelCard, model: torch.nn.Module, device: torch.device | 
 
 
 def load_checked(card: ModelCard, device: torch.device | str = "cpu") -> torch.nn.Module:
-    """Load the card's TorchScript file and :func:`check_model` it; CardError on any fault."""
+    """Load the card's TorchScript file and :func:`check_model` it; CardError on any fault.
+
+    Called on the main thread (a launch, a registry check), it runs on a thread of its own:
+    the local stream scores on Beam's threads in the same process, and one forward pass on the
+    main thread would slow all of them (:func:`model.inference.off_the_main_thread`).
+    """
+    if threading.current_thread() is threading.main_thread():
+        return off_the_main_thread(lambda: load_checked(card, device))
     from apache_beam.io.filesystems import FileSystems
 
     try:

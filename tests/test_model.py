@@ -196,6 +196,29 @@ def test_sha256_mismatch_is_rejected(tmp_path):
         load_card(str(target))
 
 
+def test_the_launch_check_scores_off_the_main_thread_and_still_refuses_a_bad_model(
+        tmp_path, monkeypatch):
+    """A forward pass on the main thread slows the local stream's Beam threads for good, so
+    the check a launch runs goes to a thread of its own; its refusal still reaches the caller."""
+    import threading
+
+    from model import contract
+
+    ran_on = []
+    real = contract.check_model
+    monkeypatch.setattr(contract, "check_model", lambda *args, **kwargs: (
+        ran_on.append(threading.current_thread()), real(*args, **kwargs))[1])
+    card = load_card(str(STUDENT))
+    model = contract.load_checked(card)
+    assert ran_on and ran_on[0] is not threading.main_thread()
+    assert model(torch.zeros(1, len(card.input.bands), 64, 64)).shape[1] == card.num_classes
+    target = tmp_path / "student"
+    shutil.copytree(STUDENT, target)
+    (target / "model.pt").write_bytes(b"PK\x03\x04 not a model")
+    with pytest.raises(CardError, match="does not load as TorchScript"):
+        contract.load_checked(load_card(str(target), verify_weights=False))
+
+
 # --- the committed student in Beam --------------------------------------------------------------
 
 
