@@ -40,10 +40,10 @@ METRICS_EVERY_SECS = 2.0
 # day, so once a minute in production; the emulator has no quota and the local stack's rows
 # should be queryable seconds after their tile's.
 LOAD_SECS, LOCAL_LOAD_SECS = 60, 2
-# The local stream paces its chipper to the model: about two strip tasks of an HLS tile in
-# flight, one of a 7,320-pixel-wide tile (docs/ARCHITECTURE.md, "Known limits of the in-process
-# runner", has the measurements).
-LOCAL_CHIPS_IN_FLIGHT = 1024
+# The local stream paces its chipper to the model: about three strip tasks in flight, whatever
+# the tile's width (a strip holds at most ~2 Mpx); with two the model waited between them
+# (docs/ARCHITECTURE.md, "Known limits of the in-process runner", has the measurements).
+LOCAL_CHIPS_IN_FLIGHT = 2048
 
 
 class ConfigError(ValueError):

@@ -127,7 +127,7 @@ class TileStreamArguments:
                            help="A local stream's chipper waits while this many chips are cut "
                            "but not yet scored, so memory follows a strip task, not the tile "
                            "(the in-process runner has no back-pressure; docs/ARCHITECTURE.md "
-                           "has the numbers). Default 1024 with --local, else 0 (off): "
+                           "has the numbers). Default 2048 with --local, else 0 (off): "
                            "Dataflow paces itself.")
         chips.add_argument("--window_secs", type=float, default=5.0,
                            help="Fixed window for micro-batching chips across tiles.")

@@ -277,14 +277,14 @@ def test_a_huge_tile_is_read_a_chip_row_at_a_time(tmp_path):
     fn = chips.ChipTileFn(settings)
     tracemalloc.start()
     produced = fn.process(TileRef("huge", (str(path),), "1", 0.0, 0.0))
-    block = next(produced)  # the first strip task: 8 chip rows of 157 chips
+    block = next(produced)  # the first strip task: 3 chip rows of 157 chips
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
-    assert isinstance(block, chips.ChipBlock) and len(block) == 8 * 157
-    assert {c.row for c in block.chips} == set(range(0, 512, 64))
-    # A strip task reads 6 x 512 x 10,000 bytes (31 MB) and cuts as many bytes of chips; the
-    # tile is 600 MB.
-    assert peak < 100e6, f"peak {peak / 1e6:.0f} MB"
+    assert isinstance(block, chips.ChipBlock) and len(block) == 3 * 157
+    assert {c.row for c in block.chips} == {0, 64, 128}
+    # A strip of a tile this wide is 3 chip rows, not 8 (at most ~2 Mpx): the task reads
+    # 6 x 192 x 10,000 bytes (11.5 MB) and its chips are windows of that read; the tile is 600 MB.
+    assert peak < 40e6, f"peak {peak / 1e6:.0f} MB"
 
 
 # --- inference -------------------------------------------------------------------------------
@@ -445,9 +445,10 @@ def test_a_chip_the_model_failed_on_makes_the_tile_partial_not_stuck(tmp_path):
     assert "written as partial" in letter.reason
 
 
-@pytest.mark.parametrize("size", [None, 3660])
+@pytest.mark.parametrize("size", [None, (3660, 3660), (600, 7320)])
 def test_strip_assembly_is_pixel_identical_to_blending_the_whole_tile(tmp_path, size):
-    """On the sample and on an HLS-sized mosaic, with random overlapping probabilities."""
+    """On the sample, on an HLS-sized mosaic and on one twice as wide (its strips are half as
+    tall), with random overlapping probabilities."""
     from tests.reference_blend import blended
 
     if size is None:
@@ -458,7 +459,8 @@ def test_strip_assembly_is_pixel_identical_to_blending_the_whole_tile(tmp_path, 
         sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
         from scale import mosaic
 
-        path = mosaic(tmp_path / "mosaic.tif", size)
+        path = mosaic(tmp_path / "mosaic.tif", *size)
+        assert chips.chip_rows_per_strip(size[1], 48) == (10 if size[1] == 3660 else 5)
     card = test_card(classes=4)
     rng = np.random.default_rng(5)
     chipped, predictions = fake_predictions(path, card, lambda chip, k: 0)

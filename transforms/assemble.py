@@ -48,7 +48,7 @@ from apache_beam.transforms.userstate import (
 from model.card import ModelCard, join_uri
 from model.serving import CardBook
 from transforms import stac, timeouts
-from transforms.chips import STRIP_ROWS, chip_starts, footprint_wkt
+from transforms.chips import chip_rows_per_strip, chip_starts, footprint_wkt
 from transforms.deadletter import DEAD_LETTER_TAG, dead_letter
 from transforms.guards import describe, safe_id
 from transforms.records import (
@@ -98,16 +98,15 @@ TILES_TAG = "tiles"
 
 
 @functools.lru_cache(maxsize=256)
-def strip_bounds(height: int, size: int, stride: int) -> list[tuple[int, int]]:
-    """Rows ``(start, end)`` of each output strip: a run of chip rows, about STRIP_ROWS tall
+def strip_bounds(height: int, width: int, size: int, stride: int) -> list[tuple[int, int]]:
+    """Rows ``(start, end)`` of each output strip: a run of :func:`chip_rows_per_strip` chip rows
     (the chipper's strip tasks are the same runs, so task ``j`` reports on strip ``j``'s rows).
 
     Strip boundaries sit on chip-row starts, so each chip has one own strip (where its first
     row falls) and overlaps at most the next ones; a tall strip means fewer pieces to write.
     """
     starts = chip_starts(height, size, stride)
-    group = max(1, STRIP_ROWS // stride)
-    firsts = starts[::group]
+    firsts = starts[::chip_rows_per_strip(width, stride)]
     return [(start, firsts[j + 1] if j + 1 < len(firsts) else height)
             for j, start in enumerate(firsts)]
 
@@ -138,7 +137,7 @@ class _RouteFn(beam.DoFn):
             return
         if isinstance(item, StripReport):  # what to expect, to each strip its rows overlap
             task, grid = item.task, item.task.grid
-            bounds = strip_bounds(grid.height, grid.chip_size, grid.stride)
+            bounds = strip_bounds(grid.height, grid.width, grid.chip_size, grid.stride)
             starts = chip_starts(grid.height, grid.chip_size, grid.stride)
             touched = {j for r in range(task.first_row, task.stop_row)
                        for j in strips_touched(starts[r],
@@ -161,7 +160,7 @@ def strip_pieces(item: ChipPrediction | Chip) -> Iterable[StripPiece]:
     """A chip's prediction cut into the rows of each strip it overlaps (a failed chip: pieces
     without pixels, so its strips still count it)."""
     chip = item.chip if isinstance(item, ChipPrediction) else item
-    bounds = strip_bounds(chip.tile_height, chip.size, chip.stride)
+    bounds = strip_bounds(chip.tile_height, chip.tile_width, chip.size, chip.stride)
     own = own_strip(chip.row, bounds)
     for j in strips_touched(chip.row, chip.height, bounds):
         start, end = bounds[j]
@@ -322,7 +321,8 @@ class _AssembleStripFn(_WithCards):
         from affine import Affine
 
         j = _strip(key)
-        start, stop = strip_bounds(manifest.height, manifest.chip_size, manifest.stride)[j]
+        start, stop = strip_bounds(manifest.height, manifest.width, manifest.chip_size,
+                                   manifest.stride)[j]
         own = [p for p in held if p.own]
         failed = sum(p.probabilities is None for p in own)
         expected_own = expected_pieces(manifest, j, own_only=True)
@@ -372,7 +372,7 @@ def expected_pieces(manifest: TileManifest, strip: int, own_only: bool = False) 
     """Pieces strip ``strip`` waits for: every chip expected back from the chip rows that
     overlap it (``own_only``: only those counted in it). Asked once per arriving piece, so
     the answer is cached per grid."""
-    return _expected(manifest.height, manifest.chip_size, manifest.stride,
+    return _expected(manifest.height, manifest.width, manifest.chip_size, manifest.stride,
                      manifest.expected_per_row, strip, own_only)
 
 
@@ -387,7 +387,7 @@ def strip_plan(reports: list[StripReport], strip: int,
         for k, n in enumerate(report.expected):
             per_row[report.task.first_row + k] = n
             covered.add(report.task.first_row + k)
-    if not partial and not _rows_touching(grid.height, grid.chip_size, grid.stride,
+    if not partial and not _rows_touching(grid.height, grid.width, grid.chip_size, grid.stride,
                                           strip) <= covered:
         return None
     return TileManifest(tile=reports[0].task.tile, grid=grid, chips_total=0, chips_skipped=0,
@@ -395,17 +395,18 @@ def strip_plan(reports: list[StripReport], strip: int,
 
 
 @functools.lru_cache(maxsize=1024)
-def _rows_touching(height: int, size: int, stride: int, strip: int) -> frozenset[int]:
+def _rows_touching(height: int, width: int, size: int, stride: int,
+                   strip: int) -> frozenset[int]:
     """Chip-row numbers whose chips overlap strip ``strip``."""
-    bounds = strip_bounds(height, size, stride)
+    bounds = strip_bounds(height, width, size, stride)
     return frozenset(r for r, row in enumerate(chip_starts(height, size, stride))
                      if strip in strips_touched(row, min(size, height - row), bounds))
 
 
 @functools.lru_cache(maxsize=1024)
-def _expected(height: int, size: int, stride: int, per_row: tuple[int, ...], strip: int,
-              own_only: bool) -> int:
-    bounds = strip_bounds(height, size, stride)
+def _expected(height: int, width: int, size: int, stride: int, per_row: tuple[int, ...],
+              strip: int, own_only: bool) -> int:
+    bounds = strip_bounds(height, width, size, stride)
     total = 0
     for r, row in enumerate(chip_starts(height, size, stride)):
         if own_only:
@@ -426,7 +427,8 @@ def stitch(manifest: TileManifest, card: ModelCard, uri: str, written: list[int]
     import rasterio.shutil
     from apache_beam.io.filesystems import FileSystems
 
-    bounds = strip_bounds(manifest.height, manifest.chip_size, manifest.stride)
+    bounds = strip_bounds(manifest.height, manifest.width, manifest.chip_size,
+                          manifest.stride)
     count = 2 if confidence_band else 1
     with tempfile.TemporaryDirectory(prefix="tile-", dir=scratch) as tmp:
         local = {}
@@ -629,7 +631,8 @@ def drift_columns(card: ModelCard, manifest: TileManifest, class_counts: np.ndar
 
 
 def _strip_count(manifest: TileManifest) -> int:
-    return len(strip_bounds(manifest.height, manifest.chip_size, manifest.stride))
+    return len(strip_bounds(manifest.height, manifest.width, manifest.chip_size,
+                            manifest.stride))
 
 
 class AssembledTiles(NamedTuple):

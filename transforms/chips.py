@@ -1,7 +1,8 @@
 """Stage 4: TileRef -> strip tasks -> ChipBlocks, read with rasterio windows a strip at a time.
 
-A planner opens each tile once and cuts it into strip tasks of about ``STRIP_ROWS`` rows; each
-task is keyed on its own, so a runner spreads one tile's tasks over its workers. A task reads
+A planner opens each tile once and cuts it into strip tasks of about ``STRIP_ROWS`` rows (fewer
+on a tile wider than an HLS tile: a strip holds at most ~``STRIP_PIXELS``); each task is keyed
+on its own, so a runner spreads one tile's tasks over its workers. A task reads
 its rows in one window, so memory follows a strip, never the whole tile, emits its chips as one
 block (the runner's per-element cost is paid per strip, not per chip) and reports what it
 found; the tile's manifest is the merge of its reports. The chip grid covers every pixel: starts
@@ -64,6 +65,7 @@ STAGE = "chips"
 MANIFESTS_TAG = "manifests"
 REPORTS_TAG = "reports"
 STRIP_ROWS = 512  # a strip task is whole chip rows, about this many pixel rows tall
+STRIP_PIXELS = 2_000_000  # ... and at most about this many pixels: 512 rows of an HLS tile
 # Only GeoTIFF (COGs included) is opened: VRT and other formats can point anywhere.
 DRIVER = "GTiff"
 # GDAL settings for reading COGs from object storage: no directory listing, bounded waits, a few
@@ -172,6 +174,13 @@ def chip_starts(length: int, size: int, stride: int) -> list[int]:
     if length <= size:
         return [0]
     return [i * stride for i in range(math.ceil((length - size) / stride) + 1)]
+
+
+def chip_rows_per_strip(width: int, stride: int) -> int:
+    """Chip rows in one strip task (and one output strip): about ``STRIP_ROWS`` pixel rows, fewer
+    for a tile wider than an HLS tile, so that what a strip holds (its read, its block of chips,
+    its blend) is the same however wide the tile is."""
+    return max(1, min(STRIP_ROWS // stride, STRIP_PIXELS // (stride * width)))
 
 
 def chip_grid(height: int, width: int, size: int, stride: int) -> list[tuple[int, int]]:
@@ -555,7 +564,7 @@ class _TileReader(beam.DoFn):
             grid = TileGrid(src.height, src.width, tuple(src.transform)[:6], src.crs.to_wkt(),
                             pixel_area_m2(src.transform, src.crs, src.height, src.width),
                             size, stride)
-        group = max(1, STRIP_ROWS // stride)
+        group = chip_rows_per_strip(src.width, stride)
         firsts = list(range(0, len(starts), group))
         return [StripTask(tile, grid, i, len(firsts), first, min(first + group, len(starts)))
                 for i, first in enumerate(firsts)]
@@ -683,6 +692,7 @@ class _TileReader(beam.DoFn):
                 size=size,
                 stride=stride,
                 tile_height=grid.height,
+                tile_width=grid.width,
                 transform=(a, b, c + col * a + start * b, d, e, f + col * d + start * e),
                 crs=crs,
                 footprint_wkt=outlines[col_number],

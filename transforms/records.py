@@ -154,7 +154,8 @@ class Chip:
     width: int
     size: int  # S
     stride: int  # of the chip grid: chip row = row // stride
-    tile_height: int  # the tile's rows, so assembly knows the grid from any one chip
+    tile_height: int  # the tile's rows and columns: assembly knows the grid and its strips
+    tile_width: int  # from any one chip
     transform: tuple[float, ...]  # affine of the chip's top-left pixel grid
     crs: str
     footprint_wkt: str  # EPSG:4326 polygon of the in-tile window
