@@ -252,8 +252,8 @@ def inference_side_by_side(model_uri: str, repeats: int) -> dict:
     whose main thread never runs the model.
 
     Beam runs every DoFn on a worker thread. A forward pass on a process's main thread leaves
-    every later forward on other threads 15-25 % slower (``model.inference.off_the_main_thread``
-    says why), so measured in this process, after the main-thread benchmarks of ``bench/run.py``,
+    every later forward on other threads 15-25 % slower (``model.inference.off_the_main_thread``),
+    so measured in this process, after the main-thread benchmarks of ``bench/run.py``,
     RunInference would pay for them. The model-only figure is therefore the forward on a worker
     thread as well, like Beam's; the main thread's own forward runs last and is reported beside
     it (the serial limit takes the faster of the two).

@@ -21,10 +21,10 @@ T = TypeVar("T")
 def off_the_main_thread(work: Callable[[], T]) -> T:
     """``work()`` on a short-lived thread of its own: its result, or its exception re-raised.
 
-    On CPU, one forward pass on a process's main thread leaves every later forward pass on any
-    other thread (where Beam runs DoFns) 15-25 % slower: OpenMP gives the main thread's team a
-    standing claim on the cores. Measured by ``bench/scale.py``; the main thread of a process
-    that scores on Beam's threads should never run a model itself.
+    On CPU, one forward pass on a process's main thread left every later forward pass on any
+    other thread (where Beam runs DoFns) 15-25 % slower in our measurements (docs/ARCHITECTURE.md,
+    "Known limits of the in-process runner"; OpenMP's per-thread teams, as far as we can tell).
+    So the main thread of a process that scores on Beam's threads never runs a model itself.
     """
     outcome: list = []
 
