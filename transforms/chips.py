@@ -376,8 +376,10 @@ class _Sources:
         """Pixels where any band is nodata (the raster's or the card's) or not finite."""
         shared = self.nodata[0] if all(n == self.nodata[0] for n in self.nodata) else None
         if values.dtype.kind in "ui" and shared and len(shared) == 1:
-            [value] = shared  # the usual case, e.g. 0 in every band: one reduction, not a pass
-            limits = np.iinfo(values.dtype)  # per band (a nodata at the type's floor or ceiling)
+            # The usual case, one nodata for every band at the type's floor or ceiling (e.g. 0):
+            # a pixel holds it in some band exactly when its band minimum (maximum) does.
+            [value] = shared
+            limits = np.iinfo(values.dtype)
             if value == limits.min:
                 return values.min(axis=0) == value
             if value == limits.max:
@@ -594,8 +596,8 @@ class _TileReader(beam.DoFn):
                     raise ValueError(f"{tile.band_uris[0]} changed size while being read")
                 scale, offset = self._s.radiometry(tile)
                 windows = [(starts[r], min(size, grid.height - starts[r])) for r in rows]
-                outlines = strip_footprints(src.transform, src.crs, windows, cols,
-                                            [min(size, grid.width - c) for c in cols])
+                widths = [min(size, grid.width - c) for c in cols]
+                outlines = strip_footprints(src.transform, src.crs, windows, cols, widths)
                 top = starts[task.first_row]
                 bottom = min(starts[task.stop_row - 1] + size, grid.height)
                 begun = time.perf_counter()
@@ -622,8 +624,8 @@ class _TileReader(beam.DoFn):
                         part, part_valid = self._prepare(src, raw, fresh_end(row) - start,
                                                          scale, offset, cut)
                     cut.expected[k] = 0
-                    block.extend(self._cut_row(task, part, part_valid, row, cols, outlines[k],
-                                               cut, k))
+                    block.extend(self._cut_row(task, part, part_valid, row, cols, widths,
+                                               outlines[k], cut, k))
         except Exception as exc:  # could not open it at all: every row not yet cut fails
             self.close_sources(tile.band_uris)  # a handle that failed is not reused
             reason = f"rows {starts[task.first_row]}..: {describe(exc)}"
@@ -656,7 +658,8 @@ class _TileReader(beam.DoFn):
         return values, ~invalid
 
     def _cut_row(self, task: StripTask, strip: np.ndarray, valid_strip: np.ndarray, row: int,
-                 cols: list[int], outlines: list[str], cut: _Cut, k: int) -> Iterator[Chip]:
+                 cols: list[int], widths: list[int], outlines: list[str], cut: _Cut,
+                 k: int) -> Iterator[Chip]:
         """The chips of one chip row, from its (prepared) pixels and valid mask.
 
         A full chip's pixels are a view of the strip, not a copy: the block holds every chip of
@@ -665,7 +668,6 @@ class _TileReader(beam.DoFn):
         grid, tile = task.grid, task.tile
         size, stride = grid.chip_size, grid.stride
         start, height = row * stride, strip.shape[1]
-        widths = [min(size, grid.width - col) for col in cols]
         crs = crs_label(grid.crs_wkt)
         a, b, c, d, e, f = grid.transform
         for col_number, (col, width) in enumerate(zip(cols, widths, strict=True)):
