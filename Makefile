@@ -2,21 +2,26 @@
 PYTHON ?= python3
 VENV := .venv
 BQVENV := .venv-bqemu
+# The torch the worker images pin, in a venv of its own: every shipped model must load and score
+# under exactly it (tests/test_torch_parity.py). Read from the Dockerfile, so a change there is
+# what the test checks; its CPU build is the same version's.
+IMAGEVENV := .venv-image
+IMAGE_TORCH := $(shell sed -n 's/^ARG TORCH_VERSION=//p' templates/Dockerfile)
 PY := $(VENV)/bin/python
 TORCH_CPU := torch==2.13.0
 BQEMU_PKGS := bqemulator==1.4.0 numpy duckdb-extension-spatial==1.5.5 duckdb-extension-avro==1.5.5
 PYTEST_ARGS ?=
 
-.PHONY: install demo test lint model bench clean
+.PHONY: install demo test lint model bench reliability iam clean
 
-install: $(VENV)/.installed $(BQVENV)/.installed
+install: $(VENV)/.installed $(BQVENV)/.installed $(IMAGEVENV)/.torch-$(IMAGE_TORCH)
 
 # CPU torch goes in first so that `torch>=…` in setup.py is already satisfied (no CUDA download).
 $(VENV)/.installed: setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_CPU)
-	$(PY) -m pip install -q -e '.[local,train,dev]'
+	$(PY) -m pip install -q -e '.[ops,local,train,dev]'
 	touch $@
 
 # bqemulator pins duckdb, so it lives in a virtualenv of its own; the stack copies the DuckDB
@@ -24,6 +29,12 @@ $(VENV)/.installed: setup.py
 $(BQVENV)/.installed:
 	test -x $(BQVENV)/bin/python || $(PYTHON) -m venv $(BQVENV)
 	$(BQVENV)/bin/python -m pip install -q $(BQEMU_PKGS)
+	touch $@
+
+$(IMAGEVENV)/.torch-$(IMAGE_TORCH): templates/Dockerfile
+	test -x $(IMAGEVENV)/bin/python || $(PYTHON) -m venv $(IMAGEVENV)
+	$(IMAGEVENV)/bin/python -m pip install -q "torch==$(IMAGE_TORCH)" numpy
+	rm -f $(IMAGEVENV)/.torch-*
 	touch $@
 
 demo: install
@@ -40,7 +51,17 @@ model: $(VENV)/.installed
 	$(VENV)/bin/tilestream model build
 
 bench: install
+	$(PY) -m pip install -q -e '.[bench]'
 	$(PY) bench/run.py
+
+# templates/iam/needs.json and docs/deploy.md's grants table from a full recorded test run.
+iam: install
+	TILESTREAM_IAM_NEEDS=templates/iam/needs.json $(PY) -m pytest $(PYTEST_ARGS)
+
+# docs/reliability.md from a real run of the reliability tests (never from `make test`).
+reliability: install
+	TILESTREAM_RELIABILITY_DOC=docs/reliability.md $(PY) -m pytest tests/test_reliability.py \
+	  tests/test_ledger.py tests/test_bluegreen.py tests/test_rollback_rule.py
 
 clean:
 	rm -rf .tilestream build *.egg-info

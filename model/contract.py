@@ -38,8 +38,30 @@ def check_model(card: ModelCard, model: torch.nn.Module, device: torch.device | 
         raise CardError(f"{card.model_id}: the model returns non-finite logits for a blank chip")
 
 
+def release(version: str) -> tuple[int, ...]:
+    """``"2.13.0+cpu"`` -> ``(2, 13, 0)``: the release, without local or pre-release labels."""
+    parts = []
+    for piece in version.split("+")[0].split(".")[:3]:
+        digits = "".join(ch for ch in piece if ch.isdigit()) if piece[:1].isdigit() else ""
+        parts.append(int(digits or 0))
+    return tuple(parts + [0] * (3 - len(parts)))
+
+
+def check_runtime(card: ModelCard, runtime: str | None = None) -> None:
+    """Refuse a model exported by a newer torch than this runtime's, by name, before loading it:
+    TorchScript from a newer torch does not load in an older one (operators it compiled to may
+    not exist there), and the error torch gives is a compiler stack trace."""
+    runtime = runtime or torch.__version__
+    if card.exported_with_torch and release(runtime) < release(card.exported_with_torch):
+        raise CardError(f"{card.model_id} was exported with torch {card.exported_with_torch}; "
+                        f"this runtime has torch {runtime}, which cannot load TorchScript from a "
+                        f"newer torch: run it where torch >= {card.exported_with_torch} (the "
+                        "images pin one version with CI: templates/Dockerfile)")
+
+
 def load_checked(card: ModelCard, device: torch.device | str = "cpu") -> torch.nn.Module:
-    """Load the card's TorchScript file and :func:`check_model` it; CardError on any fault.
+    """Load the card's TorchScript file and :func:`check_model` it; CardError on any fault,
+    a runtime older than the exporting torch included (:func:`check_runtime`).
 
     Called on the main thread (a launch, a registry check), it runs on a thread of its own:
     the local stream scores on Beam's threads in the same process, and one forward pass on the
@@ -49,6 +71,7 @@ def load_checked(card: ModelCard, device: torch.device | str = "cpu") -> torch.n
         return off_the_main_thread(lambda: load_checked(card, device))
     from apache_beam.io.filesystems import FileSystems
 
+    check_runtime(card)
     try:
         with FileSystems.open(card.weights_uri) as handle:
             model = torch.jit.load(handle, map_location=device)

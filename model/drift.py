@@ -30,6 +30,11 @@ from model.card import CardError, ModelCard
 
 EPSILON = 1e-4
 PSI_THRESHOLD = 0.25
+# A tile whose median band PSI is over this is refused before it is scored: its values are not
+# the training data's shifted a little, they are another quantity (reflectance 0-1 for a DN
+# model, a miscalibrated sensor). Chosen from the training scene and shipped examples, each card
+# keeps the number it was given and the evidence beside it (docs/model.md, "Radiometry guard").
+REFUSE_MEDIAN_BAND_PSI = 4.0
 QUANTILES = 10
 MAX_EDGES = 256
 CLASS_SOURCE = "model predictions on the training pixels"
@@ -51,6 +56,9 @@ class DriftReference:
     labels: tuple[float, ...] | None = None  # share of each class among the training labels
     pixels: int = 0
     source: str = ""
+    # the radiometry guard: refuse a tile whose median band PSI exceeds this (None: no guard)
+    refuse_median_band_psi: float | None = None
+    refuse_evidence: dict[str, Any] | None = None  # median band PSI of the cases it rests on
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -64,6 +72,9 @@ class DriftReference:
                         "fractions": [round(f, 6) for f in self.classes]},
             **({"labels": {"fractions": [round(f, 6) for f in self.labels]}}
                if self.labels is not None else {}),
+            **({"refuse_median_band_psi": self.refuse_median_band_psi,
+                "refuse_evidence": self.refuse_evidence}
+               if self.refuse_median_band_psi is not None else {}),
         }
 
 
@@ -109,9 +120,16 @@ def reference_from_card(card: ModelCard) -> DriftReference | None:
     label_shares = (_shares(labels.get("fractions"), card.num_classes, f"{where}.labels")
                     if isinstance(labels, dict) else None)
     pixels = data.get("pixels", 0)
+    refuse = data.get("refuse_median_band_psi")
+    if refuse is not None and (isinstance(refuse, bool) or not isinstance(refuse, int | float)
+                               or not math.isfinite(refuse) or refuse <= 0):
+        raise CardError(f"{where}.refuse_median_band_psi must be a positive number")
+    evidence = data.get("refuse_evidence")
     return DriftReference(tuple(parsed), class_shares, label_shares,
                           int(pixels) if isinstance(pixels, int) else 0,
-                          str(data.get("source", ""))[:500])
+                          str(data.get("source", ""))[:500],
+                          float(refuse) if refuse is not None else None,
+                          evidence if isinstance(evidence, dict) else None)
 
 
 def reference_from_pixels(values: np.ndarray, band_names: Sequence[str],
@@ -138,6 +156,12 @@ def reference_from_pixels(values: np.ndarray, band_names: Sequence[str],
         pixels=int(values.shape[1]),
         source=source,
     )
+
+
+def band_psis(reference: DriftReference, values: np.ndarray) -> list[float]:
+    """PSI of each band of ``values`` ((C, N), after the card's scale/offset)."""
+    return [psi(b.fractions, c) for b, c in zip(reference.bands,
+                                                 band_counts(reference, values), strict=True)]
 
 
 def class_shares(counts: Sequence[int] | np.ndarray) -> tuple[float, ...]:

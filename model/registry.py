@@ -1,70 +1,54 @@
 """The model registry: versioned model directories under one prefix and one channels document.
 
-Layout under a prefix (a local directory or ``gs://bucket/path``)::
+Layout under a prefix (a local directory or ``gs://bucket/path``, ``model/store.py``)::
 
     <name>/<version>/model_card.json   the card (written last: a version exists once it is there)
     <name>/<version>/<weights file>    the TorchScript file the card names
     channels.json                      live, candidate, mode, canary fraction, history
+                                       (``model/channels.py``)
 
 The channels document is the only thing an operator changes. Every change is a compare-and-swap
-on the version that was read: on GCS an ``ifGenerationMatch`` precondition, locally a rename of a
-temporary file under a lock, so a concurrent writer loses with :class:`ConflictError` instead of
+on the version that was read, so a concurrent writer loses with :class:`ConflictError` instead of
 silently overwriting. Each change appends the state it replaced to ``history`` (who, when, why).
 
 Everything read from the registry or from a directory to publish is hostile until checked: names
 and versions are single safe path segments, files have size limits, JSON must be UTF-8 and
 well-formed, and a model enters the registry (or becomes live or candidate) only after its card
 validates, its weights match the card's sha256 and :func:`model.contract.load_checked` scores a
-chip with it.
+chip with it. :func:`compatible` is the one rule for whether a candidate can score the chips the
+stream cuts for the live model: the CLI and the stream both apply it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import fcntl
 import getpass
-import hashlib
-import json
 import math
-import os
-import re
 import tempfile
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from model.card import CARD_FILE, CardError, ModelCard, card_from_dict, load_card
+from model.channels import (
+    CHANNELS_FILE,
+    MAX_HISTORY,
+    Channels,
+    ConflictError,
+    ModelRef,
+    RegistryError,
+    ReleaseRef,
+    parse_json,
+    safe_segment,
+)
+from model.store import ABSENT, Store, open_store
 
-CHANNELS_FILE = "channels.json"
-CHANNELS_SCHEMA = "tilestream.channels/v1"
-MODES = ("shadow", "canary")
 MAX_CARD_BYTES = 1 << 20
 MAX_CHANNELS_BYTES = 4 << 20
 MAX_WEIGHTS_BYTES = 1 << 30
-MAX_HISTORY = 200  # oldest entries are dropped beyond this, so the document stays small
 MAX_TEXT = 500  # who / why
-ABSENT = "0"  # the token of an object that does not exist (GCS's generation 0)
-_SEGMENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
-
-
-class RegistryError(ValueError):
-    """A registry operation that was refused; the message says what and why."""
-
-
-class ConflictError(RegistryError):
-    """The channels document changed between read and write: someone else got there first."""
-
-
-def safe_segment(kind: str, value: object) -> str:
-    """One path segment of letters, digits, ``.``, ``_``, ``-``; never ``..`` or a path."""
-    if not isinstance(value, str) or not _SEGMENT.fullmatch(value) or ".." in value:
-        shown = repr(value)[:80]
-        raise RegistryError(f"{kind} {shown} is not allowed: use 1-64 letters, digits, '.', '_' "
-                            "or '-', starting with a letter or digit, without '..'")
-    return value
 
 
 def _text(kind: str, value: str) -> str:
@@ -75,240 +59,6 @@ def _text(kind: str, value: str) -> str:
 
 def _now() -> str:
     return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
-
-
-def parse_json(raw: bytes, where: str) -> Any:
-    """UTF-8 JSON or a RegistryError naming ``where`` (also for absurdly deep nesting)."""
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise RegistryError(f"{where} is not UTF-8 text (byte {exc.start})") from exc
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise RegistryError(f"{where} is not valid JSON: {exc}") from exc
-    except RecursionError as exc:
-        raise RegistryError(f"{where} is nested too deeply to be a registry document") from exc
-
-
-@dataclass(frozen=True, order=True)
-class ModelRef:
-    """``name/version`` of one model in the registry."""
-
-    name: str
-    version: str
-
-    def __post_init__(self):
-        safe_segment("model name", self.name)
-        safe_segment("model version", self.version)
-
-    @classmethod
-    def parse(cls, text: object) -> ModelRef:
-        if not isinstance(text, str) or text.count("/") != 1:
-            raise RegistryError(f"model reference {repr(text)[:80]} is not 'name/version'")
-        name, version = text.split("/")
-        return cls(name, version)
-
-    def __str__(self) -> str:
-        return f"{self.name}/{self.version}"
-
-
-@dataclass(frozen=True)
-class Channels:
-    """Which version answers (``live``) and which is being tried (``candidate`` in ``mode``)."""
-
-    live: ModelRef | None = None
-    candidate: ModelRef | None = None
-    mode: str | None = None  # shadow: scores beside live; canary: answers a fraction of tiles
-    canary_fraction: float = 0.0
-    history: tuple[dict[str, Any], ...] = ()
-
-    def __post_init__(self):
-        if (self.candidate is None) != (self.mode is None):
-            raise RegistryError("a candidate needs a mode (shadow or canary) and a mode needs "
-                                "a candidate")
-        if self.mode is not None and self.mode not in MODES:
-            raise RegistryError(f"mode {self.mode!r} is not one of {MODES}")
-        fraction = self.canary_fraction
-        if (isinstance(fraction, bool) or not isinstance(fraction, int | float)
-                or not math.isfinite(fraction) or not 0.0 <= fraction <= 1.0):
-            raise RegistryError(f"canary fraction {fraction!r} is not a number in [0, 1]")
-        if self.mode != "canary" and fraction != 0.0:
-            raise RegistryError("a canary fraction is only meaningful in canary mode")
-        if self.candidate is not None and self.candidate == self.live:
-            raise RegistryError(f"{self.candidate} is live already; it cannot also be candidate")
-
-    def state(self) -> dict[str, Any]:
-        return {"live": str(self.live) if self.live else None,
-                "candidate": str(self.candidate) if self.candidate else None,
-                "mode": self.mode, "canary_fraction": self.canary_fraction}
-
-    def to_bytes(self) -> bytes:
-        doc = {"schema": CHANNELS_SCHEMA, **self.state(), "history": list(self.history)}
-        return (json.dumps(doc, indent=2) + "\n").encode()
-
-    @classmethod
-    def from_bytes(cls, raw: bytes, where: str) -> Channels:
-        doc = parse_json(raw, where)
-        if not isinstance(doc, dict) or doc.get("schema") != CHANNELS_SCHEMA:
-            raise RegistryError(f"{where} is not a {CHANNELS_SCHEMA} document")
-        unknown = set(doc) - {"schema", "live", "candidate", "mode", "canary_fraction",
-                              "history"}
-        if unknown:
-            raise RegistryError(f"{where} has unknown fields {sorted(unknown)}")
-        history = doc.get("history", [])
-        if not isinstance(history, list) or not all(isinstance(h, dict) for h in history):
-            raise RegistryError(f"{where}: history must be a list of objects")
-        try:
-            return cls(
-                live=ModelRef.parse(doc["live"]) if doc.get("live") is not None else None,
-                candidate=(ModelRef.parse(doc["candidate"])
-                           if doc.get("candidate") is not None else None),
-                mode=doc.get("mode"),
-                canary_fraction=doc.get("canary_fraction", 0.0),
-                history=tuple(history[-MAX_HISTORY:]),
-            )
-        except RegistryError as exc:
-            raise RegistryError(f"{where}: {exc}") from exc
-
-
-# --- storage: a local directory or a GCS prefix -------------------------------------------------
-
-
-class Store(Protocol):
-    def uri(self, key: str) -> str: ...
-    def read(self, key: str, limit: int) -> tuple[bytes, str] | None: ...
-    def write(self, key: str, data: bytes, expected: str | None) -> str: ...
-    def keys(self) -> list[str]: ...
-
-
-class LocalStore:
-    """Files under a directory; writes go to a temporary file that ``os.replace`` swaps in."""
-
-    def __init__(self, root: str | Path):
-        self.root = Path(root)
-
-    def uri(self, key: str) -> str:
-        return str(self.root / key)
-
-    def _path(self, key: str) -> Path:
-        return self.root.joinpath(*key.split("/"))
-
-    def read(self, key: str, limit: int) -> tuple[bytes, str] | None:
-        path = self._path(key)
-        try:
-            size = path.stat().st_size
-        except FileNotFoundError:
-            return None
-        if size > limit:
-            raise RegistryError(f"{path} is {size:,} bytes, over the limit of {limit:,}")
-        with open(path, "rb") as handle:  # never more than the limit, even if it grew
-            data = handle.read(limit + 1)
-        if len(data) > limit:
-            raise RegistryError(f"{path} grew over the limit of {limit:,} bytes while read")
-        return data, hashlib.sha256(data).hexdigest()
-
-    @contextlib.contextmanager
-    def _locked(self, path: Path) -> Iterator[None]:
-        with open(path.with_name(f".{path.name}.lock"), "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
-
-    def write(self, key: str, data: bytes, expected: str | None) -> str:
-        path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with self._locked(path):
-            if expected is not None:
-                try:
-                    live = hashlib.sha256(path.read_bytes()).hexdigest()
-                except FileNotFoundError:
-                    live = ABSENT
-                if live != expected:
-                    raise ConflictError(f"{path} changed since it was read (someone else wrote "
-                                        "it); read it again and retry")
-            temp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-            try:
-                with open(temp, "wb") as out:
-                    out.write(data)
-                    out.flush()
-                    os.fsync(out.fileno())
-                os.replace(temp, path)
-            finally:
-                temp.unlink(missing_ok=True)
-        return hashlib.sha256(data).hexdigest()
-
-    def keys(self) -> list[str]:
-        if not self.root.is_dir():
-            return []
-        return sorted(p.relative_to(self.root).as_posix() for p in self.root.rglob("*")
-                      if p.is_file() and not p.name.startswith("."))
-
-
-class GcsStore:
-    """Objects under ``gs://bucket/prefix``; writes carry ``ifGenerationMatch`` when asked to."""
-
-    def __init__(self, uri: str, client: Any = None):
-        from google.cloud import storage
-
-        bucket, _, prefix = uri[len("gs://"):].partition("/")
-        if not bucket:
-            raise RegistryError(f"registry {uri!r} names no bucket")
-        self.bucket_name, self.prefix = bucket, prefix.strip("/")
-        self.bucket = (client or storage.Client()).bucket(bucket)
-
-    def _name(self, key: str) -> str:
-        return f"{self.prefix}/{key}" if self.prefix else key
-
-    def uri(self, key: str) -> str:
-        return f"gs://{self.bucket_name}/{self._name(key)}"
-
-    def read(self, key: str, limit: int) -> tuple[bytes, str] | None:
-        from google.api_core.exceptions import NotFound, PreconditionFailed
-
-        blob = self.bucket.get_blob(self._name(key))
-        if blob is None:
-            return None
-        if (blob.size or 0) > limit:
-            raise RegistryError(f"{self.uri(key)} is {blob.size:,} bytes, over the limit of "
-                                f"{limit:,}")
-        generation = blob.generation  # the download refreshes (and may clear) the properties
-        try:  # exactly the generation whose size was checked
-            data = blob.download_as_bytes(if_generation_match=generation)
-        except (NotFound, PreconditionFailed) as exc:
-            raise ConflictError(f"{self.uri(key)} changed while it was read; retry") from exc
-        if len(data) > limit:
-            raise RegistryError(f"{self.uri(key)} is over the limit of {limit:,} bytes")
-        return data, str(generation)
-
-    def write(self, key: str, data: bytes, expected: str | None) -> str:
-        from google.api_core.exceptions import PreconditionFailed
-
-        blob = self.bucket.blob(self._name(key))
-        condition = {} if expected is None else {"if_generation_match": int(expected)}
-        try:
-            blob.upload_from_string(data, content_type="application/octet-stream", **condition)
-        except PreconditionFailed as exc:
-            raise ConflictError(f"{self.uri(key)} changed since it was read (generation "
-                                f"{expected} is no longer live: someone else wrote it); read "
-                                "it again and retry") from exc
-        return str(blob.generation)
-
-    def keys(self) -> list[str]:
-        start = f"{self.prefix}/" if self.prefix else ""
-        return sorted(b.name[len(start):] for b in self.bucket.client.list_blobs(
-            self.bucket_name, prefix=start))
-
-
-def open_store(uri: str, gcs_client: Any = None) -> Store:
-    """A local directory or ``gs://`` prefix; any other scheme is refused."""
-    if uri.startswith("gs://"):
-        return GcsStore(uri, gcs_client)
-    if "://" in uri or uri.startswith("/vsi"):
-        raise RegistryError(f"{uri!r}: a registry or model is a local directory or gs:// prefix")
-    return LocalStore(uri)
 
 
 # --- validation: the one path by which a model is judged ----------------------------------------
@@ -358,19 +108,30 @@ def validate_directory(directory: str) -> ModelCard:
     return card
 
 
-def compatible(live: ModelCard, candidate: ModelCard) -> None:
-    """A candidate scores the live model's chips, so it needs the same input and classes."""
-    mine, theirs = candidate.input, live.input
-    if (mine.bands, mine.chip_size, mine.stride) != (theirs.bands, theirs.chip_size,
-                                                     theirs.stride):
+def compatible(running: ModelCard, candidate: ModelCard) -> None:
+    """The one rule for a candidate (canary, shadow, a promotion beside a trial): it must score
+    the chips the stream cuts for ``running``, or RegistryError says why.
+
+    Chips are cut once, for the running card: its bands in its order, chip size and stride, its
+    nodata (the valid mask) and valid range (the radiometry guard). A candidate must read
+    exactly those, and write the same classes (rows and rasters are per class). Its
+    normalisation (scale, offset, mean, std) may differ: every version normalises the raw chips
+    with its own card. ``tilestream model canary|shadow|promote`` and the stream's channel
+    follower (``model/serving.py``) both apply this rule, so neither accepts what the other
+    refuses.
+    """
+    mine, theirs = candidate.input, running.input
+    cut = ("bands", "chip_size", "stride", "nodata", "valid_range")
+    differ = [f for f in cut if getattr(mine, f) != getattr(theirs, f)]
+    if differ:
         raise RegistryError(
-            f"{candidate.model_id} reads bands {list(mine.bands)} in {mine.chip_size}px chips "
-            f"(stride {mine.stride}); live {live.model_id} reads {list(theirs.bands)} in "
-            f"{theirs.chip_size}px (stride {theirs.stride}): it cannot score the same chips")
-    if [c.name for c in candidate.classes] != [c.name for c in live.classes]:
+            f"{candidate.model_id} reads chips unlike those cut for {running.model_id} "
+            f"({', '.join(f'{f} {getattr(mine, f)!r} vs {getattr(theirs, f)!r}' for f in differ)})"
+            ": it cannot score the same chips")
+    if [c.name for c in candidate.classes] != [c.name for c in running.classes]:
         raise RegistryError(f"{candidate.model_id} has classes "
-                            f"{[c.name for c in candidate.classes]}, live {live.model_id} has "
-                            f"{[c.name for c in live.classes]}: they cannot be compared")
+                            f"{[c.name for c in candidate.classes]}, {running.model_id} has "
+                            f"{[c.name for c in running.classes]}: they cannot be compared")
 
 
 # --- the registry -------------------------------------------------------------------------------
@@ -393,6 +154,9 @@ class Change:
             if c.candidate:
                 extra = f" {c.canary_fraction:.0%}" if c.mode == "canary" else ""
                 text += f", candidate {c.candidate} ({c.mode}{extra})"
+            if c.live_release or c.green_release:
+                text += f", release {c.live_release.release if c.live_release else 'unrecorded'}"
+                text += f" (green {c.green_release.release})" if c.green_release else ""
             return text
 
         why = f' because "{self.why}"' if self.why else ""
@@ -485,9 +249,8 @@ class Registry:
             candidate = None if c.candidate == ref else c.candidate
             if candidate is not None:
                 compatible(card, self.verify(candidate))
-            return Channels(live=ref, candidate=candidate,
-                            mode=c.mode if candidate else None,
-                            canary_fraction=c.canary_fraction if candidate else 0.0)
+            return _models(c, ref, candidate, c.mode if candidate else None,
+                           c.canary_fraction if candidate else 0.0)
 
         return self._change("promote", by, why, decide)
 
@@ -499,7 +262,7 @@ class Registry:
             if c.live is None:
                 raise RegistryError(f"no live model yet: promote one before a {mode}")
             compatible(self.verify(c.live), card)
-            return Channels(live=c.live, candidate=ref, mode=mode, canary_fraction=fraction)
+            return _models(c, c.live, ref, mode, fraction)
 
         return self._change(mode, by, why, decide)
 
@@ -527,18 +290,70 @@ class Registry:
                 raise RegistryError(f"the candidate is now {c.candidate or 'none'}, not "
                                     f"{expected_candidate}: nothing rolled back")
             if c.candidate is not None:
-                return Channels(live=c.live)
+                return _models(c, c.live)
             for entry in reversed(c.history):
                 before = entry.get("before")
                 previous = before.get("live") if isinstance(before, dict) else None
                 if previous and previous != (str(c.live) if c.live else None):
                     ref = ModelRef.parse(previous)
                     self.verify(ref)
-                    return Channels(live=ref)
+                    return _models(c, ref)
             raise RegistryError("nothing to roll back to: no candidate and no earlier live "
                                 "version in the history")
 
         return self._change("rollback", by, why, decide)
+
+    # --- the stream's own releases (blue-green; docs/operations.md) ---------------------------
+
+    def release_live(self, release: str, subscription: str, job: str = "",
+                     by: str | None = None, why: str = "") -> Change:
+        """Record which release answers, the subscription its job reads and the job (a first
+        launch, an in-place update), when no blue-green replacement is under way."""
+        ref = ReleaseRef(release, subscription, job)
+
+        def decide(c: Channels) -> Channels:
+            if c.green_release is not None:
+                raise RegistryError(f"release {c.green_release.release} is green: cut over or "
+                                    "abort first")
+            return replace(c, live_release=ref)
+
+        return self._change("release", by, why, decide)
+
+    def release_green(self, release: str, subscription: str, job: str = "",
+                      by: str | None = None, why: str = "") -> Change:
+        """Start a blue-green trial: ``release``'s job (on ``subscription``) writes every row
+        as shadow until :meth:`release_cutover`."""
+        ref = ReleaseRef(release, subscription, job)
+
+        def decide(c: Channels) -> Channels:
+            if c.green_release is not None:
+                raise RegistryError(f"release {c.green_release.release} is green already: cut "
+                                    "over or abort it first")
+            if c.live_release is not None and c.live_release.subscription == subscription:
+                raise RegistryError(f"{subscription} is the live release's subscription: green "
+                                    "needs a subscription of its own")
+            return replace(c, green_release=ref)
+
+        return self._change("release-green", by, why, decide)
+
+    def release_cutover(self, release: str, by: str | None = None, why: str = "") -> Change:
+        """The green ``release`` answers from now on; the live one's job may be drained."""
+        def decide(c: Channels) -> Channels:
+            if c.green_release is None or c.green_release.release != release:
+                raise RegistryError(f"release {release} is not green (green: "
+                                    f"{c.green_release.release if c.green_release else 'none'})")
+            return replace(c, live_release=c.green_release, green_release=None)
+
+        return self._change("release-cutover", by, why, decide)
+
+    def release_abort(self, release: str, by: str | None = None, why: str = "") -> Change:
+        """End the green trial of ``release``; the live release never stopped answering."""
+        def decide(c: Channels) -> Channels:
+            if c.green_release is None or c.green_release.release != release:
+                raise RegistryError(f"release {release} is not green: nothing to abort")
+            return replace(c, green_release=None)
+
+        return self._change("release-abort", by, why, decide)
 
     def status(self) -> dict[str, Any]:
         channels, token = self.read_channels()
@@ -554,32 +369,14 @@ class Registry:
         }
 
 
+def _models(c: Channels, live: ModelRef | None, candidate: ModelRef | None = None,
+            mode: str | None = None, fraction: float = 0.0) -> Channels:
+    """``c`` with its model channels changed and its releases kept."""
+    return replace(c, live=live, candidate=candidate, mode=mode, canary_fraction=fraction)
+
+
 def _default_user() -> str:
     try:
         return getpass.getuser()
     except (KeyError, OSError):
         return "unknown"
-
-
-def canary_point(candidate: ModelRef, tile_id: str) -> float:
-    """Where a tile falls in [0, 1) for a candidate: a sha256 of both, so the same tiles go to
-    the same candidate on every worker and after every restart, and raising the fraction only
-    adds tiles."""
-    digest = hashlib.sha256(f"{candidate}|{tile_id}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") / 2.0**64
-
-
-def assignments(channels: Channels, tile_id: str) -> tuple[tuple[ModelRef, str], ...]:
-    """Which versions score a tile, each with its row role (``live``, ``shadow``, ``canary``).
-
-    Exactly one of them answers the tile (``live`` or ``canary``); a shadow scores beside it.
-    """
-    if channels.live is None:
-        raise RegistryError("no live model in the channels document")
-    if channels.candidate is None:
-        return ((channels.live, "live"),)
-    if channels.mode == "shadow":
-        return ((channels.live, "live"), (channels.candidate, "shadow"))
-    if canary_point(channels.candidate, tile_id) < channels.canary_fraction:
-        return ((channels.candidate, "canary"),)
-    return ((channels.live, "live"),)

@@ -4,9 +4,10 @@ last good snapshot, and load validated versions for scoring.
 Beside ``model/registry.py`` (the operator's side) because it judges models by the same rules:
 a version becomes servable only after :func:`model.registry.fetch_model` copied its card and
 weights to a local cache and validated exactly those bytes (card schema, sha256, drift
-reference, :func:`model.contract.load_checked` scoring a chip), and after it is found to read
-the very chips the stream cuts (bands, chip size, stride, normalisation, classes). Anything else
+reference, :func:`model.contract.load_checked` scoring a chip), and after
+:func:`model.registry.compatible` finds it reads the very chips the stream cuts. Anything else
 is refused: the follower keeps what it had and reports the refusal once per channels document.
+The cache directory is the caller's (the worker process's, ``transforms/process.py``).
 
 Nothing here raises about one document or one version: the channels document, registry entries
 and model files are hostile input, and the stream must outlive every one of them.
@@ -16,41 +17,18 @@ from __future__ import annotations
 
 import logging
 import shutil
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from model.card import CARD_FILE, CardError, ModelCard, card_from_dict
-from model.registry import (
-    Channels,
-    ModelRef,
-    Registry,
-    RegistryError,
-    assignments,
-    fetch_model,
-    parse_json,
-)
+from model.channels import Channels, ModelRef, RegistryError, assignments, parse_json
+from model.registry import Registry, compatible, fetch_model
 
 LOG = logging.getLogger(__name__)
 DEFAULT_POLL_SECS = 30.0
 _FETCH_LOCK = threading.RLock()
-_CACHE: Path | None = None
-
-
-def serves_same_chips(running: ModelCard, other: ModelCard) -> None:
-    """``other`` must score the chips the stream cuts for ``running``: same input, same classes."""
-    if other.input != running.input:
-        raise RegistryError(
-            f"{other.model_id} reads {list(other.input.bands)} in {other.input.chip_size}px chips "
-            f"(stride {other.input.stride}, its own normalisation) but the stream cuts chips for "
-            f"{running.model_id} ({list(running.input.bands)}, {running.input.chip_size}px, "
-            f"stride {running.input.stride}): it cannot score them")
-    mine, theirs = [c.name for c in other.classes], [c.name for c in running.classes]
-    if mine != theirs:
-        raise RegistryError(f"{other.model_id} has {len(mine)} classes {mine}, the stream "
-                            f"writes {len(theirs)} {theirs}")
 
 
 @dataclass(frozen=True)
@@ -74,18 +52,9 @@ class Refusal:
     reason: str
 
 
-def cache_dir() -> Path:
-    """This process's private copy of validated versions (never shared, never pre-seeded)."""
-    global _CACHE
-    with _FETCH_LOCK:
-        if _CACHE is None:
-            _CACHE = Path(tempfile.mkdtemp(prefix="tilestream-models-"))
-        return _CACHE
-
-
-def fetch_validated(registry: Registry, ref: ModelRef) -> ModelCard:
-    """Copy ``ref`` into this process's cache and validate exactly those bytes (once)."""
-    target = cache_dir() / ref.name / ref.version
+def fetch_validated(registry: Registry, ref: ModelRef, cache: Path) -> ModelCard:
+    """Copy ``ref`` into ``cache`` and validate exactly those bytes (once per cache)."""
+    target = cache / ref.name / ref.version
     done = target / ".validated"
     with _FETCH_LOCK:
         if not done.exists():
@@ -114,6 +83,7 @@ class ChannelsFollower:
     registry_uri: str
     running: ModelCard
     start: Snapshot
+    cache: Path
     poll_secs: float = DEFAULT_POLL_SECS
     snapshot: Snapshot = field(init=False)
     _registry: Registry | None = field(default=None, init=False, repr=False)
@@ -180,8 +150,7 @@ class ChannelsFollower:
 
     def _problem(self, ref: ModelRef) -> str | None:
         try:
-            card = fetch_validated(self.registry, ref)
-            serves_same_chips(self.running, card)
+            compatible(self.running, fetch_validated(self.registry, ref, self.cache))
         except (RegistryError, CardError) as exc:
             return str(exc)
         except Exception as exc:  # a storage fault, a torch crash: same verdict, with its name
@@ -195,7 +164,7 @@ class ChannelsFollower:
         return refusals
 
 
-def start_snapshot(registry_uri: str) -> tuple[ModelCard, Snapshot]:
+def start_snapshot(registry_uri: str, cache: Path) -> tuple[ModelCard, Snapshot]:
     """At start-up: the live version (validated, or RegistryError) and the first snapshot.
 
     A candidate that fails validation here is dropped from the snapshot; the stream's first poll
@@ -205,11 +174,11 @@ def start_snapshot(registry_uri: str) -> tuple[ModelCard, Snapshot]:
     channels, token = registry.read_channels()
     if channels.live is None:
         raise RegistryError(f"{registry.channels_uri} names no live model: promote one first")
-    card = fetch_validated(registry, channels.live)
+    card = fetch_validated(registry, channels.live, cache)
     candidate_ok = False
     if channels.candidate is not None:
         try:
-            serves_same_chips(card, fetch_validated(registry, channels.candidate))
+            compatible(card, fetch_validated(registry, channels.candidate, cache))
             candidate_ok = True
         except Exception as exc:
             LOG.error("candidate %s refused at start-up: %s", channels.candidate, exc)
@@ -222,16 +191,18 @@ def start_snapshot(registry_uri: str) -> tuple[ModelCard, Snapshot]:
 class CardBook:
     """Cards of the versions the stream serves, by ``name/version`` (versions are immutable)."""
 
-    def __init__(self, running: ModelCard, registry_uri: str | None):
+    def __init__(self, running: ModelCard, registry_uri: str | None, cache: Path):
         self._cards: dict[str, ModelCard] = {running.model_id: running}
         self._registry_uri = registry_uri
+        self._cache = cache
 
     def get(self, model_id: str) -> ModelCard:
         card = self._cards.get(model_id)
         if card is None:
             if not self._registry_uri:
                 raise CardError(f"no card for {model_id}: the stream runs a fixed model")
-            card = fetch_validated(Registry(self._registry_uri), ModelRef.parse(model_id))
+            card = fetch_validated(Registry(self._registry_uri), ModelRef.parse(model_id),
+                                   self._cache)
             self._cards[model_id] = card
         return card
 

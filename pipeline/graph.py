@@ -7,9 +7,14 @@ from apache_beam.io import fileio
 
 from model.card import ModelCard
 from model.serving import Snapshot
-from pipeline.options import TileStreamOptions, load_temp_location
+from pipeline.options import (
+    LATENCY_SLO_S,
+    TileStreamOptions,
+    load_temp_location,
+    release_prefix,
+)
 from transforms import presets
-from transforms.announcements import FilesToRefs, GranuleRule, ParseAnnouncements
+from transforms.announcements import ENTRIES_TAG, FilesToRefs, GranuleRule, ParseAnnouncements
 from transforms.assemble import AssembleTiles
 from transforms.chips import ChipSettings, ChipTiles
 from transforms.deadletter import BigQueryFailures, CheckRows, WriteDeadLetters
@@ -19,7 +24,14 @@ from transforms.granules import AssembleGranules
 from transforms.guards import InputAllowList
 from transforms.inference import ScoreChips
 from transforms.routing import AssignModels
-from transforms.sinks import CHIP_SCHEMA, TILE_SCHEMA, BigQueryTables, chip_rows, write_rows
+from transforms.sinks import (
+    CHIP_SCHEMA,
+    MESSAGE_SCHEMA,
+    TILE_SCHEMA,
+    BigQueryTables,
+    WriteRows,
+    chip_rows,
+)
 from transforms.slis import CountTileSlis
 
 
@@ -38,6 +50,8 @@ def build(p: beam.Pipeline, o: TileStreamOptions, card: ModelCard, tables: BigQu
                                                                with_attributes=True)
                     | "ParseAnnouncements" >> ParseAnnouncements(bands, rule, allow))
 
+    _ = parsed[ENTRIES_TAG] | "MessagesIn" >> WriteRows(tables.messages, MESSAGE_SCHEMA,
+                                                         o.release)
     granules = parsed.bands | "AssembleGranules" >> AssembleGranules(
         bands, o.granule_timeout_secs, o.dedup_ttl_secs, streaming)
     deduped = ((parsed.tiles, granules.tiles)
@@ -49,7 +63,7 @@ def build(p: beam.Pipeline, o: TileStreamOptions, card: ModelCard, tables: BigQu
     registry = o.model_registry if start is not None else None
     if registry:  # one element per (version, role) the channels assign to the tile
         routed = tiles | "AssignModels" >> AssignModels(registry, card, start,
-                                                        o.channels_poll_secs)
+                                                        o.channels_poll_secs, o.release)
         tiles = routed.tiles
         letters.append(routed.dead_letters)
     chipped = tiles | "ChipTiles" >> ChipTiles(chip_settings)
@@ -62,23 +76,24 @@ def build(p: beam.Pipeline, o: TileStreamOptions, card: ModelCard, tables: BigQu
     rows = scored.predictions | "ChipRows" >> beam.FlatMap(chip_rows, class_names)
     if o.chip_rows_load_secs:  # load jobs: rows that would fail one are dead-lettered first
         checked = rows | "CheckChipRows" >> CheckRows(tables.chips, CHIP_SCHEMA)
-        _ = checked.rows | "LoadChipRows" >> write_rows(
-            tables.chips, CHIP_SCHEMA, load_jobs=True,
+        _ = checked.rows | "LoadChipRows" >> WriteRows(
+            tables.chips, CHIP_SCHEMA, o.release, load_jobs=True,
             every_secs=o.chip_rows_load_secs if streaming else None,
             temp_location=load_temp_location(o))
         chip_failures = checked.dead_letters
     else:
-        chip_failures = (rows | "WriteChipRows" >> write_rows(tables.chips, CHIP_SCHEMA)
+        chip_failures = (rows | "WriteChipRows" >> WriteRows(tables.chips, CHIP_SCHEMA, o.release)
                          ).failed_rows_with_errors | "ChipRowFailures" >> BigQueryFailures()
     assembled = ((chipped.manifests, chipped.reports, scored.predictions, scored.failed)
-                 | "AssembleTiles" >> AssembleTiles(card, o.output_prefix, o.tile_timeout_secs,
+                 | "AssembleTiles" >> AssembleTiles(card, release_prefix(o), o.tile_timeout_secs,
                                                     streaming, o.confidence_band, registry))
-    tile_writes = assembled.tiles | "WriteTileRows" >> write_rows(tables.tiles, TILE_SCHEMA)
-    _ = assembled.tiles | "TileSlis" >> beam.ParDo(CountTileSlis())  # Cloud Monitoring SLIs
+    tile_writes = assembled.tiles | "WriteTileRows" >> WriteRows(tables.tiles, TILE_SCHEMA,
+                                                                 o.release)
+    _ = assembled.tiles | "TileSlis" >> beam.ParDo(CountTileSlis(LATENCY_SLO_S))  # SLI counters
     letters.append(assembled.tiles | "DriftChanges" >> FlagDriftChanges())  # over time
 
     tile_failures = tile_writes.failed_rows_with_errors | "TileRowFailures" >> BigQueryFailures()
     ((parsed.dead_letters, granules.dead_letters, *letters, chipped.dead_letters,
       scored.dead_letters, assembled.dead_letters, chip_failures, tile_failures)
      | "AllDeadLetters" >> beam.Flatten()
-     | "WriteDeadLetters" >> WriteDeadLetters(tables, o.output_prefix))
+     | "WriteDeadLetters" >> WriteDeadLetters(tables, o.output_prefix, o.release))

@@ -2,6 +2,10 @@
 
 On Dataflow this submits the job and returns. On the in-process runner it supervises the stream:
 counters are written to ``--metrics_file`` every few seconds, and SIGTERM/SIGINT stop it cleanly.
+
+``--local`` needs a :class:`LocalEnvironment` (``pipeline/local/launch.py``, which
+``tilestream run`` passes in): this module never imports the local room, so the Flex Template
+launcher and the workers cannot load it.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Protocol
 
 import apache_beam as beam
 from apache_beam.options.pipeline_options import (
@@ -26,28 +31,39 @@ from apache_beam.options.pipeline_options import (
 from model.card import ModelCard, load_card
 from model.serving import Snapshot
 from pipeline import graph
-from pipeline.local import adapter as local_adapter
-from pipeline.local import stack as local_stack
-from pipeline.options import TileStreamOptions, load_temp_location
+from pipeline.options import TileStreamOptions, load_temp_location, release_prefix
 from transforms.chips import ChipSettings
-from transforms.guards import InputAllowList
-from transforms.sinks import BigQueryTables
+from transforms.guards import InputAllowList, Refused
+from transforms.sinks import BigQueryTables, ensure_tables
 
 LOG = logging.getLogger("tilestream")
+# A stream runs on Beam's in-process streaming runner; a backfill (bounded input) on the portable
+# FnApiRunner, whose SDK worker processes (--direct_running_mode=multi_processing) use every
+# core, with the same Fn API harness as Dataflow's workers.
 DEFAULT_LOCAL_RUNNER = "BundleBasedDirectRunner"
+BATCH_RUNNER = "apache_beam.runners.portability.fn_api_runner.FnApiRunner"
+# Runners that run the job on this machine: the only ones --local may point at the emulators.
+LOCAL_RUNNERS = ("BundleBasedDirectRunner", "DirectRunner", "SwitchingDirectRunner",
+                 BATCH_RUNNER, "FnApiRunner")
 METRICS_EVERY_SECS = 2.0
 # Chip rows go to BigQuery in load jobs this often: BigQuery allows 1,500 load jobs per table and
-# day, so once a minute in production; the emulator has no quota and the local stack's rows
-# should be queryable seconds after their tile's.
-LOAD_SECS, LOCAL_LOAD_SECS = 60, 2
-# The local stream paces its chipper to the model: about three strip tasks in flight, whatever
-# the tile's width (a strip holds at most ~2 Mpx); with two the model waited between them
-# (docs/ARCHITECTURE.md, "Known limits of the in-process runner", has the measurements).
-LOCAL_CHIPS_IN_FLIGHT = 2048
+# day, so once a minute (the local stack sets its own default).
+LOAD_SECS = 60
 
 
 class ConfigError(ValueError):
     """Options that cannot make a job; raised before anything starts."""
+
+
+class LocalEnvironment(Protocol):
+    """What ``--local`` needs from the local room (``pipeline/local/launch.py``)."""
+
+    def prepare(self, options: PipelineOptions) -> Any:
+        """Point this process at the emulators and fill the options' local defaults; returns
+        the stack."""
+
+    def before_run(self, job: Job) -> None:
+        """Last steps before the job runs in this process (journal, runner fixes)."""
 
 
 @dataclass
@@ -57,17 +73,20 @@ class Job:
     tables: BigQueryTables
     streaming: bool
     allow: InputAllowList
-    stack: local_stack.LocalStack | None = None  # the emulators, with --local
+    stack: Any = None  # the emulators (pipeline.local.stack.LocalStack), with --local
     start: Snapshot | None = None  # with --model_registry: the channels validated at start-up
 
 
 def runner_name(options: PipelineOptions) -> str:
-    runner = options.view_as(StandardOptions).runner or DEFAULT_LOCAL_RUNNER
+    bounded = bool(options.view_as(TileStreamOptions).input_glob)
+    runner = (options.view_as(StandardOptions).runner
+              or (BATCH_RUNNER if bounded else DEFAULT_LOCAL_RUNNER))
     return runner if isinstance(runner, str) else type(runner).__name__
 
 
-def configure(argv: list[str] | None) -> Job:
-    """Parse and check options; applies the local adapter only for --local on a local runner."""
+def configure(argv: list[str] | None, local: LocalEnvironment | None = None) -> Job:
+    """Parse and check options; with ``--local`` (a runner in this process only), ``local``
+    points the process at the emulators first."""
     options = PipelineOptions(argv)
     o = options.view_as(TileStreamOptions)
     standard = options.view_as(StandardOptions)
@@ -75,22 +94,23 @@ def configure(argv: list[str] | None) -> Job:
     standard.runner = runner_name(options)
     stack = None
     if o.local:
-        if standard.runner not in local_adapter.LOCAL_RUNNERS:
+        if standard.runner not in LOCAL_RUNNERS:
             raise ConfigError(
                 f"--local points clients at the emulators in this process; it cannot be used "
                 f"with --runner={standard.runner}"
             )
-        stack = local_stack.load(o.stack_dir)
-        local_adapter.apply(stack)
-        gcp.project = gcp.project or stack.project
-        o.subscription = o.subscription or (None if o.input_glob else stack.subscription_path)
-        o.bq_dataset = o.bq_dataset or f"{stack.project}:{stack.dataset}"
-        o.output_prefix = o.output_prefix or f"gs://{stack.bucket}/tilestream"
-        o.input_buckets = o.input_buckets or f"gs://{stack.bucket}"
+        if local is None:
+            raise ConfigError("--local runs through `tilestream run --local`, which brings the "
+                              "local stack")
+        stack = local.prepare(options)
     if bool(o.subscription) == bool(o.input_glob):
         raise ConfigError("give exactly one input: --subscription (streaming) or --input_glob")
     if not o.bq_dataset or not o.output_prefix:
         raise ConfigError("--bq_dataset and --output_prefix are required (or use --local)")
+    try:
+        release_prefix(o)
+    except Refused as exc:
+        raise ConfigError(f"--release: {exc}") from exc
     image = options.view_as(WorkerOptions).sdk_container_image
     if standard.runner == "DataflowRunner" and "://" not in o.model_uri and not image:
         raise ConfigError(f"Dataflow workers cannot read --model_uri={o.model_uri}: pass a gs:// "
@@ -98,10 +118,12 @@ def configure(argv: list[str] | None) -> Job:
                           "where the launcher and the workers share the shipped model's path")
     streaming = not o.input_glob
     standard.streaming = streaming
-    if not streaming:  # a bounded backfill runs stage by stage: nothing to pace against
+    if not streaming and o.max_chips_in_flight:
+        raise ConfigError("--max_chips_in_flight paces a streaming job on the in-process runner;"
+                          " a backfill (--input_glob) runs stage by stage and cannot honour it: "
+                          "leave it out")
+    if o.max_chips_in_flight is None or not streaming:
         o.max_chips_in_flight = 0
-    elif o.max_chips_in_flight is None:
-        o.max_chips_in_flight = LOCAL_CHIPS_IN_FLIGHT if o.local else 0
     if o.max_chips_in_flight < 0:
         raise ConfigError("--max_chips_in_flight must not be negative")
     start = None
@@ -111,7 +133,7 @@ def configure(argv: list[str] | None) -> Job:
         card = load_card(o.model_uri)
     _check_stage_options(o, card)
     if o.chip_rows_load_secs is None:
-        o.chip_rows_load_secs = LOCAL_LOAD_SECS if o.local else LOAD_SECS
+        o.chip_rows_load_secs = LOAD_SECS
     if not 0 <= o.chip_rows_load_secs <= 3600:
         raise ConfigError("--chip_rows_load_secs must be in [0, 3600]")
     if o.chip_rows_load_secs and not load_temp_location(o).startswith("gs://"):
@@ -127,13 +149,14 @@ def configure(argv: list[str] | None) -> Job:
 
 def registry_start(o: TileStreamOptions) -> tuple[ModelCard, Snapshot]:
     """The registry's live version, validated, and the channels the stream starts with."""
-    from model.registry import RegistryError
+    from model.channels import RegistryError
     from model.serving import start_snapshot
+    from transforms import process
 
     if not 1.0 <= o.channels_poll_secs <= 3600.0:
         raise ConfigError("--channels_poll_secs must be in [1, 3600]")
     try:
-        card, start = start_snapshot(o.model_registry)
+        card, start = start_snapshot(o.model_registry, process.model_cache())
     except RegistryError as exc:
         raise ConfigError(f"--model_registry={o.model_registry}: {exc}") from exc
     o.model_uri = card.uri  # what the logs and `tilestream check` report
@@ -168,7 +191,7 @@ def _check_stage_options(o: TileStreamOptions, card: ModelCard) -> None:
     """Stage settings that would otherwise fail while the graph is built, as ConfigErrors."""
     import re
 
-    from transforms.announcements import parse_aliases
+    from transforms.presets import parse_aliases
 
     try:
         chip_settings(o, card)
@@ -263,31 +286,25 @@ def exit_now(code: int) -> None:
     os._exit(code)
 
 
-def run(argv: list[str] | None = None) -> int:
-    job = configure(argv)
+def run(argv: list[str] | None = None, local: LocalEnvironment | None = None) -> int:
+    job = configure(argv, local)
     o = job.options.view_as(TileStreamOptions)
     LOG.info("model %s from %s; tables %s", job.card.model_id, o.model_uri, job.tables)
-    if job.stack is not None and job.streaming:
-        from pipeline.local import journal as local_journal
-
-        replayed = local_journal.replay_unfinished(job.stack, o.subscription, job.tables)
-        if replayed["replayed"]:
-            LOG.warning("journal: %s", replayed)
-        local_journal.install(job.stack, o.subscription, job.tables)
-    if job.stack is not None and runner_name(job.options) in local_adapter.LOCAL_RUNNERS:
-        from pipeline.local import runner as local_runner
-
-        local_runner.install()
+    if not job.options.get_all_options().get("dry_run"):  # a dry run reaches nothing
+        created = ensure_tables(job.tables)  # readers find every table from the first minute
+        if created:
+            LOG.info("created tables %s", created)
+    if job.stack is not None and local is not None:
+        local.before_run(job)
     result = build_pipeline(job).run()
-    if runner_name(job.options) not in local_adapter.LOCAL_RUNNERS:
+    if runner_name(job.options) not in LOCAL_RUNNERS:
         job_id = getattr(result, "job_id", lambda: None)()
         LOG.info("submitted %s job %s", runner_name(job.options), job_id)
         return 0
     if job.streaming:
         return supervise(result, o.metrics_file)
-    else:
-        result.wait_until_finish()
-        _write_metrics(o.metrics_file, result)
+    result.wait_until_finish()
+    _write_metrics(o.metrics_file, result)
     return 0
 
 

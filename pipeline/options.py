@@ -12,8 +12,12 @@ from pathlib import Path
 from transforms.guards import DEFAULT_MAX_TILE_PIXELS
 from transforms.presets import DEFAULT_BAND_ALIASES, DEFAULT_GRANULE_PATTERN, PRESETS
 
-# transforms/inference.py's default (a test keeps them equal); importing it would import torch.
+# The Dataflow accelerator hint a --device=GPU stream puts on its inference step.
 DEFAULT_ACCELERATOR = "type:nvidia-l4;count:1;install-nvidia-driver"
+
+# This tree's release: setup.py's version (tests/test_release.py keeps them equal), the default
+# of --release, written on every row, and the name of its recorded graph in templates/releases/.
+RELEASE = "0.2.0"
 
 DEFAULT_MODEL_URI = str(
     Path(__file__).resolve().parents[1] / "model" / "artifacts" / "landcover-student" / "v1"
@@ -28,6 +32,12 @@ def flag(value: str) -> bool:
         return False
     raise ValueError(f"expected true or false, got {value!r}")
 
+
+# The latency SLO's threshold: a tile is "fast" when its row lands within this many seconds of
+# the first publish of its message. The stream's SLI counters (transforms/slis.py, given it by
+# pipeline/graph.py), `tilestream slo` and docs/operations.md use it; kept here, free of Beam, so
+# that the command line shows it without importing Beam.
+LATENCY_SLO_S = 120.0
 
 # Options that only make sense on this machine, not as Flex Template parameters.
 LOCAL_ONLY = ("local", "stack_dir", "metrics_file", "input_glob", "max_chips_in_flight")
@@ -147,6 +157,10 @@ class TileStreamArguments:
         outputs.add_argument("--output_prefix",
                              help="gs:// (or local) prefix for prediction COGs and dead-letter "
                              "JSON lines.")
+        outputs.add_argument("--release", default=RELEASE,
+                             help="The stream release this job runs (default: this tree's): "
+                             "written on every row, prefixes its prediction COGs, and decides "
+                             "its rows' role during a blue-green release (docs/operations.md).")
         outputs.add_argument("--chip_rows_load_secs", type=int, default=None,
                              help="Chip rows reach BigQuery in a load job every this many "
                              "seconds; 0 streams them row by row (insertAll). Default 60 on "
@@ -183,6 +197,15 @@ def load_temp_location(o) -> str:
 
     prefix = (o.output_prefix or "").rstrip("/")
     return o.view_as(GoogleCloudOptions).temp_location or f"{prefix}/tmp/bigquery"
+
+
+def release_prefix(o) -> str:
+    """Where this job's prediction COGs go: ``<output_prefix>/releases/<release>``, so two
+    releases running side by side (blue-green) never write the same object."""
+    from model.card import join_uri
+    from transforms.guards import safe_id
+
+    return join_uri(o.output_prefix or "", f"releases/{safe_id(o.release, 'release')}")
 
 
 def __getattr__(name: str):

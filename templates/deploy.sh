@@ -1,19 +1,34 @@
 #!/usr/bin/env bash
 # TileStream on Dataflow: build, publish and operate the Flex Template. See docs/deploy.md.
 #
-#   templates/deploy.sh infra       terraform apply (topic, subscription, notification, tables, SA)
-#   templates/deploy.sh model       copy the shipped student (or MODEL_DIR) to gs://
+#   templates/deploy.sh preflight   offline: will a launch work? (torch, graph, metadata, IAM, HCL)
+#   templates/deploy.sh infra       terraform apply (topic, subscription, notification, tables, SAs)
+#   templates/deploy.sh model       publish the shipped student (or MODEL_DIR) to the registry
 #   templates/deploy.sh image       build and push the GPU image with Cloud Build (IMAGE_KIND=cpu)
 #   templates/deploy.sh template    write the Flex Template spec to gs://
 #   templates/deploy.sh check       on a GPU VM: the image sees CUDA and scores one chip
-#   templates/deploy.sh run         launch the streaming job on GPU workers
-#   templates/deploy.sh update      replace the running job in place (same job name)
-#   templates/deploy.sh drain       drain the running job (finish in-flight work, then stop)
+#   templates/deploy.sh run         launch the streaming job on GPU workers (first launch)
+#   templates/deploy.sh update      replace the running job in place, if its state carries over
+#   templates/deploy.sh bluegreen   start this release beside the live one, its rows shadow
+#   templates/deploy.sh compare     green against blue: dead letters, latency, agreement
+#   templates/deploy.sh cutover     make green live (waits until it says so), drain blue
+#   templates/deploy.sh abort       drain green; blue never stopped answering
+#   templates/deploy.sh drain       drain the live job (finish in-flight work, then stop)
 #
 # Settings come from the environment (or templates/deploy.env, never committed):
 #   PROJECT, REGION, and after `infra`: everything else is read from terraform outputs.
+#   RELEASE defaults to this tree's (pipeline/options.py). docs/operations.md, "Releasing the
+#   stream", walks through update vs blue-green.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-.venv/bin/python}
+[[ -x $PYTHON ]] || PYTHON=python3
+
+if [[ ${1:-} == preflight ]]; then  # offline: needs no project, no credentials
+  shift
+  exec "$PYTHON" -m pipeline.ops.preflight "$@"
+fi
 
 # shellcheck source=/dev/null
 [[ -f templates/deploy.env ]] && source templates/deploy.env
@@ -21,6 +36,7 @@ cd "$(dirname "$0")/.."
 REGION=${REGION:-us-central1}
 NAME=${NAME:-tilestream}
 JOB_NAME=${JOB_NAME:-tilestream}
+RELEASE=${RELEASE:-$("$PYTHON" -c 'from pipeline.options import RELEASE; print(RELEASE)')}
 TAG=${TAG:-$(git rev-parse --short HEAD)}
 IMAGE_KIND=${IMAGE_KIND:-gpu}
 GPU=${GPU:-nvidia-l4}
@@ -33,14 +49,16 @@ tf_output() { terraform -chdir="$TF_DIR" output -raw "$1"; }
 repo() { tf_output image_repository; }
 image() { echo "$(repo)/tilestream-${IMAGE_KIND}:${TAG}"; }
 spec() { echo "gs://$(tf_output dataflow_bucket)/templates/tilestream-${IMAGE_KIND}-${TAG}.json"; }
-model_uri() { echo "gs://$(tf_output tiles_bucket)/models/${MODEL_NAME:-landcover-student}/${MODEL_VERSION:-v1}"; }
+# The stream follows the registry's channels (live, shadow, canary models; the green release):
+# `deploy.sh model` publishes there, and the workers read it through roles/dataflow.worker.
+registry() { tf_output registry; }
 
 # Template parameters: the example set, with this deployment's resources.
-parameters() {
+parameters() {  # parameters SUBSCRIPTION
   local extra
-  extra="subscription=$(tf_output subscription),bq_dataset=$(tf_output bq_dataset)"
+  extra="subscription=$1,bq_dataset=$(tf_output bq_dataset),release=$RELEASE"
   extra+=",input_buckets=$(tf_output input_buckets)"
-  extra+=",output_prefix=$(tf_output output_prefix),model_uri=$(model_uri)"
+  extra+=",output_prefix=$(tf_output output_prefix),model_registry=$(registry)"
   if [[ $IMAGE_KIND == gpu ]]; then
     extra+=",device=GPU,accelerator=type:${GPU};count:1;install-nvidia-driver"
   else
@@ -56,7 +74,9 @@ gpu_service_options() {
   echo "worker_accelerator=type:${GPU};count:1;install-nvidia-driver;use_nvidia_mps"
 }
 
-launch() {  # launch [extra gcloud flags...]
+launch() {  # launch JOB SUBSCRIPTION [extra gcloud flags...]
+  local job=$1 subscription=$2
+  shift 2
   local flags=(
     --project="$PROJECT" --region="$REGION"
     --template-file-gcs-location="$(spec)"
@@ -65,19 +85,44 @@ launch() {  # launch [extra gcloud flags...]
     --temp-location="gs://$(tf_output dataflow_bucket)/tmp"
     --max-workers="$MAX_WORKERS"
     --enable-streaming-engine
-    --parameters="$(parameters)"
+    --parameters="$(parameters "$subscription")"
     --parameters=sdk_container_image="$(image)"
   )
   if [[ $IMAGE_KIND == gpu ]]; then
     flags+=(--worker-machine-type="$MACHINE_TYPE"
             --additional-pipeline-options="dataflow_service_options=$(gpu_service_options)")
   fi
-  gcloud dataflow flex-template run "$JOB_NAME" "${flags[@]}" "$@"
+  gcloud dataflow flex-template run "$job" "${flags[@]}" "$@"
 }
 
-job_id() {
+job_id() {  # job_id NAME
   gcloud dataflow jobs list --project="$PROJECT" --region="$REGION" --status=active \
-    --filter="name=$JOB_NAME" --format='value(id)' | head -n 1
+    --filter="name=$1" --format='value(id)' | head -n 1
+}
+
+drain() {  # drain NAME
+  gcloud dataflow jobs drain "$(job_id "$1")" --project="$PROJECT" --region="$REGION"
+}
+
+release() {  # release VERB [args...]: the release channel in the registry's channels.json
+  "$PYTHON" -m pipeline.ops.cli release "$@" --registry "$(registry)" --project "$PROJECT" \
+    --bq_dataset "$(tf_output bq_dataset)"
+}
+
+# A field of the release channel: channel live|green, field release|subscription|job.
+channel() {
+  release status | "$PYTHON" -c 'import json, sys
+doc = json.load(sys.stdin).get("releases") or {}
+print((doc.get(sys.argv[1]) or {}).get(sys.argv[2], ""))' "$1" "$2"
+}
+
+# The job's update surface, kept beside the template at each launch: what `update` compares.
+surface_uri() { echo "gs://$(tf_output dataflow_bucket)/releases/$1.json"; }
+record_surface() {  # record_surface JOB SUBSCRIPTION
+  local file
+  file=$(mktemp)
+  "$PYTHON" -m pipeline.ops.release surface --parameters "$(parameters "$2")" >"$file"
+  gcloud storage cp "$file" "$(surface_uri "$1")"
 }
 
 case "${1:-}" in
@@ -87,8 +132,16 @@ case "${1:-}" in
       -var="name=$NAME"
     ;;
   model)
-    src=${MODEL_DIR:-model/artifacts/landcover-student/v1}
-    gcloud storage cp "$src/model_card.json" "$src"/*.pt "$(model_uri)/"
+    # Validated (card, sha256, torch version, one scored chip) and written card-last.
+    "$PYTHON" -m pipeline.ops.cli model publish --registry "$(registry)" \
+      "${MODEL_DIR:-model/artifacts/landcover-student/v1}"
+    # A first model goes live; later ones are promoted, canaried or shadowed by hand.
+    live=$("$PYTHON" -m pipeline.ops.cli model status --registry "$(registry)" |
+      "$PYTHON" -c 'import json, sys; print(json.load(sys.stdin)["live"] or "")')
+    if [[ -z $live ]]; then
+      "$PYTHON" -m pipeline.ops.cli model promote --registry "$(registry)" \
+        --reason "first model of the deployment" "${MODEL_REF:-landcover-student/1}"
+    fi
     ;;
   image)
     dockerfile=templates/Dockerfile
@@ -103,23 +156,64 @@ case "${1:-}" in
     ;;
   check)
     docker run --rm --gpus all --entrypoint tilestream "$(image)" check --device=GPU \
-      --model_uri="${CHECK_MODEL_URI:-$(model_uri)}"
+      --model_uri="${CHECK_MODEL_URI:-$(registry)/${MODEL_REF:-landcover-student/1}}"
     ;;
   run)
-    launch
+    subscription=$(tf_output subscription)
+    launch "$JOB_NAME" "$subscription"
+    release live "$RELEASE" --subscription "$subscription" --job "$JOB_NAME"
+    record_surface "$JOB_NAME" "$subscription"
     ;;
   update)
-    # Same job name + --update keeps state (dedup, granules, tiles in flight). Renamed steps
-    # need a mapping, e.g. TRANSFORM_NAME_MAPPINGS='{"OldName":"NewName"}'.
+    # In place only if the running job's state carries over: checked against the surface
+    # recorded at its launch, before Dataflow is called. Moved steps get their mapping.
+    job=$(channel live job)
+    job=${job:-$JOB_NAME}
+    subscription=$(channel live subscription)
+    subscription=${subscription:-$(tf_output subscription)}
+    running=${RUNNING_SURFACE:-$(mktemp)}
+    [[ -n ${RUNNING_SURFACE:-} ]] || gcloud storage cp "$(surface_uri "$job")" "$running"
+    if ! mapping=$("$PYTHON" -m pipeline.ops.release check "$running" \
+        --parameters "$(parameters "$subscription")"); then
+      echo "deploy.sh update: refused before Dataflow was called (see above)" >&2
+      exit 3
+    fi
     extra=(--update)
-    [[ -n ${TRANSFORM_NAME_MAPPINGS:-} ]] && extra+=(--transform-name-mappings="$TRANSFORM_NAME_MAPPINGS")
-    launch "${extra[@]}"
+    [[ -n $mapping ]] && extra+=(--transform-name-mappings="$mapping")
+    launch "$job" "$subscription" "${extra[@]}"
+    release live "$RELEASE" --subscription "$subscription" --job "$job"
+    record_surface "$job" "$subscription"
+    ;;
+  bluegreen)
+    # Green: this release as a second job on the idle subscription slot, every row shadow.
+    live_subscription=$(channel live subscription)
+    IFS=, read -r slot_a slot_b <<<"$(tf_output subscription_slots)"
+    idle=$slot_b
+    [[ $live_subscription == "$slot_b" ]] && idle=$slot_a
+    green_job="${NAME}-${RELEASE//./-}"
+    release green "$RELEASE" --subscription "$idle" --job "$green_job"
+    launch "$green_job" "$idle"
+    record_surface "$green_job" "$idle"
+    ;;
+  compare)
+    release compare --blue "$(channel live release)" --green "$RELEASE" --hours "${HOURS:-1}"
+    ;;
+  cutover)
+    blue_job=$(channel live job)
+    release cutover "$RELEASE" --wait_secs "${WAIT_SECS:-600}"
+    drain "$blue_job"
+    ;;
+  abort)
+    green_job=$(channel green job)
+    drain "$green_job"
+    release abort "$RELEASE"
     ;;
   drain)
-    gcloud dataflow jobs drain "$(job_id)" --project="$PROJECT" --region="$REGION"
+    job=$(channel live job)
+    drain "${job:-$JOB_NAME}"
     ;;
   *)
-    sed -n '2,16p' "$0"
+    sed -n '2,21p' "$0"
     exit 2
     ;;
 esac

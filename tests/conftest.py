@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import re
+from pathlib import Path
 
 import pytest
 
@@ -22,9 +24,9 @@ def stack(tmp_path_factory):
 @pytest.fixture()
 def adapted(stack):
     """This process's Google clients (Beam's included) pointed at the stack."""
-    from pipeline.local import adapter as local_adapter
+    from pipeline.local import patches
 
-    local_adapter.apply(stack)
+    patches.apply(stack)
     return stack
 
 
@@ -32,3 +34,48 @@ def adapted(stack):
 def model_uri() -> str:
     """The shipped student; TILESTREAM_TEST_MODEL_URI runs the suite against another card."""
     return os.environ.get("TILESTREAM_TEST_MODEL_URI", DEFAULT_MODEL_URI)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``last`` run after every other: they judge what the session did."""
+    items.sort(key=lambda item: item.get_closest_marker("last") is not None)
+
+
+# What the reliability tests observe (tests/test_reliability.py, tests/test_ledger.py): rows of
+# (what was tried, what was expected, what was observed). `make reliability` sets
+# TILESTREAM_RELIABILITY_DOC and the session writes them there; `make test` writes nothing.
+REPORT: dict[str, list[tuple[str, str, str]]] = {"inputs": [], "faults": [], "ledger": [],
+                                                 "releases": []}
+RELIABILITY_DOC = "TILESTREAM_RELIABILITY_DOC"
+
+
+def pytest_sessionfinish(session, exitstatus):
+    target = os.environ.get(RELIABILITY_DOC)
+    if not target or exitstatus != 0 or not (REPORT["faults"] and REPORT["inputs"]):
+        return
+    sections = [("inputs", "Inputs (published interleaved with good tiles into one running "
+                 "stream)", ("input", "outcome", "reason as written to `dead_letters`")),
+                ("ledger", "The ledger: every message id published, and its one outcome",
+                 ("what", "expected", "observed")),
+                ("faults", "Faults", ("fault", "expected", "observed")),
+                ("releases", "Releases: blue-green and the rollback rule, on live traffic",
+                 ("what", "expected", "observed"))]
+    lines = ["# Reliability: hostile inputs and faults, and what the stream did", "",
+             "Written by `make reliability` from a run of `tests/test_reliability.py`,",
+             "`tests/test_ledger.py`, `tests/test_bluegreen.py` and",
+             "`tests/test_rollback_rule.py` on the local stack (real emulators); every row is an",
+             "observation of that run, not a promise. The corpus is built by `tests/corpus.py`",
+             "(`python -m tests.corpus` writes its files to `tests/data/bad/`).", ""]
+    for key, title, head in sections:
+        if not REPORT[key]:
+            continue
+        lines += [f"## {title}", "", "| " + " | ".join(head) + " |", "|---|---|---|",
+                  *(f"| {a} | {b} | {c} |" for a, b, c in REPORT[key]), ""]
+    Path(target).write_text("\n".join(lines))
+
+
+def cell(text: str, limit: int = 220) -> str:
+    """One table cell: one line, pipes escaped, ephemeral ports hidden, bounded."""
+    text = " ".join(str(text).split()).replace("|", "\\|")
+    text = re.sub(r"127\.0\.0\.1:\d+", "127.0.0.1:PORT", text)
+    return text if len(text) <= limit else text[:limit] + "…"

@@ -20,8 +20,8 @@ import numpy as np
 import rasterio
 from rasterio.transform import from_origin
 
-from pipeline import announce
-from pipeline.demo import SAMPLE_TILE
+from pipeline.ops import announce
+from pipeline.ops.check import SAMPLE_TILE
 from transforms.announcements import ANNOUNCEMENT_SCHEMA
 
 ACQUIRED = "2001-07-15T12:30:00Z"

@@ -10,7 +10,7 @@ from itertools import groupby
 
 import numpy as np
 
-from transforms.chips import chip_starts
+from transforms.geometry import chip_starts
 from transforms.records import NODATA_CLASS
 
 

@@ -36,7 +36,7 @@ def fresh_input(stack, name: str) -> tuple[str, str, str]:
 def start_stream(stack, model_uri: str, log: Path, *args: str) -> subprocess.Popen:
     with open(log, "ab") as out:
         return subprocess.Popen(
-            [sys.executable, "-m", "pipeline.cli", "run", "--local",
+            [sys.executable, "-m", "pipeline.ops.cli", "run", "--local",
              f"--stack_dir={stack.run_dir}", f"--model_uri={model_uri}", *args],
             stdout=out, stderr=subprocess.STDOUT)
 
@@ -68,3 +68,63 @@ def wait_until(condition, timeout_s: float, child: subprocess.Popen | None = Non
             return False
         time.sleep(every_s)
     return condition()
+
+
+class TilePublisher:
+    """Uploads a copy of one tile under a new name and announces it, every ``every_s`` seconds,
+    from a thread, until stopped: traffic that keeps flowing while a test changes the stream.
+    ``sent`` maps each tile id to its message id, in publish order."""
+
+    def __init__(self, stack, topic: str, tile: Path, prefix: str, every_s: float = 1.5):
+        import threading
+
+        self.stack, self.topic, self.tile, self.prefix = stack, topic, tile, prefix
+        self.every_s = every_s
+        self.sent: dict[str, str] = {}
+        self.published_at: dict[str, float] = {}
+        self.errors: list[BaseException] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="tile-publisher", daemon=True)
+
+    def _run(self) -> None:
+        from pipeline.ops import announce
+
+        store, publisher = self.stack.storage(), self.stack.publisher()
+        i = 0
+        while not self._stop.is_set():
+            tile_id = f"{self.prefix}-{i:03d}"
+            name = f"incoming/{self.prefix}/{tile_id}.tif"
+            try:
+                generation = announce.upload(store, str(self.tile), self.stack.bucket, name)[1]
+                data, attributes = announce.gcs_notification(self.stack.bucket, name, generation)
+                self.sent[tile_id] = announce.publish(publisher, self.topic, data, attributes)
+                self.published_at[tile_id] = time.time()
+            except Exception as exc:  # surfaced by stop()
+                self.errors.append(exc)
+            i += 1
+            self._stop.wait(self.every_s)
+
+    def __enter__(self) -> TilePublisher:
+        self._thread.start()
+        return self
+
+    def stop(self) -> dict[str, str]:
+        self._stop.set()
+        self._thread.join(timeout=60)
+        if self.errors:
+            raise self.errors[0]
+        return self.sent
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def since(self, t: float) -> list[str]:
+        """Tiles published after ``t`` (epoch seconds)."""
+        return [tile for tile, at in self.published_at.items() if at > t]
+
+
+def cli(stack, *argv: str, timeout_s: float = 180) -> subprocess.CompletedProcess:
+    """``tilestream ARGV --local`` on the test stack, as an operator types it."""
+    return subprocess.run([sys.executable, "-m", "pipeline.ops.cli", *argv, "--local",
+                           f"--stack_dir={stack.run_dir}"], capture_output=True, text=True,
+                          timeout=timeout_s)

@@ -9,11 +9,11 @@ import uuid
 
 import pytest
 
-from pipeline.demo import SAMPLE_TILE
+from pipeline.ops.check import SAMPLE_TILE
 
 
 def tilestream(*args: str, **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "pipeline.ops.cli", *args], capture_output=True,
                           text=True, timeout=120, **kwargs)
 
 

@@ -1,4 +1,4 @@
-"""Live vs candidate: the comparison SQL of docs/operations.sql on rows in the BigQuery emulator."""
+"""Live vs candidate: the comparison SQL of pipeline/ops/sql/operations.sql on emulator rows."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import uuid
 
 import pytest
 
-from pipeline.queries import OPERATIONS_FILE, run_query
+from pipeline.ops.queries import OPERATIONS_FILE, run_query
 from transforms.sinks import SCHEMAS
 
 pytestmark = pytest.mark.stack

@@ -11,16 +11,13 @@ from pathlib import Path
 import pytest
 
 from pipeline import main
+from pipeline.ops.dry_run import EXAMPLE_ARGS
 from pipeline.options import DEFAULT_MODEL_URI
 
 ROOT = Path(__file__).resolve().parents[1]
 # What the Flex Template launcher adds, then the template's example parameters.
 DATAFLOW_ARGS = [
-    "--runner=DataflowRunner", "--project=tilestream-prod", "--region=us-central1",
-    "--temp_location=gs://tilestream-prod-dataflow/tmp",
-    "--staging_location=gs://tilestream-prod-dataflow/staging", "--no_auth", "--dry_run=True",
-    "--sdk_location=container",
-    "--sdk_container_image=us-central1-docker.pkg.dev/tilestream-prod/tilestream/tilestream:test",
+    *EXAMPLE_ARGS,
     *(f"--{k}={v}" for k, v in json.loads(
         (ROOT / "templates" / "example-parameters.json").read_text()).items()),
 ]
@@ -31,7 +28,7 @@ def dry_run(model_uri: str, *extra: str) -> dict:
     env = {k: v for k, v in os.environ.items()
            if not k.endswith("_EMULATOR_HOST") and k not in ("CPL_GS_ENDPOINT",
                                                               "GS_NO_SIGN_REQUEST")}
-    done = subprocess.run([sys.executable, str(ROOT / "tests" / "dataflow_dry_run.py"),
+    done = subprocess.run([sys.executable, "-m", "pipeline.ops.dry_run",
                            *DATAFLOW_ARGS, f"--model_uri={model_uri}", *extra],
                           capture_output=True, text=True, env=env,
                           cwd=ROOT, timeout=300)
@@ -65,8 +62,9 @@ def test_cpu_jobs_carry_no_accelerator_hint(model_uri):
     assert dry_run(model_uri, "--device=CPU")["resource_hints"] == {}
 
 
-def test_dataflow_translation_leaves_the_local_adapter_out(gpu_job):
-    assert gpu_job["adapter_applied"] is False
+def test_dataflow_translation_leaves_the_local_room_out(gpu_job):
+    """The launcher imports only the runtime: no local stack, operator verb or training code."""
+    assert gpu_job["non_runtime_modules"] == []
     assert gpu_job["bq_client_patched"] is False
     assert gpu_job["emulator_env"] == []
     assert gpu_job["max_chips_in_flight"] == 0  # the local runner's pacing: Dataflow paces itself

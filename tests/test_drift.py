@@ -24,7 +24,7 @@ from model.drift import (
     tile_drift,
 )
 from model.inference import normalise, predict_logits, valid_mask
-from pipeline.demo import SAMPLE_TILE
+from pipeline.ops.check import SAMPLE_TILE
 
 ROOT = Path(__file__).resolve().parents[1]
 STUDENT = ROOT / "model" / "artifacts" / "landcover-student" / "v1"
@@ -178,7 +178,7 @@ def test_malformed_references_are_refused(card, edit, message):
 
 
 def test_cli_reports_psi_of_a_raster(tmp_path):
-    done = subprocess.run([sys.executable, "-m", "pipeline.cli", "model", "drift",
+    done = subprocess.run([sys.executable, "-m", "pipeline.ops.cli", "model", "drift",
                            str(SAMPLE_TILE)], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
@@ -205,7 +205,7 @@ def test_the_chipper_counts_drift_while_reading_and_the_tile_row_flags_it(
     values, predicted = scored(path, card, student)
     whole = band_counts(olinda_reference, values)  # one read of the whole raster
     assert [list(c) for c in manifest.band_counts] == [list(c) for c in whole]
-    columns = drift_columns(reference_card, manifest,
+    columns = drift_columns(reference_card, reference_card, manifest,
                             np.bincount(predicted, minlength=card.num_classes))
     assert columns["drifted"] is flagged, columns
     assert [b["band"] for b in columns["drift_band_psi"]] == list(card.input.bands)

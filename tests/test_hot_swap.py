@@ -15,9 +15,10 @@ import pytest
 import torch
 
 from model.card import CARD_FILE, sha256_of
-from model.registry import CHANNELS_FILE, Channels, ModelRef, Registry, assignments
-from pipeline import announce
-from pipeline.queries import run_query
+from model.channels import CHANNELS_FILE, Channels, ModelRef, assignments
+from model.registry import Registry
+from pipeline.ops import announce
+from pipeline.ops.queries import run_query
 from tests import tiles
 from tests.streams import fresh_input, query, start_stream, stop_stream, wait_until
 
@@ -83,7 +84,7 @@ def swap_run(stack, tmp_path_factory):
     child = start_stream(stack, str(ARTIFACTS / "v1"), log, f"--model_registry={registry.prefix}",
                          f"--channels_poll_secs={POLL_S}", f"--subscription={subscription}",
                          f"--bq_dataset={stack.project}:{dataset}",
-                         f"--output_prefix=gs://{stack.bucket}/{dataset}",
+                         f"--output_prefix={stack.output_prefix}/{dataset}",
                          f"--min_valid_fraction={MIN_VALID}", "--window_secs=1",
                          "--max_batch_size=8", "--chip_rows_load_secs=0")
     phases: dict[str, list[str]] = {}
@@ -205,7 +206,7 @@ def test_a_shadow_scores_every_tile_beside_live_and_consumers_read_live_only(sta
     shadow_uris = {r["raster_uri"] for r in rows if r["role"] == "shadow"}
     assert all("/predictions/landcover-student/1/" in u for u in shadow_uris)
     area = run_query(stack.bigquery(), "class_area_per_tile_and_day",
-                     f"{stack.project}.{swap_run['dataset']}")
+                     f"{stack.project}.{swap_run['dataset']}", include_drifted=True)
     assert {r["model_version"] for r in area if r["tile_id"] in names} == {"2"}
 
 

@@ -46,7 +46,7 @@ def test_probabilities_are_the_rounded_softmax_times_255():
         logits = model(normalise_batch(torch.stack(chips), spec))
         expected = (torch.softmax(logits, dim=1) * 255.0).round().to(torch.uint8)
     assert [r.model_id for r in results] == ["m/1"] * 4
-    assert torch.equal(torch.stack([r.inference for r in results]), expected)
+    assert torch.equal(torch.stack([torch.from_numpy(r.inference) for r in results]), expected)
 
 
 def test_a_batch_counts_its_real_bytes():
@@ -63,7 +63,7 @@ def test_a_block_the_model_raises_on_is_dead_lettered_chip_by_chip_and_the_rest_
     from apache_beam.testing.util import assert_that, equal_to
 
     from model.card import load_card
-    from pipeline.demo import SAMPLE_TILE
+    from pipeline.ops.check import SAMPLE_TILE
     from pipeline.options import DEFAULT_MODEL_URI
     from tests.test_stages import chip_tile, runner_options
     from transforms.chips import ChipSettings

@@ -13,7 +13,7 @@ import rasterio
 from google.cloud import bigquery
 from rasterio.transform import from_origin
 
-from pipeline import smoke
+from pipeline.local import smoke
 from pipeline.local import stack as local_stack
 
 pytestmark = pytest.mark.stack
@@ -102,7 +102,7 @@ def test_smoke_stream_writes_bigquery_rows_and_a_gcs_file(stack):
 
 
 def _tilestream(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "pipeline.ops.cli", *args], capture_output=True,
                           text=True, timeout=120)
 
 
@@ -118,8 +118,8 @@ def test_two_stacks_run_side_by_side_and_down_leaves_no_process(tmp_path):
         first.bigquery().create_dataset("only_in_first")
         assert "only_in_first" not in {d.dataset_id for d in second.bigquery().list_datasets()}
         status = _tilestream("local", "status", "--stack_dir", str(tmp_path / "two"))
-        assert json.loads(status.stdout)["services"] == {"pubsub": True, "bigquery": True,
-                                                         "gcs": True}
+        assert json.loads(status.stdout)["services"] == dict.fromkeys(
+            ("pubsub", "bigquery", "gcs", "pubsub-proxy", "bigquery-proxy", "gcs-proxy"), True)
         env = _tilestream("local", "env", "--stack_dir", str(tmp_path / "two")).stdout
         assert f"export PUBSUB_EMULATOR_HOST={second.pubsub_host}" in env
         assert local_stack.up(tmp_path / "one").pubsub_port == first.pubsub_port  # idempotent
@@ -186,12 +186,13 @@ def test_a_tile_row_whose_chip_rows_are_not_all_in_is_replayed_not_kept(stack):
 
     from pipeline.local import journal
     from tests.streams import fresh_input, query
-    from transforms.sinks import CHIP_SCHEMA, TILE_SCHEMA, BigQueryTables
+    from transforms.announcements import FIRST_PUBLISHED, REPLAY_OF
+    from transforms.sinks import CHIP_SCHEMA, SCHEMAS, TILE_SCHEMA, BigQueryTables
 
     _, subscription, dataset = fresh_input(stack, "journal")
     tables = BigQueryTables.in_dataset(f"{stack.project}:{dataset}")
     bq = stack.bigquery()
-    for name, schema in (("chips", CHIP_SCHEMA), ("tiles", TILE_SCHEMA)):
+    for name, schema in SCHEMAS.items():  # as the stream creates them at start-up
         bq.create_table(bigquery.Table(f"{stack.project}.{dataset}.{name}", schema=[
             bigquery.SchemaField.from_api_repr(f) for f in schema["fields"]]))
     for tile, message in (("whole", "m-whole"), ("partial", "m-partial")):
@@ -200,7 +201,8 @@ def test_a_tile_row_whose_chip_rows_are_not_all_in_is_replayed_not_kept(stack):
             message_id=message, source_message_ids=[message])])
     assert not bq.insert_rows_json(f"{stack.project}.{dataset}.chips", [
         _row(CHIP_SCHEMA, row_id=f"{tile}-{i}", tile_id=tile, chip_index=i, role="live",
-             message_id=f"m-{tile}") for tile, i in (("whole", 0), ("whole", 1), ("partial", 0))])
+             message_id=f"m-{tile}", source_message_ids=[f"m-{tile}"])
+        for tile, i in (("whole", 0), ("whole", 1), ("partial", 0))])
     path = journal.journal_path(stack, subscription, tables)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps({"id": m, "data": base64.b64encode(m.encode()).decode(),
@@ -216,26 +218,37 @@ def test_a_tile_row_whose_chip_rows_are_not_all_in_is_replayed_not_kept(stack):
     [again] = stack.subscriber().pull(subscription=subscription, max_messages=5,
                                       timeout=30).received_messages
     assert again.message.data == b"m-partial"
-    assert again.message.attributes[journal.REPLAY_ATTRIBUTE] == "m-partial"
+    assert again.message.attributes[REPLAY_OF] == "m-partial"
+    assert again.message.attributes[FIRST_PUBLISHED]  # latency from the first publish
+    [booked] = query(stack, f"SELECT disposition, message_id, reason FROM `{dataset}.events`")
+    assert (booked["disposition"], booked["message_id"]) == ("replayed", "m-partial")
+    assert booked["reason"].startswith(f"replayed as {again.message.message_id}")
 
 
 def test_the_local_stream_paces_its_chipper_and_dataflow_does_not(adapted, model_uri):
     """With --local the chipper waits for the model by default (memory follows a strip task,
     not the tile); an explicit 0 turns it off. The Dataflow side is in test_dataflow.py."""
     from pipeline import main
+    from pipeline.local import launch
     from pipeline.options import TileStreamOptions
 
     def pacing(*extra: str) -> int:
         job = main.configure(["--local", f"--stack_dir={adapted.run_dir}",
-                              f"--model_uri={model_uri}", *extra])
+                              f"--model_uri={model_uri}", *extra], local=launch)
         return job.options.view_as(TileStreamOptions).max_chips_in_flight
 
-    assert pacing() == main.LOCAL_CHIPS_IN_FLIGHT > 0
+    assert pacing() == launch.LOCAL_CHIPS_IN_FLIGHT > 0
     assert pacing("--max_chips_in_flight=0") == 0
+    # a backfill cannot pace (it runs stage by stage): an explicit limit is refused, not ignored
+    with pytest.raises(main.ConfigError, match="cannot honour it"):
+        pacing("--input_glob=/tmp/*.tif", "--max_chips_in_flight=100")
+    assert pacing("--input_glob=/tmp/*.tif") == 0
+    with pytest.raises(main.ConfigError, match="tilestream run --local"):
+        main.configure(["--local", f"--stack_dir={adapted.run_dir}"])
 
 
 def test_the_local_runner_fixes_keep_beams_answers_and_run_serial_work_in_order():
-    """pipeline/local/runner.py: memoised specs equal Beam's own for the stream's stateful
+    """pipeline/local/patches.py: memoised specs equal Beam's own for the stream's stateful
     DoFns (and instance-bound methods are still inspected); a stateful step's queued bundles run
     oldest first, as they arrived, each as soon as the step is free (Beam's own queue runs the
     newest first, and behind whatever else was queued meanwhile)."""
@@ -243,7 +256,7 @@ def test_the_local_runner_fixes_keep_beams_answers_and_run_serial_work_in_order(
     from apache_beam.transforms import userstate
 
     from model.card import load_card
-    from pipeline.local import runner as local_runner
+    from pipeline.local import patches as local_runner
     from pipeline.options import DEFAULT_MODEL_URI
     from transforms.assemble import _AssembleStripFn, _FinishTileFn
     from transforms.chips import ChipSettings, _ChipStripFn, _MergeReportsFn

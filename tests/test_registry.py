@@ -12,13 +12,8 @@ from pathlib import Path
 import pytest
 
 from model.card import CARD_FILE
-from model.registry import (
-    CHANNELS_FILE,
-    ConflictError,
-    ModelRef,
-    Registry,
-    RegistryError,
-)
+from model.channels import CHANNELS_FILE, ConflictError, ModelRef, RegistryError
+from model.registry import Registry
 
 ROOT = Path(__file__).resolve().parents[1]
 STUDENT = ROOT / "model" / "artifacts" / "landcover-student" / "v1"
@@ -44,7 +39,7 @@ def registry(request, tmp_path) -> Registry:
     if request.param == "local":
         return Registry(str(tmp_path / "registry"))
     stack = request.getfixturevalue("stack")
-    return Registry(f"gs://{stack.bucket}/registry-{uuid.uuid4().hex[:8]}",
+    return Registry(f"{stack.registry_prefix}/{uuid.uuid4().hex[:8]}",
                     gcs_client=stack.storage())
 
 
@@ -203,7 +198,7 @@ def test_a_version_broken_after_publish_is_refused_at_promote(with_v1_v2):
 
 
 def _tilestream(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pipeline.cli", "model", *args],
+    return subprocess.run([sys.executable, "-m", "pipeline.ops.cli", "model", *args],
                           capture_output=True, text=True, timeout=120)
 
 
@@ -232,20 +227,20 @@ def test_cli_publish_promote_canary_status_rollback(tmp_path):
 
 @pytest.mark.stack
 def test_cli_reaches_a_gs_registry_on_the_local_stack(stack):
-    reg = ["--registry", f"gs://{stack.bucket}/cli-registry-{uuid.uuid4().hex[:6]}", "--local",
+    reg = ["--registry", f"{stack.registry_prefix}/cli-{uuid.uuid4().hex[:6]}", "--local",
            f"--stack_dir={stack.run_dir}"]
     assert _tilestream("publish", str(STUDENT), *reg).returncode == 0
     done = _tilestream("promote", "landcover-student/1", *reg)
     assert done.returncode == 0, done.stderr
     assert "channels.json" in done.stdout and done.stdout.split("written to ")[1].startswith(
-        f"gs://{stack.bucket}/cli-registry-")
-    blob = stack.storage().bucket(stack.bucket).get_blob(
-        reg[1][len(f"gs://{stack.bucket}/"):] + "/channels.json")
+        f"{stack.registry_prefix}/cli-")
+    blob = stack.storage().bucket(stack.models_bucket).get_blob(
+        reg[1][len(f"gs://{stack.models_bucket}/"):] + "/channels.json")
     assert json.loads(blob.download_as_bytes())["live"] == "landcover-student/1"
 
 
 def test_canary_routing_is_stable_proportional_and_monotone():
-    from model.registry import Channels, assignments, canary_point
+    from model.channels import Channels, assignments, canary_point
 
     # A pinned value: the same tile goes to the same side on every worker, after every restart.
     assert canary_point(V2, "olinda") == pytest.approx(0.9881882, abs=1e-6)

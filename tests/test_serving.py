@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from model.registry import CHANNELS_FILE, Channels, Registry
+from model.channels import CHANNELS_FILE, Channels
+from model.registry import Registry
 from model.serving import ChannelsFollower, start_snapshot
 from tests.test_registry import STUDENT, V1, V2, V3, variant
 
@@ -16,8 +18,9 @@ def follower(tmp_path) -> tuple[Registry, ChannelsFollower]:
     registry = Registry(str(tmp_path / "registry"))
     registry.publish(str(STUDENT))
     registry.promote(V1, by="test")
-    card, start = start_snapshot(registry.prefix)
-    return registry, ChannelsFollower(registry.prefix, card, start, poll_secs=0.0)
+    card, start = start_snapshot(registry.prefix, tmp_path / "cache")
+    return registry, ChannelsFollower(registry.prefix, card, start, tmp_path / "cache",
+                                      poll_secs=0.0)
 
 
 def live_of(f: ChannelsFollower) -> str:
@@ -43,21 +46,50 @@ def test_a_version_tampered_with_after_publish_is_refused_as_live(follower, tmp_
     assert live_of(f) == str(V1) and f.snapshot.assign("t") == (("landcover-student/1", "live"),)
 
 
-def test_a_candidate_normalised_otherwise_is_refused_and_live_answers_alone(follower, tmp_path):
+def _other_mean(card):
+    card["input"]["mean"] = [m + 10 for m in card["input"]["mean"]]
+
+
+def _other_nodata(card):
+    card["input"]["nodata"] = 255.0
+
+
+def _other_chip_size(card):
+    card["input"]["chip_size"], card["input"]["stride"] = 32, 32
+
+
+def _other_classes(card):
+    card["classes"][0]["name"] = "ocean"
+
+
+@pytest.mark.parametrize(("edit", "accepted"), [
+    (_other_mean, True),  # normalised its own way: it still reads the chips the stream cuts
+    (_other_nodata, False), (_other_chip_size, False), (_other_classes, False)])
+def test_the_cli_and_the_stream_judge_a_candidate_by_one_rule(follower, tmp_path, edit,
+                                                              accepted):
+    """`tilestream model canary` (the registry) and the running stream (its follower) accept
+    and refuse the same candidates: neither takes what the other would refuse."""
+    from model.channels import RegistryError
+
     registry, f = follower
-
-    def other_mean(card):
-        card["input"]["mean"] = [m + 10 for m in card["input"]["mean"]]
-
-    registry.publish(str(variant(tmp_path, "3", other_mean)))
-    registry.canary(V3, 0.5, by="test")  # the registry checks bands and classes, not the mean
-    [refusal] = f.refresh()
-    assert "landcover-student/3 refused as canary candidate" in refusal.reason
-    assert "cannot score them" in refusal.reason
-    assert f.snapshot.channels.candidate is None
-    assert {f.snapshot.assign(f"t{i}") for i in range(20)} == {(("landcover-student/1",
-                                                                 "live"),)}
-    assert f.refresh() == []  # reported once per document
+    registry.publish(str(variant(tmp_path, "3", edit)))
+    try:
+        registry.canary(V3, 0.5, by="test")
+        cli_accepts = True
+    except RegistryError as exc:
+        assert "cannot" in str(exc)
+        cli_accepts = False
+        # what the stream would do if someone wrote the document by hand, past the CLI
+        doc = Channels(live=V1, candidate=V3, mode="canary", canary_fraction=0.5)
+        (Path(registry.prefix) / CHANNELS_FILE).write_bytes(doc.to_bytes())
+    refusals = f.refresh()
+    stream_accepts = not refusals and f.snapshot.channels.candidate == V3
+    assert cli_accepts is stream_accepts is accepted, refusals
+    if not accepted:
+        [refusal] = refusals
+        assert "landcover-student/3 refused as canary candidate" in refusal.reason
+        assert {f.snapshot.assign(f"t{i}") for i in range(20)} == {(("landcover-student/1",
+                                                                     "live"),)}
 
 
 def test_a_valid_shadow_is_taken_and_scores_beside_live(follower, tmp_path):
@@ -77,7 +109,7 @@ def test_chips_of_a_version_that_cannot_load_fail_alone_beside_a_good_one(follow
 
     from model.card import load_card
     from model.inference import model_input
-    from pipeline.demo import SAMPLE_TILE
+    from pipeline.ops.check import SAMPLE_TILE
     from tests.test_stages import chip_tile
     from transforms.chips import ChipSettings
     from transforms.inference import BlockModelHandler, VersionedModelHandler, block_input
@@ -112,7 +144,7 @@ def test_chips_of_a_version_that_cannot_load_fail_alone_beside_a_good_one(follow
     assert [len(r) for _, r in by_block] == [5, 5]
     assert all(r.inference is None for r in by_block[0][1])
     assert all(r.inference is not None for r in by_block[1][1])
-    assert torch.equal(by_block[1][1][0].inference, by_tile["a"][0].inference)
+    assert np.array_equal(by_block[1][1][0].inference, by_tile["a"][0].inference)
 
 
 @pytest.mark.stack
@@ -122,14 +154,14 @@ def test_the_follower_reads_a_gcs_registry_as_the_stream_does(adapted, tmp_path)
 
     from model.serving import CardBook
 
-    prefix = f"gs://{adapted.bucket}/registry-{uuid.uuid4().hex[:8]}"
+    prefix = f"{adapted.registry_prefix}/{uuid.uuid4().hex[:8]}"
     registry = Registry(prefix, gcs_client=adapted.storage())
     registry.publish(str(STUDENT))
     registry.publish(str(variant(tmp_path, "2")))
     registry.promote(V1, by="test")
-    card, start = start_snapshot(prefix)
-    follower = ChannelsFollower(prefix, card, start, poll_secs=0.0)
+    card, start = start_snapshot(prefix, tmp_path / "cache")
+    follower = ChannelsFollower(prefix, card, start, tmp_path / "cache", poll_secs=0.0)
     registry.canary(V2, 1.0, by="test")
     assert follower.refresh() == []
     assert follower.snapshot.assign("any") == (("landcover-student/2", "canary"),)
-    assert CardBook(card, prefix).get("landcover-student/2").version == "2"
+    assert CardBook(card, prefix, tmp_path / "cache").get("landcover-student/2").version == "2"

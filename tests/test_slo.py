@@ -14,8 +14,8 @@ import apache_beam as beam
 import pytest
 from apache_beam.metrics.metric import MetricsFilter
 
-from pipeline import slo
-from pipeline.slo import LATENCY_SLO_S
+from pipeline.ops import slo
+from pipeline.options import LATENCY_SLO_S
 from tests.test_templates import TEMPLATES, _first, terraform
 from transforms.sinks import SCHEMAS
 from transforms.slis import CountTileSlis
@@ -88,7 +88,7 @@ def test_slo_from_rows_in_the_emulator(stack, dataset):
     _insert(stack, dataset, "dead_letters", letters)
 
     done = subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", "slo", "--local", f"--stack_dir={stack.run_dir}",
+        [sys.executable, "-m", "pipeline.ops.cli", "slo", "--local", f"--stack_dir={stack.run_dir}",
          f"--bq_dataset={stack.project}:{dataset}", "--window=1h", f"--end={END.isoformat()}",
          "--json"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
@@ -107,7 +107,7 @@ def test_slo_from_rows_in_the_emulator(stack, dataset):
     assert errors["budget_left"] == pytest.approx(1 - 1 / (0.005 * 41))
 
     text = subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", "slo", "--local", f"--stack_dir={stack.run_dir}",
+        [sys.executable, "-m", "pipeline.ops.cli", "slo", "--local", f"--stack_dir={stack.run_dir}",
          f"--bq_dataset={stack.project}:{dataset}", "--window=1h", f"--end={END.isoformat()}",
          "--latency_s=250"], capture_output=True, text=True, timeout=120).stdout
     assert "latency    tile row within 250 s of publish, complete: 97.50% of 40" in text
@@ -128,7 +128,7 @@ def test_tile_sli_counters_as_dataflow_exports_them():
             {"latency_s": LATENCY_SLO_S + 1, "complete": True, "chips_failed": 0},
             {"latency_s": 5.0, "complete": False, "chips_failed": 3}]
     pipeline = beam.Pipeline(runner="BundleBasedDirectRunner")
-    _ = pipeline | beam.Create(rows) | beam.ParDo(CountTileSlis())
+    _ = pipeline | beam.Create(rows) | beam.ParDo(CountTileSlis(LATENCY_SLO_S))
     result = pipeline.run()
     result.wait_until_finish()
     counters = {c.key.metric.name: c.committed for c in result.metrics().query(
@@ -195,7 +195,7 @@ def test_the_stream_counts_answered_tiles_for_its_slis_not_shadow_ones():
             {"role": "canary", "latency_s": 3.0, "complete": True, "chips_failed": 0},
             {"role": "shadow", "latency_s": 500.0, "complete": True, "chips_failed": 0}]
     p = beam.Pipeline()
-    _ = p | beam.Create(rows) | beam.ParDo(CountTileSlis())
+    _ = p | beam.Create(rows) | beam.ParDo(CountTileSlis(LATENCY_SLO_S))
     result = p.run()
     result.wait_until_finish()
     counters = {c.key.metric.name: c.committed for c in result.metrics().query(

@@ -13,16 +13,15 @@ import json
 import subprocess
 import sys
 
-import apache_beam as beam
 import pytest
 from apache_beam.io.gcp.pubsub import PubsubMessage
 
 from model.card import load_card
-from pipeline import stac_catalog
+from pipeline.ops import stac_catalog
 from pipeline.options import DEFAULT_MODEL_URI
-from tests.tiles import BANDS
+from tests.test_stages import parse_all
 from transforms import announcements as ann
-from transforms import inference, presets, stac
+from transforms import presets, stac
 from transforms.guards import InputAllowList
 
 BUCKET = "gs://tiles-in"
@@ -128,17 +127,7 @@ def parse(messages, band_preset: str | None = None):
     """The stream's parse DoFn with the options' preset; (tiles, bands, dead letters)."""
     rule = ann.GranuleRule(*presets.resolve(band_preset, presets.DEFAULT_GRANULE_PATTERN,
                                             presets.DEFAULT_BAND_ALIASES))
-    fn = ann._ParseFn(BANDS, rule, InputAllowList.parse(BUCKET))
-    out: dict[str, list] = {"tiles": [], "bands": [], "dead_letters": [], "set_aside": []}
-    for msg in messages:
-        for item in fn.process(msg):
-            tag = item.tag if isinstance(item, beam.pvalue.TaggedOutput) else "tiles"
-            value = item.value if isinstance(item, beam.pvalue.TaggedOutput) else item
-            value = value.value if isinstance(value, beam.window.TimestampedValue) else value
-            if tag == "dead_letters" and value.disposition != "dead_letter":
-                tag = "set_aside"  # filtered: not an error
-            out[tag].append(value)
-    return out["tiles"], out["bands"], out["dead_letters"]
+    return parse_all(messages, rule, InputAllowList.parse(BUCKET))[:3]
 
 
 # --- STAC in -----------------------------------------------------------------------------------
@@ -220,7 +209,7 @@ def test_a_relative_href_cannot_leave_the_items_bucket():
 
 
 def test_status_without_a_stack_says_so(tmp_path):
-    done = subprocess.run([sys.executable, "-m", "pipeline.cli", "status",
+    done = subprocess.run([sys.executable, "-m", "pipeline.ops.cli", "status", "--local",
                            f"--stack_dir={tmp_path}"], capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "no local stack recorded" in done.stderr
 
@@ -300,6 +289,9 @@ def test_a_geojson_feature_without_stac_version_is_not_taken_for_an_item():
     ("LE07_L2SP_217065_20010715_20200917_02_T1", "2001-07-15T00:00:00Z"),
     ("LC08_L2SP_014035_20240419_20240425_02_T1", "2024-04-19T00:00:00Z"),
     ("T17SLU_20240419T160001", "2024-04-19T16:00:01Z"),
+    # no known product: the stamp is read wherever the name carries one
+    ("field.2000100T150000.v1.B01.tif", "2000-04-09T15:00:00Z"),
+    ("scene_20000409T150000_B02.tif", "2000-04-09T15:00:00Z"),
     ("olinda", None),
     ("HLS.S30.T17SLU.2024999T160000.v2.0", None),  # day 999 is no date
 ])
@@ -308,7 +300,7 @@ def test_granule_names_give_the_acquisition_time(name, acquired):
 
 
 def test_landsat_band_file_under_the_default_aliases_is_reported_at_once_with_a_hint():
-    from pipeline import announce
+    from pipeline.ops import announce
 
     name = "in/LE07_L2SP_217065_20010715_20200917_02_T1_SR_B1.TIF"
     tiles_, bands, [letter] = parse([message(*announce.gcs_notification("tiles-in", name, 1))])
@@ -322,7 +314,7 @@ def test_landsat_band_file_under_the_default_aliases_is_reported_at_once_with_a_
 
 
 def test_a_band_file_of_another_product_is_not_read_as_a_whole_tile():
-    from pipeline import announce
+    from pipeline.ops import announce
 
     name = "s2/T17SLU_20240419T160001_B8A_20m.tif"  # the default pattern does not match it
     _, _, [letter] = parse([message(*announce.gcs_notification("tiles-in", name, 1))])
@@ -334,7 +326,7 @@ def test_a_band_file_of_another_product_is_not_read_as_a_whole_tile():
 
 
 def test_unused_bands_of_the_right_product_are_filtered_without_a_word():
-    from pipeline import announce
+    from pipeline.ops import announce
 
     for name in ("HLS.S30.T17SLU.2024110T160000.v2.0.B05.tif",
                  "LE07_L2SP_217065_20010715_20200917_02_T1_ST_B6.TIF"):
@@ -350,14 +342,6 @@ def test_a_preset_is_overridden_by_explicit_aliases():
     assert aliases["B8"] == "nir" and aliases["B2"] == "blue"
     with pytest.raises(presets.PresetError, match="choose one of"):
         presets.resolve("landsat9", presets.DEFAULT_GRANULE_PATTERN, "")
-
-
-def test_defaults_kept_beside_the_stages_are_the_stages_own():
-    from pipeline.options import DEFAULT_ACCELERATOR
-
-    assert presets.DEFAULT_GRANULE_PATTERN == ann.DEFAULT_GRANULE_PATTERN
-    assert presets.DEFAULT_BAND_ALIASES == ann.DEFAULT_BAND_ALIASES
-    assert DEFAULT_ACCELERATOR == inference.DEFAULT_ACCELERATOR
 
 
 # --- STAC out ----------------------------------------------------------------------------------
@@ -476,7 +460,7 @@ def test_static_catalog_has_one_collection_per_model_version_with_relative_links
 # --- the CLI -----------------------------------------------------------------------------------
 
 def test_run_help_lists_defaults_presets_and_the_card_without_importing_beam_or_torch():
-    code = ("import sys, contextlib, io\nfrom pipeline import cli\nout = io.StringIO()\n"
+    code = ("import sys, contextlib, io\nfrom pipeline.ops import cli\nout = io.StringIO()\n"
             "with contextlib.redirect_stdout(out):\n    cli.main(['run', '--help'])\n"
             "print(out.getvalue())\n"
             "print('HEAVY', sorted(m for m in ('apache_beam', 'torch') if m in sys.modules))")
@@ -494,7 +478,7 @@ def test_run_help_lists_defaults_presets_and_the_card_without_importing_beam_or_
 def test_announce_refuses_a_file_that_is_not_a_stac_item(tmp_path):
     feature = tmp_path / "feature.json"
     feature.write_text(json.dumps({"type": "Feature", "geometry": None, "properties": {}}))
-    done = subprocess.run([sys.executable, "-m", "pipeline.cli", "announce",
+    done = subprocess.run([sys.executable, "-m", "pipeline.ops.cli", "announce",
                            "--topic=projects/p/topics/t", f"--stac={feature}"],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 2

@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 import rasterio
 
-from pipeline import announce, stac_catalog
-from pipeline.demo import SAMPLE_TILE
+from pipeline.ops import announce, stac_catalog
+from pipeline.ops.check import SAMPLE_TILE
 from tests import tiles
 from tests.streams import query as _query
 from tests.test_stac import hls_l30_item, hls_s30_item, landsat_c2_item, sentinel2_item
@@ -54,7 +54,7 @@ def landsat_band_files(directory: Path, src: Path) -> list[Path]:
 
 
 def tilestream(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "pipeline.ops.cli", *args], capture_output=True,
                           text=True, timeout=180)
 
 
@@ -131,10 +131,10 @@ def run(stack, model_uri, tmp_path_factory):
     hls_band_uri, hls_band_generation = upload(hls_files["blue"], f"{name}/mixed/{HLS}.B02.tif")
 
     log_path, metrics = work / "stream.log", work / "metrics.json"
-    prefix = f"gs://{bucket}/{name}/out"
+    prefix = f"{stack.output_prefix}/{name}"
     with open(log_path, "wb") as log:
         child = subprocess.Popen(
-            [sys.executable, "-m", "pipeline.cli", "run", "--local",
+            [sys.executable, "-m", "pipeline.ops.cli", "run", "--local",
              f"--stack_dir={stack.run_dir}", f"--model_uri={model_uri}",
              f"--subscription={subscription}", f"--bq_dataset={stack.project}:{name}",
              f"--output_prefix={prefix}", f"--metrics_file={metrics}",
@@ -165,8 +165,9 @@ def run(stack, model_uri, tmp_path_factory):
             if len(done) >= 5 and len(letters) >= 4:
                 break
         time.sleep(3)  # the last chip rows' inserts
-        status_running = tilestream("status", f"--stack_dir={stack.run_dir}",
-                                    f"--dataset={name}", f"--subscription={subscription}")
+        status_running = tilestream("status", "--local", f"--stack_dir={stack.run_dir}",
+                                    f"--bq_dataset={stack.project}:{name}",
+                                    f"--subscription={subscription}")
     finally:
         child.send_signal(signal.SIGTERM)
         code = child.wait(timeout=60)
@@ -298,7 +299,7 @@ def test_static_catalog_from_the_tiles_table_is_valid_and_points_at_the_cogs(sta
     assert on_gcs.returncode == 0, on_gcs.stderr[-3000:]
     assert json.loads(on_gcs.stdout)["catalog"] == f"{run['prefix']}/catalog/catalog.json"
     written = {b.name for b in stack.storage().list_blobs(
-        stack.bucket, prefix=f"{run['name']}/out/catalog/")}
+        stack.bucket, prefix=f"output/{run['name']}/catalog/")}
     assert len(written) == 1 + 1 + 5  # catalog, collection, items
 
 
@@ -318,8 +319,8 @@ def test_status_counts_the_backlog_of_a_stopped_stream_and_leaves_it_there(stack
                                            ack_deadline_seconds=10)
     for i in range(3):
         announce.publish(stack.publisher(), run["topic"], f"waiting {i}".encode(), {})
-    common = ("status", f"--stack_dir={stack.run_dir}", f"--dataset={run['name']}",
-              f"--subscription={waiting}")
+    common = ("status", "--local", f"--stack_dir={stack.run_dir}",
+              f"--bq_dataset={stack.project}:{run['name']}", f"--subscription={waiting}")
     first, second = tilestream(*common), tilestream(*common)
     for done in (first, second):
         assert done.returncode == 0, done.stderr[-2000:]

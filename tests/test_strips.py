@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from model.card import load_card
-from transforms import chips
+from transforms import chips, pacing
+from transforms.geometry import chip_starts
 from transforms.records import Chip, ChipBlock, StripReport, TileRef
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
@@ -63,14 +64,14 @@ def test_strip_tasks_on_many_workers_give_what_one_reader_gives(tile, model_uri)
 
 
 def test_pacing_waits_for_the_model_and_never_for_ever(monkeypatch):
-    gate = chips.InFlight()
+    gate = pacing.InFlight()
     gate.add(10)
     started = time.monotonic()
     assert not gate.admits(10, wait=0.2)  # the model has not caught up: the task is parked
     assert time.monotonic() - started >= 0.2
     gate.done(1)
     assert gate.admits(10, wait=0)
-    monkeypatch.setattr(chips, "PACE_STALL_SECS", 0.3)
+    monkeypatch.setattr(pacing, "PACE_STALL_SECS", 0.3)
     gate.add(5)
     assert not gate.admits(10, wait=0)
     time.sleep(0.35)  # nothing came back for longer than the stall limit: start anyway
@@ -89,6 +90,6 @@ def test_a_failing_read_is_reported_not_raised(tile, model_uri, tmp_path):
     worker.setup()
     [report] = [i.value for i in worker.chip(moved)]
     rows = task.stop_row - task.first_row
-    cols = len(chips.chip_starts(task.grid.width, task.grid.chip_size, task.grid.stride))
+    cols = len(chip_starts(task.grid.width, task.grid.chip_size, task.grid.stride))
     assert report.failed == rows * cols and report.expected == (0,) * rows
     assert "gone.tif" in report.unreadable[0]

@@ -9,7 +9,7 @@ import uuid
 import pytest
 
 from model.registry import Registry
-from model.watch import WATCHER, RollbackRule, judge
+from pipeline.ops.watch import WATCHER, RollbackRule, judge
 from tests.test_compare import chip, tile
 from tests.test_registry import STUDENT, V1, V2, variant
 from transforms.sinks import SCHEMAS
@@ -97,7 +97,7 @@ def test_cli_watch_once(stack, registry):
     tiles, letters = canary_rows(bad=10)
     dataset = dataset_with(stack, tiles, [], letters)
     done = subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", "model", "watch", "--registry", registry.prefix,
+        [sys.executable, "-m", "pipeline.ops.cli", "model", "watch", "--registry", registry.prefix,
          "--local", f"--stack_dir={stack.run_dir}", f"--bq_dataset={dataset}"],
         capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr

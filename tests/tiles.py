@@ -10,7 +10,7 @@ import rasterio
 from rasterio.warp import Resampling, calculate_default_transform, reproject
 from rasterio.windows import Window
 
-from pipeline.demo import SAMPLE_TILE
+from pipeline.ops.check import SAMPLE_TILE
 
 BANDS = ("blue", "green", "red", "nir", "swir1", "swir2")
 # HLS S30 tokens of those bands (the stream's default --band_aliases).

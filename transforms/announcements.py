@@ -38,22 +38,28 @@ from transforms.guards import (
     safe_id,
     time_in_range,
 )
-from transforms.presets import band_file_hint
+from transforms.presets import (
+    DEFAULT_BAND_ALIASES,
+    DEFAULT_GRANULE_PATTERN,
+    band_file_hint,
+    parse_aliases,
+)
 from transforms.records import BandObject, TileRef
 
 ANNOUNCEMENT_SCHEMA = "tilestream.announcement/v1"
 TILES_TAG = "tiles"
 BANDS_TAG = "bands"
+ENTRIES_TAG = "entries"  # one row per message in: the books count what came in here
+# A message published again for one that was delivered but not finished (the local journal
+# replays those after a restart): which message it stands for, and when that one was first
+# published, so latency runs from the first publish.
+REPLAY_OF, FIRST_PUBLISHED = "tilestream_replay_of", "tilestream_first_published"
 STAGE = "parse"
 # A tile announcement is a few hundred bytes; anything this large is not one.
 MAX_MESSAGE_BYTES = 64 * 1024
 # Announcement attributes that rescale a source's raw values before the card's normalisation.
 RADIOMETRY_ATTRIBUTES = {"input_scale": (1e-6, 1e6), "input_offset": (-1e9, 1e9)}
 
-# HLS (HLS.S30.T17SLU.2024110T160000.v2.0.B04.tif), Landsat C2 (…_SR_B4.TIF) and similar.
-DEFAULT_GRANULE_PATTERN = r"^(?P<granule>.+?)[._](?:SR_)?(?P<band>B\d{1,2}A?)\.tiff?$"
-# HLS S30 / Sentinel-2 band names; override with --band_aliases for other collections.
-DEFAULT_BAND_ALIASES = "B02=blue,B03=green,B04=red,B8A=nir,B11=swir1,B12=swir2"
 
 
 class AnnouncementError(Refused):
@@ -67,17 +73,6 @@ def parse_time(value: object, what: str) -> float:
 
 def rfc3339(seconds: float) -> str:
     return dt.datetime.fromtimestamp(seconds, dt.UTC).isoformat().replace("+00:00", "Z")
-
-
-def parse_aliases(spec: str) -> dict[str, str]:
-    """``"B02=blue,B03=green"`` -> ``{"B02": "blue", "B03": "green"}`` (tokens upper-cased)."""
-    aliases = {}
-    for item in filter(None, (part.strip() for part in spec.split(","))):
-        token, sep, band = item.partition("=")
-        if not sep or not token.strip() or not band.strip():
-            raise ValueError(f"band alias '{item}' is not TOKEN=band")
-        aliases[token.strip().upper()] = band.strip()
-    return aliases
 
 
 @dataclass(frozen=True)
@@ -135,7 +130,8 @@ def route_object(
             return "band_not_used"
         allow.check(uri, "object")
         safe_id(granule_id, f"granule id of {posixpath.basename(uri)!r}")
-        return BandObject(granule_id, band, uri, generation, event_time, published, message_id)
+        return BandObject(granule_id, band, uri, generation, event_time, published, message_id,
+                          "file" if source == "file" else "gcs")
     hint = band_file_hint(posixpath.basename(uri), rule.pattern, bands)  # presets
     if hint:  # another product's band file, not a whole tile
         raise AnnouncementError(hint)
@@ -144,6 +140,7 @@ def route_object(
         tile_id=safe_id(tile_id_of(uri), f"tile id of {posixpath.basename(uri)!r}"),
         band_uris=(uri,),
         generation=generation,
+        band_generations=(generation,) if source == "gcs" else (),
         event_time=event_time,
         published=published,
         message_id=message_id,
@@ -225,10 +222,18 @@ class _ParseFn(beam.DoFn):
         message_id = str(getattr(message, "message_id", "") or "")[:128]
         data = getattr(message, "data", b"") or b""
         attributes: dict = {}
+        delivered = getattr(message, "publish_time", None)
+        delivered = delivered.timestamp() if delivered is not None else time.time()
+        published, replay_of = delivered, None
         try:
             attributes = dict(message.attributes or {})
-            published = (message.publish_time.timestamp() if message.publish_time is not None
-                         else time.time())
+            published, replay_of = first_publish(attributes, delivered)
+        except Exception:  # the entry is booked whatever the message is; parsing says why
+            pass
+        yield beam.pvalue.TaggedOutput(ENTRIES_TAG, entry_row(
+            message_id, published, delivered, replay_of,
+            "notification" if "eventType" in attributes else "message"))
+        try:
             if len(data) > MAX_MESSAGE_BYTES:
                 raise AnnouncementError(f"message of {len(data):,} bytes is over the "
                                         f"{MAX_MESSAGE_BYTES:,}-byte limit")
@@ -295,6 +300,33 @@ class _ParseFn(beam.DoFn):
             yield beam.window.TimestampedValue(routed, event_time)
 
 
+def first_publish(attributes: dict, delivered: float) -> tuple[float, str | None]:
+    """(first publish time, message replayed) of a delivery: a replay's own attributes when
+    they are sane (bounded id, a time not after this delivery), else this delivery's."""
+    replay_of = attributes.get(REPLAY_OF)
+    if not replay_of:
+        return delivered, None
+    replay_of = bounded_text(replay_of, REPLAY_OF, 128)
+    first = attributes.get(FIRST_PUBLISHED)
+    when = parse_time(first, FIRST_PUBLISHED) if first else delivered
+    return min(when, delivered), replay_of
+
+
+def entry_row(message_id: str, published: float, delivered: float, replay_of: str | None,
+              kind: str) -> dict:
+    """The ``messages`` row of one message in (transforms/sinks.py: MESSAGE_SCHEMA)."""
+    from transforms.sinks import bq_timestamp
+
+    return {"message_id": message_id or "(none)", "published": bq_timestamp(published),
+            "delivered": bq_timestamp(delivered), "received_at": bq_timestamp(time.time()),
+            "replay_of": replay_of, "kind": kind}
+
+
+def file_message_id(path: str) -> str:
+    """A backfilled file's stand-in for a message id, so its books balance too."""
+    return "file:" + (path if len(path) <= 120 else hashlib.sha1(path.encode()).hexdigest())
+
+
 def _excerpt(data: bytes | None) -> str:
     return (data or b"")[:500].decode("utf-8", errors="replace")
 
@@ -314,7 +346,7 @@ class ParseAnnouncements(beam.PTransform):
 
     def expand(self, messages):
         return messages | beam.ParDo(_ParseFn(self._bands, self._rule, self._allow)).with_outputs(
-            BANDS_TAG, DEAD_LETTER_TAG, main=TILES_TAG
+            BANDS_TAG, DEAD_LETTER_TAG, ENTRIES_TAG, main=TILES_TAG
         )
 
 
@@ -323,13 +355,18 @@ class _FileFn(_ParseFn):
 
     def process(self, metadata):
         self.messages.inc()
+        message_id = file_message_id(metadata.path)
+        now = time.time()
+        yield beam.pvalue.TaggedOutput(ENTRIES_TAG, entry_row(message_id, now, now, None,
+                                                              "file"))
         try:
-            mtime = metadata.last_updated_in_seconds or time.time()
-            routed = route_object(metadata.path, str(int(mtime * 1e6)), mtime, time.time(), "",
+            mtime = metadata.last_updated_in_seconds or now
+            routed = route_object(metadata.path, str(int(mtime * 1e6)), mtime, now, message_id,
                                   self._rule, self._bands, "file", self._allow)
-            yield from self._emit(routed, mtime, "")
+            yield from self._emit(routed, mtime, message_id)
         except Exception as exc:  # the stage boundary
-            yield dead_letter(STAGE, describe(exc), payload=metadata.path)
+            yield dead_letter(STAGE, describe(exc), message_id=message_id,
+                              payload=metadata.path)
 
 
 class FilesToRefs(beam.PTransform):
@@ -343,5 +380,5 @@ class FilesToRefs(beam.PTransform):
 
     def expand(self, files):
         return files | beam.ParDo(_FileFn(self._bands, self._rule, self._allow)).with_outputs(
-            BANDS_TAG, DEAD_LETTER_TAG, main=TILES_TAG
+            BANDS_TAG, DEAD_LETTER_TAG, ENTRIES_TAG, main=TILES_TAG
         )

@@ -23,16 +23,11 @@ on the order pieces arrive in (pixel-identical to blending the whole tile at onc
 from __future__ import annotations
 
 import dataclasses
-import functools
-import logging
 import math
-import os
 import shutil
-import tempfile
 import time
 from collections.abc import Iterable
 from typing import NamedTuple
-from xml.sax.saxutils import escape
 
 import apache_beam as beam
 import numpy as np
@@ -45,12 +40,20 @@ from apache_beam.transforms.userstate import (
     on_timer,
 )
 
-from model.card import ModelCard, join_uri
+from model.card import ModelCard
 from model.serving import CardBook
-from transforms import stac, timeouts
-from transforms.chips import chip_rows_per_strip, chip_starts, footprint_wkt
+from transforms import cog, process, stac, timeouts
 from transforms.deadletter import DEAD_LETTER_TAG, dead_letter
-from transforms.guards import describe, safe_id
+from transforms.geometry import (
+    chip_starts,
+    expected_in_strip,
+    footprint_wkt,
+    own_strip,
+    rows_touching,
+    strip_bounds,
+    strips_touched,
+)
+from transforms.guards import describe
 from transforms.records import (
     KEYED,
     NODATA_CLASS,
@@ -69,62 +72,7 @@ STAGE = "assemble"
 NODATA_CONFIDENCE = 255
 
 
-def raster_uri(output_prefix: str, card: ModelCard, manifest: TileManifest) -> str:
-    """Where a tile version's COG goes; every segment is checked, so no id can climb out."""
-    tile = manifest.tile
-    segments = [safe_id(card.name, "model name"), safe_id(card.version, "model version"),
-                safe_id(tile.tile_id, "tile_id"), safe_id(tile.generation, "generation")]
-    return join_uri(output_prefix, "predictions/{}/{}/{}/{}.tif".format(*segments))
-
-
-def scratch_dir() -> str:
-    """This process's scratch folder for assembly; folders of dead processes are removed.
-
-    A stream stopped mid-write (SIGKILL, preemption) leaves its half-written strips behind; the
-    next assembler on the machine sweeps them, so scratch never accumulates.
-    """
-    root = os.path.join(tempfile.gettempdir(), "tilestream-assemble")
-    os.makedirs(root, exist_ok=True)
-    for name in os.listdir(root):
-        pid = int(name) if name.isdigit() else None
-        if pid is not None and pid != os.getpid() and not os.path.exists(f"/proc/{pid}"):
-            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
-    mine = os.path.join(root, str(os.getpid()))
-    os.makedirs(mine, exist_ok=True)
-    return mine
-
-
 TILES_TAG = "tiles"
-
-
-@functools.lru_cache(maxsize=256)
-def strip_bounds(height: int, width: int, size: int, stride: int) -> list[tuple[int, int]]:
-    """Rows ``(start, end)`` of each output strip: a run of :func:`chip_rows_per_strip` chip rows
-    (the chipper's strip tasks are the same runs, so task ``j`` reports on strip ``j``'s rows).
-
-    Strip boundaries sit on chip-row starts, so each chip has one own strip (where its first
-    row falls) and overlaps at most the next ones; a tall strip means fewer pieces to write.
-    """
-    starts = chip_starts(height, size, stride)
-    firsts = starts[::chip_rows_per_strip(width, stride)]
-    return [(start, firsts[j + 1] if j + 1 < len(firsts) else height)
-            for j, start in enumerate(firsts)]
-
-
-def strips_touched(chip_row: int, chip_height: int, bounds: list[tuple[int, int]]) -> list[int]:
-    """Output strips that rows ``chip_row .. chip_row + chip_height`` of a chip overlap."""
-    return [j for j, (start, end) in enumerate(bounds)
-            if start < chip_row + chip_height and end > chip_row]
-
-
-def own_strip(chip_row: int, bounds: list[tuple[int, int]]) -> int:
-    """The strip a chip is counted in: where its first row falls."""
-    return next(j for j, (start, end) in enumerate(bounds) if start <= chip_row < end)
-
-
-def piece_uri(raster: str, strip: int) -> str:
-    """Where strip ``strip`` of a tile's COG waits to be stitched (deleted once it is)."""
-    return raster[: -len(".tif")] + f".strips/{strip:05d}.tif"
 
 
 class _RouteFn(beam.DoFn):
@@ -203,14 +151,6 @@ def blend(pieces: Iterable[StripPiece], num_classes: int, height: int, width: in
     return classes, confidence, counts
 
 
-def _write_bytes(path: str, uri: str) -> None:
-    from apache_beam.io.filesystems import FileSystems
-
-    with open(path, "rb") as src, FileSystems.create(uri, mime_type="image/tiff") as out:
-        while block := src.read(8 << 20):
-            out.write(block)
-
-
 class _WithCards(beam.DoFn):
     """A DoFn that needs the card of the version each tile was assigned (with a registry)."""
 
@@ -226,8 +166,8 @@ class _WithCards(beam.DoFn):
         self._scratch: str | None = None
 
     def setup(self):
-        self._scratch = scratch_dir()
-        self._cards = CardBook(self._card, self._registry_uri)
+        self._scratch = cog.scratch_dir()
+        self._cards = CardBook(self._card, self._registry_uri, process.model_cache())
 
     def teardown(self):
         if self._scratch:
@@ -317,9 +257,6 @@ class _AssembleStripFn(_WithCards):
                                     complete=False)
 
     def _finish(self, key: str, manifest: TileManifest, held: list[StripPiece], complete: bool):
-        import rasterio
-        from affine import Affine
-
         j = _strip(key)
         start, stop = strip_bounds(manifest.height, manifest.width, manifest.chip_size,
                                    manifest.stride)[j]
@@ -333,29 +270,14 @@ class _AssembleStripFn(_WithCards):
             classes, confidence, counts = blend(
                 held, self._card.num_classes, stop - start, manifest.width,
                 overlaps=math.ceil(manifest.chip_size / manifest.stride) ** 2)
-            uri = piece_uri(raster_uri(self._prefix, self.card_of(manifest), manifest), j)
-            transform = Affine(*manifest.transform) * Affine.translation(0, start)
-            path = os.path.join(self._scratch or tempfile.gettempdir(),
-                                f"piece-{os.getpid()}-{j}-{time.monotonic_ns()}.tif")
-            with rasterio.open(path, "w", driver="GTiff", width=manifest.width,
-                               height=stop - start, count=2 if self._confidence else 1,
-                               dtype="uint8", nodata=NODATA_CLASS,
-                               crs=rasterio.crs.CRS.from_wkt(manifest.crs_wkt),
-                               transform=transform, tiled=True, blockxsize=256,
-                               blockysize=256, compress="DEFLATE") as dst:
-                dst.write(classes, 1)
-                if self._confidence:
-                    dst.write(confidence, 2)
-            try:
-                _write_bytes(path, uri)
-            finally:
-                os.remove(path)
+            uri = cog.piece_uri(cog.raster_uri(self._prefix, self.card_of(manifest), manifest), j)
+            cog.write_piece(manifest, j, classes, confidence if self._confidence else None, uri,
+                            self._scratch)
             result = dataclasses.replace(result, counts=tuple(int(n) for n in counts),
                                          written=True)
         except Exception as exc:  # the tile reports the strip as missing; nothing stops
             yield dead_letter(STAGE, f"strip {j} of {manifest.tile.key} could not be written: "
-                                     f"{describe(exc)}", message_id=manifest.tile.message_id,
-                              tile_id=manifest.tile.tile_id)
+                                     f"{describe(exc)}", tile=manifest.tile)
         self.strips.inc()
         yield manifest.tile.assignment_key, result
 
@@ -372,8 +294,8 @@ def expected_pieces(manifest: TileManifest, strip: int, own_only: bool = False) 
     """Pieces strip ``strip`` waits for: every chip expected back from the chip rows that
     overlap it (``own_only``: only those counted in it). Asked once per arriving piece, so
     the answer is cached per grid."""
-    return _expected(manifest.height, manifest.width, manifest.chip_size, manifest.stride,
-                     manifest.expected_per_row, strip, own_only)
+    return expected_in_strip(manifest.height, manifest.width, manifest.chip_size,
+                             manifest.stride, manifest.expected_per_row, strip, own_only)
 
 
 def strip_plan(reports: list[StripReport], strip: int,
@@ -387,101 +309,11 @@ def strip_plan(reports: list[StripReport], strip: int,
         for k, n in enumerate(report.expected):
             per_row[report.task.first_row + k] = n
             covered.add(report.task.first_row + k)
-    if not partial and not _rows_touching(grid.height, grid.width, grid.chip_size, grid.stride,
+    if not partial and not rows_touching(grid.height, grid.width, grid.chip_size, grid.stride,
                                           strip) <= covered:
         return None
     return TileManifest(tile=reports[0].task.tile, grid=grid, chips_total=0, chips_skipped=0,
                         chips_failed=0, chipped_at=0.0, expected_per_row=tuple(per_row))
-
-
-@functools.lru_cache(maxsize=1024)
-def _rows_touching(height: int, width: int, size: int, stride: int,
-                   strip: int) -> frozenset[int]:
-    """Chip-row numbers whose chips overlap strip ``strip``."""
-    bounds = strip_bounds(height, width, size, stride)
-    return frozenset(r for r, row in enumerate(chip_starts(height, size, stride))
-                     if strip in strips_touched(row, min(size, height - row), bounds))
-
-
-@functools.lru_cache(maxsize=1024)
-def _expected(height: int, width: int, size: int, stride: int, per_row: tuple[int, ...],
-              strip: int, own_only: bool) -> int:
-    bounds = strip_bounds(height, width, size, stride)
-    total = 0
-    for r, row in enumerate(chip_starts(height, size, stride)):
-        if own_only:
-            hit = own_strip(row, bounds) == strip
-        else:
-            hit = strip in strips_touched(row, min(size, height - row), bounds)
-        total += per_row[r] if hit else 0
-    return total
-
-
-def stitch(manifest: TileManifest, card: ModelCard, uri: str, written: list[int],
-           confidence_band: bool, scratch: str | None) -> None:
-    """The written strip pieces -> one COG at ``uri``, through a VRT (windowed reads only).
-
-    Pieces are fetched whole first (one sequential read each): GDAL's block-by-block range
-    requests against object storage were most of the stitching time on big tiles.
-    """
-    import rasterio.shutil
-    from apache_beam.io.filesystems import FileSystems
-
-    bounds = strip_bounds(manifest.height, manifest.width, manifest.chip_size,
-                          manifest.stride)
-    count = 2 if confidence_band else 1
-    with tempfile.TemporaryDirectory(prefix="tile-", dir=scratch) as tmp:
-        local = {}
-        for j in written:
-            local[j] = os.path.join(tmp, f"strip-{j:05d}.tif")
-            with FileSystems.open(piece_uri(uri, j)) as src, open(local[j], "wb") as out:
-                shutil.copyfileobj(src, out, 8 << 20)
-        bands = []
-        for band in range(1, count + 1):
-            sources = "".join(
-                f"<SimpleSource><SourceFilename relativeToVRT=\"0\">"
-                f"{escape(local[j])}</SourceFilename>"
-                f"<SourceBand>{band}</SourceBand>"
-                f"<SrcRect xOff=\"0\" yOff=\"0\" xSize=\"{manifest.width}\" "
-                f"ySize=\"{bounds[j][1] - bounds[j][0]}\"/>"
-                f"<DstRect xOff=\"0\" yOff=\"{bounds[j][0]}\" xSize=\"{manifest.width}\" "
-                f"ySize=\"{bounds[j][1] - bounds[j][0]}\"/></SimpleSource>" for j in written)
-            extra = ("<ColorInterp>Palette</ColorInterp><ColorTable>"
-                     + "".join(f'<Entry c1="{c.rgb[0]}" c2="{c.rgb[1]}" c3="{c.rgb[2]}" c4="255"/>'
-                               for c in card.classes) + "</ColorTable>") if band == 1 else ""
-            name = "class" if band == 1 else "confidence_percent"
-            bands.append(f'<VRTRasterBand dataType="Byte" band="{band}">'
-                         f"<Description>{name}</Description>"
-                         f"<NoDataValue>{NODATA_CLASS}</NoDataValue>{extra}{sources}"
-                         "</VRTRasterBand>")
-        tags = {"model": card.model_id, "tile_id": manifest.tile.tile_id,
-                "classes": ",".join(c.name for c in card.classes)}
-        vrt = (f'<VRTDataset rasterXSize="{manifest.width}" rasterYSize="{manifest.height}">'
-               f"<SRS>{escape(manifest.crs_wkt)}</SRS>"
-               f"<GeoTransform>{', '.join(repr(v) for v in _gdal_transform(manifest.transform))}"
-               "</GeoTransform><Metadata>"
-               + "".join(f'<MDI key="{k}">{escape(v)}</MDI>' for k, v in tags.items())
-               + "</Metadata>" + "".join(bands) + "</VRTDataset>")
-        vrt_path, cog_path = os.path.join(tmp, "tile.vrt"), os.path.join(tmp, "tile.tif")
-        with open(vrt_path, "w") as out:
-            out.write(vrt)
-        rasterio.shutil.copy(vrt_path, cog_path, driver="COG", compress="DEFLATE",
-                             overview_resampling="nearest")
-        _write_bytes(cog_path, uri)
-
-
-def _gdal_transform(affine: tuple[float, ...]) -> tuple[float, ...]:
-    a, b, c, d, e, f = affine[:6]
-    return (c, a, b, f, d, e)
-
-
-def remove_pieces(uri: str, strips: Iterable[int]) -> None:
-    from apache_beam.io.filesystems import FileSystems
-
-    try:
-        FileSystems.delete([piece_uri(uri, j) for j in strips])
-    except Exception as exc:  # leftovers cost storage, not correctness
-        logging.getLogger(__name__).warning("could not delete strip pieces of %s: %s", uri, exc)
 
 
 class _FinishTileFn(_WithCards):
@@ -559,18 +391,18 @@ class _FinishTileFn(_WithCards):
                 f"tile {manifest.tile.key} incomplete: {scored} of {manifest.chips_expected} "
                 f"chips scored, {failed} failed or never arrived, "
                 f"{strips - len(missing_strips)} of {strips} strips written; written as partial",
-                message_id=manifest.tile.message_id, tile_id=manifest.tile.tile_id)
+                tile=manifest.tile)
         uri = "(no path)"
         try:
             card = self.card_of(manifest)
-            uri = raster_uri(self._prefix, card, manifest)
+            uri = cog.raster_uri(self._prefix, card, manifest)
             written = sorted(j for j, r in by_strip.items() if r.written)
-            stitch(manifest, card, uri, written, self._confidence, self._scratch)
-            remove_pieces(uri, written)
+            cog.stitch(manifest, card, uri, written, self._confidence, self._scratch)
+            cog.remove_pieces(uri, written)
             counts = np.sum([r.counts for r in by_strip.values()] or
                             [[0] * card.num_classes], axis=0)
             row = self._tile_row(manifest, scored, failed, complete, counts, uri, card)
-            row.update(drift_columns(card, manifest, counts))
+            row.update(drift_columns(self._card, card, manifest, counts))
             if row["drifted"]:
                 self.drifted.inc()
             # STAC out: the prediction's STAC Item beside the COG (transforms/stac.py).
@@ -578,18 +410,15 @@ class _FinishTileFn(_WithCards):
                                                                   self._confidence)
         except Exception as exc:  # one tile's fault must not kill the stream
             yield dead_letter(STAGE, f"writing {uri} failed: {describe(exc)}",
-                              message_id=manifest.tile.message_id,
-                              tile_id=manifest.tile.tile_id)
+                              tile=manifest.tile)
             return
         self.write_ms.update(int((time.perf_counter() - started) * 1000))
         (self.written if complete else self.partial).inc()
         if problem:
-            yield dead_letter(STAGE, problem, message_id=manifest.tile.message_id,
-                              tile_id=manifest.tile.tile_id)
+            yield dead_letter(STAGE, problem, tile=manifest.tile)
         if manifest.failures:  # beside the row, so a restart never sees one without the other
             yield dead_letter("chips", manifest.failures[:2000],
-                              message_id=manifest.tile.message_id,
-                              tile_id=manifest.tile.tile_id)
+                              tile=manifest.tile)
         yield row
 
     def _tile_row(self, manifest: TileManifest, scored: int, failed: int, complete: bool,
@@ -615,11 +444,16 @@ class _FinishTileFn(_WithCards):
         )
 
 
-def drift_columns(card: ModelCard, manifest: TileManifest, class_counts: np.ndarray) -> dict:
-    """The tile row's drift columns: bands from the chipper's counts, classes from the raster."""
+def drift_columns(running: ModelCard, card: ModelCard, manifest: TileManifest,
+                  class_counts: np.ndarray) -> dict:
+    """The tile row's drift columns: bands from the chipper's counts, which it binned by the
+    running card's reference, so they are judged against that one; classes from the raster,
+    against the predictions of the version that scored it (``card``) on its training pixels."""
     from model.drift import reference_from_card, tile_drift
 
-    reference = reference_from_card(card)
+    reference, own = reference_from_card(running), reference_from_card(card)
+    if own is not None and reference is not None:
+        reference = dataclasses.replace(reference, classes=own.classes)
     if reference is None or not manifest.band_counts or not sum(manifest.band_counts[0]):
         return {"drift_band_psi": [], "drift_class_psi": None, "drift_max_band_psi": None,
                 "drifted": None}

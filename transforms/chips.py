@@ -1,36 +1,30 @@
 """Stage 4: TileRef -> strip tasks -> ChipBlocks, read with rasterio windows a strip at a time.
 
-A planner opens each tile once and cuts it into strip tasks of about ``STRIP_ROWS`` rows (fewer
-on a tile wider than an HLS tile: a strip holds at most ~``STRIP_PIXELS``); each task is keyed
-on its own, so a runner spreads one tile's tasks over its workers. A task reads
-its rows in one window, so memory follows a strip, never the whole tile, emits its chips as one
-block (the runner's per-element cost is paid per strip, not per chip) and reports what it
-found; the tile's manifest is the merge of its reports. The chip grid covers every pixel: starts
-are ``0, stride, 2*stride, ...`` until a chip reaches the far edge, and edge chips are padded
-(padding is invalid and ignored downstream). Chips whose valid-pixel fraction is under the
-threshold are skipped and counted in the tile's manifest, never lost.
+A planner opens each tile once and cuts it into strip tasks (``transforms/geometry.py``: runs of
+whole chip rows, about 512 pixel rows and at most ~2 Mpx); each task is keyed on its own, so a
+runner spreads one tile's tasks over its workers. A task reads its rows in one window, so memory
+follows a strip, never the whole tile, emits its chips as one block (the runner's per-element
+cost is paid per strip, not per chip) and reports what it found; the tile's manifest is the
+merge of its reports. Edge chips are padded (padding is invalid and ignored downstream). Chips
+whose valid-pixel fraction is under the threshold are skipped and counted in the tile's
+manifest, never lost.
 
 Before a pixel is read, a tile must pass its guards: URIs in the input allow-list, GeoTIFF only
-(no VRT or other indirection), a header within ``--max_tile_pixels``, no complex bands, and a
-sample (overviews, or a grid of single-block windows) whose values mostly lie in the card's
-valid range. Transient storage errors are
-retried with backoff and jitter; a bucket that keeps failing opens a circuit breaker that pauses
-reading from it rather than burning every tile on it. Any other exception about a tile is that
-tile's dead letter.
+(``transforms/storage.py``), a header within ``--max_tile_pixels``, no complex bands, and a sample
+(overviews, or a grid of single-block windows) whose values mostly lie in the card's valid range
+(``transforms/radiometry.py``). Reads go through ``transforms/storage.py``'s retries and circuit
+breaker; any other exception about a tile is that tile's dead letter.
 """
 
 from __future__ import annotations
 
-import functools
+import dataclasses
 import math
-import random
-import re
-import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass, field
-from typing import NamedTuple, TypeVar
+from typing import NamedTuple
 
 import apache_beam as beam
 import numpy as np
@@ -46,8 +40,11 @@ from apache_beam.transforms.userstate import (
 from apache_beam.utils.timestamp import Timestamp
 
 from model.card import CardError, ModelCard
-from transforms.deadletter import DEAD_LETTER_TAG, dead_letter
+from transforms import pacing, storage
+from transforms.deadletter import DEAD_LETTER_TAG, dead_letter, superseded
+from transforms.geometry import chip_starts, pixel_area_m2, strip_chip_rows, strip_footprints
 from transforms.guards import DEFAULT_MAX_TILE_PIXELS, InputAllowList, Refused, describe
+from transforms.radiometry import check_distribution, check_radiometry, strip_band_counts
 from transforms.records import (
     KEYED,
     Chip,
@@ -64,196 +61,11 @@ from transforms.sinks import crs_label
 STAGE = "chips"
 MANIFESTS_TAG = "manifests"
 REPORTS_TAG = "reports"
-STRIP_ROWS = 512  # a strip task is whole chip rows, about this many pixel rows tall
-STRIP_PIXELS = 2_000_000  # ... and at most about this many pixels: 512 rows of an HLS tile
-# Only GeoTIFF (COGs included) is opened: VRT and other formats can point anywhere.
-DRIVER = "GTiff"
-# GDAL settings for reading COGs from object storage: no directory listing, bounded waits, a few
-# retries of its own (the delay doubles each time) under ours.
-GDAL_ENV = {
-    "GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR",
-    "CPL_VSIL_CURL_ALLOWED_EXTENSIONS": ".tif,.tiff",
-    "GDAL_HTTP_TIMEOUT": "30",
-    "GDAL_HTTP_CONNECTTIMEOUT": "10",
-    "GDAL_HTTP_LOW_SPEED_TIME": "15",
-    "GDAL_HTTP_LOW_SPEED_LIMIT": "1",
-    "GDAL_HTTP_MAX_RETRY": "2",
-    "GDAL_HTTP_RETRY_DELAY": "0.5",
-}
 PREVIEW_PIXELS = 256  # long side of the decimated radiometry preview (overviews, small files)
-PREVIEW_GRID = 3  # a big file without overviews: a 3 x 3 grid of windows, one block each,
+PREVIEW_GRID = 3  # a big file without overviews: a 3 x 3 grid of windows, on block edges,
 PREVIEW_WINDOW = 128  # of at most 128 x 128 pixels (147,456 sampled pixels in all)
 PREVIEW_ROWS = 16  # a file whose preview fails: the first readable of this many chip rows
-_TRANSIENT = re.compile(
-    r"HTTP (?:response )?code:? ?(?:429|5\d\d)|couldn't connect|"
-    r"connection (?:refused|reset)|timed? ?out|empty reply|failed to connect|"
-    r"server returned nothing", re.IGNORECASE)
-T = TypeVar("T")
-
-
-class TransientReadError(OSError):
-    """Storage kept failing with errors that are usually temporary."""
-
-
-def is_transient(exc: BaseException) -> bool:
-    return not isinstance(exc, Refused | CardError) and bool(_TRANSIENT.search(str(exc)))
-
-
-@dataclass
-class CircuitBreaker:
-    """Per bucket: after ``threshold`` consecutive transient failures, pause reading from it.
-
-    While open, readers wait (the stream slows down instead of dead-lettering every tile of an
-    unhealthy bucket); after the cool-down one read is let through, and each failure of that
-    probe doubles the cool-down up to ``max_cooldown``.
-    """
-
-    threshold: int = 3
-    cooldown: float = 5.0
-    max_cooldown: float = 60.0
-    _failures: dict[str, int] = field(default_factory=dict)
-    _open_until: dict[str, float] = field(default_factory=dict)
-
-    def wait(self, bucket: str, deadline: float) -> None:
-        until = self._open_until.get(bucket, 0.0)
-        now = time.monotonic()
-        if until > now:
-            time.sleep(max(0.0, min(until, deadline) - now))
-
-    def is_open(self, bucket: str) -> bool:
-        return self._open_until.get(bucket, 0.0) > time.monotonic()
-
-    def success(self, bucket: str) -> None:
-        self._failures.pop(bucket, None)
-        self._open_until.pop(bucket, None)
-
-    def failure(self, bucket: str) -> None:
-        failures = self._failures.get(bucket, 0) + 1
-        self._failures[bucket] = failures
-        if failures >= self.threshold:
-            pause = min(self.max_cooldown, self.cooldown * 2 ** (failures - self.threshold))
-            self._open_until[bucket] = time.monotonic() + pause
-
-
-@functools.lru_cache(maxsize=1)
-def _gdal_library():
-    """The GDAL shared library rasterio runs on (its wheel bundles one), for cache control."""
-    import ctypes
-    import ctypes.util
-    import glob
-    import os
-
-    import rasterio
-
-    bundled = glob.glob(os.path.join(os.path.dirname(rasterio.__file__), os.pardir,
-                                     "rasterio.libs", "libgdal*"))
-    path = bundled[0] if bundled else ctypes.util.find_library("gdal")
-    return ctypes.CDLL(path) if path else None
-
-
-def forget_cached_reads(uris: tuple[str, ...]) -> None:
-    """Make GDAL forget what it cached about these objects (a failed answer included).
-
-    GDAL remembers a failed request for an object, so without this a retry never reaches the
-    server again and a transient error becomes permanent.
-    """
-    gdal = _gdal_library()
-    if gdal is None:
-        return
-    for uri in uris:
-        if uri.startswith("gs://"):
-            gdal.VSICurlPartialClearCache(("/vsigs/" + uri[len("gs://"):]).encode())
-
-
-def bucket_of(uri: str) -> str:
-    return uri[len("gs://"):].split("/", 1)[0] if uri.startswith("gs://") else "(local)"
-
-
-def chip_starts(length: int, size: int, stride: int) -> list[int]:
-    """Offsets along one axis so that chips of ``size`` every ``stride`` cover ``length``."""
-    if length <= size:
-        return [0]
-    return [i * stride for i in range(math.ceil((length - size) / stride) + 1)]
-
-
-def chip_rows_per_strip(width: int, stride: int) -> int:
-    """Chip rows in one strip task (and one output strip): about ``STRIP_ROWS`` pixel rows, fewer
-    for a tile wider than an HLS tile, so that what a strip holds (its read, its block of chips,
-    its blend) is the same however wide the tile is."""
-    return max(1, min(STRIP_ROWS // stride, STRIP_PIXELS // (stride * width)))
-
-
-def chip_grid(height: int, width: int, size: int, stride: int) -> list[tuple[int, int]]:
-    cols = chip_starts(width, size, stride)
-    return [(r, c) for r in chip_starts(height, size, stride) for c in cols]
-
-
-def footprint_wkt(transform, crs, row: int, col: int, height: int, width: int,
-                  points_per_edge: int = 4) -> str:
-    """EPSG:4326 polygon (lon/lat, counter-clockwise) of a pixel window, edges densified."""
-    from rasterio.warp import transform as warp
-
-    steps = np.linspace(0.0, 1.0, points_per_edge + 1)[:-1]
-    # Walk the window's outline counter-clockwise in map space: left edge down, bottom edge
-    # right, right edge up, top edge left (rows grow downwards).
-    rows = np.concatenate([row + steps * height, np.full_like(steps, row + height),
-                           row + height - steps * height, np.full_like(steps, row)])
-    cols = np.concatenate([np.full_like(steps, col), col + steps * width,
-                           np.full_like(steps, col + width), col + width - steps * width])
-    xs, ys = transform @ (cols, rows)
-    lons, lats = warp(crs, "EPSG:4326", list(xs), list(ys))
-    ring = [*zip(lons, lats, strict=True), (lons[0], lats[0])]
-    return "POLYGON((" + ", ".join(f"{x:.7f} {y:.7f}" for x, y in ring) + "))"
-
-
-def strip_footprints(transform, crs, rows: list[tuple[int, int]], cols: list[int],
-                     widths: list[int], points_per_edge: int = 4) -> list[list[str]]:
-    """:func:`footprint_wkt` of every chip window of a strip task, one list per chip row of
-    ``rows`` (each ``(first pixel row, height)``), with one reprojection call for them all."""
-    from rasterio.warp import transform as warp
-
-    steps = np.linspace(0.0, 1.0, points_per_edge + 1)[:-1]
-    n = len(steps)
-    top = np.repeat(np.asarray([r for r, _ in rows], float), len(cols))[:, None]
-    h = np.repeat(np.asarray([h for _, h in rows], float), len(cols))[:, None]
-    col0 = np.tile(np.asarray(cols, float), len(rows))[:, None]
-    w = np.tile(np.asarray(widths, float), len(rows))[:, None]
-    ones = np.ones((len(top), n))
-    rings = len(top)
-    pixel_rows = np.concatenate([top + steps * h, (top + h) * ones, top + h - steps * h,
-                                 top * ones], 1)
-    pixel_cols = np.concatenate([col0 * ones, col0 + steps * w, (col0 + w) * ones,
-                                 col0 + w - steps * w], 1)
-    xs, ys = transform @ (pixel_cols.ravel(), pixel_rows.ravel())
-    lons, lats = (np.asarray(v).reshape(rings, 4 * n)
-                  for v in warp(crs, "EPSG:4326", list(xs), list(ys)))
-    ring = np.empty((rings, 4 * n + 1, 2))  # closed rings of (lon, lat), one per chip
-    ring[:, :-1, 0], ring[:, :-1, 1] = lons, lats
-    ring[:, -1] = ring[:, 0]
-    polygon = _polygon_format(4 * n + 1)
-    outlines = [polygon % tuple(points) for points in ring.reshape(rings, -1).tolist()]
-    return [outlines[i : i + len(cols)] for i in range(0, rings, len(cols))]
-
-
-@functools.lru_cache(maxsize=8)
-def _polygon_format(points: int) -> str:
-    """One ``%`` format for a whole ring: a single C-level call per chip instead of one
-    f-string per coordinate (the per-chip formatting was most of the footprint cost)."""
-    return "POLYGON((" + ", ".join(["%.7f %.7f"] * points) + "))"
-
-
-def pixel_area_m2(transform, crs, height: int, width: int) -> float:
-    """Area of one pixel: exact for projected CRSs, spherical at the tile centre for geographic."""
-    from rasterio.warp import transform as warp
-
-    cell = abs(transform.a * transform.e - transform.b * transform.d)
-    if crs.is_projected:
-        metres = crs.linear_units_factor[1]
-        return cell * metres * metres
-    x, y = transform * (width / 2, height / 2)
-    centre_lat = warp(crs, "EPSG:4326", [x], [y])[1][0]
-    return cell * 111_320.0 * math.cos(math.radians(centre_lat)) * 110_574.0
-
+OPEN_TILES = 4  # a strip reader keeps this many tiles' rasters open within a bundle
 
 @dataclass(frozen=True)
 class ChipSettings:
@@ -302,7 +114,7 @@ class _Sources:
         if settings.allow is not None:
             for uri in tile.band_uris:
                 settings.allow.check(uri, "band file")
-        self.datasets = [stack.enter_context(_open(uri)) for uri in tile.band_uris]
+        self.datasets = [stack.enter_context(storage.open_geotiff(uri)) for uri in tile.band_uris]
         for uri, ds in zip(tile.band_uris, self.datasets, strict=True):
             _check_header(uri, ds, settings.max_tile_pixels)
         first = self.datasets[0]
@@ -345,8 +157,9 @@ class _Sources:
 
         With overviews, or a file of at most a few blocks, the decimated file (long side 256).
         Otherwise a decimated read would decode every block, as much as chipping reads: a
-        ``PREVIEW_GRID``² grid of windows spread over the tile is read instead, each inside one
-        block, and returned side by side as ``(C, 1, n)``.
+        ``PREVIEW_GRID``² grid of windows spread over the tile is read instead, each starting on
+        a block boundary and at most ``PREVIEW_WINDOW`` square (one block of a tiled file, a few
+        strips of a striped one), and returned side by side as ``(C, 1, n)``.
         """
         from rasterio.enums import Resampling
         from rasterio.windows import Window
@@ -360,14 +173,14 @@ class _Sources:
             return np.stack([self.datasets[d].read(b, out_shape=shape,
                                                    resampling=Resampling.nearest)
                              for d, b in self.band_map])
-        side = min(block_h, block_w, PREVIEW_WINDOW)
+        side_h, side_w = min(self.height, PREVIEW_WINDOW), min(self.width, PREVIEW_WINDOW)
         windows = []
         for i in range(PREVIEW_GRID):
             for j in range(PREVIEW_GRID):
                 row = int((i + 0.5) * self.height / PREVIEW_GRID) // block_h * block_h
                 col = int((j + 0.5) * self.width / PREVIEW_GRID) // block_w * block_w
-                windows.append(Window(col, row, min(side, self.width - col),
-                                      min(side, self.height - row)))
+                windows.append(Window(col, row, min(side_w, self.width - col),
+                                      min(side_h, self.height - row)))
         return np.stack([np.concatenate([self.datasets[d].read(b, window=w).ravel()
                                          for w in windows])[None]
                          for d, b in self.band_map])
@@ -395,20 +208,6 @@ class _Sources:
         return invalid
 
 
-def _open(uri: str):
-    """Open as GeoTIFF only; anything else (a VRT named .tif, HTML, junk) is refused by name."""
-    import rasterio
-
-    try:
-        return rasterio.open(uri, driver=DRIVER)
-    except rasterio.errors.RasterioIOError as exc:
-        if "not recognized as being in a supported file format" in str(exc):
-            raise Refused(f"{uri} is not a GeoTIFF (only GeoTIFF/COG is read; VRT and other "
-                          "formats are refused)") from exc
-        if re.search(r"HTTP response code: 404|No such file", str(exc)):
-            raise Refused(f"{uri} does not exist") from exc
-        raise
-
 
 def _check_header(uri: str, ds, max_pixels: int) -> None:
     """Refuse from the header alone, before any pixel is read."""
@@ -423,108 +222,11 @@ def _check_header(uri: str, ds, max_pixels: int) -> None:
                       "rasters are scored")
 
 
-def check_radiometry(preview: np.ndarray, invalid: np.ndarray, card: ModelCard, scale: float,
-                     offset: float, max_out_of_range: float, uri: str) -> None:
-    """Refuse a tile whose (rescaled) values mostly lie outside the card's valid input range."""
-    valid_range = card.input.valid_range
-    if valid_range is None:
-        return
-    values = preview[:, ~invalid].astype(np.float64) * scale + offset
-    if values.size == 0:
-        return
-    low, high = valid_range
-    outside = float(((values < low) | (values > high)).mean())
-    if outside > max_out_of_range:
-        p1, p99 = np.percentile(values, [1, 99])
-        raise Refused(
-            f"{uri}: {outside:.0%} of sampled values lie outside the model's valid input range "
-            f"[{low:g}, {high:g}] (observed min {values.min():g}, p1 {p1:g}, p99 {p99:g}, max "
-            f"{values.max():g}, after scale {scale:g} and offset {offset:g}); rescale with "
-            "--input_scale/--input_offset or the announcement attributes input_scale/input_offset")
-
-
-def strip_band_counts(reference, strip: np.ndarray, invalid: np.ndarray, card: ModelCard,
-                      scale: float, offset: float) -> list[np.ndarray]:
-    """Drift bins of one strip's valid pixels (after the input and card scaling): a pure
-    function whose results add up over the strips of a tile, so drift needs no second read."""
-    from model.drift import band_counts
-
-    if strip.dtype.kind in "ui" and strip.dtype.itemsize <= 2:
-        return _integer_band_counts(reference, strip, invalid, card, scale, offset)
-    values = strip[:, ~invalid].astype(np.float64) * scale + offset
-    return band_counts(reference, values * card.input.scale + card.input.offset)
-
-
-def _integer_band_counts(reference, strip: np.ndarray, invalid: np.ndarray, card: ModelCard,
-                         scale: float, offset: float) -> list[np.ndarray]:
-    """:func:`strip_band_counts` for 8- and 16-bit rasters: count each distinct value once
-    (a histogram of the raw values), then bin the values, not every pixel. Each value goes
-    through the same float64 arithmetic as the general path, so the counts are identical."""
-    unsigned = np.dtype(f"u{strip.dtype.itemsize}")
-    codes = strip.view(unsigned)  # signed values by their bit patterns: bincount wants >= 0
-    levels = 1 << (8 * strip.dtype.itemsize)
-    values = np.arange(levels, dtype=unsigned).view(strip.dtype).astype(np.float64)
-    values = (values * scale + offset) * card.input.scale + card.input.offset
-    counts = []
-    for band, column in zip(reference.bands, codes, strict=True):
-        per_value = np.bincount(column.ravel(), minlength=levels)
-        if invalid.any():
-            per_value -= np.bincount(column[invalid], minlength=levels)
-        edges = np.asarray(band.edges)
-        bins = np.searchsorted(edges, values, side="left")
-        counts.append(np.bincount(bins, weights=per_value, minlength=len(edges) + 1)
-                      .round().astype(np.int64))
-    return counts
-
-
-class InFlight:
-    """Chips cut but not yet back from the model, in this process: the chipper's pacing.
-
-    Beam's in-process runner has no back-pressure: a fast chipper would cut a whole tile while the
-    model scores its first batches, and memory would follow the tile. With ``--max_chips_in_flight``
-    a strip task waits (parked, not blocking its thread) until the model has caught up.
-    Dataflow paces bundles itself, so the default there is no limit.
-    """
-
-    def __init__(self):
-        self._count = 0
-        self._returned_at = time.monotonic()
-        self._changed = threading.Condition()
-
-    def add(self, n: int) -> None:
-        with self._changed:
-            if self._count == 0:
-                self._returned_at = time.monotonic()
-            self._count += n
-
-    def done(self, n: int = 1) -> None:
-        with self._changed:
-            self._count = max(0, self._count - n)
-            self._returned_at = time.monotonic()
-            self._changed.notify_all()
-
-    def admits(self, limit: int, wait: float) -> bool:
-        """Whether a task may start: under ``limit`` (waiting up to ``wait`` seconds for it),
-        or nothing has come back for ``PACE_STALL_SECS`` (a lost count must never stop the
-        chipper for good: it is pacing, not accounting)."""
-        with self._changed:
-            return self._changed.wait_for(
-                lambda: (self._count < limit
-                         or time.monotonic() - self._returned_at > PACE_STALL_SECS), wait)
-
-
-IN_FLIGHT = InFlight()
-OPEN_TILES = 4  # a strip reader keeps this many tiles' rasters open within a bundle
-PACE_RETRY_SECS = 0.1  # a parked strip task is retried this often
-PACE_STALL_SECS = 10.0  # no chip back from the model for this long: start anyway
-
-
 class _TileReader(beam.DoFn):
     """Opening a tile's rasters under the guards, with retries, a breaker and metrics."""
 
     def __init__(self, settings: ChipSettings):
         self._s = settings
-        self._breaker = CircuitBreaker()
         self.retries = Metrics.counter("tilestream", "read_retries")
         self.tiles = Metrics.counter("tilestream", "tiles_chipped")
         self.total = Metrics.counter("tilestream", "chips_total")
@@ -544,7 +246,14 @@ class _TileReader(beam.DoFn):
         import rasterio
 
         deadline = time.monotonic() + self._s.read_budget_secs
-        with rasterio.Env(**GDAL_ENV):  # kept open: a reader that chips the tile too reuses it
+        if self._s.allow is not None:  # before any request about the tile, metadata included
+            for uri in tile.band_uris:
+                self._s.allow.check(uri, "band file")
+        pinned = self._with_retries(tile, deadline, lambda: storage.pin(tile.band_uris,
+                                                                        tile.band_generations))
+        tile = dataclasses.replace(tile, band_generations=pinned)
+        # The rasters stay open after planning: a reader that chips the tile too reuses them.
+        with rasterio.Env(**storage.GDAL_ENV):
             src = self._with_retries(tile, deadline, lambda: self._sources(tile))
             scale, offset = self._s.radiometry(tile)
             size, stride = self._s.chip_size, self._s.stride
@@ -561,15 +270,17 @@ class _TileReader(beam.DoFn):
                     if not src.invalid(sample).all():
                         break
             if sample is not None:
-                check_radiometry(sample, src.invalid(sample), self._s.card, scale, offset,
-                                 self._s.max_out_of_range, ", ".join(tile.band_uris))
+                invalid, uris = src.invalid(sample), ", ".join(tile.band_uris)
+                check_radiometry(sample, invalid, self._s.card, scale, offset,
+                                 self._s.max_out_of_range, uris)
+                check_distribution(sample, invalid, self._s.card, self._reference, scale,
+                                   offset, uris)
             grid = TileGrid(src.height, src.width, tuple(src.transform)[:6], src.crs.to_wkt(),
                             pixel_area_m2(src.transform, src.crs, src.height, src.width),
                             size, stride)
-        group = chip_rows_per_strip(src.width, stride)
-        firsts = list(range(0, len(starts), group))
-        return [StripTask(tile, grid, i, len(firsts), first, min(first + group, len(starts)))
-                for i, first in enumerate(firsts)]
+        strips = strip_chip_rows(src.height, src.width, size, stride)
+        return [StripTask(tile, grid, i, len(strips), first, stop)
+                for i, (first, stop) in enumerate(strips)]
 
     def chip(self, task: StripTask) -> Iterator:
         """The task's chips as one :class:`ChipBlock` (none if every chip was skipped or
@@ -590,7 +301,7 @@ class _TileReader(beam.DoFn):
             return starts[row + 1] if row + 1 < len(starts) else grid.height
 
         try:
-            with rasterio.Env(**GDAL_ENV):
+            with rasterio.Env(**storage.GDAL_ENV):
                 src = self._with_retries(tile, deadline, lambda: self._sources(tile))
                 if (src.height, src.width) != (grid.height, grid.width):
                     raise ValueError(f"{tile.band_uris[0]} changed size while being read")
@@ -626,8 +337,15 @@ class _TileReader(beam.DoFn):
                     cut.expected[k] = 0
                     block.extend(self._cut_row(task, part, part_valid, row, cols, widths,
                                                outlines[k], cut, k))
+                # Still the generation the tile was planned at: every byte read was its own.
+                self._with_retries(tile, deadline, lambda: [
+                    storage.check_generation(uri, generation) for uri, generation in
+                    zip(tile.band_uris, tile.band_generations, strict=False)])
         except Exception as exc:  # could not open it at all: every row not yet cut fails
-            self.close_sources(tile.band_uris)  # a handle that failed is not reused
+            self.close_sources(tile)  # a handle that failed is not reused
+            if isinstance(exc, storage.Superseded):  # replaced while read: nothing of it holds
+                block.clear()
+                cut = _Cut(len(rows))
             reason = f"rows {starts[task.first_row]}..: {describe(exc)}"
             for k in range(len(rows)):
                 if cut.expected[k] is None:
@@ -710,22 +428,25 @@ class _TileReader(beam.DoFn):
         block cache belongs to an open dataset, and neighbouring tasks share a block row (the
         chips overlapping their boundary), which a fresh handle would decode again."""
         cache = self.__dict__.setdefault("_open", {})
-        if tile.band_uris not in cache:
+        key = _opened(tile)
+        if key not in cache:
             while len(cache) >= OPEN_TILES:
-                self.close_sources(next(iter(cache)))
-            stack = ExitStack()  # opened under the caller's rasterio.Env(**GDAL_ENV)
+                self.close_sources(None, next(iter(cache)))
+            stack = ExitStack()  # opened under the caller's rasterio.Env(**storage.GDAL_ENV)
             try:
-                cache[tile.band_uris] = (stack, _Sources(tile, self._s, stack))
+                cache[key] = (stack, _Sources(tile, self._s, stack))
             except BaseException:
                 stack.close()
                 raise
-        return cache[tile.band_uris][1]
+        return cache[key][1]
 
-    def close_sources(self, uris: tuple[str, ...] | None = None) -> None:
-        """Close the kept rasters of one tile (``uris``), or all of them."""
+    def close_sources(self, tile: TileRef | None = None, key: tuple | None = None) -> None:
+        """Close the kept rasters of one tile, or all of them."""
         cache = self.__dict__.get("_open", {})
-        for key in [uris] if uris is not None else list(cache):
-            entry = cache.pop(key, None)
+        if tile is not None:
+            key = _opened(tile)
+        for opened in [key] if key is not None else list(cache):
+            entry = cache.pop(opened, None)
             if entry is not None:
                 entry[0].close()
 
@@ -735,31 +456,15 @@ class _TileReader(beam.DoFn):
     def teardown(self):
         self.close_sources()
 
-    def _with_retries(self, tile: TileRef, deadline: float, read: Callable[[], T]) -> T:
-        """``read()``, retried on transient storage errors with backoff, jitter and a breaker."""
-        bucket = bucket_of(tile.band_uris[0])
-        attempt = 0
-        while True:
-            self._breaker.wait(bucket, deadline)
-            try:
-                result = read()
-            except Exception as exc:
-                if not is_transient(exc):
-                    raise
-                self._breaker.failure(bucket)
-                attempt += 1
-                delay = min(8.0, 0.25 * 2 ** attempt) * random.uniform(0.5, 1.5)
-                if time.monotonic() + delay > deadline:
-                    raise TransientReadError(
-                        f"{describe(exc)} (still failing after {attempt} attempt(s) over "
-                        f"{self._s.read_budget_secs:.0f}s; bucket {bucket} "
-                        f"{'paused' if self._breaker.is_open(bucket) else 'flaky'})") from exc
-                self.retries.inc()
-                time.sleep(delay)
-                forget_cached_reads(tile.band_uris)
-                continue
-            self._breaker.success(bucket)
-            return result
+    def _with_retries(self, tile: TileRef, deadline: float, read):
+        """``read()`` through :func:`transforms.storage.with_retries`, counting retries."""
+        return storage.with_retries(read, tile.band_uris, deadline, self._s.read_budget_secs,
+                                    on_retry=self.retries.inc)
+
+
+def _opened(tile: TileRef) -> tuple:
+    """What a kept raster handle is: these URIs at these generations."""
+    return tile.band_uris, tile.band_generations
 
 
 @dataclass
@@ -790,11 +495,14 @@ def chips_in(outputs: Iterable) -> Iterator[Chip]:
 
 
 def _refusal(tile: TileRef, exc: Exception) -> beam.pvalue.TaggedOutput:
+    """A tile that is not chipped: superseded (its object was replaced first: set aside), or
+    refused or unreadable (a dead letter), booked against every message the tile answers."""
+    if isinstance(exc, storage.Superseded):
+        return superseded(STAGE, str(exc), tile=tile)
     reason = describe(exc)
     if not isinstance(exc, Refused):
         reason = f"cannot chip {', '.join(tile.band_uris)}: {reason}"
-    return dead_letter(STAGE, reason, message_id=tile.message_id, tile_id=tile.tile_id,
-                       payload=repr(tile))
+    return dead_letter(STAGE, reason, tile=tile, payload=repr(tile))
 
 
 def merge_reports(reports: list[StripReport]) -> TileManifest:
@@ -835,7 +543,7 @@ class ChipTileFn(_TileReader):
         try:
             tasks = self.plan(tile)
         except Exception as exc:  # the stage boundary: one tile, one letter
-            self.close_sources(tile.band_uris)
+            self.close_sources(tile)
             yield _refusal(tile, exc)
             return
         reports = []
@@ -846,7 +554,7 @@ class ChipTileFn(_TileReader):
                         reports.append(item.value)
                     yield item
         finally:
-            self.close_sources(tile.band_uris)
+            self.close_sources(tile)
         self.tiles.inc()
         yield beam.pvalue.TaggedOutput(MANIFESTS_TAG, merge_reports(reports))
 
@@ -859,7 +567,7 @@ class _PlanStripsFn(_TileReader):
             yield _refusal(tile, exc)
             return
         finally:  # its strips are read by ChipStrips, maybe elsewhere
-            self.close_sources(tile.band_uris)
+            self.close_sources(tile)
         self.tiles.inc()
         yield from tasks
 
@@ -882,7 +590,7 @@ class _ChipStripFn(_TileReader):
             yield from self._run(task)
         else:
             parked.write(task)
-            retry.set(Timestamp.of(time.time() + PACE_RETRY_SECS))
+            retry.set(Timestamp.of(time.time() + pacing.PACE_RETRY_SECS))
 
     @on_timer(RETRY)
     def on_retry(self, parked=beam.DoFn.StateParam(TASK),
@@ -894,18 +602,18 @@ class _ChipStripFn(_TileReader):
             parked.clear()
             yield from self._run(task)
         else:
-            retry.set(Timestamp.of(time.time() + PACE_RETRY_SECS))
+            retry.set(Timestamp.of(time.time() + pacing.PACE_RETRY_SECS))
 
     def _may_start(self) -> bool:
         # Never wait here: the in-process runner has one worker thread, and this bundle's chips
         # reach the model only once it commits.
         limit = self._s.max_chips_in_flight
-        return not limit or IN_FLIGHT.admits(limit, wait=0)
+        return not limit or pacing.in_flight().admits(limit, wait=0)
 
     def _run(self, task: StripTask) -> Iterator:
         for item in self.chip(task):
             if self._s.max_chips_in_flight and isinstance(item, ChipBlock):
-                IN_FLIGHT.add(len(item))
+                pacing.in_flight().add(len(item))
             yield item
 
 
@@ -958,3 +666,4 @@ class ChipTiles(beam.PTransform):
                      .with_output_types(KEYED)
                      | "MergeReports" >> beam.ParDo(_MergeReportsFn()))
         return ChippedTiles(chips, reports, manifests, planned[DEAD_LETTER_TAG])
+

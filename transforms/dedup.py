@@ -37,9 +37,7 @@ class _FirstSeenFn(beam.DoFn):
         if seen.read():
             self.duplicates.inc()
             tile = element[1]
-            for message_id in tile.message_ids or ("",):
-                yield duplicate("dedup", f"tile version {tile.key} already taken",
-                                message_id=message_id, tile_id=tile.tile_id)
+            yield duplicate("dedup", f"tile version {tile.key} already taken", tile=tile)
             return
         seen.write(True)
         timeouts.arm(wall, end, self._streaming, self._ttl)

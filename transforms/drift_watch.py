@@ -3,8 +3,11 @@
 One tile over the PSI threshold is one odd tile (its row says ``drifted``); a change in what the
 stream receives shows as tiles whose drift departs from the recent tiles'. Each tile row's
 ``drift_max_band_psi`` goes, keyed by the model version and role that scored it (each learns its
-own baseline), through ``apache_beam.ml.anomaly``'s ``AnomalyDetection`` with a ``RobustZScore``
-detector (median and MAD of the recent scores: a few drifted tiles do not move the baseline).
+own baseline), through ``apache_beam.ml.anomaly``'s score-and-learn and threshold steps with a
+``RobustZScore`` detector (median and MAD of the recent scores: a few drifted tiles do not move
+the baseline). Those steps are applied here under fixed names (:class:`_DetectOutliers`):
+``AnomalyDetection`` names its stateful step after a fresh uuid at every translation, which
+no in-place update of the job could map.
 An outlier among at least ``MIN_TILES`` earlier tiles of its key becomes an ``events`` row
 (disposition ``drift``) and the ``drift_anomalies`` counter.
 """
@@ -21,7 +24,7 @@ from apache_beam.metrics import Metrics
 from apache_beam.ml.anomaly.base import AnomalyResult
 from apache_beam.ml.anomaly.detectors.robust_zscore import RobustZScore
 from apache_beam.ml.anomaly.thresholds import FixedThreshold
-from apache_beam.ml.anomaly.transforms import AnomalyDetection
+from apache_beam.ml.anomaly.transforms import RunScoreAndLearn, RunThresholdCriterion
 from apache_beam.transforms.combiners import CountCombineFn
 from apache_beam.transforms.userstate import CombiningValueStateSpec
 
@@ -76,6 +79,23 @@ class _DriftEventFn(beam.DoFn):
                     f"{self._threshold:g} against recent tiles scored by {key}"))
 
 
+class _DetectOutliers(beam.PTransform):
+    """``AnomalyDetection(detector)`` for one online detector on keyed input, with step names
+    that are the same at every translation (the update check compares them)."""
+
+    def __init__(self, detector: RobustZScore, criterion: FixedThreshold):
+        super().__init__()
+        self._detector, self._criterion = detector, criterion
+
+    def expand(self, keyed):
+        return (keyed
+                | "Add temp key" >> beam.Map(lambda e: (e[0], ("", e[1])))
+                | "Reshuffle" >> beam.Reshuffle()
+                | "ScoreAndLearn" >> RunScoreAndLearn(self._detector)
+                | "Threshold" >> RunThresholdCriterion(self._criterion)
+                | "Remove temp key" >> beam.Map(lambda e: (e[0], e[1][1])))
+
+
 class FlagDriftChanges(beam.PTransform):
     """Tile rows -> ``drift`` events for tiles whose drift is an outlier among recent ones."""
 
@@ -84,11 +104,11 @@ class FlagDriftChanges(beam.PTransform):
         self._threshold = threshold
 
     def expand(self, rows):
-        detector = RobustZScore(features=["max_psi"],
-                                threshold_criterion=FixedThreshold(self._threshold))
+        criterion = FixedThreshold(self._threshold)
+        detector = RobustZScore(features=["max_psi"], threshold_criterion=criterion)
         return (rows
                 | "DriftScores" >> beam.FlatMap(drift_score).with_output_types(
                     typing.Tuple[str, typing.Any])  # noqa: UP006 - Beam's type hints
                 | "CountPerVersion" >> beam.ParDo(_CountFn()).with_output_types(KEYED_ROW)
-                | "DetectDriftChange" >> AnomalyDetection(detector)
+                | "DetectDriftChange" >> _DetectOutliers(detector, criterion)
                 | "DriftEvents" >> beam.ParDo(_DriftEventFn(self._threshold)))

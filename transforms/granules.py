@@ -3,12 +3,15 @@
 HLS and Sentinel-2 deliver one COG per band, each with its own notification, in any order. Bands
 are collected per granule id; the granule is emitted once every band the model card needs has
 arrived. A granule still incomplete after the timeout goes to the dead letters naming the missing
-bands. After emitting, the granule remembers it is done for the dedup TTL so a re-delivered band
-does not start a phantom granule.
+bands, one letter carrying every band message it held. After emitting (or expiring), the granule
+remembers it for the dedup TTL: a re-delivered band of a complete granule is a duplicate, and a
+band that arrives after its granule was dead-lettered is booked at once, saying so, instead of
+starting a phantom granule that would expire again.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 
 import apache_beam as beam
@@ -18,7 +21,7 @@ from apache_beam.transforms.userstate import BagStateSpec, ReadModifyWriteStateS
 
 from transforms import timeouts
 from transforms.announcements import content_generation
-from transforms.deadletter import DEAD_LETTER_TAG, dead_letter, duplicate
+from transforms.deadletter import DEAD_LETTER_TAG, dead_letter, duplicate, superseded
 from transforms.presets import acquired_from_name
 from transforms.records import KEYED, BandObject, TileRef
 
@@ -29,6 +32,7 @@ class _AssembleGranuleFn(beam.DoFn):
     WALL_CLOCK, END_OF_INPUT = timeouts.timer_specs()
     BANDS = BagStateSpec("bands", PickleCoder())
     DONE = ReadModifyWriteStateSpec("done", BooleanCoder())
+    EXPIRED = ReadModifyWriteStateSpec("expired", PickleCoder())  # (when, missing bands)
 
     def __init__(self, bands: Sequence[str], timeout_secs: float, ttl_secs: float,
                  streaming: bool):
@@ -40,12 +44,14 @@ class _AssembleGranuleFn(beam.DoFn):
         self.used = Metrics.counter("tilestream", "bands_used")
         self.duplicates = Metrics.counter("tilestream", "bands_duplicate")
         self.expired = Metrics.counter("tilestream", "bands_expired")
+        self.late = Metrics.counter("tilestream", "bands_late")
 
     def process(
         self,
         element: tuple[str, BandObject],
         bands=beam.DoFn.StateParam(BANDS),
         done=beam.DoFn.StateParam(DONE),
+        expired=beam.DoFn.StateParam(EXPIRED),
         wall=beam.DoFn.TimerParam(WALL_CLOCK),
         end=beam.DoFn.TimerParam(END_OF_INPUT),
     ):
@@ -55,6 +61,17 @@ class _AssembleGranuleFn(beam.DoFn):
             yield duplicate(STAGE, f"band {band.band} of granule {granule_id} arrived after the "
                             "granule was complete", message_id=band.message_id,
                             tile_id=granule_id)
+            return
+        gone = expired.read()
+        if gone is not None:
+            when, missing = gone
+            self.late.inc()
+            yield dead_letter(
+                STAGE, f"band {band.band} of granule {granule_id} arrived "
+                f"{max(0.0, time.time() - when):.0f}s after the granule was dead-lettered as "
+                f"incomplete (missing {missing}); its other bands were booked then: publish "
+                "the granule's bands again", message_id=band.message_id, tile_id=granule_id,
+                payload=band.uri)
             return
         held = list(bands.read())
         if any(b.band == band.band and b.generation == band.generation for b in held):
@@ -71,10 +88,10 @@ class _AssembleGranuleFn(beam.DoFn):
             self.complete.inc()
             self.used.inc(len(chosen))
             self.duplicates.inc(len(held) + 1 - len(chosen))
-            for superseded in (b for b in held if b not in chosen):
-                yield duplicate(STAGE, f"band {superseded.band} of granule {granule_id} "
-                                "superseded by a newer generation",
-                                message_id=superseded.message_id, tile_id=granule_id)
+            for older in (b for b in held if b not in chosen):
+                yield superseded(STAGE, f"band {older.band} of granule {granule_id}: "
+                                 f"generation {older.generation} superseded by a newer one",
+                                 message_id=older.message_id, tile_id=granule_id)
             bands.clear()
             done.write(True)
             timeouts.arm(wall, end, self._streaming, self._ttl)
@@ -89,6 +106,8 @@ class _AssembleGranuleFn(beam.DoFn):
                     message_id=band.message_id,
                     source="granule",
                     band_message_ids=tuple(b.message_id for b in chosen if b.message_id),
+                    band_generations=(tuple(b.generation for b in chosen)
+                                      if all(b.source == "gcs" for b in chosen) else ()),
                     acquired=acquired_from_name(granule_id),
                 ),
                 event_time,
@@ -96,33 +115,41 @@ class _AssembleGranuleFn(beam.DoFn):
 
     @on_timer(WALL_CLOCK)
     def on_wall_clock(self, key=beam.DoFn.KeyParam, bands=beam.DoFn.StateParam(BANDS),
-                      done=beam.DoFn.StateParam(DONE)):
-        yield from self._expire(key, bands, done)
+                      done=beam.DoFn.StateParam(DONE), expired=beam.DoFn.StateParam(EXPIRED),
+                      wall=beam.DoFn.TimerParam(WALL_CLOCK),
+                      end=beam.DoFn.TimerParam(END_OF_INPUT)):
+        yield from self._expire(key, bands, done, expired, wall, end)
 
     @on_timer(END_OF_INPUT)
     def on_end_of_input(self, key=beam.DoFn.KeyParam, bands=beam.DoFn.StateParam(BANDS),
-                        done=beam.DoFn.StateParam(DONE)):
-        yield from self._expire(key, bands, done)
+                        done=beam.DoFn.StateParam(DONE), expired=beam.DoFn.StateParam(EXPIRED),
+                        wall=beam.DoFn.TimerParam(WALL_CLOCK),
+                        end=beam.DoFn.TimerParam(END_OF_INPUT)):
+        yield from self._expire(key, bands, done, expired, wall, end)
 
-    def _expire(self, granule_id, bands, done):
+    def _expire(self, granule_id, bands, done, expired, wall, end):
+        """The timeout of an incomplete granule (one letter, every band message it held), or
+        the end of the TTL of a finished or expired one (its memory cleared)."""
         held = list(bands.read())
         bands.clear()
         done.clear()
+        expired.clear()
         if not held:
             return
         self.expired.inc(len(held))
         present = sorted({b.band for b in held})
         missing = [b for b in self._bands if b not in present]
-        # One letter per band message: the books count messages.
-        for band in held:
-            yield dead_letter(
-                STAGE,
-                f"granule {granule_id} incomplete after {self._timeout:.0f}s: missing bands "
-                f"{missing} (have {present})",
-                message_id=band.message_id,
-                tile_id=granule_id,
-                payload=[b.uri for b in held],
-            )
+        expired.write((time.time(), missing))
+        if self._streaming:  # remember it, so a late band is booked at once
+            timeouts.arm(wall, end, self._streaming, self._ttl)
+        yield dead_letter(
+            STAGE,
+            f"granule {granule_id} incomplete after {self._timeout:.0f}s: missing bands "
+            f"{missing} (have {present})",
+            message_ids=tuple(b.message_id for b in held if b.message_id),
+            tile_id=granule_id,
+            payload=[b.uri for b in held],
+        )
 
 
 class AssembleGranules(beam.PTransform):

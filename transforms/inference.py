@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import threading
 import time
 from collections.abc import Iterable, Sequence
 from typing import Any, NamedTuple
@@ -38,14 +37,13 @@ from apache_beam.utils.timestamp import Duration
 from model.card import InputSpec, ModelCard
 from model.contract import check_model
 from model.inference import model_input, normalise_batch
-from transforms.chips import IN_FLIGHT
+from transforms import pacing, process
 from transforms.deadletter import DEAD_LETTER_TAG, dead_letter
 from transforms.guards import describe
 from transforms.records import NODATA_CLASS, Chip, ChipBlock, ChipPrediction, PredictionBlock
 
 STAGE = "inference"
 FAILED_TAG = "failed"
-DEFAULT_ACCELERATOR = "type:nvidia-l4;count:1;install-nvidia-driver"
 # Elements may carry an event time older than the watermark (a delayed notification); keep
 # their windows open that long rather than drop them.
 ALLOWED_LATENESS_SECS = 24 * 3600
@@ -60,7 +58,7 @@ def segmentation_inference_fn(
     spec: InputSpec | None = None,
 ) -> Iterable[PredictionResult]:
     """Stack chips, normalise them on the device, run the model, return per-chip class
-    probabilities as uint8 (p * 255).
+    probabilities as uint8 (p * 255) numpy arrays.
 
     With ``spec`` (the card's input), each chip is a :func:`model.inference.model_input` tensor:
     raw values in their own dtype plus the valid mask, so a GPU worker receives a quarter of the
@@ -76,9 +74,10 @@ def segmentation_inference_fn(
         logits = model(x, **(inference_args or {}))
         # In place on the softmax's own output: one pass and one buffer fewer, same bytes.
         probs = torch.softmax(logits.float(), dim=1)
-        quantised = probs.mul_(255.0).round_().to(torch.uint8).cpu()
+        quantised = probs.mul_(255.0).round_().to(torch.uint8).cpu().numpy()
     # The input is not kept beside its output: the stream keys each prediction by its chip, and
-    # keeping the tensor would hold every input until the predictions are consumed.
+    # keeping the tensor would hold every input until the predictions are consumed. Arrays, not
+    # tensors: a runner that encodes them between stages pickles an array as one buffer.
     return [PredictionResult(None, y, model_id) for y in quantised]
 
 
@@ -144,11 +143,13 @@ class VersionedModels:
         """The checked network of a version and the input spec its chips are normalised by."""
         entry = self._models.pop(model_id, None)
         if entry is None:
+            from model.channels import ModelRef
             from model.contract import load_checked
-            from model.registry import ModelRef, Registry
+            from model.registry import Registry
             from model.serving import fetch_validated
 
-            card = fetch_validated(Registry(self._registry_uri), ModelRef.parse(model_id))
+            card = fetch_validated(Registry(self._registry_uri), ModelRef.parse(model_id),
+                                   process.model_cache())
             entry = (load_checked(card, self.device), card.input)
             self.loads.inc()
             while len(self._models) >= self._capacity:
@@ -206,10 +207,6 @@ class VersionedModelHandler(ModelHandler):
         return "RunInference"
 
 
-_LOADED: dict[str, Any] = {}  # BlockModelHandler's models, by model_key
-_LOADED_LOCK = threading.Lock()
-
-
 def _block_chips(pair: tuple[ChipBlock, torch.Tensor]) -> int:
     return len(pair[0])
 
@@ -243,15 +240,13 @@ class BlockModelHandler(ModelHandler):
         """
         if not self._key:
             return self._inner.load_model()
-        with _LOADED_LOCK:
-            if self._key not in _LOADED:
-                _LOADED[self._key] = self._inner.load_model()
-            return _LOADED[self._key]
+        return process.shared("model", self._key, self._inner.load_model)
 
-    def run_inference(self, batch: Sequence[tuple[ChipBlock, torch.Tensor]], model: Any,
+    def run_inference(self, batch: Sequence[tuple[ChipBlock, np.ndarray]], model: Any,
                       inference_args: dict[str, Any] | None = None,
                       ) -> Iterable[tuple[ChipBlock, list[PredictionResult]]]:
-        pairs = [(chip, tensor[i]) for block, tensor in batch
+        pairs = [(chip, tensor[i]) for block, array in batch
+                 for tensor in (torch.from_numpy(array),)  # no copy
                  for i, chip in enumerate(block.chips)]
         answers: dict[int, PredictionResult] = {}  # by chip identity: inner may reorder
         for start in range(0, len(pairs), self._pass):
@@ -260,8 +255,8 @@ class BlockModelHandler(ModelHandler):
                 answers[id(chip)] = result
         return [(block, [answers[id(chip)] for chip in block.chips]) for block, _ in batch]
 
-    def get_num_bytes(self, batch: Sequence[tuple[ChipBlock, torch.Tensor]]) -> int:
-        return sum(tensor.nbytes for _, tensor in batch)
+    def get_num_bytes(self, batch: Sequence[tuple[ChipBlock, np.ndarray]]) -> int:
+        return sum(array.nbytes for _, array in batch)
 
     def get_metrics_namespace(self) -> str:
         return self._inner.get_metrics_namespace()
@@ -270,11 +265,17 @@ class BlockModelHandler(ModelHandler):
         self._inner.validate_inference_args(inference_args)
 
 
-def block_input(block: ChipBlock) -> tuple[ChipBlock, torch.Tensor]:
-    """A block -> (its chips without pixels, their :func:`model_input` tensors stacked)."""
+def block_input(block: ChipBlock) -> tuple[ChipBlock, np.ndarray]:
+    """A block -> (its chips without pixels, their :func:`model_input` arrays stacked).
+
+    A numpy array rather than a tensor: where a runner encodes the pair between stages (the
+    FnApiRunner, Dataflow), pickling an array is one buffer copy, while a tensor goes through
+    torch's own serialisation (the local backfill spent 5 % of its CPU there). The handler
+    wraps it as a tensor without a copy.
+    """
     chips = tuple(dataclasses.replace(c, raw=None) for c in block.chips)
-    tensor = torch.from_numpy(np.stack([model_input(c.raw, c.valid) for c in block.chips]))
-    return dataclasses.replace(block, chips=chips), tensor
+    return dataclasses.replace(block, chips=chips), np.stack(
+        [model_input(c.raw, c.valid) for c in block.chips])
 
 
 def to_prediction(chip: Chip, probabilities: np.ndarray, model_name: str,
@@ -309,23 +310,23 @@ class _ToPredictionFn(beam.DoFn):
 
     def process(self, element: tuple[ChipBlock, list[PredictionResult]]):
         block, results = element
-        IN_FLIGHT.done(len(block))  # the chipper may cut the next strip
+        pacing.in_flight().done(len(block))  # the chipper may cut the next strip
         tile = block.tile
         name, version = ((tile.model.split("/", 1)) if tile.model
                          else (self._name, self._version))
         predictions, failed = [], []
         for chip, result in zip(block.chips, results, strict=True):
             if result.inference is None:  # its version failed to load (VersionedModelHandler)
-                yield dead_letter(STAGE, str(result.model_id), message_id=tile.message_id,
-                                  tile_id=tile.tile_id)
+                yield dead_letter(STAGE, str(result.model_id), tile=tile)
                 failed.append(chip)
                 continue
             try:
-                predictions.append(to_prediction(chip, result.inference.numpy(), name, version))
+                predictions.append(to_prediction(chip, np.asarray(result.inference), name,
+                                                 version))
             except Exception as exc:  # one chip's output, one letter
                 yield dead_letter(STAGE, f"prediction of chip {chip.index} unusable: "
                                          f"{describe(exc)}",
-                                  message_id=tile.message_id, tile_id=tile.tile_id)
+                                  tile=tile)
                 failed.append(chip)
         if failed:
             yield beam.pvalue.TaggedOutput(FAILED_TAG, ChipBlock(tile, block.task,
@@ -362,11 +363,11 @@ class _FailedBatchFn(beam.DoFn):
         batch, exc = failure
         reason = failure_reason(exc)
         for block, _tensor in batch:
-            IN_FLIGHT.done(len(block))
+            pacing.in_flight().done(len(block))
             self.failed.inc(len(block))
             for chip in block.chips:
                 yield dead_letter(STAGE, reason,
-                                  message_id=chip.tile.message_id, tile_id=chip.tile.tile_id,
+                                  tile=chip.tile,
                                   payload=f"chip {chip.index} window {chip.row},{chip.col}")
             yield beam.pvalue.TaggedOutput(FAILED_TAG, block)
 
@@ -387,7 +388,7 @@ class ScoreChips(beam.PTransform):
     def __init__(self, card: ModelCard, *, window_secs: float = 5.0, device: str = "CPU",
                  min_batch_size: int = 1, max_batch_size: int = 32,
                  max_batch_duration_secs: int | None = None,
-                 accelerator: str = DEFAULT_ACCELERATOR, registry_uri: str | None = None):
+                 accelerator: str | None = None, registry_uri: str | None = None):
         super().__init__()
         self._card = card
         self._window_secs = window_secs

@@ -17,8 +17,8 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-# The stream's defaults (HLS S30 / Sentinel-2 tokens); transforms/announcements.py holds the same
-# strings and a test keeps them equal.
+# The stream's defaults: HLS (HLS.S30.T17SLU.2024110T160000.v2.0.B04.tif), Landsat C2
+# (…_SR_B4.TIF) and similar file names; HLS S30 / Sentinel-2 band tokens.
 DEFAULT_GRANULE_PATTERN = r"^(?P<granule>.+?)[._](?:SR_)?(?P<band>B\d{1,2}A?)\.tiff?$"
 DEFAULT_BAND_ALIASES = "B02=blue,B03=green,B04=red,B8A=nir,B11=swir1,B12=swir2"
 
@@ -119,7 +119,7 @@ def preset(name: str) -> Preset:
                           f"{', '.join(PRESETS)}") from None
 
 
-def parse_alias_spec(spec: str) -> dict[str, str]:
+def parse_aliases(spec: str) -> dict[str, str]:
     """``"B02=blue,B03=green"`` -> ``{"B02": "blue", "B03": "green"}`` (tokens upper-cased)."""
     aliases = {}
     for item in filter(None, (part.strip() for part in spec.split(","))):
@@ -138,19 +138,27 @@ def resolve(band_preset: str | None, granule_pattern: str,
     replaces the preset's, and explicit ``--band_aliases`` entries are laid over the preset's.
     """
     if not band_preset:
-        return granule_pattern, parse_alias_spec(band_aliases)
+        return granule_pattern, parse_aliases(band_aliases)
     chosen = preset(band_preset)
     pattern = (chosen.granule_pattern if granule_pattern == DEFAULT_GRANULE_PATTERN
                else granule_pattern)
     aliases = dict(chosen.aliases)
     if band_aliases != DEFAULT_BAND_ALIASES:
-        aliases.update(parse_alias_spec(band_aliases))
+        aliases.update(parse_aliases(band_aliases))
     return pattern, aliases
 
 
+# A date in a granule name of no known product: HLS-style year, day of year and time
+# (…2000100T150000…), or a calendar date and time (…20000409T150000…).
+_ANY_DATE = Preset(
+    name="(any)", description="", product=r".", granule_pattern="", aliases={},
+    acquired=r"(?<!\d)(?:(?P<year>\d{4})(?P<doy>\d{3})|(?P<date>\d{8}))T(?P<time>\d{6})(?!\d)")
+
+
 def acquired_from_name(name: str) -> str | None:
-    """Acquisition time (RFC 3339) from a granule id or file name of any known product."""
-    for candidate in PRESETS.values():
+    """Acquisition time (RFC 3339) from a granule id or file name: a known product's rule first,
+    else a year-day-time or date-time stamp wherever the name carries one."""
+    for candidate in (*PRESETS.values(), _ANY_DATE):
         found = candidate.acquired_from(name)
         if found:
             return found

@@ -32,6 +32,10 @@ class TileRef:
     sensor: str | None = None
     attributes: tuple[tuple[str, str], ...] = ()  # carried to output rows
     band_message_ids: tuple[str, ...] = ()  # a granule: every band file's message
+    # Object generation of each band URI, in the same order, that the reads are pinned to:
+    # from the notifications; () until the planner pins an announcement's URIs to their live
+    # generations (transforms/storage.py).
+    band_generations: tuple[str, ...] = ()
     # Set once per tile by transforms/routing.py: which version scores it and in what role, so
     # every chip of one assignment is scored by that version and assembled apart from others.
     model: str = ""  # name/version; "" with a fixed --model_uri
@@ -60,10 +64,11 @@ class BandObject:
     granule_id: str
     band: str  # card band name, after alias mapping
     uri: str
-    generation: str
+    generation: str  # the notification's object generation; a backfilled file's mtime
     event_time: float
     published: float
     message_id: str = ""
+    source: str = "gcs"  # gcs | file
 
 
 @dataclass(frozen=True)
@@ -223,6 +228,7 @@ class PredictionBlock:
 DEAD_LETTER = "dead_letter"
 FILTERED = "filtered"
 DUPLICATE = "duplicate"
+SUPERSEDED = "superseded"  # its object generation was replaced before it was read
 
 
 @dataclass(frozen=True)
@@ -257,8 +263,9 @@ class DeadLetter:
     """A message or piece the stream did not score, with why.
 
     ``disposition`` ``dead_letter`` is an error (BigQuery ``dead_letters`` and JSON lines on GCS);
-    ``filtered`` (not for this stream) and ``duplicate`` (already taken) are set aside on purpose
-    and land in the ``events`` table, so every message in leaves a queryable trace.
+    ``filtered`` (not for this stream), ``duplicate`` (already taken) and ``superseded`` (a newer
+    generation of its object was written before it was read) are set aside on purpose and land
+    in the ``events`` table, so every message in leaves a queryable trace.
     """
 
     stage: str
@@ -268,3 +275,4 @@ class DeadLetter:
     payload: str = ""  # excerpt of the offending input
     time: float = 0.0
     disposition: str = DEAD_LETTER
+    message_ids: tuple[str, ...] = ()  # every message it answers (a granule's band files)

@@ -13,19 +13,26 @@ global-window side input fed by ``PeriodicImpulse`` holds the main input until t
 window is complete, which in a stream is never; a per-process poll has the same bound (the poll
 interval) on every runner and no extra graph. A version the follower refuses becomes an
 ``events`` row (disposition ``model``) and a log line; the stream keeps the snapshot it had.
+
+The same channels say whether this job's ``--release`` is the green one of a blue-green
+replacement (``model.channels.release_role``): then every assignment is ``shadow``, so its rows
+stay out of the shipped queries until cut-over. A change of that role is a ``model`` event
+(``release R now live``), which ``tilestream release cutover --wait`` waits for before the old
+job is drained.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import threading
 import time
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
 from model.card import ModelCard
+from model.channels import release_role
 from model.serving import ChannelsFollower, Snapshot
+from transforms import process
 from transforms.deadletter import DEAD_LETTER_TAG, dead_letter
 from transforms.guards import describe
 from transforms.records import DeadLetter, TileRef
@@ -40,29 +47,29 @@ def model_event(reason: str) -> beam.pvalue.TaggedOutput:
         stage=STAGE, reason=reason[:2000], time=time.time(), disposition=MODEL_EVENT))
 
 
-_FOLLOWERS: dict[str, ChannelsFollower] = {}
-_FOLLOWERS_LOCK = threading.Lock()
-
-
 def process_follower(registry_uri: str, running: ModelCard, start: Snapshot,
                      poll_secs: float) -> ChannelsFollower:
     """The one follower of this worker process for a registry.
 
-    Process-wide rather than ``apache_beam.utils.shared.Shared``: Beam's in-process runner builds
-    a new DoFn per bundle, and ``Shared`` frees an object once no DoFn holds it, which would
-    restart the follower from the start-up snapshot at every bundle.
+    Process-wide (``transforms/process.py``) rather than ``apache_beam.utils.shared.Shared``:
+    Beam's in-process runner builds a new DoFn per bundle, and ``Shared`` frees an object once
+    no DoFn holds it, which would restart the follower from the start-up snapshot at every
+    bundle.
     """
-    with _FOLLOWERS_LOCK:
-        follower = _FOLLOWERS.get(registry_uri)
-        if follower is None:
-            follower = ChannelsFollower(registry_uri, running, start, poll_secs)
-            _FOLLOWERS[registry_uri] = follower
-        return follower
+    return process.shared("channels-follower", registry_uri, lambda: ChannelsFollower(
+        registry_uri, running, start, process.model_cache(), poll_secs))
+
+
+def release_event(release: str, role: str) -> str:
+    return (f"release {release} now live" if role == "live" else
+            f"release {release} now green: its rows are role=shadow until cut-over")
 
 
 class _AssignFn(beam.DoFn):
-    def __init__(self, registry_uri: str, running: ModelCard, start: Snapshot, poll_secs: float):
+    def __init__(self, registry_uri: str, running: ModelCard, start: Snapshot, poll_secs: float,
+                 release: str):
         self._args = (registry_uri, running, start, poll_secs)
+        self._release = release
         self.refused = Metrics.counter("tilestream", "model_refusals")
         self.switched = Metrics.counter("tilestream", "model_switches")
         self.by_role = {role: Metrics.counter("tilestream", f"tiles_{role}")
@@ -74,6 +81,7 @@ class _AssignFn(beam.DoFn):
     def process(self, tile: TileRef):
         follower = self._follower
         before = follower.snapshot.token
+        role_before = release_role(follower.snapshot.channels, self._release)
         try:
             refusals = follower.refresh()
         except Exception as exc:  # the follower must never cost a tile
@@ -87,24 +95,28 @@ class _AssignFn(beam.DoFn):
             self.switched.inc()
             yield model_event(f"channels now {snapshot.channels.state()} (validated); "
                               f"tiles from {tile.tile_id} on are routed by them")
+        role = release_role(snapshot.channels, self._release)
+        if role != role_before:
+            yield model_event(release_event(self._release, role))
         try:
             assigned = snapshot.assign(tile.tile_id)
         except Exception as exc:
             yield dead_letter(STAGE, f"no model could be assigned: {describe(exc)}",
-                              message_id=tile.message_id, tile_id=tile.tile_id)
+                              tile=tile)
             return
-        for model, role in assigned:
-            self.by_role[role].inc()
-            yield dataclasses.replace(tile, model=model, role=role)
+        for model, model_role in assigned:
+            answer = "shadow" if role == "shadow" else model_role
+            self.by_role[answer].inc()
+            yield dataclasses.replace(tile, model=model, role=answer)
 
 
 class AssignModels(beam.PTransform):
     """TileRef -> one TileRef per (version, role) (main) + model events and dead letters."""
 
     def __init__(self, registry_uri: str, running: ModelCard, start: Snapshot,
-                 poll_secs: float):
+                 poll_secs: float, release: str):
         super().__init__()
-        self._fn = _AssignFn(registry_uri, running, start, poll_secs)
+        self._fn = _AssignFn(registry_uri, running, start, poll_secs, release)
 
     def expand(self, tiles):
         return tiles | beam.ParDo(self._fn).with_outputs(DEAD_LETTER_TAG, main="tiles")

@@ -16,9 +16,9 @@ import math
 from dataclasses import dataclass
 
 import apache_beam as beam
-from apache_beam.io.gcp.bigquery import BigQueryWriteFn
 from apache_beam.io.gcp.bigquery_tools import RetryStrategy
 
+from transforms import process  # noqa: F401 - installs the runtime's Beam patches (its docstring)
 from transforms.records import ChipPrediction, PredictionBlock, TileManifest, TileRef
 
 
@@ -61,6 +61,10 @@ _PROVENANCE = [
            "(NULL in rows written before channels existed: live)"),
 ]
 
+# Every table: which release of the stream wrote the row (blue-green tells two jobs apart by it).
+_RELEASE = _field("release", "STRING", description="the stream release that wrote the row "
+                  "(--release; NULL in rows written before releases were recorded)")
+
 # Per tile, against the card's drift_reference (model/drift.py); NULL without a reference.
 _DRIFT = [
     _field("drift_band_psi", "RECORD", "REPEATED", "PSI of each band against the training "
@@ -89,6 +93,7 @@ CHIP_SCHEMA = {
         _field("chipped_at", "TIMESTAMP", "REQUIRED"),
         _field("scored_at", "TIMESTAMP", "REQUIRED"),
         _field("latency_s", "FLOAT64", "REQUIRED", "scored_at - published"),
+        _RELEASE,
     ]
 }
 
@@ -111,36 +116,59 @@ TILE_SCHEMA = {
         _field("completed_at", "TIMESTAMP", "REQUIRED"),
         _field("latency_s", "FLOAT64", "REQUIRED", "completed_at - published (end to end)"),
         *_DRIFT,
+        _RELEASE,
     ]
 }
+
+_SOURCE_IDS = _field("source_message_ids", "STRING", "REPEATED",
+                     "every Pub/Sub message it is about (all band files of a granule)")
 
 ERROR_SCHEMA = {
     "fields": [
         _field("stage", "STRING", "REQUIRED"),
         _field("reason", "STRING", "REQUIRED"),
         _field("message_id", "STRING"),
+        _SOURCE_IDS,
         _field("tile_id", "STRING"),
         _field("payload", "STRING", description="excerpt of the offending input"),
         _field("time", "TIMESTAMP", "REQUIRED"),
+        _RELEASE,
     ]
 }
 
 EVENT_SCHEMA = {
     "fields": [
         _field("disposition", "STRING", "REQUIRED",
-               "filtered | duplicate | model (a registry version loaded or refused)"),
+               "filtered | duplicate | superseded | model (a registry version loaded or "
+               "refused) | drift"),
         _field("stage", "STRING", "REQUIRED"),
         _field("reason", "STRING", "REQUIRED"),
         _field("message_id", "STRING"),
+        _SOURCE_IDS,
         _field("tile_id", "STRING"),
         _field("time", "TIMESTAMP", "REQUIRED"),
+        _RELEASE,
+    ]
+}
+
+MESSAGE_SCHEMA = {
+    "fields": [
+        _field("message_id", "STRING", "REQUIRED", "as Pub/Sub delivered it (file:PATH for a "
+               "backfilled file)"),
+        _field("published", "TIMESTAMP", "REQUIRED", "first publish: a replay's original's"),
+        _field("delivered", "TIMESTAMP", "REQUIRED", "publish time of this delivery"),
+        _field("received_at", "TIMESTAMP", "REQUIRED", "when the stream took it in"),
+        _field("replay_of", "STRING", description="the message this one was published again "
+               "for (the local journal's replays)"),
+        _field("kind", "STRING", "REQUIRED", "notification | message | file"),
+        _RELEASE,
     ]
 }
 
 SCHEMAS = {"chips": CHIP_SCHEMA, "tiles": TILE_SCHEMA, "dead_letters": ERROR_SCHEMA,
-           "events": EVENT_SCHEMA}
+           "events": EVENT_SCHEMA, "messages": MESSAGE_SCHEMA}
 _PARTITION_FIELD = {"chips": "event_time", "tiles": "event_time", "dead_letters": "time",
-                    "events": "time"}
+                    "events": "time", "messages": "received_at"}
 
 
 @dataclass(frozen=True)
@@ -151,19 +179,61 @@ class BigQueryTables:
     tiles: str
     errors: str
     events: str
+    messages: str
 
     @classmethod
     def in_dataset(cls, dataset: str, project: str | None = None) -> BigQueryTables:
-        """Tables ``chips``, ``tiles``, ``dead_letters`` and ``events`` in ``[project:]dataset``."""
-        if ":" not in dataset:
-            if "." in dataset:
-                dataset = dataset.replace(".", ":", 1)
-            elif project:
-                dataset = f"{project}:{dataset}"
-            else:
-                raise ValueError(f"dataset '{dataset}' needs a project (--project)")
-        return cls(f"{dataset}.chips", f"{dataset}.tiles", f"{dataset}.dead_letters",
-                   f"{dataset}.events")
+        """Tables ``chips``, ``tiles``, ``dead_letters``, ``events`` and ``messages`` in
+        ``[project:]dataset``."""
+        full = ":".join(dataset_ref(dataset, project))
+        return cls(f"{full}.chips", f"{full}.tiles", f"{full}.dead_letters", f"{full}.events",
+                   f"{full}.messages")
+
+    def by_kind(self) -> dict[str, str]:
+        return {"chips": self.chips, "tiles": self.tiles, "dead_letters": self.errors,
+                "events": self.events, "messages": self.messages}
+
+
+def ensure_tables(tables: BigQueryTables) -> list[str]:
+    """Create every table of the stream that does not exist yet, with its schema, partitioning
+    and clustering (what Terraform creates on GCP): readers find them all from the first
+    minute, whatever has been written. Returns the tables created. Uses Beam's own BigQuery
+    client, so it goes where the stream's writes go."""
+    from apache_beam.io.gcp import bigquery_tools
+    from apitools.base.py.exceptions import HttpError
+
+    wrapper = bigquery_tools.BigQueryWrapper()
+    created = []
+    for kind, table in tables.by_kind().items():
+        project, rest = table.split(":", 1)
+        dataset, name = rest.split(".", 1)
+        try:
+            wrapper.get_table(project, dataset, name)
+            continue
+        except HttpError as exc:
+            if exc.status_code != 404:
+                raise
+        schema = bigquery_tools.parse_table_schema_from_json(json.dumps(SCHEMAS[kind]))
+        wrapper.get_or_create_table(
+            project, dataset, name, schema, beam.io.BigQueryDisposition.CREATE_IF_NEEDED,
+            beam.io.BigQueryDisposition.WRITE_APPEND,
+            additional_create_parameters=table_parameters(kind))
+        created.append(table)
+    return created
+
+
+def dataset_ref(spec: str, project: str | None = None) -> tuple[str, str]:
+    """``--bq_dataset`` -> ``(project, dataset)``: the one spelling is ``PROJECT:DATASET``;
+    ``PROJECT.DATASET`` (how SQL names it) is read the same way, and a bare ``DATASET`` takes
+    ``project``. Every verb and the stream read the flag through this."""
+    if ":" in spec or "." in spec:
+        name_project, _, name = spec.replace(":", ".", 1).partition(".")
+    else:
+        name_project, name = project or "", spec
+    if not name_project or not name or "." in name or ":" in name:
+        raise ValueError(f"--bq_dataset {spec!r} is not PROJECT:DATASET"
+                         + ("" if name_project else " (or give --project)"))
+    return name_project, name
 
 
 def table_parameters(kind: str) -> dict:
@@ -174,48 +244,44 @@ def table_parameters(kind: str) -> dict:
     return params
 
 
-def _json_row_size(self, row_and_insert_id) -> tuple[int, str | None]:
-    """Beam's row-size check, measured the way the insertAll API counts: JSON bytes.
-
-    Beam 2.77 sizes every streamed row with ``objsize.get_deep_size``, which walks the row's
-    object graph (and module globals) at 0.2-0.7 ms a row: 8 % of the stream's CPU on a 3,660²
-    tile. The JSON length is both cheaper (about 0.015 ms) and what the 10 MB limit applies to.
-    """
-    row_bytes = len(json.dumps(row_and_insert_id, default=str).encode())
-    if row_bytes >= self._max_insert_payload_size:
-        return row_bytes, (f"Received row with size {row_bytes / 1e6}MB that exceeds the maximum "
-                           f"insert payload size set ({self._max_insert_payload_size / 1e6}MB).")
-    return row_bytes, None
+def stamped(row: dict, release: str) -> dict:
+    return {**row, "release": release}
 
 
-if hasattr(BigQueryWriteFn, "_check_row_size"):  # applied wherever the sinks run
-    BigQueryWriteFn._check_row_size = _json_row_size
-
-
-def write_rows(table: str, schema: dict, *, load_jobs: bool = False,
-               every_secs: int | None = None,
-               temp_location: str | None = None) -> beam.io.WriteToBigQuery:
-    """Streaming inserts, or with ``load_jobs`` load jobs of the rows gathered over
-    ``every_secs`` (a streaming pipeline; a batch one loads once at the end).
+class WriteRows(beam.PTransform):
+    """Rows -> ``table``, each stamped with the ``release`` of the job that wrote it: streaming
+    inserts, or with ``load_jobs`` load jobs of the rows gathered over ``every_secs`` (a
+    streaming pipeline; a batch one loads once at the end). Returns Beam's ``WriteResult``.
 
     Load jobs are for the chip rows, thousands per tile: the insertAll path costs per row (Beam
     sizes each row; the API bills by the byte; the local emulator spent 5 CPU-seconds on 5,776
     rows, against 0.14 s for one load job of the same rows). A load job fails as a whole on one
     bad row, so rows go through ``deadletter.CheckRows`` first.
     """
-    kind = next(k for k, s in SCHEMAS.items() if s is schema)
-    common = dict(schema=schema,
-                  create_disposition=beam.io.BigQueryDisposition.CREATE_IF_NEEDED,
-                  write_disposition=beam.io.BigQueryDisposition.WRITE_APPEND,
-                  additional_bq_parameters=table_parameters(kind))
-    if load_jobs:
-        return beam.io.WriteToBigQuery(
-            table, method=beam.io.WriteToBigQuery.Method.FILE_LOADS,
-            triggering_frequency=every_secs, custom_gcs_temp_location=temp_location,
-            **common)
-    return beam.io.WriteToBigQuery(
-        table, method=beam.io.WriteToBigQuery.Method.STREAMING_INSERTS,
-        insert_retry_strategy=RetryStrategy.RETRY_ON_TRANSIENT_ERROR, **common)
+
+    def __init__(self, table: str, schema: dict, release: str, *, load_jobs: bool = False,
+                 every_secs: int | None = None, temp_location: str | None = None):
+        super().__init__()
+        self._table, self._schema, self._release = table, schema, release
+        self._load_jobs, self._every_secs = load_jobs, every_secs
+        self._temp_location = temp_location
+
+    def expand(self, rows):
+        kind = next(k for k, s in SCHEMAS.items() if s is self._schema)
+        common = dict(schema=self._schema,
+                      create_disposition=beam.io.BigQueryDisposition.CREATE_IF_NEEDED,
+                      write_disposition=beam.io.BigQueryDisposition.WRITE_APPEND,
+                      additional_bq_parameters=table_parameters(kind))
+        if self._load_jobs:
+            write = beam.io.WriteToBigQuery(
+                self._table, method=beam.io.WriteToBigQuery.Method.FILE_LOADS,
+                triggering_frequency=self._every_secs,
+                custom_gcs_temp_location=self._temp_location, **common)
+        else:
+            write = beam.io.WriteToBigQuery(
+                self._table, method=beam.io.WriteToBigQuery.Method.STREAMING_INSERTS,
+                insert_retry_strategy=RetryStrategy.RETRY_ON_TRANSIENT_ERROR, **common)
+        return rows | "Release" >> beam.Map(stamped, self._release) | "Write" >> write
 
 
 _JSON_TYPES = {"STRING": str, "GEOGRAPHY": str, "TIMESTAMP": str, "BOOL": bool,

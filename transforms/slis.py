@@ -3,16 +3,14 @@
 Dataflow exports user counters to Cloud Monitoring (``dataflow.googleapis.com/job/user_counter``,
 label ``metric_name``), which is what the burn-rate alerts in ``templates/terraform/monitoring.tf``
 divide: slow tiles over all tiles, dead letters over messages. The same SLIs are computed from the
-BigQuery rows by ``tilestream slo`` (``pipeline/slo.py``), so the two can be checked against each
-other.
+BigQuery rows by ``tilestream slo`` (``pipeline/ops/slo.py``), so the two can be checked against
+each other.
 """
 
 from __future__ import annotations
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
-
-from pipeline.slo import LATENCY_SLO_S
 
 NAMESPACE = "tilestream"
 # Names Cloud Monitoring sees; the alert policies and the dashboard refer to them by name.
@@ -25,7 +23,7 @@ TILE_LATENCY_MS = "tile_latency_ms"
 class CountTileSlis(beam.DoFn):
     """Count each tile row as fast or slow, complete or not; record its latency distribution."""
 
-    def __init__(self, latency_slo_s: float = LATENCY_SLO_S):
+    def __init__(self, latency_slo_s: float):
         self._threshold = latency_slo_s
         self.total = Metrics.counter(NAMESPACE, TILES_TOTAL)
         self.slow = Metrics.counter(NAMESPACE, TILES_SLOW)

@@ -1,8 +1,9 @@
-"""Only for the local stack, never used on Dataflow: the emulators (``stack``), the adapter that
-points Beam's clients at them (``adapter``), the journal that makes the in-process runner's
-early acks safe (``journal``), the GCS emulator wrapper (``gcs_emulator``) and a memo of the
-in-process runner's per-bundle DoFn introspection (``runner``).
+"""Only for this machine, never shipped to or run on Dataflow: the emulator stack (``stack``,
+the GCS emulator wrapper ``gcs_emulator``, the recording proxies ``audit``), every patch that
+points Beam and Google clients at it or takes a cost out of the in-process runner
+(``patches``), the journal that makes the in-process runner's early acks safe (``journal``),
+and the ``demo`` and ``smoke`` commands with the demo's ``quicklook``.
 
-``pipeline.main`` applies any of it only with ``--local``, which it refuses with any runner that
-is not in this process; nothing here runs on a Dataflow worker.
+``pipeline.main`` imports any of it only with ``--local``, which it refuses with any runner that
+is not in this process (``tests/test_dataflow.py`` checks a Dataflow launch imports none of it).
 """

@@ -8,7 +8,11 @@ with the books in BigQuery: a message is finished when it is in a tile row
 (``source_message_ids``) whose chip rows are all in, the ``events`` table or the ``dead_letters``
 table. Unfinished messages have their partial rows deleted and are published again, so each
 tile ends up scored exactly once: one tile row, one chip row per chip, one COG (same path,
-rewritten).
+rewritten). Each replay names the message it stands for and that message's first publish time
+(``transforms.announcements.REPLAY_OF``/``FIRST_PUBLISHED``), so latency runs from the first
+publish; the original is booked ``replayed`` in ``events`` ("replayed as <new id>"), so every
+message id still has exactly one outcome. The replays are made as ``local-journal``, an identity
+of this machine only (GCP redelivers on its own).
 
 The same client keeps each pull short (``PULL_WAIT_SECS``) and lifts gRPC's 4 MB message limit.
 Nothing here is used on Dataflow: ``pipeline.main`` installs it only with ``--local``.
@@ -22,6 +26,7 @@ import logging
 import os
 import re
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,7 +35,8 @@ from transforms.sinks import BigQueryTables
 
 LOG = logging.getLogger(__name__)
 JOURNAL_DIR = "journal"
-REPLAY_ATTRIBUTE = "tilestream_replay_of"
+JOURNAL_IDENTITY = "local-journal"
+REPLAYED = "replayed"  # the events disposition of a message the journal published again
 PULL_LIMIT_BYTES = 64 << 20  # gRPC's 4 MB default would fail a pull of a few large messages
 # The in-process runner pulls with a 30 s deadline and holds the source's watermark until the
 # pull returns, so on a quiet subscription every trigger and timer downstream waited up to 30 s
@@ -52,6 +58,7 @@ class JournalEntry:
     message_id: str
     data: bytes
     attributes: dict[str, str]
+    published: float = 0.0  # this delivery's publish time
 
 
 class _JournalingSubscriber:
@@ -75,7 +82,8 @@ class _JournalingSubscriber:
         if response.received_messages:
             lines = [json.dumps({"id": rm.message.message_id,
                                  "data": base64.b64encode(rm.message.data).decode(),
-                                 "attributes": dict(rm.message.attributes)})
+                                 "attributes": dict(rm.message.attributes),
+                                 "published": rm.message.publish_time.timestamp()})
                      for rm in response.received_messages]
             with self._lock, open(self._path, "a") as out:
                 out.write("\n".join(lines) + "\n")
@@ -88,26 +96,32 @@ class _JournalingSubscriber:
 
 
 def install(stack: LocalStack, subscription: str, tables: BigQueryTables) -> None:
-    """Route the in-process runner's Pub/Sub reads through a journaling, large-message client."""
-    import grpc
-    from apache_beam.runners.direct import transform_evaluator as te
+    """Route the in-process runner's Pub/Sub reads through a journaling, large-message client
+    that carries this process's identity (``pipeline/local/patches.py``)."""
     from google.cloud import pubsub
     from google.pubsub_v1.services.subscriber.transports.grpc import SubscriberGrpcTransport
 
+    from pipeline.local import patches
+
     path = journal_path(stack, subscription, tables)
 
-    def client_state(cls, transform):
-        state = cls._subscriber_client_cache.get(transform)
-        if state is None:
-            channel = grpc.insecure_channel(
-                stack.pubsub_host, options=[("grpc.max_receive_message_length",
-                                             PULL_LIMIT_BYTES)])
-            client = pubsub.SubscriberClient(transport=SubscriberGrpcTransport(channel=channel))
-            state = te._PubSubSubscriberClient(_JournalingSubscriber(client, path))
-            cls._subscriber_client_cache[transform] = state
-        return state
+    def make_client():
+        channel = patches.identity_channel(
+            stack.pubsub_host, [("grpc.max_receive_message_length", PULL_LIMIT_BYTES)])
+        client = pubsub.SubscriberClient(transport=SubscriberGrpcTransport(channel=channel))
+        return _JournalingSubscriber(client, path)
 
-    te._PubSubReadEvaluator._get_subscriber_client_state_unlocked = classmethod(client_state)
+    patches.pubsub_reader(make_client).install()
+
+
+def pulled_ids(stack: LocalStack, dataset: str) -> set[str]:
+    """Every message id the journals of ``dataset``'s streams hold (pulled, not yet reconciled
+    by a restart: a running stream's whole intake)."""
+    suffix = re.sub(r"[^A-Za-z0-9_.-]+", "_", dataset.replace(".", ":", 1))
+    ids: set[str] = set()
+    for path in (Path(stack.run_dir) / JOURNAL_DIR).glob(f"*__{suffix}.jsonl"):
+        ids |= {e.message_id for e in read(path)}
+    return ids
 
 
 def read(path: Path) -> list[JournalEntry]:
@@ -118,7 +132,8 @@ def read(path: Path) -> list[JournalEntry]:
         try:
             raw = json.loads(line)
             entries[raw["id"]] = JournalEntry(raw["id"], base64.b64decode(raw["data"]),
-                                              dict(raw["attributes"]))
+                                              dict(raw["attributes"]),
+                                              float(raw.get("published") or 0.0))
         except (ValueError, KeyError, TypeError):
             LOG.warning("skipping a torn journal line (the stream died while writing it)")
     return list(entries.values())
@@ -144,9 +159,10 @@ def finished(stack: LocalStack, tables: BigQueryTables,
             return []
 
     done: set[str] = set()
-    for table in (tables.events, tables.errors):
-        done |= {r["id"] for r in rows(f"SELECT DISTINCT message_id AS id FROM `{_sql(table)}` "
-                                       "WHERE message_id IN UNNEST(@ids)")}
+    for table in (tables.events, tables.errors):  # a letter books every message it names
+        done |= {r["id"] for r in rows(
+            f"SELECT DISTINCT m AS id FROM `{_sql(table)}`, UNNEST(ARRAY_CONCAT("
+            "source_message_ids, [message_id])) AS m WHERE m IN UNNEST(@ids)")}
     tile_rows = rows(
         f"SELECT row_id, tile_id, tile_generation, model_name, model_version, role, "
         f"chips_scored, source_message_ids FROM `{_sql(tables.tiles)}` "
@@ -175,19 +191,32 @@ def finished(stack: LocalStack, tables: BigQueryTables,
 def replay_unfinished(stack: LocalStack, subscription: str,
                       tables: BigQueryTables) -> dict[str, int]:
     """Reconcile the journal with the books; publish unfinished messages again. Returns counts."""
-    from google.api_core.exceptions import NotFound
-    from google.cloud import bigquery
+
+    from pipeline.local.patches import acting_as
 
     path = journal_path(stack, subscription, tables)
     entries = read(path)
     if not entries:
         return {"journalled": 0, "replayed": 0}
+    with acting_as(JOURNAL_IDENTITY):  # a mechanism of this machine: no identity's on GCP
+        return _replay(stack, subscription, tables, path, entries)
+
+
+def _replay(stack: LocalStack, subscription: str, tables: BigQueryTables, path: Path,
+            entries: list[JournalEntry]) -> dict[str, int]:
+    from google.api_core.exceptions import NotFound
+    from google.cloud import bigquery
+
+    from transforms.announcements import FIRST_PUBLISHED, REPLAY_OF, first_publish
+    from transforms.sinks import bq_timestamp
+
     done, stale_tile_rows = finished(stack, tables, [e.message_id for e in entries])
     pending = [e for e in entries if e.message_id not in done]
     if pending:
         ids = [e.message_id for e in pending]
         for sql, values in (
-                (f"DELETE FROM `{_sql(tables.chips)}` WHERE message_id IN UNNEST(@ids)", ids),
+                (f"DELETE FROM `{_sql(tables.chips)}` WHERE EXISTS (SELECT 1 FROM "
+                 "UNNEST(source_message_ids) AS m WHERE m IN UNNEST(@ids))", ids),
                 (f"DELETE FROM `{_sql(tables.tiles)}` WHERE row_id IN UNNEST(@ids)",
                  stale_tile_rows)):
             if not values:
@@ -198,15 +227,61 @@ def replay_unfinished(stack: LocalStack, subscription: str,
                                                                    values)])).result()
             except NotFound:
                 pass
-        publisher = stack.publisher()
+        _book_in(stack, tables, pending)
+        publisher = stack.publisher(identity=JOURNAL_IDENTITY)
         topic = stack.subscriber().get_subscription(subscription=subscription).topic
+        replays = []
         for entry in pending:
-            attributes = {**entry.attributes, REPLAY_ATTRIBUTE: entry.message_id}
-            publisher.publish(topic, entry.data, **attributes).result(timeout=30)
+            # Latency runs from the first publish: a replay of a replay keeps the first one's.
+            first, _ = first_publish(entry.attributes, entry.published or time.time())
+            attributes = {**entry.attributes, REPLAY_OF: entry.message_id,
+                          FIRST_PUBLISHED: bq_timestamp(first)}
+            new_id = publisher.publish(topic, entry.data, **attributes).result(timeout=30)
+            replays.append({
+                "disposition": REPLAYED, "stage": "journal", "message_id": entry.message_id,
+                "source_message_ids": [entry.message_id], "tile_id": "",
+                "reason": f"replayed as {new_id}: the stream that pulled it stopped before it "
+                          "was finished", "time": bq_timestamp(time.time())})
+        try:
+            errors = stack.bigquery().insert_rows_json(_sql(tables.events), replays)
+        except NotFound as exc:
+            errors = [str(exc)]
+        if errors:
+            LOG.error("could not book the replays in %s: %s", tables.events, errors[:3])
         LOG.warning("replayed %d unfinished messages from the journal of a stopped stream",
                     len(pending))
     path.unlink(missing_ok=True)
     return {"journalled": len(entries), "replayed": len(pending)}
+
+
+def _book_in(stack: LocalStack, tables: BigQueryTables, pending: list[JournalEntry]) -> None:
+    """Entry rows for pulled messages whose own never landed (the stream died first): the
+    journal is where they entered, so the books count them in before booking them replayed."""
+    from google.api_core.exceptions import NotFound
+    from google.cloud import bigquery
+
+    from transforms.announcements import entry_row, first_publish
+
+    config = bigquery.QueryJobConfig(query_parameters=[bigquery.ArrayQueryParameter(
+        "ids", "STRING", [e.message_id for e in pending])])
+    try:
+        known = {r["message_id"] for r in stack.bigquery().query(
+            f"SELECT DISTINCT message_id FROM `{_sql(tables.messages)}` "
+            "WHERE message_id IN UNNEST(@ids)", job_config=config).result()}
+    except NotFound:
+        known = set()
+    rows = []
+    for entry in pending:
+        if entry.message_id in known:
+            continue
+        delivered = entry.published or time.time()
+        first, replay_of = first_publish(entry.attributes, delivered)
+        rows.append(entry_row(entry.message_id, first, delivered, replay_of,
+                              "notification" if "eventType" in entry.attributes else "message"))
+    if rows:
+        errors = stack.bigquery().insert_rows_json(_sql(tables.messages), rows)
+        if errors:
+            LOG.error("could not book in %d pulled messages: %s", len(rows), errors[:3])
 
 
 def _sql(table: str) -> str:

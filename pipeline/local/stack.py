@@ -2,12 +2,18 @@
 
 - Pub/Sub: the official emulator shipped with the Google Cloud CLI (Java).
 - BigQuery: ``bqemulator`` (DuckDB-backed REST API) from its own virtualenv, because it pins duckdb.
-- GCS: ``gcp-storage-emulator``, disk-backed; its storage root is shared with bqemulator
+- GCS: ``gcp-storage-emulator``, disk-backed, with GCS's generation rules
+  (``pipeline/local/gcs_emulator.py``); its storage root is shared with bqemulator
   (``BQEMU_GCS_LOCAL_ROOT``) so BigQuery load jobs can read ``gs://`` objects.
+- In front of each, a recording proxy (``pipeline/local/audit.py``): clients reach the emulators
+  only through it, and every call is logged under the identity that made it.
 
-Each stack lives in a run directory (ports, PIDs, logs, data) so several can run at once, e.g. a
-test session beside a demo. Ports are free ones chosen at start; every process is the leader of its
-own process group, so ``down`` stops exactly what ``up`` started, children included.
+Resources have the names the Terraform gives them for project ``tilestream-local``
+(``templates/terraform``, ``name = "tilestream"``; a test keeps them equal), so a call recorded
+here is a call on the production resource of the same name. Each stack lives in a run directory
+(ports, PIDs, logs, data, audit) so several can run at once, e.g. a test session beside a demo.
+Ports are free ones chosen at start; every process is the leader of its own process group, so
+``down`` stops exactly what ``up`` started, children included.
 """
 
 from __future__ import annotations
@@ -30,6 +36,8 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[2]
 STATE_FILE = "stack.json"
 DEFAULT_PROJECT = "tilestream-local"
+NAME = "tilestream"  # the Terraform's var.name
+INPUT_PREFIX, OUTPUT_PREFIX, REGISTRY_PREFIX = "incoming", "output", "registry"  # its prefixes
 READY_TIMEOUT_S = 60.0
 
 
@@ -43,15 +51,21 @@ class LocalStack:
 
     run_dir: str
     project: str = DEFAULT_PROJECT
-    pubsub_port: int = 0
+    pubsub_port: int = 0  # what clients reach: the recording proxies
     bigquery_port: int = 0
-    bigquery_grpc_port: int = 0
     gcs_port: int = 0
-    bucket: str = "tilestream-local"
+    pubsub_upstream_port: int = 0  # the emulators behind them
+    bigquery_upstream_port: int = 0
+    bigquery_grpc_port: int = 0
+    gcs_upstream_port: int = 0
+    # Terraform's names (templates/terraform, var.name "tilestream", var.project the project)
+    bucket: str = f"{DEFAULT_PROJECT}-{NAME}-tiles"
+    models_bucket: str = f"{DEFAULT_PROJECT}-{NAME}-models"
+    dataflow_bucket: str = f"{DEFAULT_PROJECT}-{NAME}-dataflow"
     dataset: str = "tilestream"
-    topic: str = "tiles"
-    subscription: str = "tiles-sub"
-    dead_letter_topic: str = "tiles-dead-letter"
+    topic: str = f"{NAME}-tiles"
+    subscription: str = f"{NAME}-tiles-sub"
+    dead_letter_topic: str = f"{NAME}-tiles-dead-letter"
     pids: dict[str, int] = field(default_factory=dict)
 
     @property
@@ -67,12 +81,32 @@ class LocalStack:
         return f"http://127.0.0.1:{self.gcs_port}"
 
     @property
+    def output_prefix(self) -> str:
+        """Where the stream writes, as on GCP: the output prefix of the tiles bucket."""
+        return f"gs://{self.bucket}/{OUTPUT_PREFIX}"
+
+    @property
+    def registry_prefix(self) -> str:
+        """The model registry, as on GCP: the registry prefix of the models bucket."""
+        return f"gs://{self.models_bucket}/{REGISTRY_PREFIX}"
+
+    @property
+    def temp_location(self) -> str:
+        return f"gs://{self.dataflow_bucket}/tmp"
+
+    @property
     def topic_path(self) -> str:
         return f"projects/{self.project}/topics/{self.topic}"
 
     @property
     def subscription_path(self) -> str:
         return f"projects/{self.project}/subscriptions/{self.subscription}"
+
+    @property
+    def subscription_b_path(self) -> str:
+        """The second blue-green slot (templates/terraform/releases.tf): a green release's
+        job reads it while the live one reads :attr:`subscription_path`."""
+        return f"{self.subscription_path}-b"
 
     @property
     def dead_letter_topic_path(self) -> str:
@@ -99,20 +133,25 @@ class LocalStack:
 
     # Clients bound to this stack explicitly (not through os.environ), so two stacks can be
     # driven from one process.
-    def publisher(self):
-        import grpc
+    # Every client carries the identity of the thread that uses it (pipeline/local/patches.py).
+    def publisher(self, identity: str | None = None):
+        """A publisher; ``identity`` fixes who its calls are (its batches are sent from a
+        thread of its own, outside any ``acting_as`` block)."""
         from google.cloud import pubsub_v1
         from google.pubsub_v1.services.publisher.transports import PublisherGrpcTransport
 
-        channel = grpc.insecure_channel(self.pubsub_host)
+        from pipeline.local.patches import identity_channel
+
+        channel = identity_channel(self.pubsub_host, identity=identity)
         return pubsub_v1.PublisherClient(transport=PublisherGrpcTransport(channel=channel))
 
     def subscriber(self):
-        import grpc
         from google.cloud import pubsub_v1
         from google.pubsub_v1.services.subscriber.transports import SubscriberGrpcTransport
 
-        channel = grpc.insecure_channel(self.pubsub_host)
+        from pipeline.local.patches import identity_channel
+
+        channel = identity_channel(self.pubsub_host)
         return pubsub_v1.SubscriberClient(transport=SubscriberGrpcTransport(channel=channel))
 
     def bigquery(self):
@@ -120,6 +159,9 @@ class LocalStack:
         from google.auth.credentials import AnonymousCredentials
         from google.cloud import bigquery
 
+        from pipeline.local.patches import IDENTITY
+
+        IDENTITY.install()
         return bigquery.Client(
             project=self.project,
             credentials=AnonymousCredentials(),
@@ -131,6 +173,9 @@ class LocalStack:
         from google.auth.credentials import AnonymousCredentials
         from google.cloud import storage
 
+        from pipeline.local.patches import IDENTITY
+
+        IDENTITY.install()
         return storage.Client(
             project=self.project,
             credentials=AnonymousCredentials(),
@@ -240,13 +285,27 @@ def _http_ok(url: str) -> bool:
         return False
 
 
+def _listening(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=2):
+            return True
+    except OSError:
+        return False
+
+
 def _health_checks(stack: LocalStack) -> dict[str, Callable[[], bool]]:
+    """Each emulator answering on its own port, each proxy listening on the public one."""
+    emulator = "http://127.0.0.1:{}"
     return {
-        "pubsub": lambda: _http_ok(f"http://{stack.pubsub_host}/"),
+        "pubsub": lambda: _http_ok(emulator.format(stack.pubsub_upstream_port) + "/"),
         "bigquery": lambda: _http_ok(
-            f"{stack.bigquery_url}/bigquery/v2/projects/{stack.project}/datasets"
-        ),
-        "gcs": lambda: _http_ok(f"{stack.gcs_url}/storage/v1/b?project={stack.project}"),
+            emulator.format(stack.bigquery_upstream_port)
+            + f"/bigquery/v2/projects/{stack.project}/datasets"),
+        "gcs": lambda: _http_ok(emulator.format(stack.gcs_upstream_port)
+                                + f"/storage/v1/b?project={stack.project}"),
+        "pubsub-proxy": lambda: _listening(stack.pubsub_port),
+        "bigquery-proxy": lambda: _listening(stack.bigquery_port),
+        "gcs-proxy": lambda: _listening(stack.gcs_port),
     }
 
 
@@ -265,22 +324,25 @@ def up(run_dir: str | Path | None = None, project: str = DEFAULT_PROJECT) -> Loc
     shutil.rmtree(run_dir / "journal", ignore_errors=True)
     gcs_root = run_dir / "gcs"
     gcs_root.mkdir(exist_ok=True)
-    pubsub_port, bigquery_port, bigquery_grpc_port, gcs_port = _free_ports(4)
+    ports = _free_ports(7)
     stack = LocalStack(
         run_dir=str(run_dir),
         project=project,
-        pubsub_port=pubsub_port,
-        bigquery_port=bigquery_port,
-        bigquery_grpc_port=bigquery_grpc_port,
-        gcs_port=gcs_port,
+        pubsub_port=ports[0], bigquery_port=ports[1], gcs_port=ports[2],
+        pubsub_upstream_port=ports[3], bigquery_upstream_port=ports[4],
+        bigquery_grpc_port=ports[5], gcs_upstream_port=ports[6],
+        bucket=f"{project}-{NAME}-tiles", models_bucket=f"{project}-{NAME}-models",
+        dataflow_bucket=f"{project}-{NAME}-dataflow",
     )
+    shutil.rmtree(run_dir / "audit", ignore_errors=True)  # the calls of this stack only
     bq_venv = bqemulator_venv()
     if not (bq_venv / "bin/bqemulator").exists():
         raise StackError(f"bqemulator not found in {bq_venv}; run `make install`")
     try:
         stack.pids["pubsub"] = _spawn(
             "pubsub",
-            [*pubsub_emulator_command(), "--host=127.0.0.1", f"--port={stack.pubsub_port}"],
+            [*pubsub_emulator_command(), "--host=127.0.0.1",
+             f"--port={stack.pubsub_upstream_port}"],
             run_dir,
             {},
         )
@@ -288,7 +350,7 @@ def up(run_dir: str | Path | None = None, project: str = DEFAULT_PROJECT) -> Loc
             "bigquery",
             [
                 str(bq_venv / "bin/bqemulator"), "start",
-                "--rest-port", str(stack.bigquery_port),
+                "--rest-port", str(stack.bigquery_upstream_port),
                 "--grpc-port", str(stack.bigquery_grpc_port),
                 "--project", project,
                 "--log-level", "warning",
@@ -303,11 +365,20 @@ def up(run_dir: str | Path | None = None, project: str = DEFAULT_PROJECT) -> Loc
             "gcs",
             [
                 sys.executable, "-m", "pipeline.local.gcs_emulator", "start",
-                "--host", "127.0.0.1", "--port", str(stack.gcs_port), "--quiet",
+                "--host", "127.0.0.1", "--port", str(stack.gcs_upstream_port), "--quiet",
             ],
             gcs_root,
             {"STORAGE_BASE": str(gcs_root)},
         )
+        for service, protocol, listen, upstream in (
+                ("storage", "http", stack.gcs_port, stack.gcs_upstream_port),
+                ("bigquery", "http", stack.bigquery_port, stack.bigquery_upstream_port),
+                ("pubsub", "grpc", stack.pubsub_port, stack.pubsub_upstream_port)):
+            stack.pids[f"{'gcs' if service == 'storage' else service}-proxy"] = _spawn(
+                f"{service}-proxy",
+                [sys.executable, "-m", "pipeline.local.audit", protocol, f"--listen={listen}",
+                 f"--upstream={upstream}", f"--service={service}", f"--run_dir={run_dir}"],
+                run_dir, {})
         stack.save()
         _wait_ready(stack)
         ensure_resources(stack)
@@ -344,32 +415,34 @@ def ensure_resources(stack: LocalStack) -> None:
         except AlreadyExists:
             pass
     subscriber = stack.subscriber()
-    try:
-        subscriber.create_subscription(
-            request={
-                "name": stack.subscription_path,
-                "topic": stack.topic_path,
-                # Short: a local stream killed mid-pull leaves the emulator an orphaned pull;
-                # what it took is redelivered after this deadline.
-                "ack_deadline_seconds": 10,
-                "dead_letter_policy": {
-                    "dead_letter_topic": stack.dead_letter_topic_path,
-                    "max_delivery_attempts": 5,
-                },
-            }
-        )
-    except AlreadyExists:
-        pass
+    for slot in (stack.subscription_path, stack.subscription_b_path):
+        try:
+            subscriber.create_subscription(
+                request={
+                    "name": slot,
+                    "topic": stack.topic_path,
+                    # Short: a local stream killed mid-pull leaves the emulator an orphaned
+                    # pull; what it took is redelivered after this deadline.
+                    "ack_deadline_seconds": 10,
+                    "dead_letter_policy": {
+                        "dead_letter_topic": stack.dead_letter_topic_path,
+                        "max_delivery_attempts": 5,
+                    },
+                }
+            )
+        except AlreadyExists:
+            pass
     try:  # without a subscriber, the dead-letter topic would swallow what it is given
         subscriber.create_subscription(request={"name": stack.dead_letter_subscription_path,
                                                 "topic": stack.dead_letter_topic_path,
                                                 "ack_deadline_seconds": 10})
     except AlreadyExists:
         pass
-    try:
-        stack.storage().create_bucket(stack.bucket)
-    except Conflict:
-        pass
+    for bucket in (stack.bucket, stack.models_bucket, stack.dataflow_bucket):
+        try:
+            stack.storage().create_bucket(bucket)
+        except Conflict:
+            pass
     stack.bigquery().create_dataset(bigquery.Dataset(f"{stack.project}.{stack.dataset}"),
                                     exists_ok=True)
 

@@ -18,7 +18,8 @@ provider "google" {
 
 locals {
   services = ["dataflow.googleapis.com", "pubsub.googleapis.com", "bigquery.googleapis.com",
-  "storage.googleapis.com", "artifactregistry.googleapis.com", "cloudbuild.googleapis.com"]
+    "storage.googleapis.com", "artifactregistry.googleapis.com", "cloudbuild.googleapis.com",
+  "run.googleapis.com", "cloudscheduler.googleapis.com"]
   bucket_objects = "projects/_/buckets/${google_storage_bucket.tiles.name}/objects/"
 }
 
@@ -177,6 +178,17 @@ resource "google_bigquery_table" "events" {
   }
 }
 
+resource "google_bigquery_table" "messages" {
+  dataset_id          = google_bigquery_dataset.tilestream.dataset_id
+  table_id            = "messages"
+  schema              = file("${path.module}/../bigquery/messages.json")
+  deletion_protection = true
+  time_partitioning {
+    type  = "DAY"
+    field = "received_at"
+  }
+}
+
 # --- artifact registry ------------------------------------------------------------------------
 
 resource "google_artifact_registry_repository" "images" {
@@ -197,10 +209,24 @@ locals {
   worker = "serviceAccount:${google_service_account.worker.email}"
 }
 
-# Run Dataflow work items (the only project-level grant).
+# Least privilege, checked from needs (pipeline/ops/iam.py; docs/deploy.md has the table): every
+# grant below is needed by a call the stream made on the local stack, and none is missing.
+#
+# roles/dataflow.worker is required to run work items, and it carries storage.objects.get and
+# storage.objects.create on the whole project: reads of the input and writes of predictions
+# need no grant of their own, and no prefix condition can narrow them. What it lacks is granted
+# here: deleting (strip pieces once stitched, rewritten outputs, load-job temp files),
+# BigQuery jobs (chip rows are loaded), tables, and the one subscription.
 resource "google_project_iam_member" "dataflow_worker" {
   project = var.project
   role    = "roles/dataflow.worker"
+  member  = local.worker
+}
+
+# Chip rows reach BigQuery in load jobs: jobs are created in the project.
+resource "google_project_iam_member" "worker_runs_load_jobs" {
+  project = var.project
+  role    = "roles/bigquery.jobUser"
   member  = local.worker
 }
 
@@ -217,21 +243,12 @@ resource "google_pubsub_subscription_iam_member" "worker_subscription_viewer" {
   member       = local.worker
 }
 
-# Read new tiles under the input prefix only.
-resource "google_storage_bucket_iam_member" "worker_reads_input" {
+# Replace and delete under the output prefix only: assembly reads strip pieces back and deletes
+# them once the COG is stitched, and a retried or replayed tile rewrites its COG and STAC Item
+# (overwriting an object needs storage.objects.delete).
+resource "google_storage_bucket_iam_member" "worker_manages_output" {
   bucket = google_storage_bucket.tiles.name
-  role   = "roles/storage.objectViewer"
-  member = local.worker
-  condition {
-    title      = "input-prefix-only"
-    expression = "resource.name.startsWith(\"${local.bucket_objects}${var.input_prefix}\")"
-  }
-}
-
-# Create predictions and dead letters under the output prefix only (no read, no delete).
-resource "google_storage_bucket_iam_member" "worker_writes_output" {
-  bucket = google_storage_bucket.tiles.name
-  role   = "roles/storage.objectCreator"
+  role   = "roles/storage.objectUser"
   member = local.worker
   condition {
     title      = "output-prefix-only"
@@ -239,7 +256,7 @@ resource "google_storage_bucket_iam_member" "worker_writes_output" {
   }
 }
 
-# Dataflow's own staging and temp files, in a bucket of their own.
+# Dataflow's own staging and temp files (chip-row load jobs stage there), in a bucket of their own.
 resource "google_storage_bucket_iam_member" "worker_dataflow_bucket" {
   bucket = google_storage_bucket.dataflow.name
   role   = "roles/storage.objectAdmin"

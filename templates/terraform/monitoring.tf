@@ -110,7 +110,7 @@ resource "google_monitoring_alert_policy" "errors_fast_burn" {
     }
   }
   documentation {
-    content   = "Dead letters burn 2 % of the 28-day error budget per hour. Read `dead_letters_by_stage` (docs/queries.sql)."
+    content   = "Dead letters burn 2 % of the 28-day error budget per hour. Read `dead_letters_by_stage` (pipeline/ops/sql/queries.sql)."
     mime_type = "text/markdown"
   }
 }

@@ -26,30 +26,24 @@ resource "google_storage_bucket" "models" {
 }
 
 locals {
-  registry_objects = "projects/_/buckets/${google_storage_bucket.models.name}/objects/${var.registry_prefix}"
+  models_bucket    = "projects/_/buckets/${google_storage_bucket.models.name}"
+  registry_objects = "${local.models_bucket}/objects/${var.registry_prefix}"
 }
 
-# Workers read cards, weights and channels.json under the registry prefix: read-only, nothing else.
-resource "google_storage_bucket_iam_member" "worker_reads_registry" {
-  bucket = google_storage_bucket.models.name
-  role   = "roles/storage.objectViewer"
-  member = local.worker
-  condition {
-    title      = "registry-prefix-read-only"
-    expression = "resource.name.startsWith(\"${local.registry_objects}\")"
-  }
-}
+# Workers read cards, weights and channels.json through roles/dataflow.worker (main.tf), which
+# reads every object of the project: a grant here would restrict nothing.
 
 # Operators write the registry (publish is create-only by generation precondition in the CLI;
-# channels changes are compare-and-swap on the generation).
+# channels changes are compare-and-swap on the generation) and list its versions: a listing is
+# checked against the bucket itself, so the bucket is named beside the prefix.
 resource "google_storage_bucket_iam_member" "operators_manage_registry" {
   for_each = toset(var.model_operators)
   bucket   = google_storage_bucket.models.name
-  role     = "roles/storage.objectAdmin"
+  role     = "roles/storage.objectUser"
   member   = each.value
   condition {
     title      = "registry-prefix-only"
-    expression = "resource.name.startsWith(\"${local.registry_objects}\")"
+    expression = "resource.name.startsWith(\"${local.registry_objects}\") || resource.name == \"${local.models_bucket}\""
   }
 }
 

@@ -1,0 +1,367 @@
+"""Local mode only: every change this process makes to Beam and Google clients for the stack.
+
+Each is a :class:`transforms.process.Patch` (checked against the Beam version and the source it
+replaces; ``tests/test_process.py`` is the tripwire). ``pipeline.main`` applies them only with
+``--local`` and an in-process runner, which it refuses to combine with any other runner, so none
+of this reaches a Dataflow worker (``tests/test_dataflow.py`` checks the launcher never imports
+this module).
+
+1. **The emulators' clients** (:func:`apply`). Beam 2.77 has no option for a BigQuery endpoint:
+   ``BigQueryWrapper`` builds an apitools ``BigqueryV2`` client hard-wired to
+   bigquery.googleapis.com plus a ``google.cloud.bigquery.Client`` that asks google-auth for
+   credentials (a metadata-server probe or an interactive flow on a machine without them). Both
+   are pointed at the emulator; Beam's GCS helpers are told "anonymous" up front instead of
+   backing off ~15 s looking for credentials. Pub/Sub, GCS and GDAL honour environment
+   variables, which this sets.
+2. **Identities.** GCP tells callers apart by their credentials; the emulators accept anything.
+   So every anonymous request of this process carries ``Authorization: Bearer local.<identity>``
+   (``TILESTREAM_IDENTITY``, or :func:`acting_as` for a block), and the stack's recording
+   proxies (``pipeline/local/audit.py``) log each call under it, for the least-privilege check
+   (``pipeline/ops/iam.py``). GDAL sends the same header (``GDAL_HTTP_HEADERS``).
+3. **The Pub/Sub reader** (:func:`pubsub_reader`): the in-process runner's Pub/Sub source reads
+   through a client of ours (bounded pulls, large messages, the journal, the identity).
+4. **The in-process runner's scheduling and metrics** (:func:`install_runner_fixes`). Two costs,
+   found on one 3,660² / 7,320² tile through the local stream (py-spy, then timestamps and
+   ``gc`` counts of what stayed alive), and one loss; none exists on Dataflow, whose workers
+   build a step's runner once per bundle processor, process a step's work in arrival order and
+   report their own metrics.
+
+   - *Spec inspection per bundle.* The runner starts every bundle of every stateful step by
+     re-deriving the DoFn's state and timer specs (``userstate.get_dofn_specs``: an
+     ``inspect.signature`` of every method), twice: 2 s of the last 4 of a 3,660² tile. The
+     answer is memoised per DoFn class (the specs are the defaults of the class's methods); a
+     DoFn that binds methods on the instance itself is inspected as before.
+   - *Serial steps fall behind.* A stateful step (and a GroupByKey) runs one bundle at a time
+     from a queue that the runner pops from the newest end, and each next bundle joins the back
+     of the runner's single work queue, so a strip's predictions reached assembly only after the
+     whole tile was scored. Now the oldest bundle goes first, straight to the front of the work
+     queue once the step is free: paced 7,320² peaks at 0.91-0.94 GB, flat through the tile,
+     against 1.2-1.8 GB.
+   - *Lost counters.* Each worker's state sampler caches a step's state, and with it the first
+     bundle's metrics container, so later bundles counted into a container already committed:
+     ``--metrics_file`` said 10 messages in for 12 (1 for 12 when the first pull held one). A
+     container per worker and step, emptied as each bundle starts, keeps every bundle's counts
+     (:func:`bundle_metrics`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import queue
+import threading
+import types
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from pipeline.local.stack import LocalStack
+from transforms.process import Patch
+
+IDENTITY_ENV = "TILESTREAM_IDENTITY"
+ANONYMOUS = "anonymous"
+LOCAL_TOKEN = "local."  # Bearer local.<identity>: what the recording proxies read
+_acting = threading.local()
+
+
+# --- identities ------------------------------------------------------------------------------
+
+def current_identity() -> str:
+    """Who this thread acts as: :func:`acting_as`, else ``TILESTREAM_IDENTITY``."""
+    return getattr(_acting, "name", None) or os.environ.get(IDENTITY_ENV) or ANONYMOUS
+
+
+@contextlib.contextmanager
+def acting_as(identity: str) -> Iterator[None]:
+    """Calls of this thread inside the block carry ``identity`` (e.g. the journal's replays,
+    which exist only locally and are no identity's in production)."""
+    before = getattr(_acting, "name", None)
+    _acting.name = identity
+    try:
+        yield
+    finally:
+        _acting.name = before
+
+
+def authorization(identity: str | None = None) -> str:
+    return f"Bearer {LOCAL_TOKEN}{identity or current_identity()}"
+
+
+def _with_identity(original):
+    def before_request(self, request, method, url, headers):
+        headers["authorization"] = authorization()
+
+    before_request.__wrapped__ = original
+    return before_request
+
+
+IDENTITY = Patch(
+    name="anonymous-credentials-carry-the-identity",
+    target="google.auth.credentials:AnonymousCredentials.before_request",
+    digest="c1bd148942ae0e0e",
+    replacement=_with_identity,
+    why="every client bound to an emulator is anonymous; the recording proxies attribute each "
+        "call to the identity it names",
+    required=True,
+    package="google-auth",
+    written_for=None,
+)
+
+
+def identity_channel(target: str, options: list | None = None, identity: str | None = None):
+    """An insecure gRPC channel to an emulator whose calls carry ``identity``, else the calling
+    thread's. A client that calls from threads of its own (the publisher's batch commits) needs
+    the identity fixed here: those threads never entered :func:`acting_as`."""
+    import collections
+
+    import grpc
+
+    class Details(collections.namedtuple("Details", ("method", "timeout", "metadata",
+                                                     "credentials", "wait_for_ready",
+                                                     "compression")),
+                  grpc.ClientCallDetails):
+        pass
+
+    class Interceptor(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
+                      grpc.StreamUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
+        @staticmethod
+        def _signed(details):
+            return Details(details.method, details.timeout,
+                           [*(details.metadata or ()), ("authorization",
+                                                        authorization(identity))],
+                           details.credentials, details.wait_for_ready,
+                           getattr(details, "compression", None))
+
+        def intercept_unary_unary(self, continuation, details, request):
+            return continuation(self._signed(details), request)
+
+        def intercept_unary_stream(self, continuation, details, request):
+            return continuation(self._signed(details), request)
+
+        def intercept_stream_unary(self, continuation, details, requests):
+            return continuation(self._signed(details), requests)
+
+        def intercept_stream_stream(self, continuation, details, requests):
+            return continuation(self._signed(details), requests)
+
+    return grpc.intercept_channel(grpc.insecure_channel(target, options=options or []),
+                                  Interceptor())
+
+
+# --- the emulators' clients -------------------------------------------------------------------
+
+class _EmulatorBigQueryModule:
+    """Stands in for the ``google.cloud.bigquery`` module inside Beam's bigquery_tools: only
+    ``Client`` differs (bound to the emulator); every other attribute is the real module's."""
+
+    def __init__(self, client_factory):
+        from google.cloud import bigquery
+
+        self._module = bigquery
+        self.Client = client_factory
+
+    def __getattr__(self, name):
+        return getattr(self._module, name)
+
+
+def emulator_patches(stack: LocalStack) -> list[Patch]:
+    """Beam's BigQuery clients bound to ``stack``; Beam's own credentials lookup skipped."""
+
+    def apitools_client(original):
+        def _bigquery_client(_pipeline_options=None):
+            from apache_beam.internal.http_client import get_new_http
+            from apache_beam.io.gcp.internal.clients import bigquery as bq_api
+
+            return bq_api.BigqueryV2(url=f"{stack.bigquery_url}/bigquery/v2/",
+                                     http=get_new_http(), get_credentials=False,
+                                     credentials=None, response_encoding="utf8",
+                                     additional_http_headers={"authorization": authorization()})
+
+        _bigquery_client.__wrapped__ = original
+        return _bigquery_client
+
+    def client_module(_original):
+        from google.api_core.client_options import ClientOptions
+        from google.auth.credentials import AnonymousCredentials
+        from google.cloud import bigquery
+
+        return _EmulatorBigQueryModule(functools.partial(
+            bigquery.Client, project=stack.project, credentials=AnonymousCredentials(),
+            client_options=ClientOptions(api_endpoint=stack.bigquery_url)))
+
+    def anonymous(original):
+        def get_service_credentials(cls, pipeline_options):
+            return None  # anonymous: the emulators need no credentials, the proxies an identity
+
+        get_service_credentials.__wrapped__ = original
+        return get_service_credentials
+
+    return [
+        Patch("bigquery-apitools-client", "apache_beam.io.gcp.bigquery_tools:"
+              "BigQueryWrapper._bigquery_client", "51177011e8870ba6", apitools_client,
+              "Beam has no BigQuery endpoint option; table calls go to the emulator",
+              required=True),
+        Patch("bigquery-cloud-client", "apache_beam.io.gcp.bigquery_tools:gcp_bigquery",
+              "e9d5e4bfe7fd4abb", client_module,
+              "streaming inserts use google.cloud.bigquery.Client, bound to the emulator here",
+              required=True, watch="apache_beam.io.gcp.bigquery_tools:BigQueryWrapper.__init__"),
+        Patch("beam-credentials", "apache_beam.internal.gcp.auth:"
+              "_Credentials.get_service_credentials", "6cfbe51f7d9bb251", anonymous,
+              "without credentials Beam's helpers back off ~15 s before going anonymous"),
+    ]
+
+
+def apply(stack: LocalStack) -> None:
+    """Point this process's Google clients, Beam's included, at ``stack``."""
+    os.environ.update(stack.env())
+    os.environ["GDAL_HTTP_HEADERS"] = f"Authorization: {authorization()}"
+    IDENTITY.install()
+    for patch in emulator_patches(stack):
+        patch.install()
+
+
+# --- the Pub/Sub reader -----------------------------------------------------------------------
+
+def pubsub_reader(make_client: Callable[[], Any]) -> Patch:
+    """The in-process runner's Pub/Sub source reads through ``make_client()`` (one per read
+    transform): a SubscriberClient-like object whose ``pull`` the runner calls."""
+
+    def client_state(original):
+        def _get_subscriber_client_state_unlocked(cls, transform):
+            from apache_beam.runners.direct import transform_evaluator as te
+
+            state = cls._subscriber_client_cache.get(transform)
+            if state is None:
+                state = te._PubSubSubscriberClient(make_client())
+                cls._subscriber_client_cache[transform] = state
+            return state
+
+        _get_subscriber_client_state_unlocked.__wrapped__ = original
+        return _get_subscriber_client_state_unlocked
+
+    return Patch("pubsub-reader", "apache_beam.runners.direct.transform_evaluator:"
+                 "_PubSubReadEvaluator._get_subscriber_client_state_unlocked",
+                 "ac65facba8e781cc", client_state,
+                 "the journal, bounded pulls and large messages for the local stream's reads",
+                 required=True)
+
+
+# --- the in-process runner's scheduling ---------------------------------------------------------
+
+class _WorkQueue(queue.Queue):
+    """The runner's work queue, with a way in at the front for a serial step's next bundle."""
+
+    def put_front(self, item) -> None:
+        with self.not_full:
+            self.queue.appendleft(item)
+            self.unfinished_tasks += 1
+            self.not_empty.notify()
+
+
+def memoised(inspect: Callable) -> Callable:
+    """``userstate.get_dofn_specs`` answering once per DoFn class."""
+    by_class: dict[type, tuple[frozenset, frozenset]] = {}
+
+    @functools.wraps(inspect)
+    def get_dofn_specs(dofn):
+        if any(isinstance(v, types.MethodType) for v in getattr(dofn, "__dict__", {}).values()):
+            return inspect(dofn)  # methods bound on the instance: not the class's to answer
+        cls = type(dofn)
+        if cls not in by_class:
+            states, timers = inspect(dofn)
+            by_class[cls] = (frozenset(states), frozenset(timers))
+        states, timers = by_class[cls]
+        return set(states), set(timers)  # callers may change theirs
+
+    return get_dofn_specs
+
+
+def executor_with_front_door(original):
+    """``_ExecutorService.__init__`` whose workers take work from a :class:`_WorkQueue`."""
+    from apache_beam.runners.direct import executor
+
+    def __init__(self, num_workers):
+        self.queue = _WorkQueue()
+        self.workers = [executor._ExecutorService._ExecutorServiceWorker(self.queue, i)
+                        for i in range(num_workers)]
+        self.shutdown_requested = False
+
+    __init__.__wrapped__ = original
+    return __init__
+
+
+def serial_in_order(self, new_work, completed_work) -> None:
+    """``_SerialEvaluationState._update_currently_evaluating``, oldest bundle first and
+    straight to the front of the runner's queue once the step is free."""
+    with self._lock:
+        if new_work:
+            self.serial_queue.append(new_work)
+        if completed_work:
+            assert self.currently_evaluating == completed_work
+            self.currently_evaluating = None
+        if self.serial_queue and not self.currently_evaluating:
+            next_work = self.serial_queue.popleft()
+            self.currently_evaluating = next_work
+            self.scheduled.add(next_work)
+            service = self.executor_service
+            if not service.shutdown_requested:
+                front = getattr(service.queue, "put_front", service.queue.put)
+                front(next_work)
+
+
+def bundle_metrics(original):
+    """``executor.MetricsContainer``: one container per worker thread and step, emptied as
+    each bundle starts. The runner makes a container per bundle, but each worker's state sampler
+    caches the step's first state, and with it the first bundle's container, so every later
+    bundle's counters land in a container already committed and are lost (a stream that read 12
+    messages reported 10)."""
+    held = threading.local()
+
+    def container(step_name):
+        by_step = held.__dict__.setdefault("by_step", {})
+        found = by_step.get(step_name)
+        if found is None:
+            found = by_step[step_name] = original(step_name)
+        else:
+            found.reset()
+        return found
+
+    container.__wrapped__ = original
+    return container
+
+
+def _in_order(original):
+    serial_in_order.__wrapped__ = original
+    return serial_in_order
+
+
+RUNNER_FIXES = (
+    Patch("memoised-dofn-specs", "apache_beam.transforms.userstate:get_dofn_specs",
+          "eeb36145d3115aa0", memoised, "2 s of spec inspection per 3,660² tile"),
+    # imported by name there, so patched there too
+    Patch("memoised-dofn-specs-evaluator",
+          "apache_beam.runners.direct.transform_evaluator:get_dofn_specs",
+          "eeb36145d3115aa0", memoised, "2 s of spec inspection per 3,660² tile"),
+    Patch("work-queue-front-door", "apache_beam.runners.direct.executor:"
+          "_ExecutorService.__init__", "d830ab76bdad2adb", executor_with_front_door,
+          "serial steps' next bundles go to the front of the work queue"),
+    Patch("serial-steps-in-order", "apache_beam.runners.direct.executor:"
+          "_SerialEvaluationState._update_currently_evaluating", "ee2071ff91b08184", _in_order,
+          "serial steps run their bundles oldest first"),
+    Patch("bundle-metrics", "apache_beam.runners.direct.executor:MetricsContainer",
+          "0e12e5cc461d2f5d", bundle_metrics,
+          "counters of every bundle reach the job's metrics, not only each worker's first",
+          required=True, watch="apache_beam.runners.direct.executor:TransformExecutor.call"),
+)
+
+
+def install_runner_fixes() -> None:
+    """Take the scheduling costs out of the in-process runner, and make its metrics whole, in
+    this process."""
+    for patch in RUNNER_FIXES:
+        patch.install()
+
+
+def all_patches(stack: LocalStack) -> list[Patch]:
+    """Every local patch (for the tripwire test)."""
+    return [IDENTITY, *emulator_patches(stack), pubsub_reader(lambda: None), *RUNNER_FIXES]

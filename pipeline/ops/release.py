@@ -1,0 +1,386 @@
+"""Releasing the stream itself: is an in-place update safe, or does it need blue-green?
+
+Dataflow's in-place update (``--update``) moves a running job's state to the new job only if
+the new graph still reads it: every step of the old job has a step of the same name (or one the
+``--transform_name_mapping`` names), and every step that keeps keyed state keeps the same state
+and timer specs, side inputs and coders. The records that state holds are pickled, so a new
+field of one needs a default. :func:`compare` applies those rules to two *update surfaces*
+(``pipeline/ops/dry_run.py``: DataflowRunner's own ``--dry_run``, offline) and answers
+``in-place`` (with the name mapping, where steps moved) or ``blue-green`` (with the reasons).
+
+Each release's surface is recorded beside the template, ``templates/releases/<release>.json``,
+with the verdict against the release before it (``tilestream release record``;
+``tests/test_release.py`` fails when the graph changed and the record did not, so review sees
+"this release needs blue-green"). ``templates/deploy.sh update`` runs :func:`check` against
+the graph recorded at the running job's launch before it calls Dataflow, and refuses. The name
+mapping it prints is gcloud's ``--transform-name-mappings`` list (``old=new,...``).
+
+Blue-green (the verbs ``green``, ``cutover``, ``abort``) is in the registry's channels
+document: see :mod:`model.channels` and docs/operations.md, "Releasing the stream".
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipeline.options import RELEASE
+
+ROOT = Path(__file__).resolve().parents[2]
+RELEASES = ROOT / "templates" / "releases"
+# Not part of what update compatibility reads: the job's own description of itself.
+SURFACE_KEYS = ("streaming", "job_type", "steps", "transforms", "records")
+IN_PLACE, BLUE_GREEN = "in-place", "blue-green"
+
+
+@dataclass
+class UpdateVerdict:
+    """What replacing the ``old`` job with the ``new`` graph takes."""
+
+    method: str  # "in-place" or "blue-green"
+    reasons: list[str] = field(default_factory=list)  # why not in place
+    mapping: dict[str, str] = field(default_factory=dict)  # old step name -> new step name
+    added: list[str] = field(default_factory=list)  # new transforms (they start empty)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"method": self.method, "reasons": self.reasons, "mapping": self.mapping,
+                "added": len(self.added)}
+
+    def text(self) -> str:
+        if self.method == BLUE_GREEN:
+            return ("refused: an in-place update would lose or misread the running job's "
+                    "state:\n" + "\n".join(f"  - {r}" for r in self.reasons)
+                    + "\nrelease it blue-green instead: templates/deploy.sh bluegreen "
+                    "(docs/operations.md, \"Releasing the stream\")")
+        mapped = (f"; steps moved, pass --transform_name_mapping='{json.dumps(self.mapping)}'"
+                  if self.mapping else "")
+        return f"compatible: an in-place update keeps the running job's state{mapped}"
+
+
+def _step_spec(step: dict[str, Any]) -> tuple:
+    return (tuple(sorted(step["state"].items())), tuple(step["timers"]),
+            tuple(step["side_inputs"]), step["input"])
+
+
+def _leaf(name: str) -> str:
+    return name.rsplit("/", 1)[-1]
+
+
+def _subtree(name: str, names: set[str]) -> frozenset[str]:
+    return frozenset(n[len(name) + 1:] for n in names if n.startswith(name + "/"))
+
+
+def _common_prefix(a: str, b: str) -> int:
+    """How many leading path segments two step names share."""
+    shared = 0
+    for x, y in zip(a.split("/"), b.split("/"), strict=False):
+        if x != y:
+            break
+        shared += 1
+    return shared
+
+
+def _moved(removed: set[str], added: set[str]) -> dict[str, str]:
+    """Old -> new names of steps that moved whole: the topmost gone names, each matched to the
+    one new step of the same leaf name whose sub-steps are the same (the nearest, where several
+    are), as when a composite is wrapped in another."""
+    mapping: dict[str, str] = {}
+    taken: set[str] = set()
+    tops = sorted(n for n in removed if n.rpartition("/")[0] not in removed)
+    for name in tops:
+        inner = _subtree(name, removed)
+        candidates = [a for a in added if _leaf(a) == _leaf(name) and a not in taken
+                      and _subtree(a, added) == inner]
+        if candidates:
+            best = max(candidates, key=lambda a: (_common_prefix(a, name), -len(a)))
+            mapping[name] = best
+            taken.add(best)
+    return mapping
+
+
+def compare(old: dict[str, Any], new: dict[str, Any]) -> UpdateVerdict:
+    """The update verdict for replacing a job of surface ``old`` with one of ``new``."""
+    reasons: list[str] = []
+    if (old["streaming"], old["job_type"]) != (new["streaming"], new["job_type"]):
+        reasons.append("the job type changes (streaming vs batch)")
+    old_t, new_t = set(old["transforms"]), set(new["transforms"])
+    removed, added = old_t - new_t, new_t - old_t
+    mapping = _moved(removed, added)
+
+    def renamed(name: str) -> str | None:
+        if name in new_t:
+            return name
+        for old_name, new_name in mapping.items():
+            if name == old_name or name.startswith(old_name + "/"):
+                return new_name + name[len(old_name):]
+        return None
+
+    for name in sorted(removed):
+        if renamed(name) is None and not any(name.startswith(r + "/") for r in removed):
+            reasons.append(f"step {name!r} is gone and no new step takes its place (map it "
+                           "with --transform_name_mapping, or it must keep its name)")
+    for name, step in sorted(old["steps"].items()):
+        target = renamed(name)
+        new_step = new["steps"].get(target) if target else None
+        if target is None:
+            continue  # reported above as gone
+        if new_step is None:
+            reasons.append(f"step {name!r} no longer keeps state; its state "
+                           f"({', '.join(step['state']) or 'timers'}) would be dropped")
+            continue
+        for label, before, after in (("state", step["state"], new_step["state"]),):
+            for key in sorted(set(before) | set(after)):
+                if before.get(key) != after.get(key):
+                    reasons.append(f"step {name!r}: {label} {key!r} "
+                                   f"{before.get(key, 'absent')} -> {after.get(key, 'absent')}")
+        if step["timers"] != new_step["timers"]:
+            reasons.append(f"step {name!r}: timers {step['timers']} -> {new_step['timers']}")
+        if step["side_inputs"] != new_step["side_inputs"]:
+            reasons.append(f"step {name!r}: side inputs {step['side_inputs']} -> "
+                           f"{new_step['side_inputs']}")
+        if step["input"] != new_step["input"]:
+            reasons.append(f"step {name!r}: input coder {step['input']} -> {new_step['input']}")
+    for record, fields in sorted(old["records"].items()):
+        if record not in new["records"]:
+            reasons.append(f"record {record} is gone: state holding one cannot be read")
+            continue
+        before = {f.rstrip("!") for f in fields}
+        needed = [f.rstrip("!") for f in new["records"][record]
+                  if f.endswith("!") and f.rstrip("!") not in before]
+        if needed:
+            reasons.append(f"record {record} gains {', '.join(needed)} without a default: "
+                           "state pickled by the running job lacks them")
+    return UpdateVerdict(BLUE_GREEN if reasons else IN_PLACE, reasons,
+                         {} if reasons else dict(sorted(mapping.items())), sorted(added))
+
+
+# --- surfaces: translated now, recorded per release --------------------------------------------
+
+def surface(parameters: dict[str, str] | None = None) -> dict[str, Any]:
+    """The update surface of this tree's job, translated offline with the template's example
+    parameters (overridden by ``parameters``) and a registry (the production graph: the stream
+    follows its channels)."""
+    from model.registry import Registry
+    from pipeline.ops.dry_run import translate
+    from pipeline.ops.preflight import ARTIFACTS, example_parameters
+    from pipeline.options import DEFAULT_MODEL_URI
+
+    values = {**example_parameters(), **(parameters or {})}
+    for key in ("model_uri", "model_registry", "sdk_container_image"):
+        values.pop(key, None)  # places, not shape: the graph is translated from a local copy
+    with tempfile.TemporaryDirectory() as tmp:
+        registry = Registry(os.path.join(tmp, "registry"))
+        ref, _ = registry.publish(DEFAULT_MODEL_URI if os.path.isdir(DEFAULT_MODEL_URI)
+                                  else str(ARTIFACTS / "landcover-student" / "v1"))
+        registry.promote(ref, by="release", why="translation only")
+        graph = translate([*(f"--{k}={v}" for k, v in values.items()),
+                           f"--model_registry={registry.prefix}"])
+    return {key: graph[key] for key in SURFACE_KEYS}
+
+
+def record_path(release: str) -> Path:
+    return RELEASES / f"{release}.json"
+
+
+def previous_release(release: str = RELEASE) -> str | None:
+    """The newest recorded release before ``release`` (by version number)."""
+    def key(name: str) -> tuple:
+        return tuple(int(p) if p.isdigit() else p for p in name.split("."))
+
+    older = [p.stem for p in RELEASES.glob("*.json") if key(p.stem) < key(release)]
+    return max(older, key=key) if older else None
+
+
+def record(release: str = RELEASE) -> dict[str, Any]:
+    """Write ``templates/releases/<release>.json``: this tree's surface and its verdict
+    against the previous release."""
+    current = surface()
+    doc: dict[str, Any] = {"release": release, "surface": current}
+    previous = previous_release(release)
+    if previous:
+        old = json.loads(record_path(previous).read_text())["surface"]
+        doc["update_from"] = {"release": previous, **compare(old, current).to_dict()}
+    RELEASES.mkdir(parents=True, exist_ok=True)
+    record_path(release).write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
+    return doc
+
+
+def check(against: dict[str, Any], parameters: dict[str, str] | None = None) -> UpdateVerdict:
+    """The verdict for updating a job launched with surface ``against`` to this tree."""
+    return compare(against.get("surface", against), surface(parameters))
+
+
+def parse_parameters(text: str) -> dict[str, str]:
+    """``k=v,k=v`` as deploy.sh passes template parameters (values hold no commas)."""
+    pairs = [p for p in text.split(",") if p]
+    return dict(p.split("=", 1) for p in pairs)
+
+
+# --- blue-green: the release channel in the registry's channels document ----------------------
+
+def seek_to_now(subscriber, subscription: str) -> None:
+    """Mark everything published to ``subscription`` so far as acknowledged: an idle slot's
+    backlog is old news the live job has answered, not work for the green one."""
+    from google.protobuf import timestamp_pb2
+
+    now = timestamp_pb2.Timestamp()
+    now.GetCurrentTime()
+    subscriber.seek(request={"subscription": subscription, "time": now})
+
+
+def wait_until_live(client, dataset: str, release: str, since: float, timeout_s: float,
+                    every_s: float = 2.0) -> bool:
+    """Whether the green job reported taking the cut-over (its ``release R now live`` event,
+    written after ``since``) within ``timeout_s``."""
+    import time
+
+    from google.cloud import bigquery
+
+    from transforms.routing import release_event
+
+    sql = (f"SELECT COUNT(*) AS n FROM `{dataset}.events` WHERE disposition = 'model' "
+           "AND release = @release AND reason = @reason AND time >= TIMESTAMP_SECONDS(@since)")
+    config = bigquery.QueryJobConfig(query_parameters=[
+        bigquery.ScalarQueryParameter("release", "STRING", release),
+        bigquery.ScalarQueryParameter("reason", "STRING", release_event(release, "live")),
+        bigquery.ScalarQueryParameter("since", "INT64", int(since))])
+    deadline = time.monotonic() + timeout_s
+    while True:
+        [row] = list(client.query(sql, job_config=config).result())
+        if row["n"]:
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(every_s)
+
+
+def compare_releases(client, dataset: str, blue: str, green: str, hours: float) -> list[dict]:
+    from pipeline.ops.queries import OPERATIONS_FILE, run_query
+
+    return run_query(client, "compare_releases", dataset, OPERATIONS_FILE,
+                     window_hours=int(max(1, hours)), blue=blue, green=green)
+
+
+def _channel_verb(args: argparse.Namespace) -> int:
+    import time
+
+    from model.channels import RegistryError
+    from pipeline.ops import clients, model_cli
+
+    target = clients.resolve(args)
+    registry = model_cli._registry(args)
+    try:
+        if args.verb == "status":
+            channels, _ = registry.read_channels()
+            print(json.dumps({"this_tree": RELEASE, **channels.state()}, indent=2))
+            return 0
+        if args.verb == "compare":
+            rows = compare_releases(target.bigquery(), target.need_dataset(), args.blue,
+                                    args.green, args.hours)
+            print(json.dumps(rows, indent=2, default=str))
+            return 0
+        kwargs = {"by": args.by, "why": args.reason}
+        if args.verb == "live":
+            change = registry.release_live(args.release, args.subscription, args.job, **kwargs)
+        elif args.verb == "green":
+            seek_to_now(target.subscriber(), args.subscription)
+            change = registry.release_green(args.release, args.subscription, args.job, **kwargs)
+        elif args.verb == "abort":
+            change = registry.release_abort(args.release, **kwargs)
+        else:
+            since = time.time() - 1
+            change = registry.release_cutover(args.release, **kwargs)
+            print(change)
+            if not args.wait_secs:
+                return 0
+            if wait_until_live(target.bigquery(), target.need_dataset(), args.release, since,
+                               args.wait_secs):
+                print(f"release {args.release} took the cut-over: the old job can be drained")
+                return 0
+            print(f"release {args.release} has not reported the cut-over within "
+                  f"{args.wait_secs:g}s (it sees channels as tiles pass: is traffic flowing?); "
+                  "do not drain the old job yet", file=sys.stderr)
+            return 4
+    except RegistryError as exc:
+        print(f"tilestream release {args.verb}: {exc}", file=sys.stderr)
+        return 2
+    print(change)
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    from pipeline.ops import clients
+
+    top = argparse.ArgumentParser(prog="tilestream release", description=__doc__,
+                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+    verbs = top.add_subparsers(dest="verb", required=True)
+    rec = verbs.add_parser("record", help="write templates/releases/<release>.json")
+    rec.add_argument("--release", default=RELEASE)
+    chk = verbs.add_parser("check", help="can a job launched with AGAINST be updated in place "
+                           "to this tree? exit 0 yes (the name mapping on the last line), 3 no")
+    chk.add_argument("against", help="a release record or surface JSON (the running job's)")
+    chk.add_argument("--parameters", default="", help="template parameters k=v,k=v")
+    sur = verbs.add_parser("surface", help="this tree's update surface as JSON (what deploy.sh "
+                           "records at each launch)")
+    sur.add_argument("--parameters", default="")
+
+    def channel(name: str, help_text: str, release: bool = True) -> argparse.ArgumentParser:
+        p = verbs.add_parser(name, help=help_text)
+        if release:
+            p.add_argument("release")
+        p.add_argument("--registry", default=os.environ.get("TILESTREAM_REGISTRY",
+                                                            ".tilestream/registry"),
+                       help="local directory or gs:// prefix (default: %(default)s)")
+        clients.add_arguments(p)
+        p.add_argument("--by", default=None, help="who (default: the login name)")
+        p.add_argument("--reason", default="", help="why; kept in the history")
+        return p
+
+    for name, help_text in (
+            ("live", "record the release answering, its subscription and job (a first launch, "
+                     "an in-place update)"),
+            ("green", "start a blue-green trial: RELEASE's job, on SUBSCRIPTION (sought to now "
+                      "first), writes its rows as shadow")):
+        p = channel(name, help_text)
+        p.add_argument("--subscription", required=True)
+        p.add_argument("--job", default="", help="the Dataflow job's name (drained later)")
+    cut = channel("cutover", "the green RELEASE answers from now on")
+    cut.add_argument("--wait_secs", type=float, default=0,
+                     help="wait this long for the green job to report it (needs --bq_dataset)")
+    channel("abort", "end RELEASE's green trial")
+    channel("status", "the live and green releases", release=False)
+    cmp = channel("compare", "green against blue: messages, tiles, dead-letter rate, latency, "
+                  "chip agreement", release=False)
+    cmp.add_argument("--blue", required=True)
+    cmp.add_argument("--green", required=True)
+    cmp.add_argument("--hours", type=float, default=1.0)
+    return top
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    if args.verb == "record":
+        doc = record(args.release)
+        print(json.dumps(doc.get("update_from", {"release": args.release}), indent=1))
+        return 0
+    if args.verb == "surface":
+        print(json.dumps({"release": RELEASE,
+                          "surface": surface(parse_parameters(args.parameters))}))
+        return 0
+    if args.verb == "check":
+        verdict = check(json.loads(Path(args.against).read_text()),
+                        parse_parameters(args.parameters))
+        print(verdict.text(), file=sys.stderr)
+        print(",".join(f"{old}={new}" for old, new in verdict.mapping.items()))
+        return 0 if verdict.method == IN_PLACE else 3
+    return _channel_verb(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

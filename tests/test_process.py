@@ -1,0 +1,90 @@
+"""transforms/process.py: one object per worker process, and the tripwire of every patch.
+
+A Beam (or Google client) upgrade that changes what a patch replaces must fail here, in review,
+not quietly on a worker: each patch's target must still exist, read as it did when the patch
+was written (source digest), and the Beam version must be the one the patches were written for.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from pipeline.local import patches as local_patches
+from pipeline.local.stack import LocalStack
+from transforms import process, storage
+from transforms.chips import ChipSettings, ChipTileFn
+
+
+def every_patch() -> list[process.Patch]:
+    return [*process.RUNTIME_PATCHES, *local_patches.all_patches(LocalStack(run_dir="/nowhere"))]
+
+
+@pytest.mark.parametrize("patch", every_patch(), ids=lambda p: p.name)
+def test_every_patch_still_fits_what_it_patches(patch):
+    assert patch.problem() is None, patch.problem()
+
+
+def test_a_patch_refuses_a_target_that_changed(monkeypatch):
+    changed = process.Patch("changed", process.BIGQUERY_ROW_SIZE.target, "0" * 16,
+                            process.BIGQUERY_ROW_SIZE.replacement, "test", required=True)
+    with pytest.raises(process.PatchError, match=r"changed .*source digest"):
+        changed.install()
+    other_beam = process.Patch("old", process.BIGQUERY_ROW_SIZE.target,
+                               process.BIGQUERY_ROW_SIZE.digest,
+                               process.BIGQUERY_ROW_SIZE.replacement, "test",
+                               written_for="2.60.0")
+    assert not other_beam.install()  # optional: left alone, with a warning
+    assert "written for apache-beam 2.60.0" in other_beam.problem()
+
+
+def test_the_runtime_patch_is_in_place_wherever_the_sinks_are():
+    from apache_beam.io.gcp.bigquery import BigQueryWriteFn
+
+    import transforms.sinks  # noqa: F401 - what a worker imports with the graph
+
+    assert process.BIGQUERY_ROW_SIZE.installed
+    assert getattr(BigQueryWriteFn._check_row_size, "__wrapped__", None) is not None
+
+
+def test_shared_objects_are_one_per_process_whatever_the_thread():
+    process.reset()
+    seen = []
+
+    def ask():
+        seen.append(process.shared("kind", "key", object))
+
+    threads = [threading.Thread(target=ask) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len({id(o) for o in seen}) == 1
+    assert process.shared("kind", "other", object) is not seen[0]
+
+
+def test_the_circuit_breaker_belongs_to_the_process_not_to_a_dofn(model_uri):
+    """Two DoFn instances (a runner builds one per bundle) see one breaker: a bucket that
+    failed under one is paused for the other, as the docs promise."""
+    from model.card import load_card
+
+    process.reset()
+    settings = ChipSettings.from_card(load_card(model_uri))
+    first, second = ChipTileFn(settings), ChipTileFn(settings)
+    for _ in range(3):
+        storage.breaker().failure("flaky-bucket")
+    assert first is not second and storage.breaker().is_open("flaky-bucket")
+    calls = []
+
+    def read():
+        calls.append(1)
+        return "read"
+
+    import time
+
+    started = time.monotonic()
+    assert storage.with_retries(read, ("gs://flaky-bucket/a.tif",), time.monotonic() + 0.3,
+                                1.0) == "read"
+    assert time.monotonic() - started >= 0.25  # waited behind the open breaker
+    assert not storage.breaker().is_open("flaky-bucket")  # the probe closed it

@@ -1,0 +1,173 @@
+"""Releasing the stream itself: the update check, the recorded graphs, and ``deploy.sh update``
+refusing an incompatible update before Dataflow is called.
+
+The graphs are translated offline by DataflowRunner's own ``--dry_run``; Dataflow itself cannot
+run here, so ``deploy.sh`` meets stand-ins for ``gcloud`` and ``terraform`` that record how they
+were called and answer what the real ones would.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import re
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from model.registry import Registry
+from pipeline.ops import release
+from pipeline.ops.release import BLUE_GREEN, IN_PLACE, compare
+from pipeline.options import RELEASE
+
+ROOT = Path(__file__).resolve().parents[1]
+SUBSCRIPTION = "projects/tilestream-prod/subscriptions/tilestream-tiles-sub"
+
+
+@pytest.fixture(scope="module")
+def current() -> dict:
+    return release.surface()
+
+
+@pytest.fixture(scope="module")
+def recorded() -> dict:
+    return json.loads(release.record_path(RELEASE).read_text())
+
+
+def test_setup_py_ships_the_release_the_options_name():
+    version = re.search(r'version="([^"]+)"', (ROOT / "setup.py").read_text()).group(1)
+    assert version == RELEASE
+
+
+def test_the_recorded_graph_is_this_trees_and_its_verdict_is_current(current, recorded):
+    """A change of the job graph shows in review: the record must be rewritten with it
+    (`tilestream release record`), verdict included."""
+    assert current == recorded["surface"], (
+        "the job graph changed: run `tilestream release record` and review its verdict")
+    previous = release.previous_release(RELEASE)
+    old = json.loads(release.record_path(previous).read_text())["surface"]
+    assert recorded["update_from"] == {"release": previous, **compare(old, current).to_dict()}
+
+
+def test_this_release_needs_blue_green_and_says_why(recorded):
+    verdict = recorded["update_from"]
+    assert verdict["method"] == BLUE_GREEN
+    reasons = "\n".join(verdict["reasons"])
+    # Beam's AnomalyDetection named its stateful step after a fresh uuid: never mappable.
+    assert "DetectDriftChange/RunOneDetector' is gone" in reasons
+    # Late bands are answered from a new state cell of the granule assembler.
+    assert "_AssembleGranuleFn)': state 'expired' absent" in reasons
+
+
+def _stateful(surface: dict, part: str) -> str:
+    return next(name for name in surface["steps"] if part in name)
+
+
+def test_a_changed_state_coder_is_refused_naming_the_step(current):
+    changed = copy.deepcopy(current)
+    step = _stateful(changed, "Deduplicate")
+    [name] = list(changed["steps"][step]["state"])[:1]
+    changed["steps"][step]["state"][name] = "bag:python:PickleCoder"
+    verdict = compare(current, changed)
+    assert verdict.method == BLUE_GREEN
+    assert any(step in r and name in r for r in verdict.reasons), verdict.reasons
+
+
+def test_a_new_record_field_with_a_default_updates_in_place(current):
+    grown = copy.deepcopy(current)
+    grown["records"]["TileRef"].append("priority")
+    assert compare(current, grown).method == IN_PLACE
+    required = copy.deepcopy(current)
+    required["records"]["TileRef"].append("priority!")
+    verdict = compare(current, required)
+    assert verdict.method == BLUE_GREEN and "TileRef gains priority" in verdict.reasons[0]
+
+
+def test_a_wrapped_composite_is_mapped_not_refused(current):
+    """Steps that moved whole (here every step of the tile assembly under a new composite)
+    update in place with the name mapping gcloud takes."""
+    def moved(name: str) -> str:
+        return "Tiles/" + name if name.startswith("AssembleTiles") else name
+
+    wrapped = copy.deepcopy(current)
+    wrapped["transforms"] = sorted({moved(n) for n in current["transforms"]} | {"Tiles"})
+    wrapped["steps"] = {moved(k): v for k, v in current["steps"].items()}
+    verdict = compare(current, wrapped)
+    assert verdict.method == IN_PLACE, verdict.reasons
+    assert verdict.mapping == {"AssembleTiles": "Tiles/AssembleTiles"}
+
+
+# --- deploy.sh update ----------------------------------------------------------------------------
+
+def _stand_ins(bin_dir: Path, log: Path, outputs: dict[str, str]) -> None:
+    """``gcloud`` and ``terraform`` that log their arguments; terraform answers ``outputs``."""
+    bin_dir.mkdir()
+    scripts = {
+        "gcloud": f'printf "%s\\n" "$*" >> {log}\n',
+        "terraform": "".join(f'[[ "$*" == *"output -raw {k}" ]] && {{ echo "{v}"; exit 0; }}\n'
+                             for k, v in outputs.items()) + 'echo "unknown"\n',
+    }
+    for name, body in scripts.items():
+        path = bin_dir / name
+        path.write_text("#!/usr/bin/env bash\n" + body)
+        path.chmod(path.stat().st_mode | stat.S_IEXEC)
+
+
+@pytest.fixture()
+def deployment(tmp_path):
+    registry = Registry(str(tmp_path / "registry"))
+    registry.publish(str(ROOT / "model" / "artifacts" / "landcover-student" / "v1"))
+    registry.promote(*[r for r in registry.versions()][:1], by="test")
+    registry.release_live("0.1.0", SUBSCRIPTION, "tilestream", by="test")
+    log = tmp_path / "calls.log"
+    _stand_ins(tmp_path / "bin", log, {
+        "registry": str(tmp_path / "registry"), "bq_dataset": "tilestream-prod:tilestream",
+        "subscription": SUBSCRIPTION,
+        "input_buckets": "gs://tilestream-prod-tilestream-tiles/incoming",
+        "output_prefix": "gs://tilestream-prod-tilestream-tiles/output",
+        "dataflow_bucket": "tilestream-prod-dataflow",
+        "image_repository": "us-central1-docker.pkg.dev/tilestream-prod/tilestream",
+        "worker_service_account": "worker@tilestream-prod.iam.gserviceaccount.com"})
+    env = {**os.environ, "PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}",
+           "PROJECT": "tilestream-prod", "TAG": "test", "PYTHON": sys.executable}
+    return tmp_path, registry, log, env
+
+
+def _update(env: dict, running: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", "templates/deploy.sh", "update"], cwd=ROOT,
+                          env={**env, "RUNNING_SURFACE": str(running)}, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_deploy_update_refuses_a_changed_state_coder_before_calling_dataflow(deployment,
+                                                                           current):
+    tmp_path, registry, log, env = deployment
+    running = copy.deepcopy(current)
+    step = _stateful(running, "AssembleGranules")
+    running["steps"][step]["input"] = "kv(bytes, python:PickleCoder)"
+    (tmp_path / "running.json").write_text(json.dumps({"surface": running}))
+    done = _update(env, tmp_path / "running.json")
+    assert done.returncode == 3, done.stderr[-2000:]
+    assert "refused before Dataflow was called" in done.stderr
+    assert "input coder" in done.stderr and "deploy.sh bluegreen" in done.stderr
+    assert "flex-template" not in (log.read_text() if log.exists() else "")
+    channels, _ = registry.read_channels()
+    assert channels.live_release.release == "0.1.0"  # nothing moved
+
+
+def test_deploy_update_that_only_adds_a_field_goes_in_place(deployment, current):
+    tmp_path, registry, log, env = deployment
+    running = copy.deepcopy(current)
+    running["records"]["TileRef"].remove("band_generations")  # the new tree adds it, defaulted
+    (tmp_path / "running.json").write_text(json.dumps({"surface": running}))
+    done = _update(env, tmp_path / "running.json")
+    assert done.returncode == 0, done.stderr[-2000:]
+    [launch] = [c for c in log.read_text().splitlines() if c.startswith("dataflow flex-template")]
+    assert launch.startswith("dataflow flex-template run tilestream ") and "--update" in launch
+    assert f"release={RELEASE}" in launch and "--transform-name-mappings" not in launch
+    channels, _ = registry.read_channels()
+    assert channels.live_release.release == RELEASE
