@@ -76,8 +76,16 @@ def test_blue_green_release_loses_nothing_and_counts_each_tile_once(stack, model
             green = stream(GREEN, green_sub, "green.log")
             assert wait_until(lambda: len(rows(f"release = '{GREEN}'")) >= 3, 180, green, 1), \
                 (tmp_path / "green.log").read_text()[-3000:]
-            compared = {r["side"]: r for r in json.loads(_ok(cli(
-                stack, "release", "compare", f"--blue={BLUE}", f"--green={GREEN}", *target)))}
+            # Chip rows follow tile rows by a load job: compare again until green's are in,
+            # as an operator repeats it while the trial runs.
+            compared: dict = {}
+
+            def compare() -> bool:
+                compared.update({r["side"]: r for r in json.loads(_ok(cli(
+                    stack, "release", "compare", f"--blue={BLUE}", f"--green={GREEN}",
+                    *target)))})
+                return compared["green"]["chips_compared"] >= 4
+            assert wait_until(compare, 60, green, 2), compared
             # Cut-over while tiles keep coming: green says it took it, then blue stops.
             cutover_at = time.time()
             _ok(cli(stack, "release", "cutover", GREEN, "--wait_secs=90", *target))
