@@ -194,6 +194,19 @@ def break_even_h(stream_total: float, worker: Worker, rate: float, region: Regio
     return HOURS_PER_MONTH / ((stream_total - work) / per_job)
 
 
+def prediction_bytes_per_chip() -> int:
+    """What a chip carries through the stream's shuffle to assembly: its class map and its
+    uint8 class probabilities (for blending overlaps)."""
+    import sys
+
+    sys.path.insert(0, str(ROOT))
+    from model.card import load_card
+    from pipeline.options import DEFAULT_MODEL_URI
+
+    card = load_card(DEFAULT_MODEL_URI)
+    return (card.num_classes + 1) * card.input.chip_size ** 2
+
+
 def _usd(x: float) -> str:
     return f"{x:,.0f}" if x >= 100 else f"{x:,.2f}" if x >= 1 else f"{x:.3f}"
 
@@ -211,10 +224,9 @@ def _interval(hours: float | None) -> str:
 
 
 def markdown(results: dict, prices: Prices = Prices(), region: Region = Region()) -> str:
-    scale = results["scale"]["raw"]
     seen = observations(results)
     cpu = cpu_rate(results)
-    bytes_per_chip = scale["chipping_3660"]["bytes_per_chip"]
+    bytes_per_chip = prediction_bytes_per_chip()
     rates = {WORKERS[0].name: (cpu, "measured (the observations above)")}
     for worker in WORKERS[1:]:
         rates[worker.name] = gpu_rate(results, cpu, worker.gpu)
@@ -252,9 +264,10 @@ def markdown(results: dict, prices: Prices = Prices(), region: Region = Region()
         f"- The stream keeps at least {MIN_WORKERS} worker up; a batch job costs "
         f"{BATCH_JOB_OVERHEAD_MIN:g} worker-minutes of overhead (assumed); FlexRS starts a job "
         f"up to {FLEXRS_START_DELAY_H:g} h after it is submitted and takes no GPUs.",
-        f"- Streaming Engine: each chip's encoded block share ({bytes_per_chip:,} bytes) crosses "
-        "it once (an estimate: the grouping steps carry chips' predictions, not their pixels, "
-        "so this is an upper bound on what a chip costs there).",
+        f"- Streaming Engine: each chip's prediction ({bytes_per_chip:,} bytes: its class map "
+        "and uint8 class probabilities, which assembly needs to blend overlaps) crosses it once, "
+        "on its way to assembly; strip tasks, reports and rows are small beside it (an estimate "
+        "from the records' sizes, not a measurement).",
         "",
         "## Keeping the stream up for a month",
         "",

@@ -66,7 +66,7 @@ def build(p: beam.Pipeline, o: TileStreamOptions, card: ModelCard, tables: BigQu
                                                         o.channels_poll_secs, o.release)
         tiles = routed.tiles
         letters.append(routed.dead_letters)
-    chipped = tiles | "ChipTiles" >> ChipTiles(chip_settings)
+    chipped = tiles | "ChipTiles" >> ChipTiles(chip_settings, streaming)
     scored = chipped.chips | "ScoreChips" >> ScoreChips(
         card, window_secs=o.window_secs, device=o.device, min_batch_size=o.min_batch_size,
         max_batch_size=o.max_batch_size,

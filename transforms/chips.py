@@ -572,6 +572,19 @@ class _PlanStripsFn(_TileReader):
         yield from tasks
 
 
+class _ChipStripOnceFn(_TileReader):
+    """A strip task -> its chips and report, with no state: a backfill's chipper.
+
+    A runner keeps a stateful step's keys apart, and Beam's portable runner goes further: it
+    runs a stateful stage on one SDK worker only (``fn_runner._get_bundle_manager``), and the
+    model's steps fuse into the chipper's stage. A bounded job never paces, so it needs no
+    state, and its tasks are spread by a reshuffle instead of a key.
+    """
+
+    def process(self, task: StripTask) -> Iterator:
+        yield from self.chip(task)
+
+
 class _ChipStripFn(_TileReader):
     """A strip task, keyed on its own, -> its chips and report.
 
@@ -648,19 +661,26 @@ class ChipTiles(beam.PTransform):
     chips are scored while later strips are still being read.
     """
 
-    def __init__(self, settings: ChipSettings):
+    def __init__(self, settings: ChipSettings, streaming: bool = True):
         super().__init__()
         self._settings = settings
+        self._streaming = streaming
 
     def expand(self, tiles) -> ChippedTiles:
         planned = tiles | "PlanStrips" >> beam.ParDo(_PlanStripsFn(self._settings)).with_outputs(
             DEAD_LETTER_TAG, main="tasks")
-        chipped = (planned.tasks
-                   | "ByTask" >> beam.Map(lambda t: (f"{t.tile.assignment_key}#{t.index}", t))
-                   .with_output_types(KEYED)
-                   | "ChipStrips" >> beam.ParDo(_ChipStripFn(self._settings)).with_outputs(
-                       REPORTS_TAG, main="chips"))
+        if self._streaming:
+            tasks = (planned.tasks
+                     | "ByTask" >> beam.Map(lambda t: (f"{t.tile.assignment_key}#{t.index}", t))
+                     .with_output_types(KEYED))
+            fn: beam.DoFn = _ChipStripFn(self._settings)
+        else:  # a backfill: spread the tasks over workers, no state (see _ChipStripOnceFn)
+            tasks = planned.tasks | "SpreadTasks" >> beam.Reshuffle()
+            fn = _ChipStripOnceFn(self._settings)
+        chipped = tasks | "ChipStrips" >> beam.ParDo(fn).with_outputs(REPORTS_TAG, main="chips")
         chips, reports = chipped.chips, chipped[REPORTS_TAG]
+        if not self._streaming:  # else the stateful merge fuses into the chipper's stage
+            reports = reports | "GatherReports" >> beam.Reshuffle()
         manifests = (reports
                      | "ByTile" >> beam.Map(lambda r: (r.task.tile.assignment_key, r))
                      .with_output_types(KEYED)
