@@ -147,10 +147,9 @@ def run_inference_in_beam(card, chips: int = 3072, batch: int = 32) -> float:
 
     def block(n: int):  # what the stream's StackBlocks step hands RunInference
         rng = np.random.default_rng(n)
-        tensor = torch.from_numpy(np.stack([model_input(
-            rng.integers(0, 256, shape, np.uint8), np.ones(shape[1:], bool))
-            for _ in range(per_block)]))
-        return ChipBlock(tile, n, tuple((n, i) for i in range(per_block))), tensor
+        array = np.stack([model_input(rng.integers(0, 256, shape, np.uint8),
+                                      np.ones(shape[1:], bool)) for _ in range(per_block)])
+        return ChipBlock(tile, n, tuple((n, i) for i in range(per_block))), array
 
     def step() -> float:
         from apache_beam.metrics.metric import MetricsFilter
