@@ -293,8 +293,9 @@ def markdown(results: dict, prices: Prices = Prices(), region: Region = Region()
     stream_total = months[cpu_worker.name]["total"]
     lines += [
         "",
-        "Figures in brackets follow the range of chips per vCPU-second. The GPU rows keep the "
-        "CPU rows' measured work except the forward pass.",
+        "Figures in brackets follow the range of chips per vCPU-second (a monthly total whose "
+        "range is flat is all always-on price, which the rate does not move). The GPU rows keep "
+        "the CPU rows' measured work except the forward pass.",
         "",
         f"## The same arrivals as scheduled batch backfills ({cpu_worker.name})",
         "",
@@ -321,7 +322,10 @@ def markdown(results: dict, prices: Prices = Prices(), region: Region = Region()
         f"Break-even: a batch job every **{_interval(even)}** costs what the always-on stream "
         f"costs (FlexRS: every {_interval(even_flex)}, but FlexRS cannot start sooner than "
         f"{FLEXRS_START_DELAY_H:g} h). Scheduled more often, batch costs more than the stream; "
-        "less often, less.",
+        "less often, less. A job cannot usefully run more often than its own overhead "
+        f"({BATCH_JOB_OVERHEAD_MIN:g} min), so where the break-even is shorter than that, "
+        "scheduled batch is the cheaper way to every latency it can offer, and what the stream "
+        "sells is the latency below it: a tile scored seconds after it lands.",
         "",
         "## Reading it",
         "",

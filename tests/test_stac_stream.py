@@ -77,10 +77,10 @@ def run(stack, model_uri, tmp_path_factory):
         announce.publish(publisher, topic, data, attributes or {})
 
     # A: a STAC Item announcing the real Olinda tile as one multi-band asset.
-    olinda_uri, _ = upload(SAMPLE_TILE, f"{name}/in/olinda.tif")
+    olinda_uri, _ = upload(SAMPLE_TILE, f"stac/{name}/in/olinda.tif")
     olinda = landsat_c2_item()
     olinda.update(id="olinda STAC/1", collection="landsat-c2l2-sr")
-    olinda["links"] = [{"rel": "self", "href": f"gs://{bucket}/{name}/items/olinda.json"}]
+    olinda["links"] = [{"rel": "self", "href": f"gs://{bucket}/stac/{name}/items/olinda.json"}]
     olinda["properties"]["datetime"] = "2001-07-15T12:30:00Z"
     olinda["assets"] = {"data": {
         "href": olinda_uri, "type": "image/tiff; application=geotiff", "roles": ["data"],
@@ -92,7 +92,7 @@ def run(stack, model_uri, tmp_path_factory):
     hls = hls_s30_item()
     hls["id"] = HLS
     for token, path in zip(tiles.HLS_TOKENS, hls_files.values(), strict=True):
-        hls["assets"][token]["href"] = upload(path, f"{name}/hls/{path.name}")[0]
+        hls["assets"][token]["href"] = upload(path, f"stac/{name}/hls/{path.name}")[0]
     for key in ("B01", "B05", "B08", "Fmask"):
         del hls["assets"][key]
     band_uris = {band: hls["assets"][token]["href"]
@@ -115,7 +115,7 @@ def run(stack, model_uri, tmp_path_factory):
     l30["assets"] |= {"B10": {"href": band_uris["blue"]}, "B11": {"href": band_uris["blue"]}}
     # C: a Landsat 7 C2 granule as per-band files (and its thermal band, which is not used).
     landsat_crop = tiles.crop(work / "landsat.tif", 100, 100, 120, 140)
-    landsat_objects = [upload(p, f"{name}/landsat/{p.name}")
+    landsat_objects = [upload(p, f"stac/{name}/landsat/{p.name}")
                        for p in landsat_band_files(work, landsat_crop)]
     # D: bad input, each to be dead-lettered with its reason.
     no_datetime = landsat_c2_item()
@@ -128,7 +128,8 @@ def run(stack, model_uri, tmp_path_factory):
     unmatched["id"] = "unmatched"
     unmatched["assets"] = {"thumbnail": {"href": f"gs://{bucket}/t.jpg", "type": "image/jpeg",
                                          "roles": ["thumbnail"]}}
-    hls_band_uri, hls_band_generation = upload(hls_files["blue"], f"{name}/mixed/{HLS}.B02.tif")
+    hls_band_uri, hls_band_generation = upload(hls_files["blue"],
+                                               f"stac/{name}/mixed/{HLS}.B02.tif")
 
     log_path, metrics = work / "stream.log", work / "metrics.json"
     prefix = f"{stack.output_prefix}/{name}"
