@@ -106,7 +106,7 @@ def speedup(tile: Path, model_uri: str, workdir: Path, tiles: int = 8) -> dict:
 
 def main() -> int:
     sys.path.insert(0, str(ROOT))
-    from scale import mosaic
+    from mosaics import mosaic
 
     from pipeline.options import DEFAULT_MODEL_URI
 

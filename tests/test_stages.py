@@ -438,7 +438,7 @@ def test_strip_assembly_is_pixel_identical_to_blending_the_whole_tile(tmp_path, 
         import sys
 
         sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-        from scale import mosaic
+        from mosaics import mosaic
 
         path = mosaic(tmp_path / "mosaic.tif", *size)
     card = test_card(classes=4)

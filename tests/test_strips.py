@@ -16,7 +16,7 @@ from transforms.geometry import chip_starts
 from transforms.records import Chip, ChipBlock, StripReport, TileRef
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-from scale import mosaic
+from mosaics import mosaic
 
 
 @pytest.fixture(scope="module")

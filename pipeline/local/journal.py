@@ -97,16 +97,16 @@ class _JournalingSubscriber:
 
 def install(stack: LocalStack, subscription: str, tables: BigQueryTables) -> None:
     """Route the in-process runner's Pub/Sub reads through a journaling, large-message client
-    that carries this process's identity (``pipeline/local/patches.py``)."""
+    that carries this process's identity (``pipeline/local/identity.py``)."""
     from google.cloud import pubsub
     from google.pubsub_v1.services.subscriber.transports.grpc import SubscriberGrpcTransport
 
-    from pipeline.local import patches
+    from pipeline.local import identity, patches
 
     path = journal_path(stack, subscription, tables)
 
     def make_client():
-        channel = patches.identity_channel(
+        channel = identity.identity_channel(
             stack.pubsub_host, [("grpc.max_receive_message_length", PULL_LIMIT_BYTES)])
         client = pubsub.SubscriberClient(transport=SubscriberGrpcTransport(channel=channel))
         return _JournalingSubscriber(client, path)
@@ -192,7 +192,7 @@ def replay_unfinished(stack: LocalStack, subscription: str,
                       tables: BigQueryTables) -> dict[str, int]:
     """Reconcile the journal with the books; publish unfinished messages again. Returns counts."""
 
-    from pipeline.local.patches import acting_as
+    from pipeline.local.identity import acting_as
 
     path = journal_path(stack, subscription, tables)
     entries = read(path)

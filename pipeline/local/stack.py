@@ -140,7 +140,7 @@ class LocalStack:
         from google.cloud import pubsub_v1
         from google.pubsub_v1.services.publisher.transports import PublisherGrpcTransport
 
-        from pipeline.local.patches import identity_channel
+        from pipeline.local.identity import identity_channel
 
         channel = identity_channel(self.pubsub_host, identity=identity)
         return pubsub_v1.PublisherClient(transport=PublisherGrpcTransport(channel=channel))
@@ -149,7 +149,7 @@ class LocalStack:
         from google.cloud import pubsub_v1
         from google.pubsub_v1.services.subscriber.transports import SubscriberGrpcTransport
 
-        from pipeline.local.patches import identity_channel
+        from pipeline.local.identity import identity_channel
 
         channel = identity_channel(self.pubsub_host)
         return pubsub_v1.SubscriberClient(transport=SubscriberGrpcTransport(channel=channel))
@@ -159,7 +159,7 @@ class LocalStack:
         from google.auth.credentials import AnonymousCredentials
         from google.cloud import bigquery
 
-        from pipeline.local.patches import IDENTITY
+        from pipeline.local.identity import IDENTITY
 
         IDENTITY.install()
         return bigquery.Client(
@@ -173,7 +173,7 @@ class LocalStack:
         from google.auth.credentials import AnonymousCredentials
         from google.cloud import storage
 
-        from pipeline.local.patches import IDENTITY
+        from pipeline.local.identity import IDENTITY
 
         IDENTITY.install()
         return storage.Client(
