@@ -245,9 +245,10 @@ class BlockModelHandler(ModelHandler):
     def run_inference(self, batch: Sequence[tuple[ChipBlock, np.ndarray]], model: Any,
                       inference_args: dict[str, Any] | None = None,
                       ) -> Iterable[tuple[ChipBlock, list[PredictionResult]]]:
-        pairs = [(chip, tensor[i]) for block, array in batch
-                 for tensor in (torch.from_numpy(array),)  # no copy
-                 for i, chip in enumerate(block.chips)]
+        pairs = []
+        for block, array in batch:
+            tensor = torch.from_numpy(array)  # no copy
+            pairs += [(chip, tensor[i]) for i, chip in enumerate(block.chips)]
         answers: dict[int, PredictionResult] = {}  # by chip identity: inner may reorder
         for start in range(0, len(pairs), self._pass):
             for chip, result in self._inner.run_inference(pairs[start : start + self._pass],

@@ -125,6 +125,11 @@ def ranged(download: Callable[..., Any]) -> Callable[..., Any]:
         except (NotFound, OSError):  # the emulator's own answer (404)
             return download(request, response, storage, *args, **kwargs)
         start = int(found["start"])
+        if start >= size:  # GCS: 416, never an empty or inverted range
+            _refusal(response, HTTPStatus.REQUESTED_RANGE_NOT_SATISFIABLE,
+                     f"The requested range cannot be satisfied: bytes={start}- of {size}",
+                     "requestedRangeNotSatisfiable")
+            return None
         end = min(size, int(found["end"]) + 1) if found["end"] else size
         with open(path, "rb") as handle:
             handle.seek(start)
