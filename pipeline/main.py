@@ -38,8 +38,8 @@ from transforms.sinks import BigQueryTables, ensure_tables
 
 LOG = logging.getLogger("tilestream")
 # A stream runs on Beam's in-process streaming runner; a backfill (bounded input) on the portable
-# FnApiRunner, whose SDK worker processes (--direct_running_mode=multi_processing) use every
-# core, with the same Fn API harness as Dataflow's workers.
+# FnApiRunner, whose SDK worker processes (one per core, pipeline/local/launch.py) run the same
+# Fn API harness as Dataflow's workers.
 DEFAULT_LOCAL_RUNNER = "BundleBasedDirectRunner"
 BATCH_RUNNER = "apache_beam.runners.portability.fn_api_runner.FnApiRunner"
 # Runners that run the job on this machine: the only ones --local may point at the emulators.

@@ -47,7 +47,7 @@ def prepare(options: PipelineOptions) -> local_stack.LocalStack:
     if o.max_chips_in_flight is None and not o.input_glob:
         o.max_chips_in_flight = LOCAL_CHIPS_IN_FLIGHT
     if options.view_as(StandardOptions).runner == BATCH_RUNNER:
-        _worker_processes(options, stack)
+        _worker_processes(options)
     return stack
 
 
@@ -67,12 +67,11 @@ def before_run(job: Any) -> None:
     patches.install_runner_fixes()
 
 
-def _worker_processes(options: PipelineOptions, stack: local_stack.LocalStack) -> None:
+def _worker_processes(options: PipelineOptions) -> None:
     """A backfill on the FnApiRunner: one SDK worker process per core (``--direct_num_workers``
     says otherwise), each started as ``python -m pipeline.local.worker``, which installs the
     local stack in it before Beam's harness starts."""
     import logging
-    import os
 
     from apache_beam.runners.portability.fn_api_runner import FnApiRunner
     from apache_beam.transforms.environments import SubprocessSDKEnvironment
@@ -88,6 +87,5 @@ def _worker_processes(options: PipelineOptions, stack: local_stack.LocalStack) -
     direct.direct_running_mode = "in_memory"
     logging.getLogger("apache_beam.runners.portability.fn_api_runner.fn_runner").addFilter(
         lambda record: "direct_running_mode should be" not in record.getMessage())
-    os.environ[worker.STACK_DIR_ENV] = str(stack.run_dir)
     options.view_as(StandardOptions).runner = FnApiRunner(
         default_environment=SubprocessSDKEnvironment.from_command_string(worker.command()))

@@ -5,18 +5,16 @@ SDK worker process per core: the same Fn API harness Dataflow's workers run. Eac
 fresh interpreter, and the FnApiRunner hands its workers no pipeline options (so no
 ``--beam_plugins`` either), so what :func:`patches.apply` does in the launcher must happen
 here: ``python -m pipeline.local.worker`` is the workers' command
-(``pipeline/local/launch.py``); it points this process's clients at the stack recorded in
-``TILESTREAM_STACK_DIR`` (the launcher's environment is the workers'), gives the model one
-torch thread (the cores are shared out as worker processes), then runs Beam's own
-``sdk_worker_main``.
+(``pipeline/local/launch.py``); it points this process's clients at the launcher's stack (the
+workers inherit the launcher's environment, where ``patches.apply`` exported the stack's
+``TILESTREAM_STACK_DIR``), gives the model one torch thread (the cores are shared out as worker
+processes), then runs Beam's own ``sdk_worker_main``.
 """
 
 from __future__ import annotations
 
-import os
 import sys
 
-STACK_DIR_ENV = "TILESTREAM_STACK_DIR"
 TORCH_THREADS = 1
 
 
@@ -32,7 +30,7 @@ def main(argv: list[str]) -> None:
     from pipeline.local import patches
     from pipeline.local import stack as local_stack
 
-    patches.apply(local_stack.load(os.environ[STACK_DIR_ENV]))
+    patches.apply(local_stack.load())
     torch.set_num_threads(TORCH_THREADS)
     sdk_worker_main.main(argv)
 
