@@ -93,3 +93,21 @@ def test_a_failing_read_is_reported_not_raised(tile, model_uri, tmp_path):
     cols = len(chip_starts(task.grid.width, task.grid.chip_size, task.grid.stride))
     assert report.failed == rows * cols and report.expected == (0,) * rows
     assert "gone.tif" in report.unreadable[0]
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_a_backfill_chips_in_a_stage_every_worker_can_run(tile, model_uri, streaming):
+    """Beam's portable runner (the local backfill's, the Fn API harness Dataflow runs) gives a
+    stage that holds state to one SDK worker only. A bounded job's chipper must therefore be
+    fused into a stage without state, or a backfill runs on one core whatever the workers; a
+    stream keeps its keyed, paced chipper."""
+    import apache_beam as beam
+    from apache_beam.runners.portability.fn_api_runner import FnApiRunner
+
+    settings = chips.ChipSettings.from_card(load_card(model_uri))
+    p = beam.Pipeline()
+    _ = p | beam.Create([tile]) | "ChipTiles" >> chips.ChipTiles(settings, streaming)
+    _, stages = FnApiRunner().create_stages(p.to_runner_api())
+    [stage] = [s for s in stages
+               if any(t.unique_name.startswith("ChipTiles/ChipStrips/") for t in s.transforms)]
+    assert stage.is_stateful() == streaming
