@@ -11,7 +11,8 @@
 #   templates/deploy.sh update      replace the running job in place, if its state carries over
 #   templates/deploy.sh bluegreen   start this release beside the live one, its rows shadow
 #   templates/deploy.sh compare     green against blue: dead letters, latency, agreement
-#   templates/deploy.sh cutover     make green live (waits until it says so), drain blue
+#   templates/deploy.sh cutover     make green live; once it says so and blue has answered what green
+#                                   took in as shadow (the handover), drain blue
 #   templates/deploy.sh abort       drain green; blue never stopped answering
 #   templates/deploy.sh drain       drain the live job (finish in-flight work, then stop)
 #

@@ -9,13 +9,16 @@ published throughout. Nothing is lost and the shipped queries count each tile on
 from __future__ import annotations
 
 import collections
+import datetime as dt
 import json
+import re
 import time
 import uuid
 
 import pytest
 
 from model.registry import Registry
+from pipeline.ops import release
 from pipeline.ops.queries import run_query
 from tests import tiles
 from tests.conftest import REPORT
@@ -39,31 +42,50 @@ def _ok(done) -> str:
     return done.stdout
 
 
-def test_blue_green_release_loses_nothing_and_counts_each_tile_once(stack, model_uri,
-                                                                     tmp_path):
-    registry_uri = f"{stack.registry_prefix}/bluegreen-{uuid.uuid4().hex[:6]}"
-    registry = Registry(registry_uri, gcs_client=stack.storage())
-    ref, _ = registry.publish(str(STUDENT))
-    registry.promote(ref, by="test")
-    topic, blue_sub, dataset = fresh_input(stack, "bluegreen")
-    green_sub = f"{blue_sub}-b"  # the second subscription slot (templates/terraform/releases.tf)
-    stack.subscriber().create_subscription(
-        request={"name": green_sub, "topic": topic, "ack_deadline_seconds": 10})
-    target = (f"--registry={registry_uri}", f"--bq_dataset={stack.project}:{dataset}")
-    _ok(cli(stack, "release", "live", BLUE, f"--subscription={blue_sub}", "--job=blue",
-            *target))
+class Trial:
+    """A registry with the student live, a topic with two subscription slots, a dataset, and
+    ``BLUE`` recorded live on the first slot: the scene of a blue-green release."""
 
-    def stream(release: str, subscription: str, log: str):
-        return start_stream(stack, model_uri, tmp_path / log, f"--subscription={subscription}",
-                            f"--bq_dataset={stack.project}:{dataset}",
-                            f"--output_prefix={stack.output_prefix}/{dataset}",
-                            f"--model_registry={registry_uri}", "--channels_poll_secs=1",
+    def __init__(self, stack, model_uri: str, tmp_path):
+        self.stack, self.model_uri, self.tmp_path = stack, model_uri, tmp_path
+        self.registry_uri = f"{stack.registry_prefix}/bluegreen-{uuid.uuid4().hex[:6]}"
+        self.registry = Registry(self.registry_uri, gcs_client=stack.storage())
+        ref, _ = self.registry.publish(str(STUDENT))
+        self.registry.promote(ref, by="test")
+        self.topic, self.blue_sub, self.dataset = fresh_input(stack, "bluegreen")
+        self.green_sub = f"{self.blue_sub}-b"  # the second slot (terraform/releases.tf)
+        stack.subscriber().create_subscription(
+            request={"name": self.green_sub, "topic": self.topic, "ack_deadline_seconds": 10})
+        self.target = (f"--registry={self.registry_uri}",
+                       f"--bq_dataset={stack.project}:{self.dataset}")
+        _ok(self.release("live", BLUE, f"--subscription={self.blue_sub}", "--job=blue"))
+        self.crop = tiles.crop(tmp_path / "crop.tif", 0, 0, 100, 100)
+
+    def release(self, *argv: str):
+        return cli(self.stack, "release", *argv, *self.target)
+
+    def stream(self, release: str, subscription: str, log: str):
+        return start_stream(self.stack, self.model_uri, self.tmp_path / log,
+                            f"--subscription={subscription}",
+                            f"--bq_dataset={self.stack.project}:{self.dataset}",
+                            f"--output_prefix={self.stack.output_prefix}/{self.dataset}",
+                            f"--model_registry={self.registry_uri}", "--channels_poll_secs=1",
                             "--window_secs=1", f"--release={release}")
 
-    def rows(where: str) -> list[dict]:
-        return query(stack, f"SELECT tile_id, release, role FROM `{dataset}.tiles` WHERE {where}")
+    def rows(self, where: str) -> list[dict]:
+        return query(self.stack,
+                     f"SELECT tile_id, release, role FROM `{self.dataset}.tiles` WHERE {where}")
 
-    crop = tiles.crop(tmp_path / "crop.tif", 0, 0, 100, 100)
+    def log(self, name: str) -> str:
+        return (self.tmp_path / name).read_text()[-3000:]
+
+
+def test_blue_green_release_loses_nothing_and_counts_each_tile_once(stack, model_uri,
+                                                                     tmp_path):
+    trial = Trial(stack, model_uri, tmp_path)
+    registry, dataset, target = trial.registry, trial.dataset, trial.target
+    topic, blue_sub, green_sub = trial.topic, trial.blue_sub, trial.green_sub
+    stream, rows, crop = trial.stream, trial.rows, trial.crop
     blue = stream(BLUE, blue_sub, "blue.log")
     green = None
     try:
@@ -86,9 +108,15 @@ def test_blue_green_release_loses_nothing_and_counts_each_tile_once(stack, model
                     *target)))})
                 return compared["green"]["chips_compared"] >= 4
             assert wait_until(compare, 60, green, 2), compared
-            # Cut-over while tiles keep coming: green says it took it, then blue stops.
+            # Cut-over while tiles keep coming: green says it took it, blue answers what green
+            # took in as shadow (the handover, counted at green's entry), then blue stops.
             cutover_at = time.time()
-            _ok(cli(stack, "release", "cutover", GREEN, "--wait_secs=90", *target))
+            trial_began = release.trial_start(registry.read_channels()[0], GREEN)
+            _ok(cli(stack, "release", "cutover", GREEN, "--wait_secs=120",
+                    "--green_poll_secs=1", *target))
+            live_at = release.wait_until_live(stack.bigquery(), dataset, GREEN, cutover_at, 0)
+            handed = release.handover(stack.bigquery(), dataset, BLUE, GREEN, trial_began,
+                                      live_at + dt.timedelta(seconds=1))
             blue_exit = stop_stream(blue)
             after = time.time()
             assert wait_until(lambda: len(traffic.since(after)) >= 3, 60)
@@ -117,6 +145,8 @@ def test_blue_green_release_loses_nothing_and_counts_each_tile_once(stack, model
         stack.bigquery(), "class_area_per_tile_and_day", dataset_sql, include_drifted=True))
     per_tile = collections.Counter(tile for tile, _ in chips)
     assert blue_exit == 0  # the old stream stops cleanly
+    # What green took in as shadow was answered before blue stopped (cut-over said so).
+    assert handed.messages >= 3 and not handed.pending
     assert set(answered) == set(published) and set(answered.values()) == {1}
     assert set(chips.values()) == {1} and set(per_tile.values()) == {4}
     assert set(areas.values()) == {1}
@@ -141,8 +171,39 @@ def test_blue_green_release_loses_nothing_and_counts_each_tile_once(stack, model
          f"{len(published)} tiles published, {len(answered)} in `tiles_ready` once each, "
          f"{sum(chips.values())} chips once each; {len(both)} scored by both releases; "
          f"cut-over to blue stopped {after - cutover_at:.1f} s; blue exit code {blue_exit}"),
+        ("handover before blue stops (`release cutover --wait_secs`, counted at green's "
+         "entry)", "every message green took in as shadow answered live",
+         f"{handed.messages} messages green took in before it answered live, "
+         f"{handed.by_blue} answered by blue, {len(handed.pending)} pending"),
         ("green against blue (`tilestream release compare`)", "agreement, dead letters, latency",
          f"{green_row['chips_compared']} chips compared, agreement "
          f"{green_row['chip_agreement']:.3f}; dead letters {blue_row['dead_letters']} / "
          f"{green_row['dead_letters']}; latency p50 {blue_row['latency_p50_s']:.1f} s / "
          f"{green_row['latency_p50_s']:.1f} s")]
+
+
+def test_cutover_keeps_blue_while_a_message_green_took_as_shadow_is_unanswered(
+        stack, model_uri, tmp_path):
+    """Blue has died (or lags) and green has scored tiles as shadow: nobody answers them as
+    users read. ``release cutover --wait_secs`` must say not to drain blue, naming them."""
+    trial = Trial(stack, model_uri, tmp_path)
+    _ok(trial.release("green", GREEN, f"--subscription={trial.green_sub}", "--job=green"))
+    green = trial.stream(GREEN, trial.green_sub, "green.log")
+    try:
+        with TilePublisher(stack, trial.topic, trial.crop, "nb", every_s=1.5) as traffic:
+            assert wait_until(lambda: len(trial.rows("role = 'shadow'")) >= 2, 180, green, 1), \
+                trial.log("green.log")
+            done = trial.release("cutover", GREEN, "--wait_secs=40", "--green_poll_secs=1")
+            shadow_only = {r["tile_id"] for r in trial.rows("role = 'shadow'")}
+        sent = dict(traffic.sent)
+    finally:
+        stop_stream(green)
+    assert done.returncode == 4, (done.stdout, done.stderr)
+    assert "took the cut-over" in done.stdout  # green did go live: only the handover is missing
+    assert f"not answered by {BLUE} yet" in done.stderr and "do not drain" in done.stderr
+    named = set(re.search(r"\(first: ([^)]*)\)", done.stderr).group(1).split(", "))
+    assert named and named <= {sent[t] for t in shadow_only}
+    ready = {r["tile_id"] for r in run_query(stack.bigquery(), "tiles_ready",
+                                             f"{stack.project}.{trial.dataset}", days=1,
+                                             include_drifted=True)}
+    assert not ready & {t for t, m in sent.items() if m in named}  # those really are unanswered

@@ -22,6 +22,7 @@ document: see :mod:`model.channels` and docs/operations.md, "Releasing the strea
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
 import os
 import sys
@@ -30,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from model.channels import Channels
 from pipeline.options import RELEASE
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -37,6 +39,11 @@ RELEASES = ROOT / "templates" / "releases"
 # Not part of what update compatibility reads: the job's own description of itself.
 SURFACE_KEYS = ("streaming", "job_type", "steps", "transforms", "records")
 IN_PLACE, BLUE_GREEN = "in-place", "blue-green"
+# How far before a trial the handover looks for announcements (their event time bounds the
+# partitions read): an announcement of an older acquisition is not checked.
+HANDOVER_DAYS = 30
+# Entry rows are streaming inserts: give the last ones before the handover bound this long.
+ENTRY_SETTLE_SECS = 5.0
 
 
 @dataclass
@@ -235,16 +242,16 @@ def seek_to_now(subscriber, subscription: str) -> None:
 
 
 def wait_until_live(client, dataset: str, release: str, since: float, timeout_s: float,
-                    every_s: float = 2.0) -> bool:
-    """Whether the green job reported taking the cut-over (its ``release R now live`` event,
-    written after ``since``) within ``timeout_s``."""
+                    every_s: float = 2.0) -> dt.datetime | None:
+    """When the green job first reported taking the cut-over (its ``release R now live``
+    event, written after ``since``), waiting up to ``timeout_s``; None if it did not."""
     import time
 
     from google.cloud import bigquery
 
     from transforms.routing import release_event
 
-    sql = (f"SELECT COUNT(*) AS n FROM `{dataset}.events` WHERE disposition = 'model' "
+    sql = (f"SELECT MIN(time) AS at FROM `{dataset}.events` WHERE disposition = 'model' "
            "AND release = @release AND reason = @reason AND time >= TIMESTAMP_SECONDS(@since)")
     config = bigquery.QueryJobConfig(query_parameters=[
         bigquery.ScalarQueryParameter("release", "STRING", release),
@@ -253,11 +260,67 @@ def wait_until_live(client, dataset: str, release: str, since: float, timeout_s:
     deadline = time.monotonic() + timeout_s
     while True:
         [row] = list(client.query(sql, job_config=config).result())
-        if row["n"]:
-            return True
+        if row["at"] is not None:
+            return row["at"]
         if time.monotonic() >= deadline:
-            return False
+            return None
         time.sleep(every_s)
+
+
+@dataclass
+class Handover:
+    """The messages green took in while its rows were shadow, and who answers each."""
+
+    messages: int
+    by_blue: int
+    by_green: int
+    pending: list[str]  # answered by nobody yet: blue must not be drained
+
+    def text(self, blue: str, green: str) -> str:
+        if self.pending:
+            return (f"{len(self.pending)} of the {self.messages} messages release {green} took "
+                    f"in before it answered live are not answered by {blue} yet (first: "
+                    f"{', '.join(self.pending[:5])}): do not drain the old job yet")
+        return (f"all {self.messages} messages release {green} took in before it answered live "
+                f"are answered ({self.by_blue} by {blue}, {self.by_green} by {green} live): "
+                "the old job can be drained")
+
+
+def handover(client, dataset: str, blue: str, green: str, since: dt.datetime,
+             until: dt.datetime) -> Handover:
+    """Count at green's entry: every message green booked in from ``since`` until ``until``
+    (when all of green answers live), and whether the live side has answered it."""
+    from pipeline.ops.queries import OPERATIONS_FILE, run_query
+
+    rows = run_query(client, "release_handover", dataset, OPERATIONS_FILE, blue=blue,
+                     green=green, since=since, until=until, days=HANDOVER_DAYS)
+    by = [r["answered_by"] for r in rows]
+    return Handover(len(rows), by.count("blue"), by.count("green"),
+                    [r["message_id"] for r in rows if r["answered_by"] is None])
+
+
+def wait_for_handover(client, dataset: str, blue: str, green: str, since: dt.datetime,
+                      until: dt.datetime, deadline: float, every_s: float = 2.0) -> Handover:
+    """:func:`handover`, repeated until nothing is pending or ``deadline`` (monotonic) passes;
+    it starts once ``until`` plus a settling time is past, so green's entry rows are in."""
+    import time
+
+    wait = (until - dt.datetime.now(dt.UTC)).total_seconds() + ENTRY_SETTLE_SECS
+    if wait > 0:
+        time.sleep(min(wait, max(0.0, deadline - time.monotonic())))
+    while True:
+        state = handover(client, dataset, blue, green, since, until)
+        if not state.pending or time.monotonic() >= deadline:
+            return state
+        time.sleep(every_s)
+
+
+def trial_start(channels: Channels, release: str) -> dt.datetime:
+    """When ``release``'s green trial began (its ``release-green`` change), else a day ago."""
+    for entry in reversed(channels.history):
+        if entry.get("action") == "release-green" and entry.get("at"):
+            return dt.datetime.fromisoformat(entry["at"])
+    return dt.datetime.now(dt.UTC) - dt.timedelta(days=1)
 
 
 def compare_releases(client, dataset: str, blue: str, green: str, hours: float) -> list[dict]:
@@ -267,9 +330,40 @@ def compare_releases(client, dataset: str, blue: str, green: str, hours: float) 
                      window_hours=int(max(1, hours)), blue=blue, green=green)
 
 
-def _channel_verb(args: argparse.Namespace) -> int:
+def _cutover(args: argparse.Namespace, registry, target) -> int:
+    """Flip green to live; with ``--wait_secs``, say when the old job may be drained: green
+    reported the cut-over, and every message green took in while its rows were shadow is
+    answered (``release_handover``: blue's drain alone does not finish what blue had not
+    pulled yet)."""
     import time
 
+    before, _ = registry.read_channels()
+    blue = before.live_release.release if before.live_release else None
+    since = time.time() - 1
+    change = registry.release_cutover(args.release, by=args.by, why=args.reason)
+    print(change)
+    if not args.wait_secs:
+        return 0
+    deadline = time.monotonic() + args.wait_secs
+    bq, dataset = target.bigquery(), target.need_dataset()
+    live_at = wait_until_live(bq, dataset, args.release, since, args.wait_secs)
+    if live_at is None:
+        print(f"release {args.release} has not reported the cut-over within "
+              f"{args.wait_secs:g}s (it sees channels as tiles pass: is traffic flowing?); "
+              "do not drain the old job yet", file=sys.stderr)
+        return 4
+    print(f"release {args.release} took the cut-over at {live_at.isoformat()}")
+    if blue is None:
+        print("no live release was recorded before it: nothing to hand over")
+        return 0
+    until = live_at + dt.timedelta(seconds=args.green_poll_secs)
+    state = wait_for_handover(bq, dataset, blue, args.release,
+                              trial_start(before, args.release), until, deadline)
+    print(state.text(blue, args.release), file=sys.stderr if state.pending else sys.stdout)
+    return 4 if state.pending else 0
+
+
+def _channel_verb(args: argparse.Namespace) -> int:
     from model.channels import RegistryError
     from pipeline.ops import clients, model_cli
 
@@ -294,19 +388,7 @@ def _channel_verb(args: argparse.Namespace) -> int:
         elif args.verb == "abort":
             change = registry.release_abort(args.release, **kwargs)
         else:
-            since = time.time() - 1
-            change = registry.release_cutover(args.release, **kwargs)
-            print(change)
-            if not args.wait_secs:
-                return 0
-            if wait_until_live(target.bigquery(), target.need_dataset(), args.release, since,
-                               args.wait_secs):
-                print(f"release {args.release} took the cut-over: the old job can be drained")
-                return 0
-            print(f"release {args.release} has not reported the cut-over within "
-                  f"{args.wait_secs:g}s (it sees channels as tiles pass: is traffic flowing?); "
-                  "do not drain the old job yet", file=sys.stderr)
-            return 4
+            return _cutover(args, registry, target)
     except RegistryError as exc:
         print(f"tilestream release {args.verb}: {exc}", file=sys.stderr)
         return 2
@@ -352,7 +434,12 @@ def parser() -> argparse.ArgumentParser:
         p.add_argument("--job", default="", help="the Dataflow job's name (drained later)")
     cut = channel("cutover", "the green RELEASE answers from now on")
     cut.add_argument("--wait_secs", type=float, default=0,
-                     help="wait this long for the green job to report it (needs --bq_dataset)")
+                     help="wait this long for the green job to report it and for every message "
+                     "it took in as shadow to be answered; exit 0 when the old job can be "
+                     "drained, 4 when not yet (needs --bq_dataset)")
+    cut.add_argument("--green_poll_secs", type=float, default=30.0,
+                     help="the green job's --channels_poll_secs: its workers see the cut-over "
+                     "within this long of the first (default: %(default)s, the stream's)")
     channel("abort", "end RELEASE's green trial")
     channel("status", "the live and green releases", release=False)
     cmp = channel("compare", "green against blue: messages, tiles, dead-letter rate, latency, "

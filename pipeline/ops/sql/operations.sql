@@ -218,3 +218,53 @@ LEFT JOIN messages AS m ON m.release = r
 LEFT JOIN tiles AS t ON t.release = r
 LEFT JOIN letters AS l ON l.release = r
 ORDER BY side;
+
+-- name: release_handover
+-- Blue-green cut-over: may the old job (@blue) be drained? One row per message the green release
+-- (@green) took in from @since (its trial began) until @until (by then every worker of green
+-- answers live: its first `now live` event plus its channels poll), with who answers it as users
+-- read it: 'blue' (a tile row of @blue that is not shadow, whole: every chip row in; or one of its
+-- events or dead letters), 'green' (a whole live tile row of @green) or NULL: nobody yet. Green's
+-- rows before the cut-over are shadow, so such a message is answered only if blue answers it:
+-- drain blue when no row is NULL. Announcements with an event time more than @days days before the
+-- trial are not looked at (the partition bound).
+WITH intake AS (
+  SELECT DISTINCT message_id
+  FROM `{dataset}.messages`
+  WHERE received_at >= @since AND received_at < @until AND release = @green
+),
+chips AS (
+  SELECT tile_id, tile_generation, model_name, model_version, IFNULL(role, 'live') AS role,
+         release, COUNT(DISTINCT row_id) AS rows_in
+  FROM `{dataset}.chips`
+  WHERE event_time >= TIMESTAMP_SUB(@since, INTERVAL @days DAY) AND release IN (@blue, @green)
+  GROUP BY tile_id, tile_generation, model_name, model_version, role, release
+),
+answers AS (
+  SELECT m AS message_id, t.release
+  FROM `{dataset}.tiles` AS t
+  CROSS JOIN UNNEST(t.source_message_ids) AS m
+  LEFT JOIN chips AS c
+    ON c.tile_id = t.tile_id AND c.tile_generation = t.tile_generation
+   AND c.model_name = t.model_name AND c.model_version = t.model_version
+   AND c.role = IFNULL(t.role, 'live') AND c.release = t.release
+  WHERE t.event_time >= TIMESTAMP_SUB(@since, INTERVAL @days DAY)
+    AND t.release IN (@blue, @green) AND IFNULL(t.role, 'live') != 'shadow'
+    AND IFNULL(c.rows_in, 0) >= t.chips_scored
+  UNION ALL
+  SELECT m AS message_id, release
+  FROM `{dataset}.events`, UNNEST(ARRAY_CONCAT(source_message_ids, [message_id])) AS m
+  WHERE time >= @since AND release = @blue
+    AND disposition IN ('filtered', 'duplicate', 'superseded', 'replayed')
+  UNION ALL
+  SELECT m AS message_id, release
+  FROM `{dataset}.dead_letters`, UNNEST(ARRAY_CONCAT(source_message_ids, [message_id])) AS m
+  WHERE time >= @since AND release = @blue
+)
+SELECT i.message_id,
+       CASE WHEN LOGICAL_OR(a.release = @blue) THEN 'blue'
+            WHEN LOGICAL_OR(a.release = @green) THEN 'green' END AS answered_by
+FROM intake AS i
+LEFT JOIN answers AS a ON a.message_id = i.message_id
+GROUP BY i.message_id
+ORDER BY i.message_id;
