@@ -16,6 +16,7 @@ import os
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -64,6 +65,9 @@ class LocalEnvironment(Protocol):
 
     def before_run(self, job: Job) -> None:
         """Last steps before the job runs in this process (journal, runner fixes)."""
+
+    def drain(self, job: Job) -> None:
+        """On a stop: read nothing more and finish what was read, as Dataflow's drain does."""
 
 
 @dataclass
@@ -246,8 +250,10 @@ def _write_metrics(path: str | None, result) -> None:
     os.replace(tmp, target)
 
 
-def supervise(result, metrics_file: str | None) -> int:
-    """Keep a local streaming job running until SIGTERM/SIGINT, writing counters meanwhile.
+def supervise(result, metrics_file: str | None,
+              drain: Callable[[], None] | None = None) -> int:
+    """Keep a local streaming job running until SIGTERM/SIGINT, writing counters meanwhile;
+    then ``drain`` (the job keeps running while it finishes what it read).
 
     Returns 1 when the job itself failed (the direct runner re-raises a DoFn's exception from
     wait_until_finish), 0 after a requested stop. It does not cancel the job: the direct runner's
@@ -270,6 +276,8 @@ def supervise(result, metrics_file: str | None) -> int:
     threading.Thread(target=wait, name="tilestream-wait", daemon=True).start()
     while not stop.wait(METRICS_EVERY_SECS):
         _write_metrics(metrics_file, result)
+    if drain is not None and not failure:
+        drain()
     _write_metrics(metrics_file, result)
     if failure:
         LOG.error("the stream failed: %s", failure[0], exc_info=failure[0])
@@ -302,7 +310,8 @@ def run(argv: list[str] | None = None, local: LocalEnvironment | None = None) ->
         LOG.info("submitted %s job %s", runner_name(job.options), job_id)
         return 0
     if job.streaming:
-        return supervise(result, o.metrics_file)
+        return supervise(result, o.metrics_file,
+                         None if local is None else lambda: local.drain(job))
     result.wait_until_finish()
     _write_metrics(o.metrics_file, result)
     return 0

@@ -14,6 +14,8 @@ publish; the original is booked ``replayed`` in ``events`` ("replayed as <new id
 message id still has exactly one outcome. The replays are made as ``local-journal``, an identity
 of this machine only (GCP redelivers on its own).
 
+A stop (SIGTERM) drains: pulls come back empty and the process waits until the books account
+for everything it pulled (:func:`drain`), as Dataflow's drain finishes what a job has read.
 The same client keeps each pull short (``PULL_WAIT_SECS``) and lifts gRPC's 4 MB message limit.
 Nothing here is used on Dataflow: ``pipeline.main`` installs it only with ``--local``.
 """
@@ -47,6 +49,10 @@ PULL_LIMIT_BYTES = 64 << 20  # gRPC's 4 MB default would fail a pull of a few la
 PULL_WAIT_SECS = 0.1
 
 
+# Set by :func:`drain`: from then on every pull comes back empty.
+_DRAINING = threading.Event()
+
+
 def journal_path(stack: LocalStack, subscription: str, tables: BigQueryTables) -> Path:
     """One journal per (subscription, dataset): each is reconciled with its own books."""
     name = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{subscription}__{tables.tiles.rsplit('.', 1)[0]}")
@@ -74,6 +80,9 @@ class _JournalingSubscriber:
         from google.api_core.exceptions import DeadlineExceeded
         from google.pubsub_v1.types import PullResponse
 
+        if _DRAINING.is_set():  # a draining job reads nothing more; the clock still moves
+            time.sleep(PULL_WAIT_SECS)
+            return PullResponse()
         kwargs["timeout"] = min(kwargs.get("timeout") or PULL_WAIT_SECS, PULL_WAIT_SECS)
         try:
             response = self._client.pull(*args, **kwargs)
@@ -186,6 +195,26 @@ def finished(stack: LocalStack, tables: BigQueryTables,
     unfinished_rows = [r["row_id"] for r in tile_rows
                        if not all(whole.get(m, False) for m in r["source_message_ids"])]
     return done, unfinished_rows
+
+
+def drain(stack: LocalStack, subscription: str, tables: BigQueryTables,
+          timeout_s: float, every_s: float = 1.0) -> list[str]:
+    """Stop pulling and wait until the books account for every message this stream pulled, as
+    Dataflow's drain stops reading and finishes the work in flight (a blue-green cut-over
+    relies on it). Returns the ids still unfinished after ``timeout_s``: the journal keeps them,
+    and the next start on this subscription replays them."""
+    from pipeline.local.identity import acting_as
+
+    _DRAINING.set()
+    path = journal_path(stack, subscription, tables)
+    deadline = time.monotonic() + timeout_s
+    with acting_as(JOURNAL_IDENTITY):  # a mechanism of this machine: Dataflow drains itself
+        while True:
+            ids = [e.message_id for e in read(path)]
+            left = sorted(set(ids) - finished(stack, tables, ids)[0]) if ids else []
+            if not left or time.monotonic() >= deadline:
+                return left
+            time.sleep(every_s)
 
 
 def replay_unfinished(stack: LocalStack, subscription: str,

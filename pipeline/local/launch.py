@@ -28,6 +28,9 @@ LOCAL_LOAD_SECS = 2
 # the tile's width (a strip holds at most ~2 Mpx); with two the model waited between them
 # (docs/ARCHITECTURE.md, "Known limits of the in-process runner", has the measurements).
 LOCAL_CHIPS_IN_FLIGHT = 2048
+# A stop waits this long at most for what the stream read to be finished (Dataflow's drain has
+# no bound; a local stop must end). A message still waiting then is replayed at the next start.
+LOCAL_DRAIN_SECS = 30.0
 
 
 def prepare(options: PipelineOptions) -> local_stack.LocalStack:
@@ -65,6 +68,28 @@ def before_run(job: Any) -> None:
             logging.getLogger("tilestream").warning("journal: %s", replayed)
         journal.install(job.stack, o.subscription, job.tables)
     patches.install_runner_fixes()
+
+
+def drain(job: Any) -> None:
+    """A stop of the local stream is a drain, as on Dataflow: nothing more is read, and the
+    process stays until the books account for what it read (``journal.drain``), at most
+    ``LOCAL_DRAIN_SECS``; what is left then is replayed at the next start."""
+    import logging
+
+    from pipeline.local import journal
+
+    if job.stack is None or not job.streaming:
+        return
+    o = job.options.view_as(TileStreamOptions)
+    log = logging.getLogger("tilestream")
+    log.info("draining: reading nothing more, finishing what was read")
+    left = journal.drain(job.stack, o.subscription, job.tables, LOCAL_DRAIN_SECS)
+    if left:
+        log.warning("drain: %d pulled messages not finished after %gs (first: %s); the next "
+                    "start on this subscription replays them", len(left), LOCAL_DRAIN_SECS,
+                    ", ".join(left[:3]))
+    else:
+        log.info("drained: every message this stream read is finished")
 
 
 def _worker_processes(options: PipelineOptions) -> None:
