@@ -38,6 +38,9 @@ def flag(value: str) -> bool:
 # pipeline/graph.py), `tilestream slo` and docs/operations.md use it; kept here, free of Beam, so
 # that the command line shows it without importing Beam.
 LATENCY_SLO_S = 120.0
+# How often a stream re-reads the registry's channels: the bound on every channels change taking
+# effect (a promotion, a rollback, a blue-green cut-over).
+CHANNELS_POLL_SECS = 30.0
 
 # Options that only make sense on this machine, not as Flex Template parameters.
 LOCAL_ONLY = ("local", "stack_dir", "metrics_file", "input_glob", "max_chips_in_flight")
@@ -95,7 +98,7 @@ class TileStreamArguments:
             "and follows channels.json without a restart. Overrides --model_uri.",
         )
         model.add_argument(
-            "--channels_poll_secs", type=float, default=30.0,
+            "--channels_poll_secs", type=float, default=CHANNELS_POLL_SECS,
             help="With --model_registry: re-read channels.json this often; a promotion, canary "
             "or rollback takes effect within this many seconds.",
         )

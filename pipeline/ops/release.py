@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from model.channels import Channels
-from pipeline.options import RELEASE
+from pipeline.options import CHANNELS_POLL_SECS, RELEASE
 
 ROOT = Path(__file__).resolve().parents[2]
 RELEASES = ROOT / "templates" / "releases"
@@ -437,7 +437,7 @@ def parser() -> argparse.ArgumentParser:
                      help="wait this long for the green job to report it and for every message "
                      "it took in as shadow to be answered; exit 0 when the old job can be "
                      "drained, 4 when not yet (needs --bq_dataset)")
-    cut.add_argument("--green_poll_secs", type=float, default=30.0,
+    cut.add_argument("--green_poll_secs", type=float, default=CHANNELS_POLL_SECS,
                      help="the green job's --channels_poll_secs: its workers see the cut-over "
                      "within this long of the first (default: %(default)s, the stream's)")
     channel("abort", "end RELEASE's green trial")
