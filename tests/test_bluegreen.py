@@ -207,3 +207,9 @@ def test_cutover_keeps_blue_while_a_message_green_took_as_shadow_is_unanswered(
                                              f"{stack.project}.{trial.dataset}", days=1,
                                              include_drifted=True)}
     assert not ready & {t for t, m in sent.items() if m in named}  # those really are unanswered
+    pending, took_in = re.search(r"(\d+) of the (\d+) messages", done.stderr).groups()
+    REPORT["releases"].append((
+        "cut-over with blue gone, green's rows shadow until then (`release cutover "
+        "--wait_secs=40`)", "blue not to be drained: exit 4, the unanswered messages named",
+        f"exit {done.returncode}: {pending} of the {took_in} messages green took in before it "
+        f"answered live unanswered; none of the named in `tiles_ready`"))
