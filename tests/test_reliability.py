@@ -302,9 +302,10 @@ def test_a_stop_is_a_drain_that_finishes_every_tile_the_stream_read(stack, model
     sent = {}
     for i in range(20):
         name = f"drain-{i:02d}"
-        _, generation = announce.upload(store, str(crop), stack.bucket, f"drain/{name}.tif")
+        path = f"incoming/drain/{name}.tif"  # the prefix notifications announce
+        _, generation = announce.upload(store, str(crop), stack.bucket, path)
         sent[announce.publish(publisher, topic, *announce.gcs_notification(
-            stack.bucket, f"drain/{name}.tif", generation))] = name
+            stack.bucket, path, generation))] = name
     log = tmp_path / "stream.log"
     child = start_stream(stack, model_uri, log, f"--subscription={subscription}",
                          f"--bq_dataset={stack.project}:{dataset}",
