@@ -111,7 +111,7 @@ def test_blue_green_release_loses_nothing_and_counts_each_tile_once(stack, model
             # Cut-over while tiles keep coming: green says it took it, blue answers what green
             # took in as shadow (the handover, counted at green's entry), then blue stops.
             cutover_at = time.time()
-            trial_began = release.trial_start(registry.read_channels()[0], GREEN)
+            trial_began = release.trial_start(registry.read_channels()[0])
             _ok(cli(stack, "release", "cutover", GREEN, "--wait_secs=120",
                     "--green_poll_secs=1", *target))
             live_at = release.wait_until_live(stack.bigquery(), dataset, GREEN, cutover_at, 0)

@@ -315,8 +315,9 @@ def wait_for_handover(client, dataset: str, blue: str, green: str, since: dt.dat
         time.sleep(every_s)
 
 
-def trial_start(channels: Channels, release: str) -> dt.datetime:
-    """When ``release``'s green trial began (its ``release-green`` change), else a day ago."""
+def trial_start(channels: Channels) -> dt.datetime:
+    """When the green trial in ``channels`` began: the last ``release-green`` change (another
+    is refused while one runs), else a day ago."""
     for entry in reversed(channels.history):
         if entry.get("action") == "release-green" and entry.get("at"):
             return dt.datetime.fromisoformat(entry["at"])
@@ -358,7 +359,7 @@ def _cutover(args: argparse.Namespace, registry, target) -> int:
         return 0
     until = live_at + dt.timedelta(seconds=args.green_poll_secs)
     state = wait_for_handover(bq, dataset, blue, args.release,
-                              trial_start(before, args.release), until, deadline)
+                              trial_start(before), until, deadline)
     print(state.text(blue, args.release), file=sys.stderr if state.pending else sys.stdout)
     return 4 if state.pending else 0
 
