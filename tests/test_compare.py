@@ -127,3 +127,55 @@ def test_per_version_dead_letters_confidence_and_latency(stack, dataset):
     assert (live["tiles"], live["dead_letters"]) == (2, 0)  # a parse letter is not the model's
     assert live["mean_confidence"] == pytest.approx(0.8)
     assert rows[("2", "shadow")]["latency_p95_s"] == pytest.approx(6.0)
+
+
+def test_the_handover_names_what_only_blue_can_answer(stack):
+    """``release_handover`` on rows of every kind: green's intake until the bound, and any tile
+    green answered as shadow after it (a worker that saw the cut-over late), each answered by
+    blue (whole: every chip row in; or a dead letter), by green live, or by nobody yet."""
+    from google.cloud import bigquery
+
+    from pipeline.ops import release
+
+    bq = stack.bigquery()
+    name = f"handover_{uuid.uuid4().hex[:8]}"
+    bq.create_dataset(name)
+    for table, schema in SCHEMAS.items():
+        fields = [bigquery.SchemaField.from_api_repr(f) for f in schema["fields"]]
+        bq.create_table(bigquery.Table(f"{stack.project}.{name}.{table}", schema=fields))
+    since, until = NOW - dt.timedelta(minutes=10), NOW - dt.timedelta(minutes=1)
+
+    def entry(message_id: str, at: dt.datetime, rel: str = "G") -> dict:
+        return {"message_id": message_id, "published": at.isoformat(),
+                "delivered": at.isoformat(), "received_at": at.isoformat(),
+                "kind": "notification", "release": rel}
+
+    def answer(message_id: str, rel: str, role: str, chips_in: int = 4) -> list[tuple]:
+        rows = [("tiles", tile(message_id, "1", role, (100, 300, 0), 2.0) | {
+            "row_id": f"{rel}-{role}-{message_id}", "release": rel,
+            "source_message_ids": [message_id]})]
+        rows += [("chips", chip(message_id, i, "1", role, (100, 0, 0), 0.9) | {
+            "row_id": f"{rel}-{role}-{message_id}-{i}", "release": rel}) for i in range(chips_in)]
+        return rows
+
+    before, after = NOW - dt.timedelta(minutes=5), NOW - dt.timedelta(seconds=30)
+    entries = [entry(m, before) for m in ("m1", "m2", "m3", "m4", "m5")]
+    entries += [entry("m6", after), entry("m7", after), entry("m8", before, rel="B")]
+    rows = [("messages", e) for e in entries]
+    rows += answer("m1", "B", "live")  # blue answered it whole
+    rows += answer("m2", "B", "live", chips_in=3) + answer("m2", "G", "shadow")  # a chip short
+    rows += answer("m3", "G", "live")  # green took it after its switch
+    rows += answer("m4", "G", "shadow")  # green shadowed it; blue never did
+    rows += [("dead_letters", {"stage": "parse", "reason": "r", "message_id": "m5",
+                               "time": before.isoformat(), "release": "B"})]
+    rows += answer("m6", "G", "shadow")  # after the bound, still shadow: a late switch
+    rows += answer("m7", "G", "live")  # after the bound, live: green's to answer
+    for table in SCHEMAS:
+        batch = [row for t, row in rows if t == table]
+        if batch:
+            assert bq.insert_rows_json(f"{stack.project}.{name}.{table}", batch) == []
+    state = release.handover(bq, f"{stack.project}.{name}", "B", "G", since, until)
+    assert (state.messages, state.by_blue, state.by_green) == (6, 2, 1)
+    assert state.pending == ["m2", "m4", "m6"]
+    assert "3 of the 6 messages" in state.text("B", "G") and "do not drain" in state.text(
+        "B", "G")

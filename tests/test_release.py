@@ -171,3 +171,14 @@ def test_deploy_update_that_only_adds_a_field_goes_in_place(deployment, current)
     assert f"release={RELEASE}" in launch and "--transform-name-mappings" not in launch
     channels, _ = registry.read_channels()
     assert channels.live_release.release == RELEASE
+
+
+@pytest.mark.parametrize("value", ["-1", "nan", "soon"])
+def test_cutover_refuses_a_wait_or_poll_that_is_no_duration(value, capsys):
+    """A negative or NaN poll bound would shrink the handover and let blue go early."""
+    for flag in ("--green_poll_secs", "--wait_secs"):
+        with pytest.raises(SystemExit) as exit_:
+            release.parser().parse_args(["cutover", "0.2.0", f"{flag}={value}"])
+        assert exit_.value.code == 2 and flag in capsys.readouterr().err
+    args = release.parser().parse_args(["cutover", "0.2.0", "--green_poll_secs=0"])
+    assert args.green_poll_secs == 0.0

@@ -113,6 +113,7 @@ def install(stack: LocalStack, subscription: str, tables: BigQueryTables) -> Non
     from pipeline.local import identity, patches
 
     path = journal_path(stack, subscription, tables)
+    _DRAINING.clear()  # a stream started in this process reads, whatever one before it did
 
     def make_client():
         channel = identity.identity_channel(

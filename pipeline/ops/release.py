@@ -27,9 +27,10 @@ import json
 import os
 import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from model.channels import Channels
 from pipeline.options import CHANNELS_POLL_SECS, RELEASE
@@ -39,6 +40,7 @@ RELEASES = ROOT / "templates" / "releases"
 # Not part of what update compatibility reads: the job's own description of itself.
 SURFACE_KEYS = ("streaming", "job_type", "steps", "transforms", "records")
 IN_PLACE, BLUE_GREEN = "in-place", "blue-green"
+T = TypeVar("T")
 # How far before a trial the handover looks for announcements (their event time bounds the
 # partitions read): an announcement of an older acquisition is not checked.
 HANDOVER_DAYS = 30
@@ -241,6 +243,19 @@ def seek_to_now(subscriber, subscription: str) -> None:
     subscriber.seek(request={"subscription": subscription, "time": now})
 
 
+def _poll(attempt: Callable[[], T], done: Callable[[T], bool], deadline: float,
+          every_s: float) -> T:
+    """``attempt()`` until ``done`` accepts its value or the monotonic ``deadline`` passes;
+    the last value."""
+    import time
+
+    while True:
+        value = attempt()
+        if done(value) or time.monotonic() >= deadline:
+            return value
+        time.sleep(every_s)
+
+
 def wait_until_live(client, dataset: str, release: str, since: float, timeout_s: float,
                     every_s: float = 2.0) -> dt.datetime | None:
     """When the green job first reported taking the cut-over (its ``release R now live``
@@ -257,14 +272,8 @@ def wait_until_live(client, dataset: str, release: str, since: float, timeout_s:
         bigquery.ScalarQueryParameter("release", "STRING", release),
         bigquery.ScalarQueryParameter("reason", "STRING", release_event(release, "live")),
         bigquery.ScalarQueryParameter("since", "INT64", int(since))])
-    deadline = time.monotonic() + timeout_s
-    while True:
-        [row] = list(client.query(sql, job_config=config).result())
-        if row["at"] is not None:
-            return row["at"]
-        if time.monotonic() >= deadline:
-            return None
-        time.sleep(every_s)
+    return _poll(lambda: next(iter(client.query(sql, job_config=config).result()))["at"],
+                 lambda at: at is not None, time.monotonic() + timeout_s, every_s)
 
 
 @dataclass
@@ -308,11 +317,8 @@ def wait_for_handover(client, dataset: str, blue: str, green: str, since: dt.dat
     wait = (until - dt.datetime.now(dt.UTC)).total_seconds() + ENTRY_SETTLE_SECS
     if wait > 0:
         time.sleep(min(wait, max(0.0, deadline - time.monotonic())))
-    while True:
-        state = handover(client, dataset, blue, green, since, until)
-        if not state.pending or time.monotonic() >= deadline:
-            return state
-        time.sleep(every_s)
+    return _poll(lambda: handover(client, dataset, blue, green, since, until),
+                 lambda state: not state.pending, deadline, every_s)
 
 
 def trial_start(channels: Channels) -> dt.datetime:
@@ -397,6 +403,14 @@ def _channel_verb(args: argparse.Namespace) -> int:
     return 0
 
 
+def _seconds(text: str) -> float:
+    """A duration: a bound below zero would shrink the handover and let blue go early."""
+    value = float(text)
+    if not value >= 0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration in seconds (>= 0)")
+    return value
+
+
 def parser() -> argparse.ArgumentParser:
     from pipeline.ops import clients
 
@@ -434,11 +448,11 @@ def parser() -> argparse.ArgumentParser:
         p.add_argument("--subscription", required=True)
         p.add_argument("--job", default="", help="the Dataflow job's name (drained later)")
     cut = channel("cutover", "the green RELEASE answers from now on")
-    cut.add_argument("--wait_secs", type=float, default=0,
+    cut.add_argument("--wait_secs", type=_seconds, default=0,
                      help="wait this long for the green job to report it and for every message "
                      "it took in as shadow to be answered; exit 0 when the old job can be "
                      "drained, 4 when not yet (needs --bq_dataset)")
-    cut.add_argument("--green_poll_secs", type=float, default=CHANNELS_POLL_SECS,
+    cut.add_argument("--green_poll_secs", type=_seconds, default=CHANNELS_POLL_SECS,
                      help="the green job's --channels_poll_secs: its workers see the cut-over "
                      "within this long of the first (default: %(default)s, the stream's)")
     channel("abort", "end RELEASE's green trial")

@@ -222,16 +222,24 @@ ORDER BY side;
 -- name: release_handover
 -- Blue-green cut-over: may the old job (@blue) be drained? One row per message the green release
 -- (@green) took in from @since (its trial began) until @until (by then every worker of green
--- answers live: its first `now live` event plus its channels poll), with who answers it as users
+-- answers live: its first `now live` event plus its channels poll), and every message green
+-- answered as shadow at any time of the trial, with who answers it as users
 -- read it: 'blue' (a tile row of @blue that is not shadow, whole: every chip row in; or one of its
 -- events or dead letters), 'green' (a whole live tile row of @green) or NULL: nobody yet. Green's
 -- rows before the cut-over are shadow, so such a message is answered only if blue answers it:
 -- drain blue when no row is NULL. Announcements with an event time more than @days days before the
 -- trial are not looked at (the partition bound).
 WITH intake AS (
-  SELECT DISTINCT message_id
+  SELECT message_id
   FROM `{dataset}.messages`
   WHERE received_at >= @since AND received_at < @until AND release = @green
+  UNION DISTINCT
+  -- and whatever green answered as shadow later still (a worker that read the cut-over late,
+  -- say after failed reads of channels.json): the time bound alone would miss those
+  SELECT m AS message_id
+  FROM `{dataset}.tiles`, UNNEST(source_message_ids) AS m
+  WHERE event_time >= TIMESTAMP_SUB(@since, INTERVAL @days DAY) AND completed_at >= @since
+    AND release = @green AND role = 'shadow'
 ),
 chips AS (
   SELECT tile_id, tile_generation, model_name, model_version, IFNULL(role, 'live') AS role,
