@@ -151,47 +151,38 @@ def read(path: Path) -> list[JournalEntry]:
 
 def finished(stack: LocalStack, tables: BigQueryTables,
              ids: list[str]) -> tuple[set[str], list[str]]:
-    """Which of ``ids`` the books account for: an event, a dead letter, or tile rows whose chip
-    rows are all in (chip rows are loaded in batches, so a tile row can land first). Also the
-    row ids of tile rows written for messages that are not finished, to be removed before the
-    replay writes them again."""
+    """Which of ``ids`` the books account for: an event, a dead letter, or tile rows of any role
+    that are all whole (``sql/answered.sql``: every chip row in; chip rows are loaded in
+    batches, so a tile row can land first). Also the row ids of tile rows written for messages
+    that are not finished, to be removed before the replay writes them again."""
     from google.api_core.exceptions import NotFound
     from google.cloud import bigquery
 
-    bq = stack.bigquery()
+    from pipeline.ops.queries import ALL_TIME, compose
 
-    def rows(sql: str, values: list[str] = ids) -> list[dict]:
+    bq = stack.bigquery()
+    dataset = _sql(tables.tiles).rsplit(".", 1)[0]
+
+    def rows(sql: str) -> list[dict]:
         config = bigquery.QueryJobConfig(
-            query_parameters=[bigquery.ArrayQueryParameter("ids", "STRING", values)])
+            query_parameters=[bigquery.ArrayQueryParameter("ids", "STRING", ids)])
         try:
-            return [dict(row) for row in bq.query(sql, job_config=config).result()]
-        except NotFound:  # the table is created by the first row written to it
+            return [dict(row) for row in bq.query(compose(sql, dataset),
+                                                  job_config=config).result()]
+        except NotFound:  # a dataset no stream has written to yet
             return []
 
-    done: set[str] = set()
-    for table in (tables.events, tables.errors):  # a letter books every message it names
-        done |= {r["id"] for r in rows(
-            f"SELECT DISTINCT m AS id FROM `{_sql(table)}`, UNNEST(ARRAY_CONCAT("
-            "source_message_ids, [message_id])) AS m WHERE m IN UNNEST(@ids)")}
+    done = {r["id"] for r in rows(  # a letter books every message it names
+        f"WITH {{answered since {ALL_TIME}}} SELECT DISTINCT message_id AS id "
+        "FROM message_outcomes WHERE written_in != 'tiles' AND message_id IN UNNEST(@ids)")}
     tile_rows = rows(
-        f"SELECT row_id, tile_id, tile_generation, model_name, model_version, role, "
-        f"chips_scored, source_message_ids FROM `{_sql(tables.tiles)}` "
+        f"WITH {{answered since {ALL_TIME}}} SELECT row_id, whole, source_message_ids "
+        "FROM answered_tiles "
         "WHERE EXISTS (SELECT 1 FROM UNNEST(source_message_ids) AS m WHERE m IN UNNEST(@ids))")
-    if not tile_rows:
-        return done, []
-    chip_counts = {(r["tile_id"], r["tile_generation"], r["model_name"], r["model_version"],
-                    r["role"]): r["n"] for r in rows(
-        f"SELECT tile_id, tile_generation, model_name, model_version, role, "
-        f"COUNT(DISTINCT row_id) AS n FROM `{_sql(tables.chips)}` WHERE tile_id IN UNNEST(@ids) "
-        "GROUP BY tile_id, tile_generation, model_name, model_version, role",
-        sorted({r["tile_id"] for r in tile_rows}))}
     whole: dict[str, bool] = {}
     for r in tile_rows:
-        key = (r["tile_id"], r["tile_generation"], r["model_name"], r["model_version"],
-               r["role"])
-        complete = chip_counts.get(key, 0) >= r["chips_scored"]
         for m in r["source_message_ids"]:
-            whole[m] = whole.get(m, True) and complete
+            whole[m] = whole.get(m, True) and r["whole"]
     done |= {m for m, complete in whole.items() if complete and m in ids}
     unfinished_rows = [r["row_id"] for r in tile_rows
                        if not all(whole.get(m, False) for m in r["source_message_ids"])]

@@ -1,13 +1,26 @@
 """Named queries of ``sql/queries.sql`` and ``sql/operations.sql``, run with the BigQuery client
-(real or emulator)."""
+(real or emulator).
+
+What "answered" means is written once, in ``sql/answered.sql``; a query that needs it says
+``WITH {answered since EXPR}`` and :func:`compose` writes the definition there, bounded by EXPR.
+A loader rather than a BigQuery view: a view cannot take the query's window (each query prunes
+partitions by its own bound, and the answer of a tile is a window function a bound outside a view
+cannot be pushed through), and the readers must work on a dataset no stream of this release has
+touched yet (docs/operations.md, "What 'answered' means").
+"""
 
 from __future__ import annotations
 
 import re
+import sys
 from pathlib import Path
 
 QUERIES_FILE = Path(__file__).resolve().parent / "sql" / "queries.sql"
 OPERATIONS_FILE = QUERIES_FILE.with_name("operations.sql")  # SLOs, live vs candidate
+ANSWERED_FILE = QUERIES_FILE.with_name("answered.sql")  # the one definition of "answered"
+_ANSWERED = re.compile(r"\{answered since ([^{}]+)\}")
+# The earliest rows a query that has no window of its own looks at: all of them.
+ALL_TIME = "TIMESTAMP '1970-01-01 00:00:00+00'"
 
 
 def load_queries(path: Path = QUERIES_FILE) -> dict[str, str]:
@@ -18,6 +31,14 @@ def load_queries(path: Path = QUERIES_FILE) -> dict[str, str]:
         sql = "\n".join(line for line in body.splitlines() if not line.startswith("--"))
         queries[name.strip()] = sql.strip().rstrip(";")
     return queries
+
+
+def compose(sql: str, dataset: str) -> str:
+    """``sql`` with every ``{answered since EXPR}`` replaced by the definition of
+    ``sql/answered.sql`` bounded by EXPR, and ``{dataset}`` by ``dataset`` (``project.dataset``)."""
+    definition = load_queries(ANSWERED_FILE)["answered"]
+    sql = _ANSWERED.sub(lambda m: definition.replace("{since}", f"({m.group(1).strip()})"), sql)
+    return sql.replace("{dataset}", dataset)
 
 
 # Parameters a query may leave to its caller: the shipped queries leave out answers the model
@@ -35,10 +56,29 @@ def run_query(client, name: str, dataset: str, path: Path = QUERIES_FILE, **para
 
     types = {bool: "BOOL", int: "INT64", float: "FLOAT64", str: "STRING",
              dt.datetime: "TIMESTAMP"}
-    sql = load_queries(path)[name].replace("{dataset}", dataset)
+    sql = compose(load_queries(path)[name], dataset)
     params = {**{k: v for k, v in DEFAULTS.items() if f"@{k}" in sql}, **params}
     config = bigquery.QueryJobConfig(query_parameters=[
         bigquery.ScalarQueryParameter(key, types[type(value)], value)
         for key, value in params.items()
     ])
     return [dict(row) for row in client.query(sql, job_config=config).result()]
+
+
+def main(argv: list[str]) -> int:
+    """``python -m pipeline.ops.queries NAME PROJECT.DATASET``: a shipped query as it runs, to
+    paste into the BigQuery console (bind its @parameters there)."""
+    if len(argv) != 2:
+        print("usage: python -m pipeline.ops.queries NAME PROJECT.DATASET", file=sys.stderr)
+        return 2
+    name, dataset = argv
+    for path in (QUERIES_FILE, OPERATIONS_FILE):
+        if name in (queries := load_queries(path)):
+            print(compose(queries[name], dataset) + ";")
+            return 0
+    print(f"no query named {name!r}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

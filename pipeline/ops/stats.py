@@ -2,8 +2,10 @@
 
 "In" is counted where messages enter: the ``messages`` table gets one row per message the stream
 took in, before anything is done with it. Each message id then reaches one terminal
-disposition, wherever it is written: ``scored`` (a tile row's ``source_message_ids``),
-``dead_letter`` (a dead letter names every message it is about), ``superseded``,
+disposition, wherever it is written: ``scored`` (its tile's answer carries it, as
+``pipeline/ops/sql/answered.sql`` defines it for every reader: a shadow's row alone is not an
+answer), ``dead_letter`` (a dead letter names every message it is about), ``superseded`` (a newer
+generation of its tile is answered, or the stream found it replaced before reading it),
 ``duplicate``, ``filtered`` or ``replayed`` (the local journal published it again, as another
 id) in ``events``. The books compare the two: ids that came in and have no outcome yet are
 listed with their age (``pending``); ids with outcomes that cannot both hold (scored and
@@ -22,12 +24,17 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
+from pipeline.ops.queries import compose
+
 # Terminal dispositions, in the order one counts when a message has several (a partial tile).
 DISPOSITIONS = ("scored", "dead_letter", "superseded", "duplicate", "filtered", "replayed")
 # Outcomes one message can have together: a partial tile (scored and a dead letter about the
 # strips that failed). Any other pair is a conflict in the books.
 COMPATIBLE = {frozenset({"scored", "dead_letter"})}
 PENDING_SHOWN = 50
+# The tables the definition of "answered" reads; every stream creates them all at launch.
+ANSWER_TABLES = {"tiles", "chips", "events", "dead_letters"}
+_KIND = {"answered": "scored"}  # the books' word for a message its tile's answer carries
 
 
 def _tables(bq, dataset: str) -> set[str]:
@@ -43,29 +50,23 @@ def _rows(bq, sql: str, since: dt.datetime) -> list[dict[str, Any]]:
 
 
 def outcomes(bq, dataset: str, since: dt.datetime, present: set[str]) -> dict[str, dict]:
-    """Per message id that came in since ``since``: when it came in and its outcomes."""
+    """Per message id that came in since ``since``: when it came in and its outcomes, as the one
+    definition of "answered" gives them (``sql/answered.sql``: ``scored`` is its tile's answer,
+    never a shadow's row alone; ``superseded`` also when a newer generation of its tile is
+    answered). Tile rows are looked at from two days before ``since``: a message taken in now
+    may announce a tile of yesterday."""
     if "messages" not in present:
         return {}
-    parts = []
-    if "tiles" in present:
-        parts.append(f"SELECT m AS id, 'scored' AS kind FROM `{dataset}.tiles`, "
-                     "UNNEST(source_message_ids) AS m WHERE completed_at >= @since")
-    if "dead_letters" in present:
-        parts.append(f"SELECT m AS id, 'dead_letter' AS kind FROM `{dataset}.dead_letters`, "
-                     "UNNEST(ARRAY_CONCAT(source_message_ids, [message_id])) AS m "
-                     "WHERE time >= @since")
-    if "events" in present:
-        parts.append(f"SELECT m AS id, disposition AS kind FROM `{dataset}.events`, "
-                     "UNNEST(ARRAY_CONCAT(source_message_ids, [message_id])) AS m "
-                     "WHERE time >= @since AND disposition IN ('superseded', 'duplicate', "
-                     "'filtered', 'replayed')")
     entries = {r["message_id"]: {"received": r["received"], "kinds": set()} for r in _rows(
         bq, f"SELECT message_id, MIN(received_at) AS received FROM `{dataset}.messages` "
             "WHERE received_at >= @since GROUP BY message_id", since)}
-    if parts and entries:
-        for row in _rows(bq, " UNION ALL ".join(parts), since):
+    if entries and ANSWER_TABLES <= present:
+        sql = compose("WITH {answered since TIMESTAMP_SUB(@since, INTERVAL 2 DAY)} "
+                      "SELECT DISTINCT message_id AS id, outcome AS kind FROM message_outcomes",
+                      dataset)
+        for row in _rows(bq, sql, since):
             if row["id"] in entries:
-                entries[row["id"]]["kinds"].add(row["kind"])
+                entries[row["id"]]["kinds"].add(_KIND.get(row["kind"], row["kind"]))
     return entries
 
 

@@ -5,16 +5,12 @@
 -- the partitioning column (event_time / time).
 
 -- name: slo_tiles
--- Tiles whose row landed in [@start, @end): count, fast (latency_s <= @latency_s), incomplete,
--- good (fast and complete), chips, latency quantiles and the newest completion. Shadow rows are not what users read, so
--- they are left out (role NULL is a row written before roles existed: live).
-WITH tiles AS (
-  SELECT *
-  FROM `{dataset}.tiles`
-  WHERE completed_at >= @start AND completed_at < @end
-    AND event_time >= TIMESTAMP_SUB(@start, INTERVAL 2 DAY)
-    AND COALESCE(role, 'live') != 'shadow'
-  QUALIFY ROW_NUMBER() OVER (PARTITION BY row_id ORDER BY completed_at) = 1
+-- Tiles whose answer (pipeline/ops/sql/answered.sql: what users read, one per tile, never a
+-- shadow's) landed in [@start, @end): count, fast (latency_s <= @latency_s), incomplete, good
+-- (fast and complete), chips, latency quantiles and the newest completion.
+WITH {answered since TIMESTAMP_SUB(@start, INTERVAL 2 DAY)},
+tiles AS (
+  SELECT * FROM tile_answers WHERE completed_at >= @start AND completed_at < @end
 )
 SELECT COUNT(*) AS tiles,
        COUNTIF(latency_s <= @latency_s) AS tiles_fast,
@@ -223,13 +219,16 @@ ORDER BY side;
 -- Blue-green cut-over: may the old job (@blue) be drained? One row per message the green release
 -- (@green) took in from @since (its trial began) until @until (by then every worker of green
 -- answers live: its first `now live` event plus its channels poll), and every message green
--- answered as shadow at any time of the trial, with who answers it as users
--- read it: 'blue' (a tile row of @blue that is not shadow, whole: every chip row in; or one of its
--- events or dead letters), 'green' (a whole live tile row of @green) or NULL: nobody yet. Green's
--- rows before the cut-over are shadow, so such a message is answered only if blue answers it:
--- drain blue when no row is NULL. Announcements with an event time more than @days days before the
--- trial are not looked at (the partition bound).
-WITH intake AS (
+-- answered as shadow at any time of the trial, with who answers it as users read it
+-- (pipeline/ops/sql/answered.sql): 'blue' (its tile's answer, or a newer generation's that
+-- supersedes it, is a row of @blue -- or of an older release that recorded none; or one of
+-- @blue's events or dead letters), 'green' (the answer is a row of @green) or NULL: nobody yet.
+-- Green's rows before the cut-over are shadow, never an answer; its events and dead letters then
+-- are a shadow's books too, so only blue's count here. Drain blue when no row is NULL.
+-- Announcements with an event time more than @days days before the trial are not looked at (the
+-- partition bound).
+WITH {answered since TIMESTAMP_SUB(@since, INTERVAL @days DAY)},
+intake AS (
   SELECT message_id
   FROM `{dataset}.messages`
   WHERE received_at >= @since AND received_at < @until AND release = @green
@@ -237,40 +236,17 @@ WITH intake AS (
   -- and whatever green answered as shadow later still (a worker that read the cut-over late,
   -- say after failed reads of channels.json): the time bound alone would miss those
   SELECT m AS message_id
-  FROM `{dataset}.tiles`, UNNEST(source_message_ids) AS m
-  WHERE event_time >= TIMESTAMP_SUB(@since, INTERVAL @days DAY) AND completed_at >= @since
-    AND release = @green AND role = 'shadow'
-),
-chips AS (
-  SELECT tile_id, tile_generation, model_name, model_version, IFNULL(role, 'live') AS role,
-         release, COUNT(DISTINCT row_id) AS rows_in
-  FROM `{dataset}.chips`
-  WHERE event_time >= TIMESTAMP_SUB(@since, INTERVAL @days DAY) AND release IN (@blue, @green)
-  GROUP BY tile_id, tile_generation, model_name, model_version, role, release
+  FROM answered_tiles, UNNEST(source_message_ids) AS m
+  WHERE completed_at >= @since AND release = @green AND read_role = 'shadow'
 ),
 answers AS (
-  SELECT m AS message_id, t.release
-  FROM `{dataset}.tiles` AS t
-  CROSS JOIN UNNEST(t.source_message_ids) AS m
-  LEFT JOIN chips AS c
-    ON c.tile_id = t.tile_id AND c.tile_generation = t.tile_generation
-   AND c.model_name = t.model_name AND c.model_version = t.model_version
-   AND c.role = IFNULL(t.role, 'live') AND c.release = t.release
-  WHERE t.event_time >= TIMESTAMP_SUB(@since, INTERVAL @days DAY)
-    AND t.release IN (@blue, @green) AND IFNULL(t.role, 'live') != 'shadow'
-    AND IFNULL(c.rows_in, 0) >= t.chips_scored
-  UNION ALL
-  SELECT m AS message_id, release
-  FROM `{dataset}.events`, UNNEST(ARRAY_CONCAT(source_message_ids, [message_id])) AS m
-  WHERE time >= @since AND release = @blue
-    AND disposition IN ('filtered', 'duplicate', 'superseded', 'replayed')
-  UNION ALL
-  SELECT m AS message_id, release
-  FROM `{dataset}.dead_letters`, UNNEST(ARRAY_CONCAT(source_message_ids, [message_id])) AS m
-  WHERE time >= @since AND release = @blue
+  SELECT message_id, release
+  FROM message_outcomes
+  WHERE written_in = 'tiles' OR release = @blue
 )
 SELECT i.message_id,
-       CASE WHEN LOGICAL_OR(a.release = @blue) THEN 'blue'
+       CASE WHEN LOGICAL_OR(a.message_id IS NOT NULL AND IFNULL(a.release, '') != @green)
+            THEN 'blue'
             WHEN LOGICAL_OR(a.release = @green) THEN 'green' END AS answered_by
 FROM intake AS i
 LEFT JOIN answers AS a ON a.message_id = i.message_id

@@ -1,70 +1,66 @@
--- TileStream: the SQL a consumer runs. Each query is a named block; replace {dataset} with your
--- `project.dataset` (tilestream's loader does) and bind the @parameters.
+-- TileStream: the SQL a consumer runs. Each query is a named block; tilestream's loader writes
+-- your `project.dataset` for {dataset} and the definition of "answered" for `{answered since ...}`
+-- (`python -m pipeline.ops.queries NAME PROJECT.DATASET` prints a query so composed); bind the
+-- @parameters.
 -- Every query filters or groups on the partitioning column (event_time) or the clustering
 -- columns (tile_id, model_version) where it can, so BigQuery prunes what it scans.
--- Rows are written at least once: a streaming insert retried after a stall, or a replay, can
--- leave a row twice. Every query first keeps one row per `row_id` (QUALIFY), so none counts a
--- chip or a tile twice.
--- Rows of a shadow candidate (role = 'shadow', see docs/operations.md) are a comparison, not an
--- answer: every query leaves them out (`IFNULL(role, 'live') != 'shadow'`; NULL is an older row,
--- read as live). Canary rows are answers and stay in.
+-- Every query reads the one definition of "answered" (pipeline/ops/sql/answered.sql; the loader
+-- writes it where a query says `{answered since ...}`; docs/operations.md, "What 'answered'
+-- means"): the answer of a tile is, of its newest generation, the first whole row (every chip row
+-- in) written live or canary. A re-announced tile (a new generation), a replay, the cut-over
+-- overlap of a blue-green release or a model change in it give one answer per tile, never two;
+-- rows of a shadow candidate are a comparison, never an answer. Rows are written at least once
+-- (a retried insert can land a row twice): each is read once.
 -- Answers the model itself flagged as untrustworthy (a tile row with `drifted`: its bands' values
 -- were unlike the training data's, docs/operations.md §8) are left out unless the caller asks
--- for them: bind @include_drifted to TRUE. A chip counts as drifted when its tile row says so.
+-- for them: bind @include_drifted to TRUE. A chip counts as drifted when its tile's answer says
+-- so.
 
 -- name: latest_prediction_per_chip
--- The newest prediction of every chip of every tile announced in the last @days days, per model
--- (drifted tiles' chips only with @include_drifted). A chip can have several rows: re-announced
--- tiles (new generations) and model upgrades.
-SELECT tile_id, chip_index, model_name, model_version, dominant_class, mean_confidence,
-       valid_fraction, scored_at
-FROM (
-  SELECT *
-  FROM `{dataset}.chips` AS c
-  WHERE event_time >= TIMESTAMP_SUB(CURRENT_TIMESTAMP(), INTERVAL @days DAY)
-    AND IFNULL(role, 'live') != 'shadow'
-    AND (@include_drifted OR NOT EXISTS (
-      SELECT 1 FROM `{dataset}.tiles` AS t
-      WHERE t.drifted AND t.tile_id = c.tile_id AND t.tile_generation = c.tile_generation
-        AND t.model_version = c.model_version))
-  QUALIFY ROW_NUMBER() OVER (PARTITION BY row_id ORDER BY scored_at) = 1
-)
-WHERE TRUE  -- BigQuery wants a WHERE beside QUALIFY
-QUALIFY ROW_NUMBER() OVER (PARTITION BY tile_id, chip_index, model_name
-                           ORDER BY scored_at DESC) = 1
+-- Every chip of every tile announced in the last @days days, as its tile's answer scored it (one
+-- row per chip: the newest generation, the model that answered it; drifted tiles' chips only with
+-- @include_drifted).
+WITH {answered since TIMESTAMP_SUB(CURRENT_TIMESTAMP(), INTERVAL @days DAY)}
+SELECT c.tile_id, c.tile_generation, c.chip_index, c.model_name, c.model_version,
+       c.dominant_class, c.mean_confidence, c.valid_fraction, c.scored_at
+FROM `{dataset}.chips` AS c
+JOIN tile_answers AS a
+  ON c.tile_id = a.tile_id AND c.tile_generation = a.tile_generation
+ AND c.model_name = a.model_name AND c.model_version = a.model_version
+ AND IFNULL(c.role, 'live') = a.read_role AND IFNULL(c.release, '') = IFNULL(a.release, '')
+WHERE c.event_time >= TIMESTAMP_SUB(CURRENT_TIMESTAMP(), INTERVAL @days DAY)
+  AND (@include_drifted OR NOT IFNULL(a.drifted, FALSE))
+QUALIFY ROW_NUMBER() OVER (PARTITION BY c.tile_id, c.chip_index ORDER BY c.scored_at) = 1
 ORDER BY tile_id, chip_index;
 
 -- name: class_area_per_tile_and_day
--- Area (km²) of each class per tile and day, from complete tiles' blended prediction rasters
+-- Area (km²) of each class per tile and day, from each tile's answer (its newest generation, the
+-- model that answered it: a re-uploaded tile counts once) and its blended prediction raster
 -- (drifted tiles only with @include_drifted).
-SELECT DATE(t.event_time) AS day, t.tile_id, t.model_version, c.name AS class_name,
-       SUM(c.area_m2) / 1e6 AS area_km2
-FROM (
-  SELECT *
-  FROM `{dataset}.tiles`
-  WHERE complete AND IFNULL(role, 'live') != 'shadow'
-    AND (@include_drifted OR NOT IFNULL(drifted, FALSE))
-  QUALIFY ROW_NUMBER() OVER (PARTITION BY row_id ORDER BY completed_at) = 1
-) AS t
+WITH {answered since TIMESTAMP '1970-01-01 00:00:00+00'}
+SELECT DATE(t.event_time) AS day, t.tile_id, t.tile_generation, t.model_version,
+       c.name AS class_name, SUM(c.area_m2) / 1e6 AS area_km2
+FROM tile_answers AS t
 CROSS JOIN UNNEST(t.classes) AS c
-GROUP BY day, t.tile_id, t.model_version, class_name
+WHERE t.complete AND (@include_drifted OR NOT IFNULL(t.drifted, FALSE))
+GROUP BY day, t.tile_id, t.tile_generation, t.model_version, class_name
 ORDER BY day, t.tile_id, area_km2 DESC;
 
 -- name: chips_intersecting_region
--- Chips whose footprint intersects a region given as WKT in EPSG:4326 (lon lat) (drifted tiles'
--- chips only with @include_drifted).
-SELECT tile_id, chip_index, dominant_class, mean_confidence, ST_ASTEXT(footprint) AS footprint
-FROM (
-  SELECT *
-  FROM `{dataset}.chips` AS c
-  WHERE ST_INTERSECTS(footprint, ST_GEOGFROMTEXT(@region_wkt))
-    AND IFNULL(role, 'live') != 'shadow'
-    AND (@include_drifted OR NOT EXISTS (
-      SELECT 1 FROM `{dataset}.tiles` AS t
-      WHERE t.drifted AND t.tile_id = c.tile_id AND t.tile_generation = c.tile_generation
-        AND t.model_version = c.model_version))
-  QUALIFY ROW_NUMBER() OVER (PARTITION BY row_id ORDER BY scored_at) = 1
-)
+-- Chips of tiles' answers whose footprint intersects a region given as WKT in EPSG:4326 (lon lat),
+-- with the tile generation and model version that answered (drifted tiles' chips only with
+-- @include_drifted).
+WITH {answered since TIMESTAMP '1970-01-01 00:00:00+00'}
+SELECT c.tile_id, c.tile_generation, c.chip_index, c.model_name, c.model_version,
+       c.dominant_class, c.mean_confidence, ST_ASTEXT(c.footprint) AS footprint
+FROM `{dataset}.chips` AS c
+JOIN tile_answers AS a
+  ON c.tile_id = a.tile_id AND c.tile_generation = a.tile_generation
+ AND c.model_name = a.model_name AND c.model_version = a.model_version
+ AND IFNULL(c.role, 'live') = a.read_role AND IFNULL(c.release, '') = IFNULL(a.release, '')
+WHERE ST_INTERSECTS(c.footprint, ST_GEOGFROMTEXT(@region_wkt))
+  AND (@include_drifted OR NOT IFNULL(a.drifted, FALSE))
+QUALIFY ROW_NUMBER() OVER (PARTITION BY c.row_id ORDER BY c.scored_at) = 1
 ORDER BY tile_id, chip_index;
 
 -- name: dead_letters_by_stage
@@ -84,29 +80,12 @@ ORDER BY letters DESC;
 -- name: tiles_ready
 -- Tiles announced in the last @days days whose answer is complete in SQL: the tile row is in and
 -- so is every one of its chip rows (chip rows arrive by load job, up to --chip_rows_load_secs
--- after the tile row). A consumer that reacts to tiles reacts to these, never to the tile row
--- alone. Drifted tiles only with @include_drifted; `drifted` is in the answer either way.
-WITH tiles AS (
-  SELECT *
-  FROM `{dataset}.tiles`
-  WHERE event_time >= TIMESTAMP_SUB(CURRENT_TIMESTAMP(), INTERVAL @days DAY)
-    AND IFNULL(role, 'live') != 'shadow'
-    AND (@include_drifted OR NOT IFNULL(drifted, FALSE))
-  QUALIFY ROW_NUMBER() OVER (PARTITION BY row_id ORDER BY completed_at) = 1
-),
-chips AS (
-  SELECT tile_id, tile_generation, model_name, model_version, IFNULL(role, 'live') AS role,
-         COUNT(DISTINCT row_id) AS rows_in
-  FROM `{dataset}.chips`
-  WHERE event_time >= TIMESTAMP_SUB(CURRENT_TIMESTAMP(), INTERVAL @days DAY)
-  GROUP BY tile_id, tile_generation, model_name, model_version, role
-)
-SELECT t.tile_id, t.tile_generation, t.model_name, t.model_version, t.complete, t.chips_scored,
-       t.raster_uri, t.completed_at, t.drifted
-FROM tiles AS t
-LEFT JOIN chips AS c
-  ON c.tile_id = t.tile_id AND c.tile_generation = t.tile_generation
- AND c.model_name = t.model_name AND c.model_version = t.model_version
- AND c.role = IFNULL(t.role, 'live')
-WHERE IFNULL(c.rows_in, 0) >= t.chips_scored
-ORDER BY t.completed_at;
+-- after the tile row). One row per tile: its answer (newest generation, first whole live or
+-- canary row). A consumer that reacts to tiles reacts to these, never to the tile row alone.
+-- Drifted tiles only with @include_drifted; `drifted` is in the answer either way.
+WITH {answered since TIMESTAMP_SUB(CURRENT_TIMESTAMP(), INTERVAL @days DAY)}
+SELECT tile_id, tile_generation, model_name, model_version, complete, chips_scored, raster_uri,
+       completed_at, drifted, release, read_role AS role
+FROM tile_answers
+WHERE @include_drifted OR NOT IFNULL(drifted, FALSE)
+ORDER BY completed_at;
