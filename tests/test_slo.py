@@ -53,6 +53,18 @@ def _tile(i: int, latency: float, completed: dt.datetime, **extra) -> dict:
             **extra}
 
 
+def _chips(tile: dict) -> list[dict]:
+    """The chip rows a tile row promises: with them all in, the tile is answered."""
+    keep = ("tile_id", "tile_generation", "crs", "footprint", "event_time", "published",
+            "source", "source_uris", "attributes", "model_name", "model_version", "role",
+            "latency_s")
+    return [{**{k: tile[k] for k in keep}, "row_id": f"{tile['row_id']}/{i}", "chip_index": i,
+             "row_off": 0, "col_off": 0, "height": 50, "width": 50, "valid_fraction": 1.0,
+             "classes": [], "dominant_class": "forest", "mean_confidence": 0.9,
+             "chipped_at": tile["completed_at"], "scored_at": tile["completed_at"]}
+            for i in range(tile["chips_scored"])]
+
+
 @pytest.fixture()
 def dataset(stack):
     """A dataset of the emulator with the stream's three tables, created through its API."""
@@ -83,6 +95,7 @@ def test_slo_from_rows_in_the_emulator(stack, dataset):
     tiles += [_tile(40, 500.0, END - 8 * minute, role="shadow")]  # not what users read
     tiles += [_tile(41, 500.0, END - 2 * dt.timedelta(hours=1))]  # before the window
     _insert(stack, dataset, "tiles", tiles)
+    _insert(stack, dataset, "chips", [c for t in tiles for c in _chips(t)])
     letters = [{"stage": "parse", "reason": "not JSON", "time": (END - minute).isoformat()},
                {"stage": "chips", "reason": "old", "time": (END - 3 * minute * 60).isoformat()}]
     _insert(stack, dataset, "dead_letters", letters)

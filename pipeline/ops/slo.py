@@ -3,9 +3,10 @@
 The SLOs (docs/operations.md):
 
 - **latency**: ``LATENCY_TARGET`` of tiles have their row within ``LATENCY_SLO_S`` of the Pub/Sub
-  publish time; an incomplete tile (a chip failed or timed out) counts as slow too.
+  publish time; an incomplete tile (a chip failed or timed out) counts as slow too. A tile is
+  counted as users read it (``sql/answered.sql``): its answer, once, never a shadow's row.
 - **errors**: at most ``1 - ERROR_TARGET`` of messages are dead-lettered. Messages are counted as
-  tile versions scored + dead letters (a per-band granule is several messages but one tile, so
+  tiles answered + dead letters (a per-band granule is several messages but one tile, so
   this undercounts messages and the ratio errs on the pessimistic side).
 - **freshness** (checked, not budgeted): the newest tile row is at most ``FRESHNESS_S`` old at
   the end of the window. Rows cannot show a tile that never arrived; on Dataflow the watermark-age
