@@ -34,11 +34,21 @@ def load_queries(path: Path = QUERIES_FILE) -> dict[str, str]:
 
 
 def compose(sql: str, dataset: str) -> str:
-    """``sql`` with every ``{answered since EXPR}`` replaced by the definition of
-    ``sql/answered.sql`` bounded by EXPR, and ``{dataset}`` by ``dataset`` (``project.dataset``)."""
-    definition = load_queries(ANSWERED_FILE)["answered"]
-    sql = _ANSWERED.sub(lambda m: definition.replace("{since}", f"({m.group(1).strip()})"), sql)
-    return sql.replace("{dataset}", dataset)
+    """``sql`` with every ``{answered since EXPR}`` replaced by the definitions of
+    ``sql/answered.sql`` that ``sql`` reads (and those they read), bounded by EXPR, and
+    ``{dataset}`` by ``dataset`` (``project.dataset``)."""
+    blocks = load_queries(ANSWERED_FILE)  # in file order: a block reads only those above it
+    needed: set[str] = set()
+    for name in reversed(blocks):
+        if name in needed or re.search(rf"\b{name}\b", sql):
+            needed |= {name} | {n for n in blocks if re.search(rf"\b{n}\b", blocks[name])}
+
+    def definitions(match: re.Match) -> str:
+        since = f"({match.group(1).strip()})"
+        return ",\n".join(f"{name} AS (\n{body.replace('{since}', since)}\n)"
+                           for name, body in blocks.items() if name in needed)
+
+    return _ANSWERED.sub(definitions, sql).replace("{dataset}", dataset)
 
 
 # Parameters a query may leave to its caller: the shipped queries leave out answers the model
