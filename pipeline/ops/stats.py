@@ -29,8 +29,9 @@ from pipeline.ops.queries import compose
 # Terminal dispositions, in the order one counts when a message has several (a partial tile).
 DISPOSITIONS = ("scored", "dead_letter", "superseded", "duplicate", "filtered", "replayed")
 # Outcomes one message can have together: a partial tile (scored and a dead letter about the
-# strips that failed). Any other pair is a conflict in the books.
-COMPATIBLE = {frozenset({"scored", "dead_letter"})}
+# strips that failed), also once a newer generation supersedes it. Any other pair is a conflict
+# in the books.
+COMPATIBLE = {frozenset({"scored", "dead_letter"}), frozenset({"superseded", "dead_letter"})}
 PENDING_SHOWN = 50
 # The tables the definition of "answered" reads; every stream creates them all at launch.
 ANSWER_TABLES = {"tiles", "chips", "events", "dead_letters"}
