@@ -33,8 +33,6 @@ DISPOSITIONS = ("scored", "dead_letter", "superseded", "duplicate", "filtered", 
 # in the books.
 COMPATIBLE = {frozenset({"scored", "dead_letter"}), frozenset({"superseded", "dead_letter"})}
 PENDING_SHOWN = 50
-# The tables the definition of "answered" reads; every stream creates them all at launch.
-ANSWER_TABLES = {"tiles", "chips", "events", "dead_letters"}
 _KIND = {"answered": "scored"}  # the books' word for a message its tile's answer carries
 
 
@@ -56,18 +54,25 @@ def outcomes(bq, dataset: str, since: dt.datetime, present: set[str]) -> dict[st
     never a shadow's row alone; ``superseded`` also when a newer generation of its tile is
     answered). Tile rows are looked at from two days before ``since``: a message taken in now
     may announce a tile of yesterday."""
+    from google.api_core.exceptions import NotFound
+
     if "messages" not in present:
         return {}
     entries = {r["message_id"]: {"received": r["received"], "kinds": set()} for r in _rows(
         bq, f"SELECT message_id, MIN(received_at) AS received FROM `{dataset}.messages` "
             "WHERE received_at >= @since GROUP BY message_id", since)}
-    if entries and ANSWER_TABLES <= present:
-        sql = compose("WITH {answered since TIMESTAMP_SUB(@since, INTERVAL 2 DAY)} "
-                      "SELECT DISTINCT message_id AS id, outcome AS kind FROM message_outcomes",
-                      dataset)
-        for row in _rows(bq, sql, since):
-            if row["id"] in entries:
-                entries[row["id"]]["kinds"].add(_KIND.get(row["kind"], row["kind"]))
+    if not entries:
+        return entries
+    sql = compose("WITH {answered since TIMESTAMP_SUB(@since, INTERVAL 2 DAY)} "
+                  "SELECT DISTINCT message_id AS id, outcome AS kind FROM message_outcomes",
+                  dataset)
+    try:
+        rows = _rows(bq, sql, since)
+    except NotFound:  # every stream creates all its tables at launch: none has written yet
+        rows = []
+    for row in rows:
+        if row["id"] in entries:
+            entries[row["id"]]["kinds"].add(_KIND.get(row["kind"], row["kind"]))
     return entries
 
 
