@@ -245,3 +245,56 @@ def test_the_drain_waits_for_whole_rows_of_any_role(stack, dataset):
     done, stale = journal.finished(stack, tables, sorted(EXPECTED))
     assert done == {m for m, v in EXPECTED.items() if v is not None} | {"m-shadow"}
     assert sorted(stale) == ["t-newer@2/1", "t-partial@1/1"]
+
+
+def test_a_reuploaded_sample_tile_is_one_answer_in_a_running_stream(stack, model_uri, tmp_path):
+    """Issue 26 on the real stream: the sample tile uploaded, scored, uploaded again (a new
+    generation), scored again. Consumers read one answer, the newest generation's: the class
+    area of one scoring, not the sum of both; the first message is booked superseded."""
+    from google.api_core.exceptions import NotFound
+
+    from pipeline.ops import announce
+    from pipeline.ops.check import SAMPLE_TILE
+    from tests.streams import fresh_input, start_stream, stop_stream, wait_until
+
+    topic, subscription, name = fresh_input(stack, "reupload")
+    dataset = full(stack, name)
+    bq, store, publisher = stack.bigquery(), stack.storage(), stack.publisher()
+    child = start_stream(stack, model_uri, tmp_path / "stream.log",
+                         f"--subscription={subscription}", f"--bq_dataset={stack.project}:{name}",
+                         f"--output_prefix={stack.output_prefix}/{name}", "--window_secs=1")
+
+    def ready() -> dict[str, str]:
+        try:
+            return {r["tile_id"]: r["tile_generation"] for r in run_query(
+                bq, "tiles_ready", dataset, days=1, include_drifted=True)}
+        except NotFound:  # the stream creates its tables as it starts
+            return {}
+
+    def forest_km2() -> float:
+        return sum(r["area_km2"] for r in run_query(
+            bq, "class_area_per_tile_and_day", dataset, include_drifted=True)
+            if r["tile_id"] == "L7_ETMs" and r["class_name"] == "forest")
+
+    ids, areas = [], []
+    try:
+        for _ in range(2):
+            _, generation = announce.upload(store, str(SAMPLE_TILE), stack.bucket,
+                                            "incoming/reupload/L7_ETMs.tif")
+            ids.append(announce.publish(publisher, topic, *announce.gcs_notification(
+                stack.bucket, "incoming/reupload/L7_ETMs.tif", generation)))
+            scored = wait_until(lambda g=str(generation): ready().get("L7_ETMs") == g, 240,
+                                child, every_s=2)
+            assert scored, (tmp_path / "stream.log").read_text(errors="replace")[-3000:]
+            areas.append(forest_km2())
+    finally:
+        stop_stream(child)
+    tile_rows = [dict(r) for r in bq.query(
+        f"SELECT tile_generation FROM `{dataset}.tiles`").result()]
+    assert len({r["tile_generation"] for r in tile_rows}) == 2  # both generations were scored
+    assert areas[0] > 0 and areas[1] == pytest.approx(areas[0])  # one answer: not doubled
+    kinds = {m: e["kinds"] for m, e in stats.outcomes(
+        bq, dataset, NOW - dt.timedelta(hours=1), set(SCHEMAS)).items()}
+    assert kinds == {ids[0]: {"superseded"}, ids[1]: {"scored"}}
+    print(f"forest km² of the sample after the first scoring {areas[0]:.2f}, after the "
+          f"re-upload {areas[1]:.2f}")
