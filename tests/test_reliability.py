@@ -337,6 +337,84 @@ def test_a_stop_is_a_drain_that_finishes_every_tile_the_stream_read(stack, model
                              f"(code {code}); {len(sent) - len(read)} unread stay queued"))
 
 
+HALF_GRANULE = "HLS.S30.T25MBP.2001196T120000.v2.0"
+
+
+def test_a_drain_books_a_half_granule_as_drained_not_refused_and_the_books_add_up(
+        stack, model_uri, tmp_path):
+    """A stop (a drain) while a granule has only some bands in: the job's input has ended, so
+    its bands become one ``drained`` event naming every band message, never a "missing bands"
+    refusal, and the drain ends with every message read booked, without waiting for the
+    granule's timeout: in = scored + filtered + dead-lettered + drained. (Before drains fired
+    the end-of-input timers, the bands had no outcome at exit and were left to a replay.)"""
+    from pipeline.local import journal
+
+    topic, subscription, dataset = fresh_input(stack, "drain-granule")
+    store, publisher = stack.storage(), stack.publisher()
+    crop = tiles.crop(tmp_path / "crop.tif", 0, 0, 100, 100)
+    sent: dict[str, str] = {}  # message id -> what it is
+
+    def notify(path: str, generation: int, what: str) -> None:
+        sent[announce.publish(publisher, topic, *announce.gcs_notification(
+            stack.bucket, path, generation))] = what
+
+    _, generation = announce.upload(store, str(crop), stack.bucket, "incoming/drain/whole.tif")
+    notify("incoming/drain/whole.tif", generation, "tile")
+    bands = list(tiles.per_band_files(tmp_path, HALF_GRANULE, crop).values())[:2]
+    for path in bands:
+        name = f"incoming/drain/{path.name}"
+        notify(name, announce.upload(store, str(path), stack.bucket, name)[1], "band")
+    notify("incoming/drain/notes.txt", 1, "filtered")
+    sent[announce.publish(publisher, topic, b"\x00 not json", {})] = "bad"
+    log = tmp_path / "stream.log"
+    child = start_stream(stack, model_uri, log, f"--subscription={subscription}",
+                         f"--bq_dataset={stack.project}:{dataset}",
+                         f"--output_prefix={stack.output_prefix}/{dataset}",
+                         f"--min_valid_fraction={MIN_VALID}", "--window_secs=1")
+    path = journal.journal_path(stack, subscription,
+                                sinks.BigQueryTables.in_dataset(dataset, stack.project))
+
+    def tile_rows() -> list[dict]:
+        return query(stack, f"SELECT tile_id, complete FROM `{dataset}.tiles`")
+
+    read_all = wait_until(lambda: len(journal.read(path)) == len(sent) and tile_rows(), 240,
+                          child, every_s=0.5)
+    code = stop_stream(child)
+    assert read_all, log.read_text(errors="replace")[-3000:]
+    assert code == 0
+    assert "every message this stream read is finished" in log.read_text(errors="replace")
+    drained = query(stack, f"SELECT stage, tile_id, reason, source_message_ids "
+                           f"FROM `{dataset}.events` WHERE disposition = 'drained'")
+    band_ids = sorted(m for m, what in sent.items() if what == "band")
+    assert [(d["stage"], d["tile_id"], sorted(d["source_message_ids"])) for d in drained] == [
+        ("granules", HALF_GRANULE, band_ids)], drained
+    assert "drained before complete" in drained[0]["reason"]
+    letters = query(stack, f"SELECT stage, reason, source_message_ids "
+                           f"FROM `{dataset}.dead_letters`")
+    assert not [x for x in letters if x["stage"] == "granules"], letters  # no refusal
+    assert [r["tile_id"] for r in tile_rows()] == ["whole"]
+    # The books: every message read has exactly one outcome, of the kind it should.
+    outcome: dict[str, list[str]] = {}
+    for r in query(stack, f"SELECT source_message_ids FROM `{dataset}.tiles`"):
+        for m in r["source_message_ids"]:
+            outcome.setdefault(m, []).append("scored")
+    for r in query(stack, f"SELECT disposition, source_message_ids FROM `{dataset}.events`"):
+        for m in r["source_message_ids"]:
+            outcome.setdefault(m, []).append(r["disposition"])
+    for r in letters:
+        for m in r["source_message_ids"]:
+            outcome.setdefault(m, []).append("dead_letter")
+    expected = {"tile": ["scored"], "band": ["drained"], "filtered": ["filtered"],
+                "bad": ["dead_letter"]}
+    assert {m: outcome.get(m) for m in sent} == {m: expected[w] for m, w in sent.items()}
+    REPORT["faults"].append(("SIGTERM with a granule holding 2 of its 6 bands",
+                             "its bands booked drained (one event, both message ids), no "
+                             "'missing bands' refusal; in = scored + filtered + dead-lettered "
+                             "+ drained",
+                             f"{len(sent)} in: 1 scored, 1 filtered, 1 dead-lettered, "
+                             f"{len(band_ids)} drained (code {code})"))
+
+
 class _FlakyProxy(http.server.BaseHTTPRequestHandler):
     """Forwards to the GCS emulator, answering 503 to the first ``fail`` requests."""
 

@@ -122,6 +122,7 @@ def install(stack: LocalStack, subscription: str, tables: BigQueryTables) -> Non
         return _JournalingSubscriber(client, path)
 
     patches.pubsub_reader(make_client).install()
+    patches.pubsub_drain(_DRAINING.is_set).install()
 
 
 def pulled_ids(stack: LocalStack, dataset: str) -> set[str]:
