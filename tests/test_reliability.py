@@ -8,6 +8,7 @@ what the stream did with it: `make reliability` runs them and writes it (``tests
 
 from __future__ import annotations
 
+import dataclasses
 import http.server
 import json
 import random
@@ -20,6 +21,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -413,6 +415,69 @@ def test_a_drain_books_a_half_granule_as_drained_not_refused_and_the_books_add_u
                              "+ drained",
                              f"{len(sent)} in: 1 scored, 1 filtered, 1 dead-lettered, "
                              f"{len(band_ids)} drained (code {code})"))
+
+
+def test_a_drain_writes_no_row_for_a_half_scored_tile_only_a_drained_event(tmp_path):
+    """A tile whose input ends (a drain) with a quarter of its chips scored: no tile row (a
+    partial row is whole in the books, so it would read as the tile's answer), no piece left,
+    one ``drained`` event with its message id. The stream's own steps,
+    driven by hand through their drain callbacks; until drains had their own path, these
+    callbacks (and Dataflow's wall-clock timeout during a drain) wrote the partial tile row."""
+    from apache_beam.pvalue import TaggedOutput
+
+    from tests import test_stages as stages
+    from transforms import assemble, chips
+    from transforms.records import DRAINED, ChipPrediction, PredictionBlock
+
+    path = tiles.crop(tmp_path / "c.tif", 0, 0, 200, 64)  # four chip rows
+    card = stages.test_card()
+    tile = TileRef("half", (str(path),), "1", 0.0, 0.0, message_id="m-half")
+    out, tagged = stages.chip_tile(path, chips.ChipSettings.from_card(card), tile)
+    manifest = next(t.value for t in tagged if t.tag == chips.MANIFESTS_TAG)
+    reports = [t.value for t in tagged if t.tag == chips.REPORTS_TAG]
+    first_row = [ChipPrediction(
+        dataclasses.replace(chip, raw=None), np.ones((chip.height, chip.width), np.uint8),
+        np.full((card.num_classes, chip.height, chip.width), 100, np.uint8), (0,) * 3, 0.5,
+        "m", "1", 0.0) for chip in out if chip.row == 0]  # only the first chip row scored
+    prefix = tmp_path / "out"
+    strips_fn = assemble._AssembleStripFn(card, str(prefix), 60, True, False)
+    tiles_fn = assemble._FinishTileFn(card, str(prefix), 60, True, False)
+    strips_fn.setup()
+    tiles_fn.setup()
+    to_strips, to_tile, events, rows = [], [], [], []
+
+    def sort(outputs, downstream):
+        for item in outputs:
+            if isinstance(item, TaggedOutput):
+                (to_tile if item.tag == assemble.TILES_TAG else events).append(item.value)
+            else:
+                downstream.append(item)
+
+    for item in (manifest, *reports, PredictionBlock(tile, 0, tuple(first_row))):
+        sort(assemble._RouteFn().process(item), to_strips)
+    strip_states: dict[str, dict] = {}
+    for key, item in to_strips:
+        state = strip_states.setdefault(key, {
+            "reports": stages._State("bag"), "plan_state": stages._State(),
+            "pieces": stages._State("bag"), "arrived": stages._State("sum")})
+        sort(strips_fn.process((key, item), **state, wall=stages._State(),
+                               end=stages._State()), to_tile)
+    tile_state = {"manifest_state": stages._State(), "results": stages._State("bag")}
+    for kv in to_tile:
+        sort(tiles_fn.process(kv, **tile_state, wall=stages._State(), end=stages._State()),
+             rows)
+    assert rows == [] and events == []  # still waiting for the other chip rows
+    before = len(to_tile)
+    for key, state in strip_states.items():  # the drain: strips first, as the watermark goes
+        sort(strips_fn.on_end_of_input(key, **state, wall=stages._State()), to_tile)
+    assert len(to_tile) == before  # no strip result that would let the tile finish partial
+    sort(tiles_fn.on_end_of_input(tile.assignment_key, **tile_state, wall=stages._State()),
+         rows)
+    assert rows == []
+    assert [(e.disposition, e.stage, e.message_ids) for e in events] == [
+        (DRAINED, "assemble", ("m-half",))], events
+    assert "drained before complete" in events[0].reason
+    assert list(prefix.rglob("*.strips/*.tif")) == []
 
 
 class _FlakyProxy(http.server.BaseHTTPRequestHandler):
