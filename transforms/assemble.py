@@ -15,7 +15,8 @@ Strip-keyed, so that no state grows with a tile's chip count:
 A strip or tile still incomplete at the timeout is written as partial (missing chips are nodata)
 and reported in the dead letters. One still incomplete when a stream's input ends (a drain) is
 not: a partial tile row would read as an answer, so the tile becomes one ``drained`` event with
-every message it answers, its pieces are deleted, and the next job answers it.
+every message it answers and its pieces are deleted; the other release of a blue-green pair
+answers it, or its message published again.
 
 The raster has exactly the input's CRS, transform and size: a
 uint8 class map with the card's colour table and nodata 255, optionally a second band with
@@ -403,8 +404,8 @@ class _FinishTileFn(_WithCards):
         yield drained(
             STAGE,
             f"tile {manifest.tile.key} drained before complete: {len(written)} of "
-            f"{_strip_count(manifest)} strips written when this job's input ended; no tile row, "
-            "the next job that reads its message answers it", tile=manifest.tile)
+            f"{_strip_count(manifest)} strips written when this job's input ended; no tile row: "
+            "the job that reads its message next answers it", tile=manifest.tile)
 
     def _timed_out(self, key, manifest_state, results):
         manifest, held = manifest_state.read(), list(results.read())
