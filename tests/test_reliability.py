@@ -409,6 +409,12 @@ def test_a_drain_books_a_half_granule_as_drained_not_refused_and_the_books_add_u
     expected = {"tile": ["scored"], "band": ["drained"], "filtered": ["filtered"],
                 "bad": ["dead_letter"]}
     assert {m: outcome.get(m) for m in sent} == {m: expected[w] for m, w in sent.items()}
+    report = stats.books(stack.bigquery(), f"{stack.project}.{dataset}",
+                         pulled={e.message_id for e in journal.read(path)})
+    assert report["balanced"] and report["pending"] == [], report
+    assert {k: report["messages"][k] for k in ("in", "scored", "filtered", "dead_letter",
+                                                "drained")} == {
+        "in": len(sent), "scored": 1, "filtered": 1, "dead_letter": 1, "drained": len(band_ids)}
     REPORT["faults"].append(("SIGTERM with a granule holding 2 of its 6 bands",
                              "its bands booked drained (one event, both message ids), no "
                              "'missing bands' refusal; in = scored + filtered + dead-lettered "

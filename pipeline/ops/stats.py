@@ -4,8 +4,9 @@
 took in, before anything is done with it. Each message id then reaches one terminal
 disposition, wherever it is written: ``scored`` (a tile row's ``source_message_ids``),
 ``dead_letter`` (a dead letter names every message it is about), ``superseded``,
-``duplicate``, ``filtered`` or ``replayed`` (the local journal published it again, as another
-id) in ``events``. The books compare the two: ids that came in and have no outcome yet are
+``duplicate``, ``filtered``, ``replayed`` (the local journal published it again, as another
+id) or ``drained`` (the job's input ended before it was complete: docs/operations.md, "What a
+drain does") in ``events``. The books compare the two: ids that came in and have no outcome yet are
 listed with their age (``pending``); ids with outcomes that cannot both hold (scored and
 filtered, say) are ``conflicts``. A tile scored with some strips unreadable is both scored and
 dead-lettered: that is one partial outcome, counted as scored. Per tile, chips total = scored +
@@ -23,7 +24,8 @@ import datetime as dt
 from typing import Any
 
 # Terminal dispositions, in the order one counts when a message has several (a partial tile).
-DISPOSITIONS = ("scored", "dead_letter", "superseded", "duplicate", "filtered", "replayed")
+DISPOSITIONS = ("scored", "dead_letter", "superseded", "duplicate", "filtered", "replayed",
+                "drained")
 # Outcomes one message can have together: a partial tile (scored and a dead letter about the
 # strips that failed). Any other pair is a conflict in the books.
 COMPATIBLE = {frozenset({"scored", "dead_letter"})}
@@ -58,7 +60,7 @@ def outcomes(bq, dataset: str, since: dt.datetime, present: set[str]) -> dict[st
         parts.append(f"SELECT m AS id, disposition AS kind FROM `{dataset}.events`, "
                      "UNNEST(ARRAY_CONCAT(source_message_ids, [message_id])) AS m "
                      "WHERE time >= @since AND disposition IN ('superseded', 'duplicate', "
-                     "'filtered', 'replayed')")
+                     "'filtered', 'replayed', 'drained')")
     entries = {r["message_id"]: {"received": r["received"], "kinds": set()} for r in _rows(
         bq, f"SELECT message_id, MIN(received_at) AS received FROM `{dataset}.messages` "
             "WHERE received_at >= @since GROUP BY message_id", since)}
