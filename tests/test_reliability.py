@@ -8,6 +8,7 @@ what the stream did with it: `make reliability` runs them and writes it (``tests
 
 from __future__ import annotations
 
+import dataclasses
 import http.server
 import json
 import random
@@ -20,6 +21,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -335,6 +337,153 @@ def test_a_stop_is_a_drain_that_finishes_every_tile_the_stream_read(stack, model
                              "every tile read answered before exit, no restart",
                              f"{len(counts)} tile rows, {chips['n']} chip rows at exit "
                              f"(code {code}); {len(sent) - len(read)} unread stay queued"))
+
+
+HALF_GRANULE = "HLS.S30.T25MBP.2001196T120000.v2.0"
+
+
+def test_a_drain_books_a_half_granule_as_drained_not_refused_and_the_books_add_up(
+        stack, model_uri, tmp_path):
+    """A stop (a drain) while a granule has only some bands in: the job's input has ended, so
+    its bands become one ``drained`` event naming every band message, never a "missing bands"
+    refusal, and the drain ends with every message read booked, without waiting for the
+    granule's timeout: in = scored + filtered + dead-lettered + drained. (Before drains fired
+    the end-of-input timers, the bands had no outcome at exit and were left to a replay.)"""
+    from pipeline.local import journal
+
+    topic, subscription, dataset = fresh_input(stack, "drain-granule")
+    store, publisher = stack.storage(), stack.publisher()
+    crop = tiles.crop(tmp_path / "crop.tif", 0, 0, 100, 100)
+    sent: dict[str, str] = {}  # message id -> what it is
+
+    def notify(path: str, generation: int, what: str) -> None:
+        sent[announce.publish(publisher, topic, *announce.gcs_notification(
+            stack.bucket, path, generation))] = what
+
+    _, generation = announce.upload(store, str(crop), stack.bucket, "incoming/drain/whole.tif")
+    notify("incoming/drain/whole.tif", generation, "tile")
+    bands = list(tiles.per_band_files(tmp_path, HALF_GRANULE, crop).values())[:2]
+    for path in bands:
+        name = f"incoming/drain/{path.name}"
+        notify(name, announce.upload(store, str(path), stack.bucket, name)[1], "band")
+    notify("incoming/drain/notes.txt", 1, "filtered")
+    sent[announce.publish(publisher, topic, b"\x00 not json", {})] = "bad"
+    log = tmp_path / "stream.log"
+    child = start_stream(stack, model_uri, log, f"--subscription={subscription}",
+                         f"--bq_dataset={stack.project}:{dataset}",
+                         f"--output_prefix={stack.output_prefix}/{dataset}",
+                         f"--min_valid_fraction={MIN_VALID}", "--window_secs=1")
+    path = journal.journal_path(stack, subscription,
+                                sinks.BigQueryTables.in_dataset(dataset, stack.project))
+
+    def tile_rows() -> list[dict]:
+        return query(stack, f"SELECT tile_id, complete FROM `{dataset}.tiles`")
+
+    read_all = wait_until(lambda: len(journal.read(path)) == len(sent) and tile_rows(), 240,
+                          child, every_s=0.5)
+    code = stop_stream(child)
+    assert read_all, log.read_text(errors="replace")[-3000:]
+    assert code == 0
+    assert "every message this stream read is finished" in log.read_text(errors="replace")
+    drained = query(stack, f"SELECT stage, tile_id, reason, source_message_ids "
+                           f"FROM `{dataset}.events` WHERE disposition = 'drained'")
+    band_ids = sorted(m for m, what in sent.items() if what == "band")
+    assert [(d["stage"], d["tile_id"], sorted(d["source_message_ids"])) for d in drained] == [
+        ("granules", HALF_GRANULE, band_ids)], drained
+    assert "drained before complete" in drained[0]["reason"]
+    letters = query(stack, f"SELECT stage, reason, source_message_ids "
+                           f"FROM `{dataset}.dead_letters`")
+    assert not [x for x in letters if x["stage"] == "granules"], letters  # no refusal
+    assert [r["tile_id"] for r in tile_rows()] == ["whole"]
+    # The books: every message read has exactly one outcome, of the kind it should.
+    outcome: dict[str, list[str]] = {}
+    for r in query(stack, f"SELECT source_message_ids FROM `{dataset}.tiles`"):
+        for m in r["source_message_ids"]:
+            outcome.setdefault(m, []).append("scored")
+    for r in query(stack, f"SELECT disposition, source_message_ids FROM `{dataset}.events`"):
+        for m in r["source_message_ids"]:
+            outcome.setdefault(m, []).append(r["disposition"])
+    for r in letters:
+        for m in r["source_message_ids"]:
+            outcome.setdefault(m, []).append("dead_letter")
+    expected = {"tile": ["scored"], "band": ["drained"], "filtered": ["filtered"],
+                "bad": ["dead_letter"]}
+    assert {m: outcome.get(m) for m in sent} == {m: expected[w] for m, w in sent.items()}
+    report = stats.books(stack.bigquery(), f"{stack.project}.{dataset}",
+                         pulled={e.message_id for e in journal.read(path)})
+    assert report["balanced"] and report["pending"] == [], report
+    assert {k: report["messages"][k] for k in ("in", "scored", "filtered", "dead_letter",
+                                                "drained")} == {
+        "in": len(sent), "scored": 1, "filtered": 1, "dead_letter": 1, "drained": len(band_ids)}
+    REPORT["faults"].append(("SIGTERM with a granule holding 2 of its 6 bands",
+                             "its bands booked drained (one event, both message ids), no "
+                             "'missing bands' refusal; in = scored + filtered + dead-lettered "
+                             "+ drained",
+                             f"{len(sent)} in: 1 scored, 1 filtered, 1 dead-lettered, "
+                             f"{len(band_ids)} drained (code {code})"))
+
+
+def test_a_drain_writes_no_row_for_a_half_scored_tile_only_a_drained_event(tmp_path):
+    """A tile whose input ends (a drain) with a quarter of its chips scored: no tile row (a
+    partial row is whole in the books, so it would read as the tile's answer), no piece left,
+    one ``drained`` event with its message id. The stream's own steps,
+    driven by hand through their drain callbacks; until drains had their own path, these
+    callbacks (and Dataflow's wall-clock timeout during a drain) wrote the partial tile row."""
+    from apache_beam.pvalue import TaggedOutput
+
+    from tests import test_stages as stages
+    from transforms import assemble, chips
+    from transforms.records import DRAINED, ChipPrediction, PredictionBlock
+
+    path = tiles.crop(tmp_path / "c.tif", 0, 0, 200, 64)  # four chip rows
+    card = stages.test_card()
+    tile = TileRef("half", (str(path),), "1", 0.0, 0.0, message_id="m-half")
+    out, tagged = stages.chip_tile(path, chips.ChipSettings.from_card(card), tile)
+    manifest = next(t.value for t in tagged if t.tag == chips.MANIFESTS_TAG)
+    reports = [t.value for t in tagged if t.tag == chips.REPORTS_TAG]
+    first_row = [ChipPrediction(
+        dataclasses.replace(chip, raw=None), np.ones((chip.height, chip.width), np.uint8),
+        np.full((card.num_classes, chip.height, chip.width), 100, np.uint8), (0,) * 3, 0.5,
+        "m", "1", 0.0) for chip in out if chip.row == 0]  # only the first chip row scored
+    prefix = tmp_path / "out"
+    strips_fn = assemble._AssembleStripFn(card, str(prefix), 60, True, False)
+    tiles_fn = assemble._FinishTileFn(card, str(prefix), 60, True, False)
+    strips_fn.setup()
+    tiles_fn.setup()
+    to_strips, to_tile, events, rows = [], [], [], []
+
+    def sort(outputs, downstream):
+        for item in outputs:
+            if isinstance(item, TaggedOutput):
+                (to_tile if item.tag == assemble.TILES_TAG else events).append(item.value)
+            else:
+                downstream.append(item)
+
+    for item in (manifest, *reports, PredictionBlock(tile, 0, tuple(first_row))):
+        sort(assemble._RouteFn().process(item), to_strips)
+    strip_states: dict[str, dict] = {}
+    for key, item in to_strips:
+        state = strip_states.setdefault(key, {
+            "reports": stages._State("bag"), "plan_state": stages._State(),
+            "pieces": stages._State("bag"), "arrived": stages._State("sum")})
+        sort(strips_fn.process((key, item), **state, wall=stages._State(),
+                               end=stages._State()), to_tile)
+    tile_state = {"manifest_state": stages._State(), "results": stages._State("bag")}
+    for kv in to_tile:
+        sort(tiles_fn.process(kv, **tile_state, wall=stages._State(), end=stages._State()),
+             rows)
+    assert rows == [] and events == []  # still waiting for the other chip rows
+    before = len(to_tile)
+    for key, state in strip_states.items():  # the drain: strips first, as the watermark goes
+        sort(strips_fn.on_end_of_input(key, **state, wall=stages._State()), to_tile)
+    assert len(to_tile) == before  # no strip result that would let the tile finish partial
+    sort(tiles_fn.on_end_of_input(tile.assignment_key, **tile_state, wall=stages._State()),
+         rows)
+    assert rows == []
+    assert [(e.disposition, e.stage, e.message_ids) for e in events] == [
+        (DRAINED, "assemble", ("m-half",))], events
+    assert "drained before complete" in events[0].reason
+    assert list(prefix.rglob("*.strips/*.tif")) == []
 
 
 class _FlakyProxy(http.server.BaseHTTPRequestHandler):

@@ -13,7 +13,12 @@ Strip-keyed, so that no state grows with a tile's chip count:
    windowed reads (a VRT of the pieces -> COG), deletes them, and emits the tile row.
 
 A strip or tile still incomplete at the timeout is written as partial (missing chips are nodata)
-and reported in the dead letters. The raster has exactly the input's CRS, transform and size: a
+and reported in the dead letters. One still incomplete when a stream's input ends (a drain) is
+not: a partial tile row would read as an answer, so the tile becomes one ``drained`` event with
+every message it answers and its pieces are deleted; the other release of a blue-green pair
+answers it, or its message published again.
+
+The raster has exactly the input's CRS, transform and size: a
 uint8 class map with the card's colour table and nodata 255, optionally a second band with
 confidence in percent. Where chips overlap (stride < chip size) their class probabilities are
 summed over valid pixels, then arg-maxed: the sums are integers, so the result does not depend
@@ -23,6 +28,7 @@ on the order pieces arrive in (pixel-identical to blending the whole tile at onc
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import shutil
 import time
@@ -43,7 +49,7 @@ from apache_beam.transforms.userstate import (
 from model.card import ModelCard
 from model.serving import CardBook
 from transforms import cog, process, stac, timeouts
-from transforms.deadletter import DEAD_LETTER_TAG, dead_letter
+from transforms.deadletter import DEAD_LETTER_TAG, dead_letter, drained
 from transforms.geometry import (
     chip_starts,
     expected_in_strip,
@@ -245,8 +251,16 @@ class _AssembleStripFn(_WithCards):
     def on_end_of_input(self, key=beam.DoFn.KeyParam, reports=beam.DoFn.StateParam(REPORTS),
                         plan_state=beam.DoFn.StateParam(PLAN),
                         pieces=beam.DoFn.StateParam(PIECES),
-                        arrived=beam.DoFn.StateParam(ARRIVED)):
-        yield from self._timed_out(key, reports, plan_state, pieces, arrived)
+                        arrived=beam.DoFn.StateParam(ARRIVED),
+                        wall=beam.DoFn.TimerParam(WALL_CLOCK)):
+        if not self._streaming:  # a backfill's input is all read: the timeout
+            yield from self._timed_out(key, reports, plan_state, pieces, arrived)
+            return
+        # A drain: no partial piece, no result that would let the tile finish as partial; the
+        # tile's own drain path books its messages.
+        for state in (reports, plan_state, pieces, arrived):
+            state.clear()
+        wall.clear()  # its watermark hold would keep the drain waiting for the timeout
 
     def _timed_out(self, key, reports, plan_state, pieces, arrived):
         known, held = list(reports.read()), _held(pieces)
@@ -361,8 +375,37 @@ class _FinishTileFn(_WithCards):
     @on_timer(END_OF_INPUT)
     def on_end_of_input(self, key=beam.DoFn.KeyParam,
                         manifest_state=beam.DoFn.StateParam(MANIFEST),
-                        results=beam.DoFn.StateParam(RESULTS)):
-        yield from self._timed_out(key, manifest_state, results)
+                        results=beam.DoFn.StateParam(RESULTS),
+                        wall=beam.DoFn.TimerParam(WALL_CLOCK)):
+        if not self._streaming:  # a backfill's input is all read: the timeout
+            yield from self._timed_out(key, manifest_state, results)
+            return
+        manifest, held = manifest_state.read(), list(results.read())
+        manifest_state.clear()
+        results.clear()
+        wall.clear()  # its watermark hold would keep the drain waiting for the timeout
+        yield from self._drained(key, manifest, held)
+
+    def _drained(self, key: str, manifest: TileManifest | None, held: list[StripResult]):
+        """A tile the stream's input ended on: no tile row (a partial one would read as the
+        tile's answer), its written pieces deleted, one ``drained`` event for its messages."""
+        written = sorted(r.strip for r in held if r.written)
+        if manifest is None:
+            yield drained(STAGE, f"tile {key} drained before complete: {len(held)} strips "
+                                 "assembled, its manifest not yet in", tile_id=key)
+            return
+        if written:
+            try:
+                uri = cog.raster_uri(self._prefix, self.card_of(manifest), manifest)
+                cog.remove_pieces(uri, written)
+            except Exception as exc:  # leftovers cost storage, not correctness
+                logging.getLogger(__name__).warning("pieces of drained tile %s not deleted: %s",
+                                                    key, describe(exc))
+        yield drained(
+            STAGE,
+            f"tile {manifest.tile.key} drained before complete: {len(written)} of "
+            f"{_strip_count(manifest)} strips written when this job's input ended; no tile row: "
+            "the job that reads its message next answers it", tile=manifest.tile)
 
     def _timed_out(self, key, manifest_state, results):
         manifest, held = manifest_state.read(), list(results.read())

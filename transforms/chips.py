@@ -37,6 +37,7 @@ from apache_beam.transforms.userstate import (
     TimerSpec,
     on_timer,
 )
+from apache_beam.transforms.window import GlobalWindow
 from apache_beam.utils.timestamp import Timestamp
 
 from model.card import CardError, ModelCard
@@ -595,15 +596,29 @@ class _ChipStripFn(_TileReader):
 
     TASK = ReadModifyWriteStateSpec("task", PickleCoder())
     RETRY = TimerSpec("retry", TimeDomain.REAL_TIME)
+    # A drain (the input's watermark passes the end of the global window) chips a parked task
+    # at once: the job finishes what it read, unpaced (docs/operations.md, "What a drain does").
+    END_OF_INPUT = TimerSpec("end_of_input", TimeDomain.WATERMARK)
 
     def process(self, element: tuple[str, StripTask], parked=beam.DoFn.StateParam(TASK),
-                retry=beam.DoFn.TimerParam(RETRY)) -> Iterator:
+                retry=beam.DoFn.TimerParam(RETRY),
+                end=beam.DoFn.TimerParam(END_OF_INPUT)) -> Iterator:
         _, task = element
         if self._may_start():
             yield from self._run(task)
         else:
             parked.write(task)
             retry.set(Timestamp.of(time.time() + pacing.PACE_RETRY_SECS))
+            end.set(GlobalWindow().max_timestamp())
+
+    @on_timer(END_OF_INPUT)
+    def on_end_of_input(self, parked=beam.DoFn.StateParam(TASK),
+                        retry=beam.DoFn.TimerParam(RETRY)) -> Iterator:
+        task = parked.read()
+        parked.clear()
+        retry.clear()
+        if task is not None:
+            yield from self._run(task)
 
     @on_timer(RETRY)
     def on_retry(self, parked=beam.DoFn.StateParam(TASK),

@@ -20,6 +20,7 @@ from apache_beam.metrics import Metrics
 
 from transforms.records import (
     DEAD_LETTER,
+    DRAINED,
     DUPLICATE,
     FILTERED,
     SUPERSEDED,
@@ -104,6 +105,12 @@ def duplicate(stage: str, reason: str, **ids) -> beam.pvalue.TaggedOutput:
 
 def superseded(stage: str, reason: str, **ids) -> beam.pvalue.TaggedOutput:
     return set_aside(SUPERSEDED, stage, reason, **ids)
+
+
+def drained(stage: str, reason: str, **ids) -> beam.pvalue.TaggedOutput:
+    """Work cut by a drain (docs/operations.md, "What a drain does"): not an answer and not a
+    refusal of the input; the reason says what the next job needs to answer it."""
+    return set_aside(DRAINED, stage, reason, **ids)
 
 
 def error_row(letter: DeadLetter) -> dict:

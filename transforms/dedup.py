@@ -49,8 +49,10 @@ class _FirstSeenFn(beam.DoFn):
         seen.clear()
 
     @on_timer(END_OF_INPUT)
-    def on_end_of_input(self, seen=beam.DoFn.StateParam(SEEN)):
+    def on_end_of_input(self, seen=beam.DoFn.StateParam(SEEN),
+                        wall=beam.DoFn.TimerParam(WALL_CLOCK)):
         seen.clear()
+        wall.clear()  # at a drain, its watermark hold would keep the drain waiting up to the TTL
 
 
 class Deduplicate(beam.PTransform):

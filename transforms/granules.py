@@ -7,6 +7,10 @@ bands, one letter carrying every band message it held. After emitting (or expiri
 remembers it for the dedup TTL: a re-delivered band of a complete granule is a duplicate, and a
 band that arrives after its granule was dead-lettered is booked at once, saying so, instead of
 starting a phantom granule that would expire again.
+
+A drain (the stream's input ends) is not a timeout: bands still missing may reach the next job.
+The bands held then become one ``drained`` event naming every band message and URI, never a
+"missing bands" refusal, and nothing is remembered as expired.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from apache_beam.transforms.userstate import BagStateSpec, ReadModifyWriteStateS
 
 from transforms import timeouts
 from transforms.announcements import content_generation
-from transforms.deadletter import DEAD_LETTER_TAG, dead_letter, duplicate, superseded
+from transforms.deadletter import DEAD_LETTER_TAG, dead_letter, drained, duplicate, superseded
 from transforms.presets import acquired_from_name
 from transforms.records import KEYED, BandObject, TileRef
 
@@ -125,7 +129,23 @@ class _AssembleGranuleFn(beam.DoFn):
                         done=beam.DoFn.StateParam(DONE), expired=beam.DoFn.StateParam(EXPIRED),
                         wall=beam.DoFn.TimerParam(WALL_CLOCK),
                         end=beam.DoFn.TimerParam(END_OF_INPUT)):
-        yield from self._expire(key, bands, done, expired, wall, end)
+        if not self._streaming:  # a backfill's input is all read: the timeout
+            yield from self._expire(key, bands, done, expired, wall, end)
+            return
+        held = list(bands.read())
+        for state in (bands, done, expired):
+            state.clear()
+        wall.clear()  # its watermark hold would keep the drain waiting for the timeout
+        if not held:
+            return
+        present = sorted({b.band for b in held})
+        missing = [b for b in self._bands if b not in present]
+        yield drained(
+            STAGE,
+            f"granule {key} drained before complete: this job's input ended with bands "
+            f"{present} in and {missing} missing; the next job completes it if the bands held "
+            f"here are published again with the rest (held: {', '.join(b.uri for b in held)})",
+            message_ids=tuple(b.message_id for b in held if b.message_id), tile_id=key)
 
     def _expire(self, granule_id, bands, done, expired, wall, end):
         """The timeout of an incomplete granule (one letter, every band message it held), or

@@ -229,6 +229,7 @@ DEAD_LETTER = "dead_letter"
 FILTERED = "filtered"
 DUPLICATE = "duplicate"
 SUPERSEDED = "superseded"  # its object generation was replaced before it was read
+DRAINED = "drained"  # the job's input ended (a drain) before its work on it was complete
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,12 @@
 Streaming uses processing-time timers ("N seconds after the first piece arrived"). A bounded
 backfill must not wait hours for wall-clock timers, so there the same timer is an event-time timer
 at the end of the global window: it fires once all input has been read.
+
+A stream arms that end-of-input timer too: a stream's watermark passes the end of the global
+window only when its input ends, which for Pub/Sub is a drain (Dataflow documents that a drain
+advances the watermark to infinity; event-time timers fire as it passes them). Its callback is
+each step's drain path; it also clears the wall-clock timer, whose watermark hold would otherwise
+keep the drain waiting for the timeout (docs/operations.md, "What a drain does").
 """
 
 from __future__ import annotations
@@ -22,8 +28,8 @@ def timer_specs() -> tuple[TimerSpec, TimerSpec]:
 
 
 def arm(wall_clock_timer, end_of_input_timer, streaming: bool, after_secs: float) -> None:
-    """Set the step's timeout ``after_secs`` from now (streaming) or at the end of input."""
+    """Set the step's timeout ``after_secs`` from now (streaming) and its end-of-input timer
+    (the timeout of a backfill, the drain path of a stream)."""
     if streaming:
         wall_clock_timer.set(Timestamp.of(time.time() + after_secs))
-    else:
-        end_of_input_timer.set(GlobalWindow().max_timestamp())
+    end_of_input_timer.set(GlobalWindow().max_timestamp())

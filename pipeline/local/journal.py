@@ -14,8 +14,10 @@ publish; the original is booked ``replayed`` in ``events`` ("replayed as <new id
 message id still has exactly one outcome. The replays are made as ``local-journal``, an identity
 of this machine only (GCP redelivers on its own).
 
-A stop (SIGTERM) drains: pulls come back empty and the process waits until the books account
-for everything it pulled (:func:`drain`), as Dataflow's drain finishes what a job has read.
+A stop (SIGTERM) drains: pulls come back empty, the source's watermark moves past the end of
+the global window so the stream's drain paths fire (``patches.pubsub_drain``; docs/operations.md,
+"What a drain does"), and the process waits until the books account for everything it pulled
+(:func:`drain`), as Dataflow's drain finishes what a job has read.
 The same client keeps each pull short (``PULL_WAIT_SECS``) and lifts gRPC's 4 MB message limit.
 Nothing here is used on Dataflow: ``pipeline.main`` installs it only with ``--local``.
 """
@@ -122,6 +124,7 @@ def install(stack: LocalStack, subscription: str, tables: BigQueryTables) -> Non
         return _JournalingSubscriber(client, path)
 
     patches.pubsub_reader(make_client).install()
+    patches.pubsub_drain(_DRAINING.is_set).install()
 
 
 def pulled_ids(stack: LocalStack, dataset: str) -> set[str]:
@@ -193,8 +196,9 @@ def drain(stack: LocalStack, subscription: str, tables: BigQueryTables,
           timeout_s: float, every_s: float = 1.0) -> list[str]:
     """Stop pulling and wait until the books account for every message this stream pulled, as
     Dataflow's drain stops reading and finishes the work in flight (a blue-green cut-over
-    relies on it). Returns the ids still unfinished after ``timeout_s``: the journal keeps them,
-    and the next start on this subscription replays them."""
+    relies on it). The input's end fires each step's drain path, which books work that can no
+    longer complete as ``drained``. Returns the ids still unfinished after ``timeout_s``: the
+    journal keeps them, and the next start on this subscription replays them."""
     from pipeline.local.identity import acting_as
 
     _DRAINING.set()

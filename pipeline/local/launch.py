@@ -29,7 +29,8 @@ LOCAL_LOAD_SECS = 2
 # (docs/ARCHITECTURE.md, "Known limits of the in-process runner", has the measurements).
 LOCAL_CHIPS_IN_FLIGHT = 2048
 # A stop waits this long at most for what the stream read to be finished (Dataflow's drain has
-# no bound; a local stop must end). A message still waiting then is replayed at the next start.
+# no bound; a local stop must end). The drain paths book what cannot complete at once, so this
+# bounds only work in flight. A message still waiting then is replayed at the next start.
 LOCAL_DRAIN_SECS = 30.0
 
 
@@ -71,8 +72,9 @@ def before_run(job: Any) -> None:
 
 
 def drain(job: Any) -> None:
-    """A stop of the local stream is a drain, as on Dataflow: nothing more is read, and the
-    process stays until the books account for what it read (``journal.drain``), at most
+    """A stop of the local stream is a drain, as on Dataflow: nothing more is read, the input's
+    end fires the same drain paths (what cannot complete is booked ``drained``), and the process
+    stays until the books account for what it read (``journal.drain``), at most
     ``LOCAL_DRAIN_SECS``; what is left then is replayed at the next start."""
     import logging
 

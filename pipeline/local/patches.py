@@ -17,7 +17,10 @@ this module).
    carries the identity it acts as, for the recording proxies; GDAL sends the same header
    (``GDAL_HTTP_HEADERS``).
 3. **The Pub/Sub reader** (:func:`pubsub_reader`): the in-process runner's Pub/Sub source reads
-   through a client of ours (bounded pulls, large messages, the journal, the identity).
+   through a client of ours (bounded pulls, large messages, the journal, the identity). Once
+   the stream drains (:func:`pubsub_drain`) the source reads nothing more and its watermark
+   moves past every step's end-of-input timer, as Dataflow's drain moves it to infinity: the
+   event-time timers a drain fires fire here too (docs/operations.md, "What a drain does").
 4. **The in-process runner's scheduling and metrics** (:func:`install_runner_fixes`). Two costs,
    found on one 3,660² / 7,320² tile through the local stream (py-spy, then timestamps and
    ``gc`` counts of what stayed alive), and one loss; none exists on Dataflow, whose workers
@@ -154,6 +157,34 @@ def pubsub_reader(make_client: Callable[[], Any]) -> Patch:
                  required=True)
 
 
+def pubsub_drain(draining: Callable[[], bool]) -> Patch:
+    """Once ``draining()``, the in-process runner's Pub/Sub source (which reads nothing more:
+    the journal's pull answers empty) holds its watermark at the end of the global window
+    instead of the wall clock, so the end-of-input timers of a drain fire.
+
+    Not at infinity, as Dataflow's drain does: this runner has no watermark holds for timers, so
+    every step's watermark would be past the global window before those timers' outputs
+    arrive, and its GroupByKeys (Beam's streaming inserts reshuffle) drop such elements as late.
+    At the window's end they are on time, as the holds keep them on Dataflow."""
+
+    def finish(original):
+        def finish_bundle(self):
+            result = original(self)
+            if draining():
+                from apache_beam.transforms.window import GlobalWindow
+
+                result.keyed_watermark_holds[None] = GlobalWindow().end
+            return result
+
+        finish_bundle.__wrapped__ = original
+        return finish_bundle
+
+    return Patch("pubsub-drain", "apache_beam.runners.direct.transform_evaluator:"
+                 "_PubSubReadEvaluator.finish_bundle", "8f3f89b8ce538419", finish,
+                 "a local stop drains as Dataflow does: input ends, the end-of-input timers "
+                 "fire", required=True)
+
+
 # --- the in-process runner's scheduling ---------------------------------------------------------
 
 class _WorkQueue(queue.Queue):
@@ -272,4 +303,5 @@ def install_runner_fixes() -> None:
 
 def all_patches(stack: LocalStack) -> list[Patch]:
     """Every local patch (for the tripwire test)."""
-    return [IDENTITY, *emulator_patches(stack), pubsub_reader(lambda: None), *RUNNER_FIXES]
+    return [IDENTITY, *emulator_patches(stack), pubsub_reader(lambda: None),
+            pubsub_drain(lambda: False), *RUNNER_FIXES]

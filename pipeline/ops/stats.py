@@ -6,8 +6,9 @@ disposition, wherever it is written: ``scored`` (its tile's answer carries it, a
 ``pipeline/ops/sql/answered.sql`` defines it for every reader: a shadow's row alone is not an
 answer), ``dead_letter`` (a dead letter names every message it is about), ``superseded`` (a newer
 generation of its tile is answered, or the stream found it replaced before reading it),
-``duplicate``, ``filtered`` or ``replayed`` (the local journal published it again, as another
-id) in ``events``. The books compare the two: ids that came in and have no outcome yet are
+``duplicate``, ``filtered``, ``replayed`` (the local journal published it again, as another
+id) or ``drained`` (the job's input ended before it was complete: docs/operations.md, "What a
+drain does"; a books outcome, never an answer) in ``events``. The books compare the two: ids that came in and have no outcome yet are
 listed with their age (``pending``); ids with outcomes that cannot both hold (scored and
 filtered, say) are ``conflicts``. A tile scored with some strips unreadable is both scored and
 dead-lettered: that is one partial outcome, counted as scored. Per tile, chips total = scored +
@@ -27,7 +28,8 @@ from typing import Any
 from pipeline.ops.queries import compose
 
 # Terminal dispositions, in the order one counts when a message has several (a partial tile).
-DISPOSITIONS = ("scored", "dead_letter", "superseded", "duplicate", "filtered", "replayed")
+DISPOSITIONS = ("scored", "dead_letter", "superseded", "duplicate", "filtered", "replayed",
+                "drained")
 # Outcomes one message can have together: a partial tile (scored and a dead letter about the
 # strips that failed), also once a newer generation supersedes it. Any other pair is a conflict
 # in the books.
@@ -88,6 +90,8 @@ def books(bq, dataset: str, hours: float = 24.0,
     pending, conflicts = [], []
     for message_id, entry in entries.items():
         kinds = entry["kinds"]
+        if len(kinds) > 1:  # drained by one job, then answered by the next: the answer counts
+            kinds = kinds - {"drained"}
         if not kinds:
             pending.append({"message_id": message_id,
                             "age_s": round((now - entry["received"]).total_seconds(), 1)})

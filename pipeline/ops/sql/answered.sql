@@ -19,7 +19,9 @@
 --   answers: consumers still see one.
 -- message_outcomes: per message id, each outcome the rows give it (`written_in` names the
 --   table): `answered` (a tile version that is its tile's answer), `superseded` (its tile has an
---   answer of a newer generation), an `events` disposition, or `dead_letter`. `release` is who
+--   answer of a newer generation), an `events` disposition, or `dead_letter`. `drained` (the
+--   job's input ended before the message was complete) finishes it for that job's books but
+--   answers nobody: readers that ask "answered" leave it out. `release` is who
 --   wrote it (for a tile, the answer's release). A message with none is not answered (yet).
 
 -- name: answered_tiles
@@ -64,7 +66,7 @@ UNION ALL
 SELECT m AS message_id, disposition AS outcome, 'events' AS written_in, release
 FROM `{dataset}.events`, UNNEST(ARRAY_CONCAT(source_message_ids, [message_id])) AS m
 WHERE time >= {since}
-  AND disposition IN ('filtered', 'duplicate', 'superseded', 'replayed')
+  AND disposition IN ('filtered', 'duplicate', 'superseded', 'replayed', 'drained')
 UNION ALL
 SELECT m AS message_id, 'dead_letter' AS outcome, 'dead_letters' AS written_in, release
 FROM `{dataset}.dead_letters`, UNNEST(ARRAY_CONCAT(source_message_ids, [message_id])) AS m

@@ -242,7 +242,7 @@ intake AS (
 answers AS (
   SELECT message_id, release
   FROM message_outcomes
-  WHERE written_in = 'tiles' OR release = @blue
+  WHERE written_in = 'tiles' OR (release = @blue AND outcome != 'drained')
 )
 SELECT i.message_id,
        CASE WHEN LOGICAL_OR(a.message_id IS NOT NULL AND IFNULL(a.release, '') != @green)
