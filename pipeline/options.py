@@ -14,6 +14,10 @@ from transforms.presets import DEFAULT_BAND_ALIASES, DEFAULT_GRANULE_PATTERN, PR
 
 # The Dataflow accelerator hint a --device=GPU stream puts on its inference step.
 DEFAULT_ACCELERATOR = "type:nvidia-l4;count:1;install-nvidia-driver"
+# Where the model runs: `tilestream run` and `tilestream check` share the default, so a check
+# without flags checks what a run without flags would do (CPU: every machine has one).
+DEVICES = ("CPU", "GPU")
+DEFAULT_DEVICE = "CPU"
 
 # This tree's release: setup.py's version (tests/test_release.py keeps them equal), the default
 # of --release, written on every row, and the name of its recorded graph in templates/releases/.
@@ -103,7 +107,7 @@ class TileStreamArguments:
             "or rollback takes effect within this many seconds.",
         )
         model.add_argument(
-            "--device", default="CPU", choices=["CPU", "GPU"],
+            "--device", default=DEFAULT_DEVICE, choices=DEVICES,
             help="GPU adds the Dataflow accelerator hint to the inference step and refuses to "
             "start on a worker without CUDA.",
         )
