@@ -225,3 +225,33 @@ def __getattr__(name: str):
                    {"__module__": __name__, "__doc__": "TileStream's options as a Beam view."})
     globals()["TileStreamOptions"] = options
     return options
+
+
+def unknown_flags(argv: list[str]) -> str | None:
+    """Why ``argv`` cannot start a job, when it names a flag that no PipelineOptions class knows
+    (TileStream's or any of Beam's: --runner, --project, --experiments, worker flags, ...).
+
+    Beam itself only logs "Discarding unparseable args" among its start-up lines and runs on
+    without the flag, so a misspelt ``--max_batch_sise=64`` would silently run with the default.
+    """
+    import difflib
+
+    from apache_beam.options.pipeline_options import PipelineOptions, _BeamArgumentParser
+
+    globals().get("TileStreamOptions") or __getattr__("TileStreamOptions")  # registers it
+    parser = _BeamArgumentParser(allow_abbrev=False)
+    classes = {str(cls): cls for cls in PipelineOptions.__subclasses__()}  # as Beam reads them
+    for cls in classes.values():
+        cls._add_argparse_args(parser)
+    _, unknown = parser.parse_known_args(argv)
+    flags = [a for a in unknown if a.startswith("-")]
+    if not flags:
+        return None
+    known = [s for action in parser._actions for s in action.option_strings]
+    reasons = []
+    for given in flags:
+        name = given.split("=", 1)[0]
+        close = difflib.get_close_matches(name, known, n=1, cutoff=0.75)
+        reasons.append(f"{name} (did you mean {close[0]}?)" if close else name)
+    return (f"unknown flag{'s' if len(reasons) > 1 else ''}: {'; '.join(reasons)}. "
+            "`tilestream run --help` lists TileStream's; Beam's PipelineOptions are accepted too")

@@ -64,14 +64,23 @@ def wait_until_ready(stack, tile_id: str, generation: str, timeout_s: float) -> 
 
 
 def run_demo(out_dir: str = "out/demo", keep_stack: bool = False,
-             model_uri: str = DEFAULT_MODEL_URI, timeout_s: float = 150.0) -> dict:
+             model_uri: str = DEFAULT_MODEL_URI, timeout_s: float = 150.0,
+             stack_dir: str | Path = DEMO_STACK_DIR) -> dict:
+    """One demo at a time per stack directory: a second one refuses at once (its stop would take
+    the first one's stack away), so two `make demo` never fight over ports and processes."""
+    with local_stack.hold(stack_dir, "demo", wait_s=0):
+        return _run_demo(out_dir, keep_stack, model_uri, timeout_s, Path(stack_dir))
+
+
+def _run_demo(out_dir: str, keep_stack: bool, model_uri: str, timeout_s: float,
+              stack_dir: Path) -> dict:
     started = time.monotonic()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     card = load_card(model_uri)
     say(f"model {card.model_id}: {card.parameters:,} parameters, classes "
         f"{', '.join(c.name for c in card.classes)}")
-    stack = local_stack.up(DEMO_STACK_DIR)
+    stack = local_stack.up(stack_dir)
     say(f"local stack up at {stack.run_dir} ({time.monotonic() - started:.1f}s)")
     dataset = f"{stack.project}.{stack.dataset}"
     log = open(out / "stream.log", "wb")

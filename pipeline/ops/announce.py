@@ -29,8 +29,9 @@ def check_raster(path: str) -> None:
     not a ``.tif``/``.tiff`` is acknowledged and counted as filtered, never scored, and a file
     that is not a TIFF inside would be dead-lettered after its upload."""
     if not path.lower().endswith(RASTER_SUFFIXES):
-        raise AnnounceError(f"{path} is not a GeoTIFF (the stream reads {', '.join(RASTER_SUFFIXES)}"
-                            " files; anything else it filters without scoring)")
+        raise AnnounceError(f"{path} is not a GeoTIFF (the stream reads "
+                            f"{', '.join(RASTER_SUFFIXES)} files; anything else it filters "
+                            "without scoring)")
     if path.startswith("gs://"):
         return
     try:

@@ -438,7 +438,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: "
                         "%(message)s")
     for noisy in ("apache_beam.runners.direct", "apache_beam.runners.portability",
-                  "apache_beam.typehints",
+                  "apache_beam.typehints", "apache_beam.io.gcp.bigquery_tools",
                   "google", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     argv = sys.argv[1:] if argv is None else argv
