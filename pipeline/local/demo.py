@@ -55,7 +55,8 @@ def wait_until_ready(stack, tile_id: str, generation: str, timeout_s: float) -> 
             ready = []
         if ready:
             [row] = [dict(r) for r in stack.bigquery().query(
-                "SELECT tile_id, chips_scored, chips_skipped, latency_s, raster_uri, drifted, "
+                "SELECT tile_id, acquired, chips_scored, chips_skipped, latency_s, raster_uri, "
+                "drifted, "
                 f"drift_max_band_psi FROM `{dataset}.tiles` WHERE tile_id = '{tile_id}' "
                 f"AND tile_generation = '{generation}'").result()]
             return row
@@ -108,7 +109,8 @@ def _run_demo(out_dir: str, keep_stack: bool, model_uri: str, timeout_s: float,
         print("class_area_per_tile_and_day (pipeline/ops/sql/queries.sql)"
               + (f"; {flag}:" if flag else ":"))
         for row in areas:
-            print(f"  {row['day']}  {row['tile_id']}  {row['class_name']:<12} "
+            print(f"  {row['day'] or 'acquisition time unknown'}  {row['tile_id']}  "
+                  f"{row['class_name']:<12} "
                   f"{row['area_km2']:8.2f} km²")
         print(f"prediction raster: {tile['raster_uri']}")
         png = write_quicklook(str(SAMPLE_TILE), _download(stack, tile["raster_uri"], out),
@@ -125,6 +127,9 @@ def _run_demo(out_dir: str, keep_stack: bool, model_uri: str, timeout_s: float,
             "rasters": [tile["raster_uri"]],
             "dead_letters": _count(bq, f"SELECT COUNT(*) FROM `{dataset}.dead_letters`"),
             "latency_s": round(float(tile["latency_s"]), 2),
+            # A bare bucket notification says when the file was uploaded, not when the scene
+            # was seen: None, never the upload day.
+            "acquired": tile["acquired"].isoformat() if tile["acquired"] else None,
             "drifted": bool(tile["drifted"]),
             "quicklook": str(png),
             "model": card.model_id,

@@ -124,7 +124,7 @@ def _worker_processes(options: PipelineOptions) -> None:
 # What SDK workers log reaches the runner as a LogEntry printed whole (timestamps, thread, file
 # on one line); the workers' own complaint that `resource` is missing comes with every bundle.
 _WORKER_FIELD = r'{}: "((?:[^"\\]|\\.)*)"'
-_WORKER_NOISE = ("Resource module is not available",)
+_WORKER_NOISE = ("Resource module is not available", "No semi_persistent_directory found")
 
 
 def _worker_field(text: str, name: str) -> str | None:
@@ -143,5 +143,5 @@ def _worker_log_line(record: logging.LogRecord) -> bool:
     beams = "site-packages" in (_worker_field(text, "log_location") or "site-packages")
     if (beams and record.levelno < logging.WARNING) or any(n in message for n in _WORKER_NOISE):
         return False
-    record.msg, record.args = "worker: %s", (message,)
+    record.name, record.msg, record.args = "worker", "%s", (message,)
     return True

@@ -35,9 +35,10 @@ QUALIFY ROW_NUMBER() OVER (PARTITION BY tile_id, chip_index, model_name
 ORDER BY tile_id, chip_index;
 
 -- name: class_area_per_tile_and_day
--- Area (km²) of each class per tile and day, from complete tiles' blended prediction rasters
--- (drifted tiles only with @include_drifted).
-SELECT DATE(t.event_time) AS day, t.tile_id, t.model_version, c.name AS class_name,
+-- Area (km²) of each class per tile and day of acquisition, from complete tiles' blended
+-- prediction rasters (drifted tiles only with @include_drifted). day is NULL where the
+-- acquisition time is unknown (a bare bucket notification): the upload day is not the scene's.
+SELECT DATE(t.acquired) AS day, t.tile_id, t.model_version, c.name AS class_name,
        SUM(c.area_m2) / 1e6 AS area_km2
 FROM (
   SELECT *
