@@ -239,11 +239,18 @@ def unknown_flags(argv: list[str]) -> str | None:
     from apache_beam.options.pipeline_options import PipelineOptions, _BeamArgumentParser
 
     globals().get("TileStreamOptions") or __getattr__("TileStreamOptions")  # registers it
-    parser = _BeamArgumentParser(allow_abbrev=False)
+    class Parser(_BeamArgumentParser):
+        def error(self, message):  # a bad value is for Beam's own parse to report
+            raise ValueError(message)
+
+    parser = Parser(allow_abbrev=False)
     classes = {str(cls): cls for cls in PipelineOptions.__subclasses__()}  # as Beam reads them
     for cls in classes.values():
         cls._add_argparse_args(parser)
-    _, unknown = parser.parse_known_args(argv)
+    try:
+        _, unknown = parser.parse_known_args(argv)
+    except ValueError:
+        return None
     flags = [a for a in unknown if a.startswith("-")]
     if not flags:
         return None

@@ -406,6 +406,8 @@ def up(run_dir: str | Path | None = None, project: str = DEFAULT_PROJECT) -> Loc
 def _restart_dead(stack: LocalStack, dead: list[str]) -> LocalStack:
     commands = _commands(stack)
     run_dir = Path(stack.run_dir)
+    if "pubsub" in dead:  # a fresh Pub/Sub: the journal is about messages it never had
+        shutil.rmtree(run_dir / "journal", ignore_errors=True)
     for name in dead:
         _stop_groups([stack.pids[name]])
         argv, cwd, env = commands[name]

@@ -458,7 +458,7 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(args.verb, str(exc))
     except NotFound as exc:  # a verb that reads the rows before any stream has written them
         table = missing_table(exc)
-        if table is None:
+        if table is None or args.verb == "run":
             raise
         print(f"tilestream {args.verb}: {nothing_yet(table)}")
         return 0
