@@ -332,9 +332,9 @@ def run(argv: list[str] | None = None, local: LocalEnvironment | None = None) ->
 
 
 def backfill_summary(job: Job, totals: dict[str, int], since: float) -> tuple[str, int]:
-    """The one line a bounded run ends with, and its exit status: 1 when no tile was scored
-    (every file refused, or none matched), so a script notices; the refusals' commonest reasons
-    from the ``dead_letters`` table."""
+    """The one line a bounded run ends with, and its exit status: 1 when no tile was scored,
+    not even in part (every file refused, or none matched), so a script notices; the refusals'
+    commonest reasons from the ``dead_letters`` table."""
     o = job.options.view_as(TileStreamOptions)
     files, scored = totals.get("messages_in", 0), totals.get("tiles_written", 0)
     partial, letters = totals.get("tiles_partial", 0), totals.get("dead_letters", 0)
@@ -348,7 +348,7 @@ def backfill_summary(job: Job, totals: dict[str, int], since: float) -> tuple[st
         line += f" (all of them: the {job.tables.errors} table)"
     if not files:
         line += "; no file matched"
-    return line, 0 if scored else 1
+    return line, 0 if scored or partial else 1
 
 
 def _dead_letter_reasons(job: Job, since: float, top: int = 3) -> list[tuple[str, str, int]]:
