@@ -218,8 +218,7 @@ def test_two_demos_at_once_the_second_refuses_at_once_and_no_process_is_left(tmp
     first = subprocess.Popen(demo, cwd=tmp_path, env=env, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True)
     try:
-        assert _wait(lambda: (run_dir / "demo.lock").exists()
-                     and (run_dir / "demo.lock").read_text().strip(), 120)
+        assert _wait(lambda: (run_dir / "stack.json").exists(), 180)  # the first is starting
         started = time.monotonic()
         second = subprocess.run(demo, cwd=tmp_path, env=env, capture_output=True, text=True,
                                 timeout=120)

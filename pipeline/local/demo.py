@@ -9,8 +9,10 @@ stop the stream and the stack. The last line on stdout is a JSON summary.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -69,6 +71,9 @@ def run_demo(out_dir: str = "out/demo", keep_stack: bool = False,
              stack_dir: str | Path = DEMO_STACK_DIR) -> dict:
     """One demo at a time per stack directory: a second one refuses at once (its stop would take
     the first one's stack away), so two `make demo` never fight over ports and processes."""
+    # A SIGTERM (a CI timeout, `kill`) stops the demo like Ctrl-C: its stream and stack too.
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     with local_stack.hold(stack_dir, "demo", wait_s=0):
         return _run_demo(out_dir, keep_stack, model_uri, timeout_s, Path(stack_dir))
 
