@@ -33,12 +33,7 @@ from apache_beam.options.pipeline_options import (
 from model.card import ModelCard, load_card
 from model.serving import Snapshot
 from pipeline import graph
-from pipeline.options import (
-    TileStreamOptions,
-    load_temp_location,
-    release_prefix,
-    unknown_flags,
-)
+from pipeline.options import TileStreamOptions, load_temp_location, release_prefix
 from transforms.chips import ChipSettings
 from transforms.guards import InputAllowList, Refused
 from transforms.sinks import BigQueryTables, ensure_tables
@@ -97,9 +92,6 @@ def runner_name(options: PipelineOptions) -> str:
 def configure(argv: list[str] | None, local: LocalEnvironment | None = None) -> Job:
     """Parse and check options; with ``--local`` (a runner in this process only), ``local``
     points the process at the emulators first."""
-    refused = unknown_flags(sys.argv[1:] if argv is None else argv)
-    if refused:
-        raise ConfigError(refused)
     options = PipelineOptions(argv)
     o = options.view_as(TileStreamOptions)
     standard = options.view_as(StandardOptions)

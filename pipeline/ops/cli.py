@@ -109,7 +109,11 @@ def cmd_run(args, rest: list[str]) -> int:
     from model.card import CardError
     from pipeline import main
     from pipeline.local import launch
+    from pipeline.options import unknown_flags
 
+    refused = unknown_flags(rest)  # Beam would drop it with a warning and run on without it
+    if refused:
+        return _fail("run", refused)
     _record_local_stream(rest)
     try:
         code = main.run(rest, local=launch)
