@@ -16,6 +16,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -109,6 +110,8 @@ def configure(argv: list[str] | None, local: LocalEnvironment | None = None) -> 
         stack = local.prepare(options)
     if bool(o.subscription) == bool(o.input_glob):
         raise ConfigError("give exactly one input: --subscription (streaming) or --input_glob")
+    if o.input_glob and "://" not in o.input_glob:  # read, and allowed, where the user stands
+        o.input_glob = os.path.abspath(o.input_glob)
     if not o.bq_dataset or not o.output_prefix:
         raise ConfigError("--bq_dataset and --output_prefix are required (or use --local)")
     try:
@@ -304,6 +307,7 @@ def run(argv: list[str] | None = None, local: LocalEnvironment | None = None) ->
             LOG.info("created tables %s", created)
     if job.stack is not None and local is not None:
         local.before_run(job)
+    started = time.time()  # a bounded run's dead letters are those written from here on
     result = build_pipeline(job).run()
     if runner_name(job.options) not in LOCAL_RUNNERS:
         job_id = getattr(result, "job_id", lambda: None)()
@@ -314,7 +318,50 @@ def run(argv: list[str] | None = None, local: LocalEnvironment | None = None) ->
                          None if local is None else lambda: local.drain(job))
     result.wait_until_finish()
     _write_metrics(o.metrics_file, result)
-    return 0
+    line, code = backfill_summary(job, counters(result), started)
+    print(line, flush=True)
+    return code
+
+
+def backfill_summary(job: Job, totals: dict[str, int], since: float) -> tuple[str, int]:
+    """The one line a bounded run ends with, and its exit status: 1 when no tile was scored,
+    not even in part (every file refused, or none matched), so a script notices; the refusals'
+    commonest reasons from the ``dead_letters`` table."""
+    o = job.options.view_as(TileStreamOptions)
+    files, scored = totals.get("messages_in", 0), totals.get("tiles_written", 0)
+    partial, letters = totals.get("tiles_partial", 0), totals.get("dead_letters", 0)
+    line = (f"backfill {o.input_glob}: {files} file{'s' if files != 1 else ''} read, "
+            f"{scored} tile{'s' if scored != 1 else ''} scored"
+            + (f" ({partial} partial)" if partial else "") + f", {letters} dead-lettered")
+    if letters:
+        reasons = _dead_letter_reasons(job, since)
+        if reasons:
+            line += ": " + "; ".join(f"{n}x {stage}: {reason}" for stage, reason, n in reasons)
+        line += f" (all of them: the {job.tables.errors} table)"
+    if not files:
+        line += "; no file matched"
+    return line, 0 if scored or partial else 1
+
+
+def _dead_letter_reasons(job: Job, since: float, top: int = 3) -> list[tuple[str, str, int]]:
+    """The commonest (stage, reason, count) of the dead letters written since ``since``; none
+    when they cannot be read (the summary's counts stand on their own)."""
+    import datetime as dt
+
+    from google.cloud import bigquery
+
+    project, rest = job.tables.errors.split(":", 1)
+    client = job.stack.bigquery() if job.stack is not None else bigquery.Client(project=project)
+    config = bigquery.QueryJobConfig(query_parameters=[bigquery.ScalarQueryParameter(
+        "since", "TIMESTAMP", dt.datetime.fromtimestamp(since - 1, dt.UTC))])
+    sql = (f"SELECT stage, reason, COUNT(*) AS n FROM `{project}.{rest}` WHERE time >= @since "
+           f"GROUP BY stage, reason ORDER BY n DESC, stage, reason LIMIT {int(top)}")
+    try:
+        return [(r["stage"], r["reason"], int(r["n"]))
+                for r in client.query(sql, job_config=config).result()]
+    except Exception as exc:  # an answer without reasons beats none
+        LOG.warning("could not read the dead letters' reasons: %s", exc)
+        return []
 
 
 if __name__ == "__main__":  # the Flex Template launcher runs this file with the parameters

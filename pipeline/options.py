@@ -14,6 +14,10 @@ from transforms.presets import DEFAULT_BAND_ALIASES, DEFAULT_GRANULE_PATTERN, PR
 
 # The Dataflow accelerator hint a --device=GPU stream puts on its inference step.
 DEFAULT_ACCELERATOR = "type:nvidia-l4;count:1;install-nvidia-driver"
+# Where the model runs: `tilestream run` and `tilestream check` share the default, so a check
+# without flags checks what a run without flags would do (CPU: every machine has one).
+DEVICES = ("CPU", "GPU")
+DEFAULT_DEVICE = "CPU"
 
 # This tree's release: setup.py's version (tests/test_release.py keeps them equal), the default
 # of --release, written on every row, and the name of its recorded graph in templates/releases/.
@@ -103,7 +107,7 @@ class TileStreamArguments:
             "or rollback takes effect within this many seconds.",
         )
         model.add_argument(
-            "--device", default="CPU", choices=["CPU", "GPU"],
+            "--device", default=DEFAULT_DEVICE, choices=DEVICES,
             help="GPU adds the Dataflow accelerator hint to the inference step and refuses to "
             "start on a worker without CUDA.",
         )
@@ -221,3 +225,40 @@ def __getattr__(name: str):
                    {"__module__": __name__, "__doc__": "TileStream's options as a Beam view."})
     globals()["TileStreamOptions"] = options
     return options
+
+
+def unknown_flags(argv: list[str]) -> str | None:
+    """Why ``argv`` cannot start a job, when it names a flag that no PipelineOptions class knows
+    (TileStream's or any of Beam's: --runner, --project, --experiments, worker flags, ...).
+
+    Beam itself only logs "Discarding unparseable args" among its start-up lines and runs on
+    without the flag, so a misspelt ``--max_batch_sise=64`` would silently run with the default.
+    """
+    import difflib
+
+    from apache_beam.options.pipeline_options import PipelineOptions, _BeamArgumentParser
+
+    globals().get("TileStreamOptions") or __getattr__("TileStreamOptions")  # registers it
+    class Parser(_BeamArgumentParser):
+        def error(self, message):  # a bad value is for Beam's own parse to report
+            raise ValueError(message)
+
+    parser = Parser(allow_abbrev=False)
+    classes = {str(cls): cls for cls in PipelineOptions.__subclasses__()}  # as Beam reads them
+    for cls in classes.values():
+        cls._add_argparse_args(parser)
+    try:
+        _, unknown = parser.parse_known_args(argv)
+    except ValueError:
+        return None
+    flags = [a for a in unknown if a.startswith("-")]
+    if not flags:
+        return None
+    known = [s for action in parser._actions for s in action.option_strings]
+    reasons = []
+    for given in flags:
+        name = given.split("=", 1)[0]
+        close = difflib.get_close_matches(name, known, n=1, cutoff=0.75)
+        reasons.append(f"{name} (did you mean {close[0]}?)" if close else name)
+    return (f"unknown flag{'s' if len(reasons) > 1 else ''}: {'; '.join(reasons)}. "
+            "`tilestream run --help` lists TileStream's; Beam's PipelineOptions are accepted too")

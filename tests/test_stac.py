@@ -399,12 +399,17 @@ def test_prediction_item_is_valid_stac_with_projection_classification_and_raster
     assert item["bbox"] == [-34.91, -8.07, -34.82, -7.98]
 
 
-def test_an_item_without_crs_code_carries_wkt2_and_without_acquired_the_event_time():
+def test_an_item_without_crs_code_carries_wkt2_and_without_acquired_says_it_is_unknown():
+    """No acquisition time: not the publish time as datetime, but datetime null and the
+    interval STAC then requires, ending at the publish time."""
     item = output_item(tile_row(crs="LOCAL_CS[\"x\"]", acquired=None, attributes=[]))
     assert stac_catalog.validation_errors(item) == []
     assert item["properties"]["proj:code"] is None
     assert item["properties"]["proj:wkt2"] == "LOCAL_CS[\"x\"]"
-    assert item["properties"]["datetime"] == "2026-11-29T09:00:00Z"
+    props = item["properties"]
+    assert props["datetime"] is None and props["tilestream:acquisition"] == "unknown"
+    assert (props["start_datetime"], props["end_datetime"]) == ("1970-01-01T00:00:00Z",
+                                                                "2026-11-29T09:00:00Z")
     assert [link["href"] for link in item["links"] if link["rel"] == "derived_from"] == [
         "gs://in/olinda.tif"]
 

@@ -77,6 +77,8 @@ from transforms.sinks import tile_row
 STAGE = "assemble"
 NODATA_CONFIDENCE = 255
 
+LOG = logging.getLogger("tilestream")
+
 
 TILES_TAG = "tiles"
 
@@ -457,6 +459,10 @@ class _FinishTileFn(_WithCards):
             return
         self.write_ms.update(int((time.perf_counter() - started) * 1000))
         (self.written if complete else self.partial).inc()
+        # One line per tile answered: what a user watching the stream's log wants to see.
+        LOG.info("tile %s answered%s: %d chips scored, %.1f s after publish, %s",
+                 manifest.tile.key, "" if complete else " (partial)", scored,
+                 row["latency_s"], uri)
         if problem:
             yield dead_letter(STAGE, problem, tile=manifest.tile)
         if manifest.failures:  # beside the row, so a restart never sees one without the other

@@ -22,6 +22,7 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from transforms.guards import EARLIEST
 from transforms.presets import COMMON_NAMES, PRESETS
 from transforms.records import NODATA_CLASS, TileRef
 
@@ -287,6 +288,19 @@ def classification_classes(classes: Sequence[Any]) -> list[dict[str, Any]]:
              "color_hint": c.colour.lstrip("#").upper()} for c in classes]
 
 
+def acquisition_time(row: Mapping[str, Any]) -> dict[str, Any]:
+    """The item's time properties: ``datetime``, the acquisition time, when the announcement or
+    the granule name gave one. Without it the item does not pretend (the publish time is not
+    when the scene was seen): ``datetime`` null and, as STAC then requires, the interval the
+    acquisition lies in: from the earliest time the stream accepts to the publish time."""
+    acquired = _time_text(row.get("acquired"))
+    if acquired:
+        return {"datetime": acquired}
+    return {"datetime": None, "start_datetime": _time_text(EARLIEST),
+            "end_datetime": _time_text(row["event_time"]),
+            "tilestream:acquisition": "unknown"}
+
+
 def prediction_item(row: Mapping[str, Any], *, transform: Sequence[float], crs_wkt: str,
                     classes: Sequence[Any], confidence_band: bool, href: str) -> dict[str, Any]:
     """The STAC Item of one prediction COG, from its ``tiles`` row and grid.
@@ -315,7 +329,7 @@ def prediction_item(row: Mapping[str, Any], *, transform: Sequence[float], crs_w
                [{"rel": "derived_from", "href": uri, "type": "image/tiff",
                  "title": "source raster"} for uri in row.get("source_uris") or ()])
     properties: dict[str, Any] = {
-        "datetime": _time_text(row.get("acquired")) or _time_text(row["event_time"]),
+        **acquisition_time(row),
         "created": _time_text(row.get("completed_at")),
         **projection,
         "tilestream:tile_id": row["tile_id"],

@@ -9,8 +9,10 @@ stop the stream and the stack. The last line on stdout is a JSON summary.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -55,7 +57,8 @@ def wait_until_ready(stack, tile_id: str, generation: str, timeout_s: float) -> 
             ready = []
         if ready:
             [row] = [dict(r) for r in stack.bigquery().query(
-                "SELECT tile_id, chips_scored, chips_skipped, latency_s, raster_uri, drifted, "
+                "SELECT tile_id, acquired, chips_scored, chips_skipped, latency_s, raster_uri, "
+                "drifted, "
                 f"drift_max_band_psi FROM `{dataset}.tiles` WHERE tile_id = '{tile_id}' "
                 f"AND tile_generation = '{generation}'").result()]
             return row
@@ -64,14 +67,26 @@ def wait_until_ready(stack, tile_id: str, generation: str, timeout_s: float) -> 
 
 
 def run_demo(out_dir: str = "out/demo", keep_stack: bool = False,
-             model_uri: str = DEFAULT_MODEL_URI, timeout_s: float = 150.0) -> dict:
+             model_uri: str = DEFAULT_MODEL_URI, timeout_s: float = 150.0,
+             stack_dir: str | Path = DEMO_STACK_DIR) -> dict:
+    """One demo at a time per stack directory: a second one refuses at once (its stop would take
+    the first one's stack away), so two `make demo` never fight over ports and processes."""
+    # A SIGTERM (a CI timeout, `kill`) stops the demo like Ctrl-C: its stream and stack too.
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+    with local_stack.hold(stack_dir, "demo", wait_s=0):
+        return _run_demo(out_dir, keep_stack, model_uri, timeout_s, Path(stack_dir))
+
+
+def _run_demo(out_dir: str, keep_stack: bool, model_uri: str, timeout_s: float,
+              stack_dir: Path) -> dict:
     started = time.monotonic()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     card = load_card(model_uri)
     say(f"model {card.model_id}: {card.parameters:,} parameters, classes "
         f"{', '.join(c.name for c in card.classes)}")
-    stack = local_stack.up(DEMO_STACK_DIR)
+    stack = local_stack.up(stack_dir)
     say(f"local stack up at {stack.run_dir} ({time.monotonic() - started:.1f}s)")
     dataset = f"{stack.project}.{stack.dataset}"
     log = open(out / "stream.log", "wb")
@@ -99,7 +114,8 @@ def run_demo(out_dir: str = "out/demo", keep_stack: bool = False,
         print("class_area_per_tile_and_day (pipeline/ops/sql/queries.sql)"
               + (f"; {flag}:" if flag else ":"))
         for row in areas:
-            print(f"  {row['day']}  {row['tile_id']}  {row['class_name']:<12} "
+            print(f"  {row['day'] or 'acquisition time unknown'}  {row['tile_id']}  "
+                  f"{row['class_name']:<12} "
                   f"{row['area_km2']:8.2f} km²")
         print(f"prediction raster: {tile['raster_uri']}")
         png = write_quicklook(str(SAMPLE_TILE), _download(stack, tile["raster_uri"], out),
@@ -116,6 +132,9 @@ def run_demo(out_dir: str = "out/demo", keep_stack: bool = False,
             "rasters": [tile["raster_uri"]],
             "dead_letters": _count(bq, f"SELECT COUNT(*) FROM `{dataset}.dead_letters`"),
             "latency_s": round(float(tile["latency_s"]), 2),
+            # A bare bucket notification says when the file was uploaded, not when the scene
+            # was seen: None, never the upload day.
+            "acquired": tile["acquired"].isoformat() if tile["acquired"] else None,
             "drifted": bool(tile["drifted"]),
             "quicklook": str(png),
             "model": card.model_id,

@@ -7,6 +7,9 @@ journal of pulled messages and the runner fixes.
 
 from __future__ import annotations
 
+import codecs
+import logging
+import re
 from typing import Any
 
 from apache_beam.options.pipeline_options import (
@@ -39,6 +42,7 @@ def prepare(options: PipelineOptions) -> local_stack.LocalStack:
     o = options.view_as(TileStreamOptions)
     gcp = options.view_as(GoogleCloudOptions)
     stack = local_stack.load(o.stack_dir)
+    local_stack.require_up(stack)  # a dead emulator: say which, rather than retry forever
     patches.apply(stack)
     gcp.project = gcp.project or stack.project
     o.subscription = o.subscription or (None if o.input_glob else stack.subscription_path)
@@ -98,8 +102,6 @@ def _worker_processes(options: PipelineOptions) -> None:
     """A backfill on the FnApiRunner: one SDK worker process per core (``--direct_num_workers``
     says otherwise), each started as ``python -m pipeline.local.worker``, which installs the
     local stack in it before Beam's harness starts."""
-    import logging
-
     from apache_beam.runners.portability.fn_api_runner import FnApiRunner
     from apache_beam.transforms.environments import SubprocessSDKEnvironment
 
@@ -114,5 +116,34 @@ def _worker_processes(options: PipelineOptions) -> None:
     direct.direct_running_mode = "in_memory"
     logging.getLogger("apache_beam.runners.portability.fn_api_runner.fn_runner").addFilter(
         lambda record: "direct_running_mode should be" not in record.getMessage())
+    forwarded = logging.getLogger("apache_beam.runners.portability.local_job_service")
+    forwarded.setLevel(logging.INFO)  # the workers' own lines (one per tile answered) included
+    forwarded.addFilter(_worker_log_line)
     options.view_as(StandardOptions).runner = FnApiRunner(
         default_environment=SubprocessSDKEnvironment.from_command_string(worker.command()))
+
+
+# What SDK workers log reaches the runner as a LogEntry printed whole (timestamps, thread, file
+# on one line); the workers' own complaint that `resource` is missing comes with every bundle.
+_WORKER_FIELD = r'{}: "((?:[^"\\]|\\.)*)"'
+_WORKER_NOISE = ("Resource module is not available", "No semi_persistent_directory found")
+
+
+def _worker_field(text: str, name: str) -> str | None:
+    found = re.search(_WORKER_FIELD.format(name), text)
+    return (codecs.escape_decode(found.group(1).encode())[0].decode("utf-8", "replace")
+            if found else None)
+
+
+def _worker_log_line(record: logging.LogRecord) -> bool:
+    """Keep a worker's log line short, its message alone; of Beam's own lines only warnings and
+    errors, as in this process; drop the per-bundle noise."""
+    text = record.getMessage()
+    message = _worker_field(text, "message")
+    if not text.startswith("Worker: ") or message is None:
+        return record.levelno >= logging.WARNING
+    beams = "site-packages" in (_worker_field(text, "log_location") or "site-packages")
+    if (beams and record.levelno < logging.WARNING) or any(n in message for n in _WORKER_NOISE):
+        return False
+    record.name, record.msg, record.args = "worker", "%s", (message,)
+    return True

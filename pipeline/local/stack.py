@@ -18,6 +18,8 @@ Ports are free ones chosen at start; every process is the leader of its own proc
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import glob
 import http.client
 import json
@@ -29,7 +31,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -39,6 +41,13 @@ DEFAULT_PROJECT = "tilestream-local"
 NAME = "tilestream"  # the Terraform's var.name
 INPUT_PREFIX, OUTPUT_PREFIX, REGISTRY_PREFIX = "incoming", "output", "registry"  # its prefixes
 READY_TIMEOUT_S = 60.0
+# Every process a stack starts carries its run directory in this variable (its children inherit
+# it), so `down` finds all of them, also those of a start that never recorded its PIDs.
+STACK_ENV = "TILESTREAM_STACK_OF"
+LOCK_FILE = "stack.lock"
+# A second `up` of the same run directory waits this long for the first to finish starting (then
+# finds it running); `down` waits as long for an `up` under way.
+LOCK_WAIT_S = 3 * READY_TIMEOUT_S
 
 
 class StackError(RuntimeError):
@@ -259,14 +268,15 @@ def _bqemulator_home(run_dir: Path) -> Path:
     return home
 
 
-def _spawn(name: str, argv: list[str], run_dir: Path, env: dict[str, str]) -> int:
+def _spawn(name: str, argv: list[str], run_dir: Path, env: dict[str, str],
+           cwd: Path | None = None) -> int:
     logs = run_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     with open(logs / f"{name}.log", "ab") as log:
         proc = subprocess.Popen(
             argv,
-            cwd=run_dir,
-            env={**os.environ, **env},
+            cwd=cwd or run_dir,
+            env={**os.environ, **env, STACK_ENV: str(run_dir)},
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
@@ -309,21 +319,111 @@ def _health_checks(stack: LocalStack) -> dict[str, Callable[[], bool]]:
     }
 
 
-def up(run_dir: str | Path | None = None, project: str = DEFAULT_PROJECT) -> LocalStack:
-    """Start the three emulators, wait until they answer, create the resources; idempotent."""
-    run_dir = Path(run_dir or default_run_dir()).resolve()
-    if (run_dir / STATE_FILE).exists():
-        existing = load(run_dir)
-        if all(status(existing).values()):
-            ensure_resources(existing)
-            return existing
-        down(run_dir)
+@contextlib.contextmanager
+def hold(run_dir: str | Path, what: str = "stack", wait_s: float = LOCK_WAIT_S) -> Iterator[None]:
+    """Hold ``run_dir``'s lock for ``what`` (``stack``: up and down; ``demo``: a whole demo).
+
+    Waits up to ``wait_s`` for another holder (0: not at all), then refuses with its PID. The
+    kernel releases the lock when its holder exits, however it exits.
+    """
+    run_dir = Path(run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / (LOCK_FILE if what == "stack" else f"{what}.lock")
+    with open(path, "a+") as lock:
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    lock.seek(0)
+                    holder = lock.read().strip() or "?"
+                    raise StackError(
+                        f"{run_dir} is in use by another {what} (pid {holder}); wait for it to "
+                        f"finish, or give this one its own directory") from None
+                time.sleep(0.2)
+        lock.seek(0)
+        lock.truncate()
+        lock.write(f"{os.getpid()}\n")
+        lock.flush()
+        yield
+
+
+def _commands(stack: LocalStack) -> dict[str, tuple[list[str], Path, dict[str, str]]]:
+    """How each process of the stack starts: (argv, working directory, environment)."""
+    run_dir = Path(stack.run_dir)
+    gcs_root = run_dir / "gcs"
+    bq_venv = bqemulator_venv()
+    if not (bq_venv / "bin/bqemulator").exists():
+        raise StackError(f"bqemulator not found in {bq_venv}; run `make install`")
+    commands = {
+        "pubsub": ([*pubsub_emulator_command(), "--host=127.0.0.1",
+                    f"--port={stack.pubsub_upstream_port}"], run_dir, {}),
+        "bigquery": ([str(bq_venv / "bin/bqemulator"), "start",
+                      "--rest-port", str(stack.bigquery_upstream_port),
+                      "--grpc-port", str(stack.bigquery_grpc_port),
+                      "--project", stack.project, "--log-level", "warning"],
+                     run_dir, {"HOME": str(_bqemulator_home(run_dir)),
+                               "BQEMU_GCS_LOCAL_ROOT": str(gcs_root / ".cloudstorage")}),
+        "gcs": ([sys.executable, "-m", "pipeline.local.gcs_emulator", "start", "--host",
+                 "127.0.0.1", "--port", str(stack.gcs_upstream_port), "--quiet"],
+                gcs_root, {"STORAGE_BASE": str(gcs_root)}),
+    }
+    for service, protocol, listen, upstream in (
+            ("storage", "http", stack.gcs_port, stack.gcs_upstream_port),
+            ("bigquery", "http", stack.bigquery_port, stack.bigquery_upstream_port),
+            ("pubsub", "grpc", stack.pubsub_port, stack.pubsub_upstream_port)):
+        commands[f"{'gcs' if service == 'storage' else service}-proxy"] = (
+            [sys.executable, "-m", "pipeline.local.audit", protocol, f"--listen={listen}",
+             f"--upstream={upstream}", f"--service={service}", f"--run_dir={run_dir}"],
+            run_dir, {})
+    return commands
+
+
+def up(run_dir: str | Path | None = None, project: str = DEFAULT_PROJECT) -> LocalStack:
+    """Start the three emulators, wait until they answer, create the resources; idempotent.
+
+    A recorded stack whose servers all answer is kept; one with dead servers gets those
+    restarted on their ports (the live ones keep their data); if that fails, a fresh stack.
+    Two ``up`` of one run directory at once: the second waits for the first, then finds it up.
+    """
+    run_dir = Path(run_dir or default_run_dir()).resolve()
+    with hold(run_dir):
+        if (run_dir / STATE_FILE).exists():
+            existing = load(run_dir)
+            health = status(existing)
+            if all(health.values()):
+                ensure_resources(existing)
+                return existing
+            try:
+                return _restart_dead(existing, [n for n, ok in health.items() if not ok])
+            except (StackError, OSError):
+                _down(run_dir)
+        return _start(run_dir, project)
+
+
+def _restart_dead(stack: LocalStack, dead: list[str]) -> LocalStack:
+    commands = _commands(stack)
+    run_dir = Path(stack.run_dir)
+    if "pubsub" in dead:  # a fresh Pub/Sub: the journal is about messages it never had
+        shutil.rmtree(run_dir / "journal", ignore_errors=True)
+    for name in dead:
+        _stop_groups([stack.pids[name]])
+        argv, cwd, env = commands[name]
+        stack.pids[name] = _spawn(name, argv, run_dir, env, cwd)
+    stack.save()
+    _wait_ready(stack)
+    ensure_resources(stack)
+    return stack
+
+
+def _start(run_dir: Path, project: str) -> LocalStack:
+    _down(run_dir)  # whatever an earlier start left running, recorded or not
     # Fresh emulators have a fresh Pub/Sub (message ids start over): a journal of messages an
     # earlier incarnation pulled is about another stack and must not be replayed into this one.
     shutil.rmtree(run_dir / "journal", ignore_errors=True)
-    gcs_root = run_dir / "gcs"
-    gcs_root.mkdir(exist_ok=True)
+    (run_dir / "gcs").mkdir(exist_ok=True)
     ports = _free_ports(7)
     stack = LocalStack(
         run_dir=str(run_dir),
@@ -335,57 +435,25 @@ def up(run_dir: str | Path | None = None, project: str = DEFAULT_PROJECT) -> Loc
         dataflow_bucket=f"{project}-{NAME}-dataflow",
     )
     shutil.rmtree(run_dir / "audit", ignore_errors=True)  # the calls of this stack only
-    bq_venv = bqemulator_venv()
-    if not (bq_venv / "bin/bqemulator").exists():
-        raise StackError(f"bqemulator not found in {bq_venv}; run `make install`")
     try:
-        stack.pids["pubsub"] = _spawn(
-            "pubsub",
-            [*pubsub_emulator_command(), "--host=127.0.0.1",
-             f"--port={stack.pubsub_upstream_port}"],
-            run_dir,
-            {},
-        )
-        stack.pids["bigquery"] = _spawn(
-            "bigquery",
-            [
-                str(bq_venv / "bin/bqemulator"), "start",
-                "--rest-port", str(stack.bigquery_upstream_port),
-                "--grpc-port", str(stack.bigquery_grpc_port),
-                "--project", project,
-                "--log-level", "warning",
-            ],
-            run_dir,
-            {
-                "HOME": str(_bqemulator_home(run_dir)),
-                "BQEMU_GCS_LOCAL_ROOT": str(gcs_root / ".cloudstorage"),
-            },
-        )
-        stack.pids["gcs"] = _spawn(
-            "gcs",
-            [
-                sys.executable, "-m", "pipeline.local.gcs_emulator", "start",
-                "--host", "127.0.0.1", "--port", str(stack.gcs_upstream_port), "--quiet",
-            ],
-            gcs_root,
-            {"STORAGE_BASE": str(gcs_root)},
-        )
-        for service, protocol, listen, upstream in (
-                ("storage", "http", stack.gcs_port, stack.gcs_upstream_port),
-                ("bigquery", "http", stack.bigquery_port, stack.bigquery_upstream_port),
-                ("pubsub", "grpc", stack.pubsub_port, stack.pubsub_upstream_port)):
-            stack.pids[f"{'gcs' if service == 'storage' else service}-proxy"] = _spawn(
-                f"{service}-proxy",
-                [sys.executable, "-m", "pipeline.local.audit", protocol, f"--listen={listen}",
-                 f"--upstream={upstream}", f"--service={service}", f"--run_dir={run_dir}"],
-                run_dir, {})
-        stack.save()
+        for name, (argv, cwd, env) in _commands(stack).items():
+            stack.pids[name] = _spawn(name, argv, run_dir, env, cwd)
+            stack.save()  # each PID as soon as it exists
         _wait_ready(stack)
         ensure_resources(stack)
     except BaseException:
-        down(run_dir)
+        _down(run_dir)
         raise
     return stack
+
+
+def require_up(stack: LocalStack) -> None:
+    """Raise, naming the servers that do not answer and the fix, unless all of the stack does."""
+    dead = sorted(name for name, ok in status(stack).items() if not ok)
+    if dead:
+        raise StackError(
+            f"the local stack in {stack.run_dir} is down in part: {', '.join(dead)} not "
+            f"answering; `tilestream local up --stack_dir={stack.run_dir}` restarts dead servers")
 
 
 def _wait_ready(stack: LocalStack) -> None:
@@ -474,24 +542,59 @@ def status(stack: LocalStack) -> dict[str, bool]:
 
 
 def down(run_dir: str | Path | None = None, timeout_s: float = 10.0) -> list[int]:
-    """Stop every process group this stack started; returns the PIDs that were signalled."""
-    try:
-        stack = load(run_dir)
-    except StackError:
+    """Stop every process this stack started (recorded or not); returns the PIDs signalled."""
+    run_dir = Path(run_dir or default_run_dir()).resolve()
+    if not run_dir.is_dir():
         return []
+    with hold(run_dir):
+        return _down(run_dir, timeout_s)
+
+
+def _down(run_dir: Path, timeout_s: float = 10.0) -> list[int]:
+    recorded = []
+    with contextlib.suppress(StackError, ValueError, TypeError):
+        recorded = list(load(run_dir).pids.values())
+    stopped = _stop_groups([*recorded, *started_by(run_dir)], timeout_s)
+    Path(run_dir, STATE_FILE).unlink(missing_ok=True)
+    return stopped
+
+
+def started_by(run_dir: str | Path) -> list[int]:
+    """Live processes that carry ``run_dir`` as their stack (:data:`STACK_ENV`)."""
+    marker = f"{STACK_ENV}={Path(run_dir).resolve()}".encode()
+    found = []
+    for environ in glob.glob("/proc/[0-9]*/environ"):
+        try:
+            if marker in Path(environ).read_bytes().split(b"\0"):
+                found.append(int(Path(environ).parent.name))
+        except (OSError, ValueError):
+            continue  # gone, or not ours to read
+    return [pid for pid in found if _alive(pid)]
+
+
+def _stop_groups(pids: list[int], timeout_s: float = 10.0) -> list[int]:
+    """SIGTERM the process group of each PID (and the PID), SIGKILL what is left after
+    ``timeout_s``; returns those signalled."""
     signalled = []
-    for pgid in stack.pids.values():
-        if group_members(pgid):
-            signalled.append(pgid)
-            _signal_group(pgid, signal.SIGTERM)
+    for pid in dict.fromkeys(pids):
+        if group_members(pid) or _alive(pid):
+            signalled.append(pid)
+            _signal_group(pid, signal.SIGTERM)
+            _signal(pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout_s
-    while any(group_members(p) for p in signalled) and time.monotonic() < deadline:
+    while any(group_members(p) or _alive(p) for p in signalled) and time.monotonic() < deadline:
         time.sleep(0.1)
-    for pgid in signalled:
-        if group_members(pgid):
-            _signal_group(pgid, signal.SIGKILL)
-    Path(stack.run_dir, STATE_FILE).unlink(missing_ok=True)
+    for pid in signalled:
+        if group_members(pid):
+            _signal_group(pid, signal.SIGKILL)
+        if _alive(pid):
+            _signal(pid, signal.SIGKILL)
     return signalled
+
+
+def _signal(pid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.kill(pid, sig)
 
 
 def _signal_group(pgid: int, sig: int) -> None:

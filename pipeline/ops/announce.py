@@ -14,6 +14,35 @@ import time
 from collections.abc import Mapping
 
 from transforms.announcements import ANNOUNCEMENT_SCHEMA, rfc3339
+from transforms.guards import RASTER_SUFFIXES
+
+# The first bytes of a classic TIFF or a BigTIFF, little- or big-endian (COGs are TIFFs).
+TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+
+
+class AnnounceError(ValueError):
+    """A file or object that must not be announced; refused before anything is uploaded."""
+
+
+def check_raster(path: str) -> None:
+    """Refuse up front what the stream would only filter: a notification of an object that is
+    not a ``.tif``/``.tiff`` is acknowledged and counted as filtered, never scored, and a file
+    that is not a TIFF inside would be dead-lettered after its upload."""
+    if not path.lower().endswith(RASTER_SUFFIXES):
+        raise AnnounceError(f"{path} is not a GeoTIFF (the stream reads "
+                            f"{', '.join(RASTER_SUFFIXES)} files; anything else it filters "
+                            "without scoring)")
+    if path.startswith("gs://"):
+        return
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except FileNotFoundError:
+        raise AnnounceError(f"{path}: no such file") from None
+    except OSError as exc:
+        raise AnnounceError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+    if head not in TIFF_MAGIC:
+        raise AnnounceError(f"{path} is not a TIFF (it does not start with a TIFF header)")
 
 
 def gcs_notification(bucket: str, name: str, generation: str | int, *,

@@ -109,7 +109,11 @@ def cmd_run(args, rest: list[str]) -> int:
     from model.card import CardError
     from pipeline import main
     from pipeline.local import launch
+    from pipeline.options import unknown_flags
 
+    refused = unknown_flags(rest)  # Beam would drop it with a warning and run on without it
+    if refused:
+        return _fail("run", refused)
     _record_local_stream(rest)
     try:
         code = main.run(rest, local=launch)
@@ -166,6 +170,14 @@ def cmd_announce(args) -> int:
         return _fail("announce", "--json needs --tile_id and --acquired")
     if args.json and (bool(args.band) == bool(args.paths) or len(args.paths) > 1):
         return _fail("announce", "--json takes one multi-band PATH or --band name=PATH ...")
+    if not args.paths and not args.band:
+        return _fail("announce", "nothing to announce: give a GeoTIFF PATH or gs:// URI "
+                     "(or --json with --band, or --stac ITEM.json)")
+    try:
+        for path in [*args.paths, *(b.partition("=")[2] for b in args.band)]:
+            announce.check_raster(path)
+    except announce.AnnounceError as exc:
+        return _fail("announce", str(exc))
     target = clients.resolve(args)
     topic = args.topic or (target.stack.topic_path if target.stack else None)
     bucket = args.bucket or (target.stack.bucket if target.stack else None)
@@ -364,7 +376,10 @@ def parser() -> argparse.ArgumentParser:
     check = verbs.add_parser("check", help="before launching: torch sees the device, the "
                              "model card loads, one real chip scores")
     check.add_argument("--model_uri", default=None, help="model directory (default: shipped)")
-    check.add_argument("--device", default="GPU", choices=["CPU", "GPU"])
+    from pipeline.options import DEFAULT_DEVICE, DEVICES
+
+    check.add_argument("--device", default=DEFAULT_DEVICE, choices=DEVICES,
+                       help="where the model runs, as `tilestream run --device`")
     check.set_defaults(func=cmd_check)
 
     stat = verbs.add_parser("stats", help="the books for a window: every message in and its "
@@ -427,7 +442,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: "
                         "%(message)s")
     for noisy in ("apache_beam.runners.direct", "apache_beam.runners.portability",
-                  "apache_beam.typehints",
+                  "apache_beam.typehints", "apache_beam.io.gcp.bigquery_tools",
                   "google", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     argv = sys.argv[1:] if argv is None else argv
@@ -435,14 +450,22 @@ def main(argv: list[str] | None = None) -> int:
     identity = (IDENTITIES.get(getattr(args, "model_verb", None) or "")
                 or IDENTITIES.get(args.verb, OPERATOR))
     os.environ.setdefault("TILESTREAM_IDENTITY", identity)
-    if getattr(args, "passthrough", False):
-        return args.func(args, rest)
-    if rest:
+    if rest and not getattr(args, "passthrough", False):
         parser().error(f"unrecognized arguments: {' '.join(rest)}")
+    from google.api_core.exceptions import NotFound
+
+    from pipeline.ops.queries import missing_table, nothing_yet
+
     try:
-        return args.func(args)
+        return args.func(args, rest) if getattr(args, "passthrough", False) else args.func(args)
     except (clients.TargetError, local_stack.StackError) as exc:
         return _fail(args.verb, str(exc))
+    except NotFound as exc:  # a verb that reads the rows before any stream has written them
+        table = missing_table(exc)
+        if table is None or args.verb == "run":
+            raise
+        print(f"tilestream {args.verb}: {nothing_yet(table)}")
+        return 0
 
 
 if __name__ == "__main__":

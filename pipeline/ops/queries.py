@@ -51,6 +51,25 @@ def compose(sql: str, dataset: str) -> str:
     return _ANSWERED.sub(definitions, sql).replace("{dataset}", dataset)
 
 
+_MISSING_TABLE = re.compile(r"Not found: Table ([\w.:-]+)")
+
+
+def missing_table(exc: BaseException) -> str | None:
+    """The table a BigQuery ``NotFound`` names, or None when it is about something else.
+
+    A stream creates its tables when it starts, so a read-only verb that meets a missing table
+    answers "nothing yet"; a missing dataset is a wrong ``--bq_dataset`` and stays an error.
+    """
+    found = _MISSING_TABLE.search(str(exc))
+    return found.group(1) if found else None
+
+
+def nothing_yet(table: str) -> str:
+    """What a read-only verb says where no stream has written yet: one wording, every verb."""
+    return (f"nothing yet: table {table} does not exist, no stream has written to this dataset "
+            "(`tilestream run` creates its tables)")
+
+
 # Parameters a query may leave to its caller: the shipped queries leave out answers the model
 # flagged as untrustworthy unless asked (include_drifted=True).
 DEFAULTS = {"include_drifted": False}

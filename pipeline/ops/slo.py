@@ -23,7 +23,7 @@ import re
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from pipeline.ops.queries import OPERATIONS_FILE, run_query
+from pipeline.ops.queries import OPERATIONS_FILE, missing_table, nothing_yet, run_query
 from pipeline.options import LATENCY_SLO_S
 
 LATENCY_TARGET = 0.95
@@ -92,15 +92,18 @@ class SloReport:
     end: dt.datetime
     slos: tuple[SloResult, ...]
     slis: dict[str, Any]
+    note: str | None = None  # e.g. no stream has written yet
 
     def to_dict(self) -> dict[str, Any]:
         return {"start": self.start.isoformat(), "end": self.end.isoformat(),
-                "slis": self.slis, "slos": [s.to_dict() for s in self.slos]}
+                "slis": self.slis, "slos": [s.to_dict() for s in self.slos], "note": self.note}
 
     def text(self) -> str:
         hours = (self.end - self.start).total_seconds() / 3600
         lines = [f"SLOs from {self.start:%Y-%m-%d %H:%M:%S} to {self.end:%Y-%m-%d %H:%M:%S} UTC "
                  f"({hours:g} h)"]
+        if self.note:
+            lines.append(f"  {self.note}")
         for s in self.slos:
             if s.total == 0:
                 lines.append(f"  {s.name:<10} {s.objective}: no events in the window")
@@ -134,10 +137,22 @@ def compute(client, dataset: str, window: dt.timedelta, end: dt.datetime | None 
             raise SloError(f"{name} target {target} must be strictly between 0 and 1")
     end = end or dt.datetime.now(dt.UTC)
     start = end - window
-    [tiles] = run_query(client, "slo_tiles", dataset, OPERATIONS_FILE, start=start, end=end,
-                        latency_s=float(latency_s))
-    letters = {r["stage"]: r["letters"] for r in run_query(
-        client, "slo_dead_letters", dataset, OPERATIONS_FILE, start=start, end=end)}
+    from google.api_core.exceptions import NotFound
+
+    note = None
+    try:
+        [tiles] = run_query(client, "slo_tiles", dataset, OPERATIONS_FILE, start=start, end=end,
+                            latency_s=float(latency_s))
+        letters = {r["stage"]: r["letters"] for r in run_query(
+            client, "slo_dead_letters", dataset, OPERATIONS_FILE, start=start, end=end)}
+    except NotFound as exc:  # a stream creates every table at its start: none has run yet
+        table = missing_table(exc)
+        if table is None:
+            raise
+        note, letters = nothing_yet(table), {}
+        tiles = dict.fromkeys(("tiles", "tiles_fast", "tiles_incomplete", "tiles_good",
+                               "chips_scored", "last_completed_at", "latency_p50_s",
+                               "latency_p95_s", "latency_p99_s"))
     n_tiles, dead = int(tiles["tiles"] or 0), sum(letters.values())
     last = tiles["last_completed_at"]
     freshness = (end - last).total_seconds() if last else None
@@ -164,4 +179,4 @@ def compute(client, dataset: str, window: dt.timedelta, end: dt.datetime | None 
                   latency_target, int(tiles["tiles_good"] or 0), n_tiles),
         SloResult("errors", "message not dead-lettered", error_target, n_tiles, messages),
     )
-    return SloReport(start, end, slos, slis)
+    return SloReport(start, end, slos, slis, note)

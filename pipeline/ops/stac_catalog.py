@@ -101,7 +101,9 @@ def latest_rows(rows: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
 
 def _extent(items: list[dict[str, Any]]) -> dict[str, Any]:
     boxes = [i["bbox"] for i in items]
-    times = sorted(i["properties"]["datetime"] for i in items)
+    times = sorted(t for i in items for t in (i["properties"].get("datetime"),
+                                              i["properties"].get("start_datetime"),
+                                              i["properties"].get("end_datetime")) if t)
     return {"spatial": {"bbox": [[min(b[0] for b in boxes), min(b[1] for b in boxes),
                                   max(b[2] for b in boxes), max(b[3] for b in boxes)]]},
             "temporal": {"interval": [[times[0], times[-1]]]}}

@@ -34,11 +34,12 @@ QUALIFY ROW_NUMBER() OVER (PARTITION BY c.tile_id, c.chip_index ORDER BY c.score
 ORDER BY tile_id, chip_index;
 
 -- name: class_area_per_tile_and_day
--- Area (km²) of each class per tile and day, from each tile's answer (its newest generation, the
--- model that answered it: a re-uploaded tile counts once) and its blended prediction raster
--- (drifted tiles only with @include_drifted).
+-- Area (km²) of each class per tile and day of acquisition, from each tile's answer (its newest
+-- generation, the model that answered it: a re-uploaded tile counts once) and its blended
+-- prediction raster (drifted tiles only with @include_drifted). day is NULL where the
+-- acquisition time is unknown (a bare bucket notification): the upload day is not the scene's.
 WITH {answered since TIMESTAMP '1970-01-01 00:00:00+00'}
-SELECT DATE(t.event_time) AS day, t.tile_id, t.tile_generation, t.model_version,
+SELECT DATE(t.acquired) AS day, t.tile_id, t.tile_generation, t.model_version,
        c.name AS class_name, SUM(c.area_m2) / 1e6 AS area_km2
 FROM tile_answers AS t
 CROSS JOIN UNNEST(t.classes) AS c
