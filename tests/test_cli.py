@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
 import json
+import re
 import subprocess
 import sys
 import uuid
@@ -88,3 +90,80 @@ def test_run_refuses_bad_stage_options_before_starting(flag, message):
     done = tilestream("run", "--input_glob=/nonexistent/*.tif", "--bq_dataset=p:d",
                       "--output_prefix=/tmp/out", flag)
     assert done.returncode == 2 and message in done.stderr, done.stderr[-2000:]
+
+
+# Help is written for a user: every verb says what it does, every flag what it means, and no
+# reStructuredText of the module docstrings leaks into it.
+MARKUP = re.compile(r":(func|mod|data|class|meth|attr):|``")
+
+
+def _parsers():
+    """(name, parser) of every verb and sub-verb, the pass-through ones (run, iam, release)
+    included."""
+    from pipeline.ops import cli, iam, release
+    from pipeline.options import TileStreamArguments
+
+    run = argparse.ArgumentParser(prog="tilestream run")
+    TileStreamArguments._add_argparse_args(run)
+    todo = [("tilestream", cli.parser()), ("tilestream release", release.parser()),
+            ("tilestream iam", iam.parser()), ("tilestream run", run)]
+    while todo:
+        name, parser = todo.pop()
+        yield name, parser
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                todo += [(f"{name} {verb}", sub) for verb, sub in action.choices.items()]
+
+
+def test_every_verb_and_flag_has_help_without_markup():
+    missing, marked, undescribed = [], [], []
+    for name, parser in _parsers():
+        if name not in ("tilestream run", "tilestream iam") and not parser.description:
+            undescribed.append(name)
+        for text in (parser.description, parser.epilog):
+            if text and MARKUP.search(text):
+                marked.append(name)
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                helps = {a.dest: a.help for a in action._choices_actions}
+                missing += [f"{name} {v}" for v in action.choices if not helps.get(v)]
+                continue
+            if not action.help or action.help == argparse.SUPPRESS:
+                missing.append(f"{name} {'/'.join(action.option_strings) or action.dest}")
+            elif MARKUP.search(action.help):
+                marked.append(f"{name} {action.dest}")
+    assert not missing, f"without help: {missing}"
+    assert not marked, f"reStructuredText in help: {marked}"
+    assert not undescribed, f"no description line: {undescribed}"
+
+
+@pytest.mark.parametrize("argv", [("model", "--help"), ("release", "--help"), ("--help",)])
+def test_help_output_has_no_markup(argv):
+    done = tilestream(*argv)
+    assert done.returncode == 0 and not MARKUP.search(done.stdout), done.stdout
+
+
+def test_read_only_verbs_take_no_author():
+    for name, parser in _parsers():
+        flags = {f for a in parser._actions for f in a.option_strings}
+        verb = name.split()[-1]
+        if verb in ("status", "list", "compare", "watch"):
+            assert not {"--by", "--reason"} & flags, name
+
+
+def test_local_up_help_is_its_own():
+    out = tilestream("local", "up", "--help").stdout
+    assert out.startswith("usage: tilestream local up") and "emulators" in out
+
+
+def test_version():
+    from pipeline.options import RELEASE
+
+    done = tilestream("--version")
+    assert done.returncode == 0 and done.stdout.strip() == f"tilestream {RELEASE}"
+
+
+def test_model_status_of_an_empty_registry_says_what_a_stream_scores(tmp_path):
+    done = tilestream("model", "status", f"--registry={tmp_path}")
+    status = json.loads(done.stdout)
+    assert status["live"] is None and "--model_uri" in status["note"]
