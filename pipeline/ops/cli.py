@@ -281,41 +281,57 @@ def cmd_query(args) -> int:
     from pipeline.ops import queries
 
     files = (queries.QUERIES_FILE, queries.OPERATIONS_FILE)
-    if args.list or not args.name:
+    if args.list or not (args.name or args.sql):
         for path in files:
             for name, about in queries.describe(path).items():
                 print(f"{name:<28} {about}  [{path.name}]")
         return 0
-    path = next((p for p in files if args.name in queries.load_queries(p)), None)
-    if path is None:
+    if args.name and args.sql:
+        return _fail("query", "give a NAME or --sql, not both")
+    sql = args.sql
+    if sql is None:
+        sql = next((q[args.name] for q in map(queries.load_queries, files) if args.name in q),
+                   None)
+    if sql is None:
         return _fail("query", f"no query named {args.name!r} (`tilestream query --list`)")
+    sql = queries.strip_comments(sql)
     try:
         params = dict(queries.parse_param(p) for p in args.param)
     except ValueError as exc:
         return _fail("query", str(exc))
-    needed = queries.parameters(queries.load_queries(path)[args.name])
+    needed = queries.parameters(sql)
     missing = [p for p in needed if p not in params and p not in queries.DEFAULTS]
     if missing:
-        return _fail("query", f"{args.name} binds {', '.join('@' + p for p in missing)}: add "
+        return _fail("query", f"{args.name or 'the SQL'} binds "
+                     f"{', '.join('@' + p for p in missing)}: add "
                      + " ".join(f"--param {p}=..." for p in missing))
     unknown = sorted(set(params) - set(needed))
     if unknown:
-        return _fail("query", f"{args.name} has no parameter {', '.join(unknown)} "
+        return _fail("query", f"{args.name or 'the SQL'} has no parameter {', '.join(unknown)} "
                      f"(it binds {', '.join(needed) or 'none'})")
     target = clients.resolve(args)
     client, dataset = target.bigquery(), target.need_dataset()
     deadline = time.monotonic() + args.wait_secs
     while True:
         try:
-            rows = queries.run_query(client, args.name, dataset, path, **params)
-        except NotFound:  # the stream creates its tables when it first writes
-            rows = []
+            rows, absent = queries.run_sql(client, sql, dataset, **params), None
+        except NotFound as exc:  # the stream creates its tables when it first writes
+            rows, absent = [], exc
         if rows or time.monotonic() >= deadline:
             break
         time.sleep(2.0)
     for row in rows:
         print(json.dumps(row, default=str, ensure_ascii=False, sort_keys=True))
-    print(f"{len(rows)} row(s)", file=sys.stderr)
+    note = ""
+    if absent is not None:
+        note = f"; not found: {absent.message} (a stream creates its tables when it first writes)"
+    elif "include_drifted" in needed and not params.get("include_drifted"):
+        flagged = len(queries.run_sql(client, sql, dataset,
+                                      **{**params, "include_drifted": True})) - len(rows)
+        if flagged > 0:
+            note = (f"; {flagged} more of tiles the model flagged as unlike its training data "
+                    "(drifted): --param include_drifted=true shows them")
+    print(f"{len(rows)} row(s){note}", file=sys.stderr)
     return 1 if args.wait_secs and not rows else 0
 
 
@@ -462,6 +478,8 @@ def parser() -> argparse.ArgumentParser:
         "as JSON lines. Queries leave out tiles the model flagged as drifted unless you pass "
         "--param include_drifted=true.")
     query.add_argument("name", nargs="?", help="query name (none, or --list: list them all)")
+    query.add_argument("--sql", default=None, help="run this SQL instead of a named query "
+                       "(`{dataset}` is replaced by the dataset, comments are dropped)")
     query.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
                        help="bind @NAME; true/false, numbers and ISO 8601 times are typed, "
                        "the rest are strings; repeat per parameter")

@@ -85,13 +85,18 @@ def run_query(client, name: str, dataset: str, path: Path = QUERIES_FILE, **para
               ) -> list[dict]:
     """Run a named query of ``path`` against ``project.dataset`` with scalar @parameters
     (those of :data:`DEFAULTS` the query uses and the caller leaves out take their default)."""
+    return run_sql(client, load_queries(path)[name], dataset, **params)
+
+
+def run_sql(client, sql: str, dataset: str, **params) -> list[dict]:
+    """:func:`run_query` for SQL text of the same form (``{dataset}``, ``@parameters``)."""
     import datetime as dt
 
     from google.cloud import bigquery
 
     types = {bool: "BOOL", int: "INT64", float: "FLOAT64", str: "STRING",
              dt.datetime: "TIMESTAMP"}
-    sql = load_queries(path)[name].replace("{dataset}", dataset)
+    sql = strip_comments(sql).replace("{dataset}", dataset)
     params = {**{k: v for k, v in DEFAULTS.items() if f"@{k}" in sql}, **params}
     config = bigquery.QueryJobConfig(query_parameters=[
         bigquery.ScalarQueryParameter(key, types[type(value)], value)
