@@ -167,3 +167,51 @@ def test_model_status_of_an_empty_registry_says_what_a_stream_scores(tmp_path):
     done = tilestream("model", "status", f"--registry={tmp_path}")
     status = json.loads(done.stdout)
     assert status["live"] is None and "--model_uri" in status["note"]
+
+
+def test_query_sql_loses_its_comments_but_not_its_strings():
+    from pipeline.ops.queries import parameters, parse_param, strip_comments
+
+    sql = "SELECT '--@kept' AS a, @n AS n  -- not @m\n-- nor @k\nFROM t"
+    assert strip_comments(sql) == "SELECT '--@kept' AS a, @n AS n\nFROM t"
+    assert parameters(strip_comments(sql)) == ["n"]
+    assert [parse_param(p)[1] for p in ("a=true", "a=3", "a=0.5", "a=x y")] == [
+        True, 3, 0.5, "x y"]
+    assert parse_param("a=2026-05-04T12:00:00Z")[1].isoformat() == "2026-05-04T12:00:00+00:00"
+
+
+@pytest.mark.stack
+def test_query_runs_shipped_sql_by_name_and_says_what_the_drift_filter_left_out(stack):
+    from google.cloud import bigquery
+
+    from transforms.sinks import SCHEMAS
+
+    bq, name = stack.bigquery(), f"query_{uuid.uuid4().hex[:8]}"
+    bq.create_dataset(name)
+    for table, schema in SCHEMAS.items():
+        fields = [bigquery.SchemaField.from_api_repr(f) for f in schema["fields"]]
+        bq.create_table(bigquery.Table(f"{stack.project}.{name}.{table}", schema=fields))
+    now = "2026-12-01T12:00:00+00:00"
+    assert bq.insert_rows_json(f"{stack.project}.{name}.tiles", [{
+        "row_id": "r1", "tile_id": "olinda", "tile_generation": "1", "complete": True,
+        "chips_total": 1, "chips_scored": 1, "chips_skipped": 0, "chips_failed": 0, "width": 1,
+        "height": 1, "crs": "EPSG:4326", "footprint": "POINT(0 0)", "raster_uri": "gs://b/o.tif",
+        "classes": [{"class_id": 4, "name": "forest", "pixels": 10, "area_m2": 2e6}],
+        "event_time": now, "published": now, "source": "gcs", "source_uris": [],
+        "attributes": [], "model_name": "landcover-student", "model_version": "1",
+        "role": "live", "completed_at": now, "latency_s": 5.0, "drifted": True}]) == []
+    where = ["--local", f"--stack_dir={stack.run_dir}", f"--bq_dataset={stack.project}:{name}"]
+
+    left_out = tilestream("query", "class_area_per_tile_and_day", *where)
+    assert left_out.returncode == 0 and left_out.stdout == ""
+    assert "1 more" in left_out.stderr and "include_drifted=true" in left_out.stderr
+    shown = tilestream("query", "class_area_per_tile_and_day", *where,
+                       "--param", "include_drifted=true")
+    [row] = [json.loads(line) for line in shown.stdout.splitlines()]
+    assert (row["tile_id"], row["class_name"], row["area_km2"]) == ("olinda", "forest", 2.0)
+
+    own = tilestream("query", *where, "--param", "n=3",
+                     "--sql", "SELECT @n AS n  -- the emulator would count @m as a parameter")
+    assert own.returncode == 0 and json.loads(own.stdout) == {"n": 3}, own.stderr
+    missing = tilestream("query", "tiles_ready", *where)
+    assert missing.returncode == 2 and "--param days=" in missing.stderr

@@ -51,8 +51,9 @@ def describe(path: Path = QUERIES_FILE) -> dict[str, str]:
 
 
 def parameters(sql: str) -> list[str]:
-    """The ``@names`` a query binds, in order of first use."""
-    return list(dict.fromkeys(re.findall(r"@(\w+)", sql)))
+    """The ``@names`` a query binds, in order of first use (not those inside quotes)."""
+    unquoted = re.sub(r"'(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\"|`[^`]*`", "''", sql)
+    return list(dict.fromkeys(re.findall(r"@(\w+)", unquoted)))
 
 
 def parse_param(text: str) -> tuple[str, object]:
