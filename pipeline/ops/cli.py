@@ -2,9 +2,10 @@
 
 Verbs: run (the stream), announce (publish tiles), demo, local (the emulator stack), smoke
 (checks the stack with a minimal stream), check (a worker image before launch), stats (the
-books), stac (a static STAC catalog of the predictions), status (the stream at a glance), slo
-(SLO attainment and error budget), schemas (BigQuery JSON), model (train, distill, evaluate,
-export; registry: publish, promote, canary, shadow, rollback, watch; drift).
+books), stac (a static STAC catalog of the predictions), status (the stream at a glance), query
+(the shipped SQL by name), slo (SLO attainment and error budget), schemas (BigQuery JSON), iam,
+release, model (train, distill, evaluate, export; registry: publish, promote, canary, shadow,
+rollback, watch; drift). What a user reads is the help each parser carries, not this docstring.
 
 Every verb that reads the stream's resources takes the same flags (``pipeline/ops/clients.py``):
 ``--local`` [``--stack_dir``] or GCP, and ``--bq_dataset PROJECT:DATASET``. Flags are snake_case.
