@@ -175,6 +175,8 @@ def test_query_sql_loses_its_comments_but_not_its_strings():
     sql = "SELECT '--@kept' AS a, @n AS n  -- not @m\n-- nor @k\nFROM t"
     assert strip_comments(sql) == "SELECT '--@kept' AS a, @n AS n\nFROM t"
     assert parameters(strip_comments(sql)) == ["n"]
+    assert strip_comments(r"SELECT 'it\'s -- a string' AS s -- a comment") == \
+        r"SELECT 'it\'s -- a string' AS s"
     assert [parse_param(p)[1] for p in ("a=true", "a=3", "a=0.5", "a=x y")] == [
         True, 3, 0.5, "x y"]
     assert parse_param("a=2026-05-04T12:00:00Z")[1].isoformat() == "2026-05-04T12:00:00+00:00"

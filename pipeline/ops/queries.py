@@ -16,10 +16,11 @@ def strip_comments(sql: str) -> str:
     without them; BigQuery itself does not mind either way."""
     out: list[str] = []
     for line in sql.splitlines():
-        quote, kept = "", line
+        quote, escaped, kept = "", False, line
         for i, char in enumerate(line):
             if quote:
-                quote = "" if char == quote else quote
+                escaped, quote = (not escaped and char == "\\",
+                                  "" if char == quote and not escaped else quote)
             elif char in "'\"`":
                 quote = char
             elif line.startswith("--", i):
@@ -40,7 +41,7 @@ def load_queries(path: Path = QUERIES_FILE) -> dict[str, str]:
 
 
 def describe(path: Path = QUERIES_FILE) -> dict[str, str]:
-    """{name: the first line of its comment}, for ``tilestream query --list``."""
+    """{name: the first sentence of its comment}, for ``tilestream query --list``."""
     about: dict[str, str] = {}
     for block in re.split(r"^-- name: ", path.read_text(), flags=re.MULTILINE)[1:]:
         name, _, body = block.partition("\n")
