@@ -126,6 +126,7 @@ def test_local_blocks_run(path, tmp_path):
     for key in ("TILESTREAM_REGISTRY", "PUBSUB_EMULATOR_HOST", "STORAGE_EMULATOR_HOST",
                 "BIGQUERY_EMULATOR_HOST"):
         env.pop(key, None)
+    expected = [b.where() for b in blocks(path) if b.runs]
     shell = subprocess.Popen(["bash", "-c", script(path)], cwd=view, env=env,
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                              start_new_session=True)
@@ -143,4 +144,4 @@ def test_local_blocks_run(path, tmp_path):
     assert shell.returncode == 0, (
         f"{path.name}: the block at {ran[-1] if ran else '?'} failed (exit "
         f"{shell.returncode}):\n{out[-6000:]}")
-    assert ran == [b.where() for b in blocks(path) if b.runs]
+    assert ran == expected
