@@ -40,7 +40,7 @@ setup(
         # Operator verbs: STAC validation, offline (core schemas from pystac-core, extensions in
         # pipeline/ops/schemas).
         "ops": ["pystac-core>=1.15,<2", "jsonschema>=4.18"],
-        "local": ["gcp-storage-emulator==2026.7.19"],
+        "local": ["gcp-storage-emulator==2026.7.19", "matplotlib>=3.8"],  # the quicklook
         "train": ["matplotlib>=3.8", "tqdm>=4.66"],
         # bench/: a sampling profiler of the running stream, by stage (bench/cpu.py).
         "bench": ["py-spy==0.4.3"],

@@ -20,7 +20,7 @@ from google.api_core.exceptions import NotFound
 
 from model.card import load_card
 from pipeline.local import stack as local_stack
-from pipeline.local.quicklook import write_quicklook
+from pipeline.local.quicklook import TileFacts, write_quicklook
 from pipeline.ops import announce
 from pipeline.ops.check import SAMPLE_TILE
 from pipeline.ops.queries import run_query
@@ -57,9 +57,8 @@ def wait_until_ready(stack, tile_id: str, generation: str, timeout_s: float) -> 
             ready = []
         if ready:
             [row] = [dict(r) for r in stack.bigquery().query(
-                "SELECT tile_id, acquired, chips_scored, chips_skipped, latency_s, raster_uri, "
-                "drifted, "
-                f"drift_max_band_psi FROM `{dataset}.tiles` WHERE tile_id = '{tile_id}' "
+                "SELECT tile_id, chips_scored, chips_skipped, latency_s, raster_uri, drifted, "
+                f"drift_max_band_psi, acquired FROM `{dataset}.tiles` WHERE tile_id = '{tile_id}' "
                 f"AND tile_generation = '{generation}'").result()]
             return row
         time.sleep(1.0)
@@ -119,7 +118,9 @@ def _run_demo(out_dir: str, keep_stack: bool, model_uri: str, timeout_s: float,
                   f"{row['area_km2']:8.2f} km²")
         print(f"prediction raster: {tile['raster_uri']}")
         png = write_quicklook(str(SAMPLE_TILE), _download(stack, tile["raster_uri"], out),
-                              card, str(out / "quicklook.png"))
+                              card, str(out / "quicklook.png"),
+                              TileFacts(tile["tile_id"], tile["acquired"], tile["drifted"],
+                                        tile["drift_max_band_psi"]))
         say(f"quicklook written to {png}")
         bq = stack.bigquery()
         summary = {

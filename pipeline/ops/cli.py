@@ -2,9 +2,10 @@
 
 Verbs: run (the stream), announce (publish tiles), demo, local (the emulator stack), smoke
 (checks the stack with a minimal stream), check (a worker image before launch), stats (the
-books), stac (a static STAC catalog of the predictions), status (the stream at a glance), slo
-(SLO attainment and error budget), schemas (BigQuery JSON), model (train, distill, evaluate,
-export; registry: publish, promote, canary, shadow, rollback, watch; drift).
+books), stac (a static STAC catalog of the predictions), status (the stream at a glance), query
+(the shipped SQL by name), slo (SLO attainment and error budget), schemas (BigQuery JSON), iam,
+release, model (train, distill, evaluate, export; registry: publish, promote, canary, shadow,
+rollback, watch; drift). What a user reads is the help each parser carries, not this docstring.
 
 Every verb that reads the stream's resources takes the same flags (``pipeline/ops/clients.py``):
 ``--local`` [``--stack_dir``] or GCP, and ``--bq_dataset PROJECT:DATASET``. Flags are snake_case.
@@ -287,6 +288,66 @@ def cmd_stats(args) -> int:
     return 0
 
 
+def cmd_query(args) -> int:
+    from google.api_core.exceptions import NotFound
+
+    from pipeline.ops import queries
+
+    files = (queries.QUERIES_FILE, queries.OPERATIONS_FILE)
+    if args.list or not (args.name or args.sql):
+        for path in files:
+            for name, about in queries.describe(path).items():
+                print(f"{name:<28} {about}  [{path.name}]")
+        return 0
+    if args.name and args.sql:
+        return _fail("query", "give a NAME or --sql, not both")
+    sql = args.sql
+    if sql is None:
+        sql = next((q[args.name] for q in map(queries.load_queries, files) if args.name in q),
+                   None)
+    if sql is None:
+        return _fail("query", f"no query named {args.name!r} (`tilestream query --list`)")
+    sql = queries.strip_comments(sql)
+    try:
+        params = dict(queries.parse_param(p) for p in args.param)
+    except ValueError as exc:
+        return _fail("query", str(exc))
+    needed = queries.parameters(sql)
+    missing = [p for p in needed if p not in params and p not in queries.DEFAULTS]
+    if missing:
+        return _fail("query", f"{args.name or 'the SQL'} binds "
+                     f"{', '.join('@' + p for p in missing)}: add "
+                     + " ".join(f"--param {p}=..." for p in missing))
+    unknown = sorted(set(params) - set(needed))
+    if unknown:
+        return _fail("query", f"{args.name or 'the SQL'} has no parameter {', '.join(unknown)} "
+                     f"(it binds {', '.join(needed) or 'none'})")
+    target = clients.resolve(args)
+    client, dataset = target.bigquery(), target.need_dataset()
+    deadline = time.monotonic() + args.wait_secs
+    while True:
+        try:
+            rows, absent = queries.run_sql(client, sql, dataset, **params), None
+        except NotFound as exc:  # the stream creates its tables when it first writes
+            rows, absent = [], exc
+        if rows or time.monotonic() >= deadline:
+            break
+        time.sleep(2.0)
+    for row in rows:
+        print(json.dumps(row, default=str, ensure_ascii=False, sort_keys=True))
+    note = ""
+    if absent is not None:
+        note = f"; not found: {absent.message} (a stream creates its tables when it first writes)"
+    elif "include_drifted" in needed and not params.get("include_drifted"):
+        flagged = len(queries.run_sql(client, sql, dataset,
+                                      **{**params, "include_drifted": True})) - len(rows)
+        if flagged > 0:
+            note = (f"; {flagged} more of tiles the model flagged as unlike its training data "
+                    "(drifted): --param include_drifted=true shows them")
+    print(f"{len(rows)} row(s){note}", file=sys.stderr)
+    return 1 if args.wait_secs and not rows else 0
+
+
 def cmd_schemas(args) -> int:
     from transforms.sinks import write_schema_files
 
@@ -328,7 +389,16 @@ def cmd_release(args, rest: list[str]) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
-    top = argparse.ArgumentParser(prog="tilestream", description=__doc__.split("\n\n")[0])
+    from pipeline.options import RELEASE
+
+    top = argparse.ArgumentParser(
+        prog="tilestream", description="Score new satellite tiles as they arrive: the stream, "
+        "its local emulator stack, and the verbs to operate it.",
+        epilog="`tilestream VERB --help` describes a verb and its flags. Verbs that read the "
+        "stream's resources take --local [--stack_dir DIR] for the local stack, or reach GCP "
+        "with --bq_dataset PROJECT:DATASET.")
+    top.add_argument("--version", action="version", version=f"%(prog)s {RELEASE}",
+                     help="print the release of this tilestream and exit")
     verbs = top.add_subparsers(dest="verb", required=True, metavar="VERB")
 
     run = verbs.add_parser("run", help="run the stream (Beam PipelineOptions follow; "
@@ -337,7 +407,8 @@ def parser() -> argparse.ArgumentParser:
 
     ann = verbs.add_parser("announce", help="upload a tile if needed and publish its "
                            "notification or a JSON announcement")
-    ann.add_argument("paths", nargs="*", metavar="PATH_OR_GS_URI")
+    ann.add_argument("paths", nargs="*", metavar="PATH_OR_GS_URI",
+                     help="tile files to upload (local) or announce (gs://), one message each")
     clients.add_arguments(ann, dataset=False)
     ann.add_argument("--topic", help="topic path (default: the local stack's)")
     ann.add_argument("--bucket", help="bucket for uploads (default: the local stack's)")
@@ -364,9 +435,16 @@ def parser() -> argparse.ArgumentParser:
                       "shipped student)")
     demo.set_defaults(func=cmd_demo)
 
-    local = verbs.add_parser("local", help="the local emulator stack")
-    local.add_argument("action", choices=["up", "down", "status", "env"])
-    _stack_arg(local)
+    local = verbs.add_parser("local", help="the local emulator stack: up, status, env, down")
+    actions = local.add_subparsers(dest="action", required=True, metavar="ACTION")
+    for action, help_text in (
+            ("up", "start Pub/Sub, BigQuery and GCS emulators (or reuse running ones), create "
+                   "the topic, subscriptions, buckets and dataset; print the run directory and "
+                   "environment as JSON"),
+            ("status", "is each emulator answering? exit 1 if one is not"),
+            ("env", "`export` lines that point Google clients, Beam and GDAL at the stack"),
+            ("down", "stop exactly the processes `up` started")):
+        _stack_arg(actions.add_parser(action, help=help_text))
     local.set_defaults(func=cmd_local)
 
     smoke = verbs.add_parser("smoke", help="check the local stack with a minimal stream")
@@ -379,7 +457,8 @@ def parser() -> argparse.ArgumentParser:
     from pipeline.options import DEFAULT_DEVICE, DEVICES
 
     check.add_argument("--device", default=DEFAULT_DEVICE, choices=DEVICES,
-                       help="where the model runs, as `tilestream run --device`")
+                       help="where the chip is scored, as `tilestream run --device`; GPU fails "
+                       "when torch sees no CUDA device (default %(default)s)")
     check.set_defaults(func=cmd_check)
 
     stat = verbs.add_parser("stats", help="the books for a window: every message in and its "
@@ -407,8 +486,29 @@ def parser() -> argparse.ArgumentParser:
                         "(default $TILESTREAM_REGISTRY; none: the rows alone)")
     status.set_defaults(func=cmd_status)
 
+    query = verbs.add_parser(
+        "query", help="run a shipped SQL query by name and print its rows, one JSON object a line",
+        description="Run a named query of pipeline/ops/sql/queries.sql (what a consumer runs) "
+        "or operations.sql (SLOs, comparisons) against the stream's dataset and print its rows "
+        "as JSON lines. Queries leave out tiles the model flagged as drifted unless you pass "
+        "--param include_drifted=true.")
+    query.add_argument("name", nargs="?", help="query name (none, or --list: list them all)")
+    query.add_argument("--sql", default=None, help="run this SQL instead of a named query "
+                       "(`{dataset}` is replaced by the dataset, comments are dropped)")
+    query.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
+                       help="bind @NAME; true/false, numbers and ISO 8601 times are typed, "
+                       "the rest are strings; repeat per parameter")
+    query.add_argument("--list", action="store_true", help="list the queries and what each "
+                       "answers")
+    query.add_argument("--wait_secs", type=float, default=0.0,
+                       help="repeat the query until it returns a row or this many seconds "
+                       "pass; exit 1 if none came (default: run once)")
+    clients.add_arguments(query)
+    query.set_defaults(func=cmd_query)
+
     schemas = verbs.add_parser("schemas", help="write the BigQuery table schemas as JSON")
-    schemas.add_argument("directory", nargs="?", default="templates/bigquery")
+    schemas.add_argument("directory", nargs="?", default="templates/bigquery",
+                         help="where the JSON files go (default %(default)s)")
     schemas.set_defaults(func=cmd_schemas)
 
     from pipeline.ops import slo as slo_defaults
@@ -419,10 +519,16 @@ def parser() -> argparse.ArgumentParser:
     slo.add_argument("--window", default=slo_defaults.DEFAULT_WINDOW,
                      help="e.g. 1h, 7d (default %(default)s)")
     slo.add_argument("--end", default=None, help="end of the window, ISO 8601 (default: now)")
-    slo.add_argument("--latency_s", type=float, default=slo_defaults.LATENCY_SLO_S)
-    slo.add_argument("--latency_target", type=float, default=slo_defaults.LATENCY_TARGET)
-    slo.add_argument("--error_target", type=float, default=slo_defaults.ERROR_TARGET)
-    slo.add_argument("--freshness_s", type=float, default=slo_defaults.FRESHNESS_S)
+    slo.add_argument("--latency_s", type=float, default=slo_defaults.LATENCY_SLO_S,
+                     help="a tile is on time when its complete row lands within this many "
+                     "seconds of publish (default %(default)s)")
+    slo.add_argument("--latency_target", type=float, default=slo_defaults.LATENCY_TARGET,
+                     help="share of tiles that must be on time (default %(default)s)")
+    slo.add_argument("--error_target", type=float, default=slo_defaults.ERROR_TARGET,
+                     help="share of messages that must not be dead-lettered "
+                     "(default %(default)s)")
+    slo.add_argument("--freshness_s", type=float, default=slo_defaults.FRESHNESS_S,
+                     help="the newest row may be at most this old (default %(default)s)")
     slo.add_argument("--json", action="store_true", help="machine-readable output")
     slo.set_defaults(func=cmd_slo)
 
@@ -435,7 +541,20 @@ def parser() -> argparse.ArgumentParser:
     rel.set_defaults(func=cmd_release, passthrough=True)
 
     model_cli.add_parser(verbs)
+    describe(top)
     return top
+
+
+def describe(parser: argparse.ArgumentParser) -> None:
+    """Give every sub-verb without a description its one-line help as one, so that
+    ``tilestream VERB --help`` says what the verb does, not only its usage."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            helps = {a.dest: a.help for a in action._choices_actions}
+            for name, sub in action.choices.items():
+                if not sub.description and helps.get(name):
+                    sub.description = helps[name][:1].upper() + helps[name][1:] + "."
+                describe(sub)
 
 
 def main(argv: list[str] | None = None) -> int:

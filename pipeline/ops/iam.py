@@ -537,11 +537,16 @@ class Report:
 
     def text(self) -> str:
         lines = [f"{len(self.needs)} distinct needs of {len({n.identity for n in self.needs})} "
-                 f"identities; {len(self.denied)} denied"]
+                 f"identities; {len(self.denied)} denied"
+                 + ("; act: grant each DENIED need in templates/terraform before launching"
+                    if self.denied else "; nothing to act on before launching")]
         lines += [f"DENIED {n.identity}: {n.permission} on {n.resource}" for n in self.denied]
-        lines += [f"unused grant: {g.address} ({g.identity}, {g.role} on {g.scope})"
+        lines += [f"unused grant (no recorded call needs it; remove it unless a path the tests "
+                  f"do not record uses it): {g.address} ({g.identity}, {g.role} on {g.scope})"
                   for g in self.unused]
-        lines += [f"restricts nothing: {m}" for m in self.moot]
+        lines += [f"restricts nothing (for information, no action: a wider grant allows the "
+                  f"same; the narrow one takes effect if the wider one goes): {m}"
+                  for m in self.moot]
         return "\n".join(lines)
 
 
@@ -614,14 +619,23 @@ def update_doc(path: Path, report: Report, grants: list[Grant]) -> None:
     path.write_text(text[:begin] + "\n" + markdown(report, grants) + "\n" + text[end:])
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``tilestream iam``: the committed needs against the Terraform, as text or markdown."""
+def parser():
+    """The flags of ``tilestream iam``."""
     import argparse
 
-    parser = argparse.ArgumentParser(prog="tilestream iam", description=__doc__.split("\n")[0])
-    parser.add_argument("--needs", type=Path, default=NEEDS_FILE)
-    parser.add_argument("--markdown", action="store_true", help="the table of docs/deploy.md")
-    args = parser.parse_args(argv)
+    top = argparse.ArgumentParser(
+        prog="tilestream iam", description="Least privilege: the API calls each identity made "
+        "in the recorded test runs, against the grants templates/terraform gives it. Exit 1 "
+        "when a need is denied (the first launch would fail there).")
+    top.add_argument("--needs", type=Path, default=NEEDS_FILE,
+                     help="recorded needs (default: templates/iam/needs.json)")
+    top.add_argument("--markdown", action="store_true", help="the table of docs/deploy.md")
+    return top
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``tilestream iam``: the committed needs against the Terraform, as text or markdown."""
+    args = parser().parse_args(argv)
     grants = terraform_grants()
     report = evaluate(load_needs(args.needs) + platform_needs(), grants)
     print(markdown(report, grants) if args.markdown else report.text())

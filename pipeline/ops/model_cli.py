@@ -1,15 +1,8 @@
 """``tilestream model VERB``: one parser for every model verb, one help that lists them all.
 
-- Training (``model/training/commands.py``, imported only when one of them runs, so an install
-  without the ``train`` extra operates models fine): train-teacher, distill, evaluate, export,
-  build, robust-student.
-- The registry (``model/registry.py``): publish, list, status, promote, canary, shadow,
-  rollback; the automatic rollback rule: watch; a raster's drift against a card: drift.
-
-The registry is a local directory or ``gs://`` prefix (``--registry``, default
-``$TILESTREAM_REGISTRY`` or ``.tilestream/registry``); ``--local`` reaches a ``gs://`` registry
-on the local stack's GCS emulator. Every verb that changes the channels document prints what it
-did; a refused change exits 2, a lost race with another writer exits 3.
+Training verbs come from ``model/training/commands.py``, imported only when one of them runs, so
+an install without the ``train`` extra operates models fine; the registry verbs from
+``model/registry.py``. What a user reads is :data:`DESCRIPTION`.
 """
 
 from __future__ import annotations
@@ -23,6 +16,21 @@ from typing import Any
 
 from pipeline.ops import clients
 
+DESCRIPTION = """\
+Train, publish and operate the model the stream scores with.
+
+Training: train-teacher, distill, evaluate, export, build, robust-student (they need the
+`train` extra and the training data; see docs/model.md).
+Registry: publish, list, status, promote, canary, shadow, rollback; watch is the automatic
+rollback rule; drift compares one raster with a model card's training data.
+
+The registry is a local directory or a gs:// prefix (--registry, default $TILESTREAM_REGISTRY or
+.tilestream/registry); add --local to reach a gs:// registry on the local stack. A stream started
+with --model_registry follows its channels; a stream without it scores --model_uri. Every verb
+that changes the channels prints what it did; a refused change exits 2, a lost race with another
+writer exits 3.
+"""
+
 TRAINING = ("train-teacher", "distill", "evaluate", "export", "build", "robust-student")
 REGISTRY = ("publish", "list", "status", "promote", "canary", "shadow", "rollback", "watch")
 
@@ -31,15 +39,16 @@ def add_parser(verbs) -> argparse.ArgumentParser:
     """``model`` and its verbs, under the top-level parser's ``verbs``."""
     model = verbs.add_parser("model", help="train, distil, evaluate and export the student; "
                              "publish, promote, canary, shadow, roll back, watch; drift",
-                             description=__doc__, formatter_class=argparse.
+                             description=DESCRIPTION, formatter_class=argparse.
                              RawDescriptionHelpFormatter)
     sub = model.add_subparsers(dest="model_verb", required=True, metavar="MODEL_VERB")
     _training_verbs(sub)
     _registry_verbs(sub)
     drift = sub.add_parser("drift", help="PSI of a raster against a card's training data")
-    drift.add_argument("raster")
+    drift.add_argument("raster", help="a GeoTIFF with the card's bands (local path or gs://)")
     drift.add_argument("--model_uri", default=None, help="model directory (default: shipped)")
-    drift.add_argument("--threshold", type=float, default=None)
+    drift.add_argument("--threshold", type=float, default=None,
+                       help="a band drifts when its PSI exceeds this (default: the stream's)")
     model.set_defaults(func=run)
     return model
 
@@ -64,19 +73,25 @@ def _training_verbs(sub) -> None:
                        help="markdown report to (re)generate; build defaults to docs/model.md")
         p.add_argument("--img_dir", type=Path, default=None,
                        help="figures for the report (default: docs/img beside the report)")
-        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--seed", type=int, default=0, help="random seed of every run")
         p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
-        p.add_argument("--batch_size", type=int, default=TrainConfig.batch_size)
+        p.add_argument("--batch_size", type=int, default=TrainConfig.batch_size,
+                       help="chips per optimiser step")
         for role, config in (("teacher", TrainConfig), ("student", DistillConfig)):
-            p.add_argument(f"--{role}_steps", type=int, default=config.steps)
-            p.add_argument(f"--{role}_lr", type=float, default=config.lr)
+            p.add_argument(f"--{role}_steps", type=int, default=config.steps,
+                           help=f"optimiser steps of the {role}")
+            p.add_argument(f"--{role}_lr", type=float, default=config.lr,
+                           help=f"learning rate of the {role}")
             p.add_argument(f"--{role}_class_weighting", choices=("sqrt-inverse", "none"),
-                           default=config.class_weighting)
+                           default=config.class_weighting,
+                           help=f"loss weight per class of the {role}: inverse square root of "
+                           "its pixel share, or none")
         p.add_argument("--ce_weight", type=float, default=DistillConfig.ce_weight,
                        help="weight of cross-entropy on labels in the student loss")
         p.add_argument("--kd_weight", type=float, default=DistillConfig.kd_weight,
                        help="weight of the T^2-scaled KL to the teacher in the student loss")
-        p.add_argument("--temperature", type=float, default=DistillConfig.temperature)
+        p.add_argument("--temperature", type=float, default=DistillConfig.temperature,
+                       help="softmax temperature T of the distillation")
         p.add_argument("--student_widths", default=None,
                        help="comma-separated U-Net widths overriding the default student")
         p.add_argument("--student_steps_v2", type=int, default=None,
@@ -108,9 +123,15 @@ def _registry_verbs(sub) -> None:
     verb("rollback", "end the trial, or go back to the previous live version", changes=True)
     watch = verb("watch", "judge the candidate on its BigQuery rows; roll back if it fails")
     watch.add_argument("--hours", type=int, default=24, help="window (default %(default)s)")
-    watch.add_argument("--min_tiles", type=int, default=20)
-    watch.add_argument("--max_dead_letter_excess", type=float, default=0.02)
-    watch.add_argument("--min_agreement", type=float, default=0.6)
+    watch.add_argument("--min_tiles", type=int, default=20,
+                       help="judge only once the candidate has scored this many tiles in the "
+                       "window (default %(default)s)")
+    watch.add_argument("--max_dead_letter_excess", type=float, default=0.02,
+                       help="roll back when the candidate's dead-letter rate exceeds live's by "
+                       "more than this (default %(default)s)")
+    watch.add_argument("--min_agreement", type=float, default=0.6,
+                       help="roll back when chip agreement with live (shadow) falls below this "
+                       "(default %(default)s)")
     watch.add_argument("--every", type=float, default=0,
                        help="repeat every N seconds (default: once, as a scheduled job runs it)")
 
@@ -135,7 +156,12 @@ def _registry_verb(args: argparse.Namespace) -> Any:
     if args.model_verb == "list":
         return "\n".join(str(r) for r in registry.versions()) or "(no versions)"
     if args.model_verb == "status":
-        return registry.status()
+        status = registry.status()
+        if status.get("live") is None:
+            status["note"] = ("no live version in this registry: only a stream started with "
+                              "--model_registry follows it; a stream without it scores its "
+                              "--model_uri (default: the shipped student)")
+        return status
     kwargs = {"by": args.by, "why": args.reason}
     if args.model_verb == "promote":
         return str(registry.promote(ModelRef.parse(args.ref), **kwargs))

@@ -414,29 +414,33 @@ def _seconds(text: str) -> float:
 def parser() -> argparse.ArgumentParser:
     from pipeline.ops import clients
 
-    top = argparse.ArgumentParser(prog="tilestream release", description=__doc__,
-                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    verbs = top.add_subparsers(dest="verb", required=True)
+    top = argparse.ArgumentParser(
+        prog="tilestream release", description="Release the stream itself: can a running job "
+        "be updated in place to this tree, or does it need blue-green (a second job on a second "
+        "subscription, then a cut-over)? See docs/operations.md, \"Releasing the stream\".")
+    verbs = top.add_subparsers(dest="verb", required=True, metavar="VERB")
     rec = verbs.add_parser("record", help="write templates/releases/<release>.json")
-    rec.add_argument("--release", default=RELEASE)
+    rec.add_argument("--release", default=RELEASE, help="release to record (default %(default)s)")
     chk = verbs.add_parser("check", help="can a job launched with AGAINST be updated in place "
                            "to this tree? exit 0 yes (the name mapping on the last line), 3 no")
     chk.add_argument("against", help="a release record or surface JSON (the running job's)")
     chk.add_argument("--parameters", default="", help="template parameters k=v,k=v")
     sur = verbs.add_parser("surface", help="this tree's update surface as JSON (what deploy.sh "
                            "records at each launch)")
-    sur.add_argument("--parameters", default="")
+    sur.add_argument("--parameters", default="", help="template parameters k=v,k=v")
 
-    def channel(name: str, help_text: str, release: bool = True) -> argparse.ArgumentParser:
+    def channel(name: str, help_text: str, release: bool = True,
+                changes: bool = True) -> argparse.ArgumentParser:
         p = verbs.add_parser(name, help=help_text)
         if release:
-            p.add_argument("release")
+            p.add_argument("release", help="the stream's release, e.g. 0.2.0")
         p.add_argument("--registry", default=os.environ.get("TILESTREAM_REGISTRY",
                                                             ".tilestream/registry"),
                        help="local directory or gs:// prefix (default: %(default)s)")
         clients.add_arguments(p)
-        p.add_argument("--by", default=None, help="who (default: the login name)")
-        p.add_argument("--reason", default="", help="why; kept in the history")
+        if changes:
+            p.add_argument("--by", default=None, help="who (default: the login name)")
+            p.add_argument("--reason", default="", help="why; kept in the history")
         return p
 
     for name, help_text in (
@@ -445,7 +449,8 @@ def parser() -> argparse.ArgumentParser:
             ("green", "start a blue-green trial: RELEASE's job, on SUBSCRIPTION (sought to now "
                       "first), writes its rows as shadow")):
         p = channel(name, help_text)
-        p.add_argument("--subscription", required=True)
+        p.add_argument("--subscription", required=True,
+                       help="the subscription path the release's job reads")
         p.add_argument("--job", default="", help="the Dataflow job's name (drained later)")
     cut = channel("cutover", "the green RELEASE answers from now on")
     cut.add_argument("--wait_secs", type=_seconds, default=0,
@@ -456,12 +461,16 @@ def parser() -> argparse.ArgumentParser:
                      help="the green job's --channels_poll_secs: its workers see the cut-over "
                      "within this long of the first (default: %(default)s, the stream's)")
     channel("abort", "end RELEASE's green trial")
-    channel("status", "the live and green releases", release=False)
+    channel("status", "the live and green releases", release=False, changes=False)
     cmp = channel("compare", "green against blue: messages, tiles, dead-letter rate, latency, "
-                  "chip agreement", release=False)
-    cmp.add_argument("--blue", required=True)
-    cmp.add_argument("--green", required=True)
-    cmp.add_argument("--hours", type=float, default=1.0)
+                  "chip agreement", release=False, changes=False)
+    cmp.add_argument("--blue", required=True, help="the live release")
+    cmp.add_argument("--green", required=True, help="the release on trial")
+    cmp.add_argument("--hours", type=float, default=1.0,
+                     help="window, hours back from now (default %(default)s)")
+    from pipeline.ops.cli import describe
+
+    describe(top)
     return top
 
 

@@ -1,18 +1,18 @@
 """``tilestream stats``: the stream's books for a window, read from BigQuery (emulator or real).
 
 "In" is counted where messages enter: the ``messages`` table gets one row per message the stream
-took in, before anything is done with it. Each message id then reaches one terminal
-disposition, wherever it is written: ``scored`` (its tile's answer carries it, as
+took in, before anything is done with it. Each message id then reaches one terminal disposition,
+wherever it is written: ``scored`` (its tile's answer carries it, as
 ``pipeline/ops/sql/answered.sql`` defines it for every reader: a shadow's row alone is not an
 answer), ``dead_letter`` (a dead letter names every message it is about), ``superseded`` (a newer
 generation of its tile is answered, or the stream found it replaced before reading it),
-``duplicate``, ``filtered``, ``replayed`` (the local journal published it again, as another
-id) or ``drained`` (the job's input ended before it was complete: docs/operations.md, "What a
-drain does"; a books outcome, never an answer) in ``events``. The books compare the two: ids that came in and have no outcome yet are
-listed with their age (``pending``); ids with outcomes that cannot both hold (scored and
-filtered, say) are ``conflicts``. A tile scored with some strips unreadable is both scored and
-dead-lettered: that is one partial outcome, counted as scored. Per tile, chips total = scored +
-skipped + failed.
+``duplicate``, ``filtered``, ``replayed`` (the local journal published it again, as another id) or
+``drained`` (the job's input ended before it was complete: docs/operations.md, "What a drain does";
+a books outcome, never an answer) in ``events``. The books compare the two: ids that came in and
+have no outcome yet are listed with their age (``pending``); ids with outcomes that cannot both
+hold (scored and filtered, say) are ``conflicts``. A tile scored with some strips unreadable is
+both scored and dead-lettered: that is one partial outcome, counted as scored. Per tile, chips
+total = scored + skipped + failed.
 
 Cross-checks outside the stream: on the local stack, the journal lists every message the
 stream pulled (``pulled_not_in``: pulled but never booked in); on GCP, Cloud Monitoring's
