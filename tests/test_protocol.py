@@ -26,6 +26,7 @@ import datetime as dt
 import os
 import shutil
 import tempfile
+import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,6 +53,9 @@ from transforms.sinks import SCHEMAS, row_id
 
 pytestmark = pytest.mark.stack
 
+# Bounded and derandomized in `make test` (the same examples every run: it passes or fails for
+# the code, not the draw); set either variable for a longer, random exploration.
+LONG = "TILESTREAM_PROTOCOL_EXAMPLES" in os.environ or "TILESTREAM_PROTOCOL_STEPS" in os.environ
 EXAMPLES = int(os.environ.get("TILESTREAM_PROTOCOL_EXAMPLES", "15"))
 STEPS = int(os.environ.get("TILESTREAM_PROTOCOL_STEPS", "20"))
 NAME = "landcover-student"
@@ -60,6 +64,7 @@ CHIPS = 2  # chip rows per tile row
 DAYS = 30  # every row here is minutes old
 NEVER = 1e9  # workers poll only when a rule says so: lateness is the rules' to choose
 GENERATION0 = 1_700_000_000_000_000  # object generations: same width, so any order agrees
+STATS = {"examples": 0, "steps": 0}  # what a run covered, printed at its end
 
 
 @pytest.fixture(scope="module")
@@ -113,6 +118,7 @@ class Job:
     backlog: list[Message] = field(default_factory=list)
     seen: set[tuple[str, int]] = field(default_factory=set)  # dedup memory: tile versions
     running: bool = True
+    lagging: bool = False  # reads only when it catches up
 
 
 @dataclass
@@ -157,11 +163,12 @@ class ReleaseProtocol(RuleBasedStateMachine):
         self.rows: list[TileRow] = []
         self.settled: set[str] = set()  # messages with an events or dead_letters row
         self.outbox: dict[str, list[dict]] = {t: [] for t in SCHEMAS}
-        self.dirty = False
+        self.dirty: set[str] = set()  # which checks have new rows to judge
         self._last = dt.datetime.now(dt.UTC)
         self._n = 0
 
     def teardown(self):
+        STATS["examples"] += 1
         shutil.rmtree(self.root, ignore_errors=True)
 
     # --- plumbing -----------------------------------------------------------------------------
@@ -202,7 +209,8 @@ class ReleaseProtocol(RuleBasedStateMachine):
                 errors = self.bq.insert_rows_json(f"{self.dataset}.{table}", rows)
                 assert errors == [], errors
                 rows.clear()
-                self.dirty = True
+                self.dirty |= {"answers", "handover"} if table in ("tiles", "chips") else {
+                    "handover"}
 
     def running(self) -> list[Job]:
         return [job for job in self.jobs if job.running]
@@ -308,10 +316,12 @@ class ReleaseProtocol(RuleBasedStateMachine):
             chosen.workers[worker % len(chosen.workers)].refresh(force=True)
             self._green_switched()
 
-    @rule(tile=st.integers(0, 4), again=st.sampled_from(["new", "new", "generation", "copy"]))
-    def tile_arrives(self, tile: int, again: str):
-        """A message on the topic, delivered to every running job: a tile, a new generation of
-        one seen before, or a second message for the same tile version (dedup's)."""
+    @rule(tile=st.integers(0, 4), again=st.sampled_from(["new", "new", "generation", "copy"]),
+          worker=st.integers(0, 9), whole=st.sampled_from([True, True, False]))
+    def tile_arrives(self, tile: int, again: str, worker: int, whole: bool):
+        """A message on the topic: a tile, a new generation of one seen before, or a second
+        message for the same tile version (dedup's). Every running job receives it; those that
+        keep up read it at once, with one of their workers."""
         tile_id = f"t{tile}"
         before = [m for m in self.messages if m.tile_id == tile_id and not m.bad]
         generation = max((m.generation for m in before), default=GENERATION0)
@@ -319,31 +329,43 @@ class ReleaseProtocol(RuleBasedStateMachine):
             generation += 1
         elif again == "new":
             tile_id, generation = self.fresh("t"), GENERATION0 + 1
-        self.deliver(Message(self.fresh("m"), tile_id, generation))
+        self.deliver(Message(self.fresh("m"), tile_id, generation), worker, whole)
 
-    @rule()
-    def bad_message(self):
-        self.deliver(Message(self.fresh("m"), "", 0, bad=True))
+    @rule(worker=st.integers(0, 9))
+    def bad_message(self, worker: int):
+        self.deliver(Message(self.fresh("m"), "", 0, bad=True), worker, True)
 
-    def deliver(self, message: Message) -> None:
+    def deliver(self, message: Message, worker: int, whole: bool) -> None:
         self.messages.append(message)
         for job in self.running():
             job.backlog.append(message)
+            if not job.lagging:
+                self.read_backlog(job, worker, len(job.backlog), whole)
+
+    @rule(job=st.integers(0, 9))
+    def lag(self, job: int):
+        """A job falls behind its subscription (or keeps up again from now on)."""
+        jobs = self.running()
+        if jobs:
+            chosen = jobs[job % len(jobs)]
+            chosen.lagging = not chosen.lagging
 
     @rule(job=st.integers(0, 9), worker=st.integers(0, 9), count=st.integers(1, 3),
           whole=st.booleans())
-    def read(self, job: int, worker: int, count: int, whole: bool):
-        """A worker of a job takes in its next messages and writes what the stream would: a
-        dead letter, a duplicate event, or a tile row per assignment with its chip rows (all of
-        them, or the first now and the rest by a later load job)."""
+    def catch_up(self, job: int, worker: int, count: int, whole: bool):
+        """A job that fell behind reads its next messages."""
         jobs = [j for j in self.running() if j.backlog]
-        if not jobs:
-            return
-        chosen = jobs[job % len(jobs)]
-        follower = chosen.workers[worker % len(chosen.workers)]
-        for message in chosen.backlog[:count]:
-            self.take(chosen, follower, message, whole)
-        del chosen.backlog[:count]
+        if jobs:
+            self.read_backlog(jobs[job % len(jobs)], worker, count, whole)
+
+    def read_backlog(self, job: Job, worker: int, count: int, whole: bool) -> None:
+        """A worker of a job takes in messages and writes what the stream would: a dead letter,
+        a duplicate event, or a tile row per assignment with its chip rows (all of them, or the
+        first now and the rest by a later load job)."""
+        follower = job.workers[worker % len(job.workers)]
+        for message in job.backlog[:count]:
+            self.take(job, follower, message, whole)
+        del job.backlog[:count]
 
     def take(self, job: Job, follower: ChannelsFollower, message: Message, whole: bool) -> None:
         at = self.now()
@@ -440,6 +462,7 @@ class ReleaseProtocol(RuleBasedStateMachine):
         job = next(j for j in self.jobs if j.release == h.green)
         if all(release_role(w.snapshot.channels, h.green) != "shadow" for w in job.workers):
             h.until = self.now()
+            self.dirty.add("handover")
 
     def newest(self) -> dict[str, int]:
         newest: dict[str, int] = {}
@@ -469,6 +492,7 @@ class ReleaseProtocol(RuleBasedStateMachine):
 
     @invariant()
     def no_green_answers_before_its_cutover(self):
+        STATS["steps"] += 1
         for row in self.rows:
             cut = self.cut_over_at.get(row.release)
             if row.release in self.ever_green and (cut is None or row.written < cut):
@@ -482,9 +506,9 @@ class ReleaseProtocol(RuleBasedStateMachine):
         if self.dataset == "":
             return
         self.flush()
-        if not self.dirty:
+        if "answers" not in self.dirty:
             return
-        self.dirty = False
+        self.dirty.discard("answers")
         ready = run_query(self.bq, "tiles_ready", self.dataset, days=DAYS)
         area = run_query(self.bq, "class_area_per_tile_and_day", self.dataset)
         may, must, newest = self.whole(False), self.whole(True), self.newest()
@@ -516,6 +540,9 @@ class ReleaseProtocol(RuleBasedStateMachine):
         if h is None or h.until is None or self.dataset == "":
             return
         self.flush()
+        if "handover" not in self.dirty:
+            return
+        self.dirty.discard("handover")
         state = release_ops.handover(self.bq, self.dataset, h.blue, h.green, h.since, h.until)
         if state.pending:
             return
@@ -533,7 +560,13 @@ def test_the_release_protocol_holds_at_every_step(stack, template):
     """Hypothesis drives the verbs, the workers and the messages; the invariants above judge
     every step. A failure prints the shortest sequence of steps that breaks one."""
     ReleaseProtocol.stack, ReleaseProtocol.template = stack, template
-    run_state_machine_as_test(ReleaseProtocol, settings=settings(
-        max_examples=EXAMPLES, stateful_step_count=STEPS, deadline=None,
-        suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much,
-                               HealthCheck.data_too_large]))
+    began = time.monotonic()
+    try:
+        run_state_machine_as_test(ReleaseProtocol, settings=settings(
+            max_examples=EXAMPLES, stateful_step_count=STEPS, deadline=None,
+            derandomize=not LONG, database=None,
+            suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much,
+                                   HealthCheck.data_too_large]))
+    finally:
+        print(f"release protocol: {STATS['examples']} examples, {STATS['steps']} steps "
+              f"checked in {time.monotonic() - began:.0f}s")
