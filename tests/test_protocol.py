@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, Phase, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
     RuleBasedStateMachine,
@@ -54,7 +54,8 @@ from transforms.sinks import SCHEMAS, row_id
 pytestmark = pytest.mark.stack
 
 # Bounded and derandomized in `make test` (the same examples every run: it passes or fails for
-# the code, not the draw); set either variable for a longer, random exploration.
+# the code, not the draw), printing a failing sequence as found (shrinking it takes minutes on
+# the emulators); set either variable for a longer, random exploration that shrinks.
 LONG = "TILESTREAM_PROTOCOL_EXAMPLES" in os.environ or "TILESTREAM_PROTOCOL_STEPS" in os.environ
 EXAMPLES = int(os.environ.get("TILESTREAM_PROTOCOL_EXAMPLES", "15"))
 STEPS = int(os.environ.get("TILESTREAM_PROTOCOL_STEPS", "20"))
@@ -64,6 +65,7 @@ CHIPS = 2  # chip rows per tile row
 DAYS = 30  # every row here is minutes old
 NEVER = 1e9  # workers poll only when a rule says so: lateness is the rules' to choose
 GENERATION0 = 1_700_000_000_000_000  # object generations: same width, so any order agrees
+ARRIVALS = ("new", "new", "generation", "copy", "bad")  # what a message on the topic is
 STATS = {"examples": 0, "steps": 0}  # what a run covered, printed at its end
 
 
@@ -307,33 +309,38 @@ class ReleaseProtocol(RuleBasedStateMachine):
         assert done, f"abort of green {self.green} refused"
         self.green = None
 
-    @rule(job=st.integers(0, 9), worker=st.integers(0, 9))
-    def poll(self, job: int, worker: int):
-        """One worker reads channels.json (the others stay as late as they are)."""
+    @rule(job=st.integers(0, 9), worker=st.integers(0, 9), everyone=st.booleans())
+    def poll(self, job: int, worker: int, everyone: bool):
+        """Every worker of a job reads channels.json, or one of them (the others stay as late
+        as they are)."""
         jobs = self.running()
         if jobs:
             chosen = jobs[job % len(jobs)]
-            chosen.workers[worker % len(chosen.workers)].refresh(force=True)
+            for follower in (chosen.workers if everyone else
+                             [chosen.workers[worker % len(chosen.workers)]]):
+                follower.refresh(force=True)
             self._green_switched()
 
-    @rule(tile=st.integers(0, 4), again=st.sampled_from(["new", "new", "generation", "copy"]),
+    @rule(messages=st.lists(st.tuples(st.integers(0, 9), st.sampled_from(ARRIVALS)),
+                            min_size=1, max_size=3),
           worker=st.integers(0, 9), whole=st.sampled_from([True, True, False]))
-    def tile_arrives(self, tile: int, again: str, worker: int, whole: bool):
-        """A message on the topic: a tile, a new generation of one seen before, or a second
-        message for the same tile version (dedup's). Every running job receives it; those that
-        keep up read it at once, with one of their workers."""
-        tile_id = f"t{tile}"
-        before = [m for m in self.messages if m.tile_id == tile_id and not m.bad]
-        generation = max((m.generation for m in before), default=GENERATION0)
-        if again == "generation" or not before:
-            generation += 1
-        elif again == "new":
-            tile_id, generation = self.fresh("t"), GENERATION0 + 1
-        self.deliver(Message(self.fresh("m"), tile_id, generation), worker, whole)
-
-    @rule(worker=st.integers(0, 9))
-    def bad_message(self, worker: int):
-        self.deliver(Message(self.fresh("m"), "", 0, bad=True), worker, True)
+    def messages_arrive(self, messages: list[tuple[int, str]], worker: int, whole: bool):
+        """Messages on the topic, each a new tile, a new generation of a tile seen before, a
+        second message for a tile version (dedup's) or one that is not an announcement. Every
+        running job receives them; those that keep up read them at once, with one of their
+        workers (all of a tile's chip rows at once, or the first now and the rest later)."""
+        for pick, kind in messages:
+            seen = sorted({m.tile_id for m in self.messages if not m.bad})
+            if kind == "bad":
+                message = Message(self.fresh("m"), "", 0, bad=True)
+            elif kind == "new" or not seen:
+                message = Message(self.fresh("m"), self.fresh("tile"), GENERATION0 + 1)
+            else:
+                tile_id = seen[pick % len(seen)]
+                generation = max(m.generation for m in self.messages if m.tile_id == tile_id)
+                message = Message(self.fresh("m"), tile_id,
+                                  generation + (kind == "generation"))
+            self.deliver(message, worker, whole)
 
     def deliver(self, message: Message, worker: int, whole: bool) -> None:
         self.messages.append(message)
@@ -565,6 +572,7 @@ def test_the_release_protocol_holds_at_every_step(stack, template):
         run_state_machine_as_test(ReleaseProtocol, settings=settings(
             max_examples=EXAMPLES, stateful_step_count=STEPS, deadline=None,
             derandomize=not LONG, database=None,
+            phases=list(Phase) if LONG else [Phase.explicit, Phase.generate],
             suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much,
                                    HealthCheck.data_too_large]))
     finally:
