@@ -326,12 +326,15 @@ class ReleaseProtocol(RuleBasedStateMachine):
 
     @rule(messages=st.lists(st.tuples(st.integers(0, 9), st.sampled_from(ARRIVALS)),
                             min_size=1, max_size=3),
-          worker=st.integers(0, 9), whole=st.sampled_from([True, True, False]))
-    def messages_arrive(self, messages: list[tuple[int, str]], worker: int, whole: bool):
+          worker=st.integers(0, 9), whole=st.sampled_from([True, True, False]),
+          due=st.booleans())
+    def messages_arrive(self, messages: list[tuple[int, str]], worker: int, whole: bool,
+                        due: bool):
         """Messages on the topic, each a new tile, a new generation of a tile seen before, a
         second message for a tile version (dedup's) or one that is not an announcement. Every
         running job receives them; those that keep up read them at once, with one of their
-        workers (all of a tile's chip rows at once, or the first now and the rest later)."""
+        workers (all of a tile's chip rows at once, or the first now and the rest later), which
+        first reads channels.json if its poll is ``due`` (as the stream's routing step does)."""
         for pick, kind in messages:
             seen = sorted({m.tile_id for m in self.messages if not m.bad})
             if kind == "bad":
@@ -343,14 +346,14 @@ class ReleaseProtocol(RuleBasedStateMachine):
                 generation = max(m.generation for m in self.messages if m.tile_id == tile_id)
                 message = Message(self.fresh("m"), tile_id,
                                   generation + (kind == "generation"))
-            self.deliver(message, worker, whole)
+            self.deliver(message, worker, whole, due)
 
-    def deliver(self, message: Message, worker: int, whole: bool) -> None:
+    def deliver(self, message: Message, worker: int, whole: bool, due: bool) -> None:
         self.messages.append(message)
         for job in self.running():
             job.backlog.append(message)
             if not job.lagging:
-                self.read_backlog(job, worker, len(job.backlog), whole)
+                self.read_backlog(job, worker, len(job.backlog), whole, due)
 
     @rule(job=st.integers(0, 9))
     def lag(self, job: int):
@@ -361,18 +364,21 @@ class ReleaseProtocol(RuleBasedStateMachine):
             chosen.lagging = not chosen.lagging
 
     @rule(job=st.integers(0, 9), worker=st.integers(0, 9), count=st.integers(1, 3),
-          whole=st.booleans())
-    def catch_up(self, job: int, worker: int, count: int, whole: bool):
+          whole=st.booleans(), due=st.booleans())
+    def catch_up(self, job: int, worker: int, count: int, whole: bool, due: bool):
         """A job that fell behind reads its next messages."""
         jobs = [j for j in self.running() if j.backlog]
         if jobs:
-            self.read_backlog(jobs[job % len(jobs)], worker, count, whole)
+            self.read_backlog(jobs[job % len(jobs)], worker, count, whole, due)
 
-    def read_backlog(self, job: Job, worker: int, count: int, whole: bool) -> None:
+    def read_backlog(self, job: Job, worker: int, count: int, whole: bool, due: bool) -> None:
         """A worker of a job takes in messages and writes what the stream would: a dead letter,
         a duplicate event, or a tile row per assignment with its chip rows (all of them, or the
         first now and the rest by a later load job)."""
         follower = job.workers[worker % len(job.workers)]
+        if due:
+            follower.refresh(force=True)
+            self._green_switched()
         for message in job.backlog[:count]:
             self.take(job, follower, message, whole)
         del job.backlog[:count]
