@@ -587,3 +587,48 @@ def test_the_release_protocol_holds_at_every_step(stack, template):
     finally:
         print(f"release protocol: {STATS['examples']} examples, {STATS['steps']} steps "
               f"checked in {time.monotonic() - began:.0f}s")
+
+
+# The hazards the protocol exists for, each as the steps that reach it, pinned as tests of their
+# own so every run checks them, whatever the bounded exploration above happens to draw.
+NEW = {"messages": [(0, "new")], "worker": 0, "whole": True, "due": False}
+SCENARIOS = {
+    "a refused candidate, then a green release": [
+        ("refused_candidate", {"canary": 0.0}), ("release_green", {"workers": 1}),
+        ("messages_arrive", NEW)],
+    "an aborted green whose job still runs": [
+        ("release_green", {"workers": 1}), ("abort", {}),
+        ("poll", {"job": 1, "worker": 0, "everyone": True}), ("messages_arrive", NEW)],
+    "a new generation of a tile": [
+        ("messages_arrive", NEW),
+        ("messages_arrive", NEW | {"messages": [(0, "generation")]})],
+    "a tile whose chip rows are not all in": [
+        ("messages_arrive", NEW | {"whole": False})],
+    "a promotion in the cut-over overlap": [
+        ("release_green", {"workers": 1}), ("cutover", {}),
+        ("poll", {"job": 1, "worker": 0, "everyone": True}), ("promote", {"pick": 1}),
+        ("poll", {"job": 1, "worker": 0, "everyone": True}), ("messages_arrive", NEW)],
+    "blue lags behind green, catches up, is drained": [
+        ("release_green", {"workers": 2}), ("lag", {"job": 0}), ("messages_arrive", NEW),
+        ("cutover", {}), ("poll", {"job": 1, "worker": 0, "everyone": True}),
+        ("catch_up", {"job": 0, "worker": 0, "count": 3, "whole": True, "due": True}),
+        ("drain", {"job": 0})],
+}
+
+
+@pytest.mark.parametrize("steps", SCENARIOS.values(), ids=SCENARIOS.keys())
+def test_the_release_protocol_holds_in_known_hazards(stack, template, steps):
+    """The same machine and invariants, on a fixed sequence of steps."""
+    ReleaseProtocol.stack, ReleaseProtocol.template = stack, template
+    machine = ReleaseProtocol()
+    try:
+        machine.start(recorded=True, workers=1)
+        for name, args in steps:
+            getattr(machine, name)(**args)
+            machine.no_green_answers_before_its_cutover()
+            machine.each_tile_answered_once()
+            machine.handover_passes_only_when_all_is_answered()
+        if steps[-1][0] == "drain":  # the old job may go only once the handover passed
+            assert machine.handover.passed and not machine.jobs[0].running
+    finally:
+        machine.teardown()
