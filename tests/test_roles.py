@@ -147,3 +147,80 @@ def test_the_follower_reports_switches_once_and_process_sees_them(registry, tmp_
     assert switch.before.channels.green_release is None
     assert switch.after.channels.green_release.release == GREEN
     assert follower.take().switches == () and time.time() >= update.snapshot.read_at
+
+
+# --- a green job on the local stack -----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def green_trial(stack, model_uri, tmp_path_factory):
+    """``BLUE`` recorded live, ``GREEN`` on trial with its job running and tiles flowing; a
+    shadow candidate whose weights were damaged in the registry after the verb checked them, so
+    every worker refuses it; then the candidate rolled back and green's trial aborted while its
+    job keeps running and tiles keep coming."""
+    from tests.streams import TilePublisher, query, stop_stream, wait_until
+    from tests.test_bluegreen import Trial, _ok
+
+    tmp = tmp_path_factory.mktemp("roles")
+    trial = Trial(stack, model_uri, tmp)
+    registry = trial.registry
+    registry.publish(str(variant(tmp, "2")))
+    registry.shadow(V2, by="test")
+    weights = f"{V2.name}/{V2.version}/model.pt"
+    good = registry.store.read(weights, 1 << 30)[0]
+    registry.store.write(weights, good[:-64] + b"\0" * 64, None)
+    _ok(trial.release("green", GREEN, f"--subscription={trial.green_sub}", "--job=green"))
+
+    def model_events() -> list[str]:
+        return [r["reason"] for r in query(stack, f"SELECT reason FROM `{trial.dataset}.events`"
+                                                  " WHERE disposition = 'model'")]
+
+    def green_rows() -> list[dict]:
+        return trial.rows(f"release = '{GREEN}'")
+
+    green = trial.stream(GREEN, trial.green_sub, "green.log")
+    marks: dict[str, float] = {}
+    try:
+        with TilePublisher(stack, trial.topic, trial.crop, "roles", every_s=1.5) as traffic:
+            refused = wait_until(lambda: any("landcover-student/2 refused" in e
+                                             for e in model_events())
+                                 and len(green_rows()) >= 3, 300, green, 2)
+            assert refused, (model_events(), trial.log("green.log"))
+            before_abort = green_rows()
+            registry.rollback(by="test", why="the damaged candidate out of the way")
+            marks["abort"] = time.time()
+            _ok(trial.release("abort", GREEN))
+            took = wait_until(lambda: any(e.startswith("channels now") and "'green': None" in e
+                                          for e in model_events()), 120, green, 2)
+            assert took, (model_events(), trial.log("green.log"))
+            marks["took_abort"] = time.time()
+            after = lambda: traffic.since(marks["took_abort"])  # noqa: E731
+            assert wait_until(lambda: len(after()) >= 3 and set(after()[:3]) <= {
+                r["tile_id"] for r in green_rows()}, 240, green, 2), trial.log("green.log")
+        alive = green.poll() is None
+    finally:
+        code = stop_stream(green)
+    assert alive and code == 0, trial.log("green.log")
+    return {"before_abort": before_abort, "rows": green_rows(), "events": model_events(),
+            "after_abort": after()[:3], "sent": dict(traffic.sent),
+            "all_rows": trial.rows("TRUE")}
+
+
+@pytest.mark.stack
+@pytest.mark.slow
+def test_a_candidate_the_green_workers_refuse_leaves_every_green_row_shadow(green_trial):
+    rows = green_trial["before_abort"]
+    assert len(rows) >= 3 and {r["role"] for r in rows} == {"shadow"}, rows
+    assert any("landcover-student/2 refused as shadow candidate" in e
+               for e in green_trial["events"])
+    assert not any(e.startswith(f"release {GREEN} now live") for e in green_trial["events"])
+
+
+@pytest.mark.stack
+@pytest.mark.slow
+def test_after_release_abort_the_running_green_job_writes_no_live_row(green_trial):
+    rows = green_trial["all_rows"]  # green is the only job: blue is recorded, not running
+    assert {r["release"] for r in rows} == {GREEN}
+    assert {r["role"] for r in rows} == {"shadow"}, [r for r in rows if r["role"] != "shadow"]
+    assert set(green_trial["after_abort"]) <= {r["tile_id"] for r in rows}
+    assert not any(e.startswith(f"release {GREEN} now live") for e in green_trial["events"])
