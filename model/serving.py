@@ -177,6 +177,7 @@ class ChannelsFollower:
     _switches: list[Switch] = field(default_factory=list, init=False)
     _poll_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
+    _start_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
     _thread: threading.Thread | None = field(default=None, init=False, repr=False)
     _stop: threading.Event = field(default_factory=threading.Event, init=False, repr=False)
 
@@ -190,11 +191,14 @@ class ChannelsFollower:
         return self._registry
 
     def start_background(self) -> None:
-        """Follow the channels from a daemon thread (once; later calls do nothing)."""
+        """Read the channels once now, then follow them from a daemon thread (once per
+        follower; later calls return at once). The first read happens here, before any tile,
+        because the start-up snapshot was read when the job was launched, maybe long ago."""
         if self._thread is not None:
             return
-        with self._lock:
+        with self._start_lock:
             if self._thread is None:
+                self._poll()
                 self._thread = threading.Thread(target=self._follow, daemon=True,
                                                 name="tilestream-channels")
                 self._thread.start()
@@ -205,13 +209,16 @@ class ChannelsFollower:
 
     def _follow(self) -> None:
         while not self._stop.is_set():
-            try:
-                self.refresh()
-            except Exception as exc:  # the thread must outlive every fault
-                with self._poll_lock:
-                    self._backoff()
-                self._transient("channels", "reading the model channels failed", exc)
+            self._poll()
             self._stop.wait(max(self._next_poll - time.monotonic(), 0.05))
+
+    def _poll(self) -> None:
+        try:
+            self.refresh()
+        except Exception as exc:  # the follower must outlive every fault
+            with self._poll_lock:
+                self._backoff()
+            self._transient("channels", "reading the model channels failed", exc)
 
     def take(self) -> Update:
         """Refusals and switches since the last call (each handed out once), without I/O."""

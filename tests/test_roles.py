@@ -220,6 +220,10 @@ def test_a_candidate_the_green_workers_refuse_leaves_every_green_row_shadow(gree
 @pytest.mark.slow
 def test_after_release_abort_the_running_green_job_writes_no_live_row(green_trial):
     rows = green_trial["all_rows"]  # green is the only job: blue is recorded, not running
+    taken_after = {r["tile_id"]: r["role"] for r in rows
+                   if r["tile_id"] in green_trial["after_abort"]}
+    assert set(taken_after) == set(green_trial["after_abort"])
+    assert set(taken_after.values()) == {"shadow"}, taken_after
     assert {r["release"] for r in rows} == {GREEN}
     assert {r["role"] for r in rows} == {"shadow"}, [r for r in rows if r["role"] != "shadow"]
     assert set(green_trial["after_abort"]) <= {r["tile_id"] for r in rows}
