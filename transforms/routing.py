@@ -66,7 +66,8 @@ def process_follower(registry_uri: str, running: ModelCard, start: Snapshot,
 
 def release_event(release: str, role: str) -> str:
     return (f"release {release} now live" if role == "live" else
-            f"release {release} now green: its rows are role=shadow until cut-over")
+            f"release {release} now shadow (green on trial, aborted or not the live release): "
+            "its rows are role=shadow")
 
 
 class _AssignFn(beam.DoFn):
