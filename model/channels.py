@@ -7,8 +7,11 @@ history of changes. :func:`assignments` is the routing rule the stream applies p
 
 It also names the *stream's* releases during a blue-green replacement (``releases``): the
 ``live`` release and, while one is on trial, the ``green`` one, each with the subscription its
-job reads. A stream whose ``--release`` is the green one writes every row as ``shadow``
-(:func:`release_role`); cut-over makes it live in the same compare-and-swap as a promotion.
+job reads. :func:`release_role` says whether a job's rows may answer: only the live release's
+(and, after a cut-over, the retiring one's while it drains); every other job writes ``shadow``.
+Cut-over makes green live in the same compare-and-swap as a promotion. The document's fields
+are fixed: release 0.2.0's reader refuses unknown ones, so facts a newer release needs go into
+history entries.
 Everything here is pure: parsing refuses what is not a well-formed document.
 """
 
@@ -192,12 +195,38 @@ def canary_point(candidate: ModelRef, tile_id: str) -> float:
     return int.from_bytes(digest[:8], "big") / 2.0**64
 
 
+RELEASE_ACTION = "release"  # every release verb's history action starts with it
+CUTOVER_ACTION = "release-cutover"
+
+
 def release_role(channels: Channels, release: str) -> str:
-    """``shadow`` for the green release of a blue-green replacement, else ``live``: every
-    other job (the live release, the old one draining after cut-over, a stream that never took
-    part) answers as the channels' model roles say."""
-    green = channels.green_release
-    return "shadow" if green is not None and green.release == release else "live"
+    """``live`` or ``shadow`` for the rows of the job of ``release``; any doubt is ``shadow``.
+
+    ``live``: a stream outside any blue-green (the document records no release at all), the
+    live release, and the *retiring* one (the live release before the latest cut-over, as long
+    as no other release change followed it: the old job draining its in-flight tiles).
+    ``shadow``: the green release on trial, a green whose trial was aborted, any release the
+    document does not name. A model refusal never changes this: it reads only ``releases`` and
+    the history, which the stream's follower always keeps (``model/serving.py``).
+    """
+    if channels.live_release is not None and channels.live_release.release == release:
+        return "live"
+    release_entries = [h for h in channels.history
+                       if str(h.get("action", "")).startswith(RELEASE_ACTION)]
+    if channels.live_release is None and channels.green_release is None and not release_entries:
+        return "live"
+    if release_entries and release_entries[-1].get("action") == CUTOVER_ACTION:
+        return "live" if _live_release_of(release_entries[-1].get("before")) == release else \
+            "shadow"
+    return "shadow"
+
+
+def _live_release_of(state: object) -> str | None:
+    """``releases.live.release`` of a history entry's ``before`` state, if it names one."""
+    releases = state.get("releases") if isinstance(state, dict) else None
+    live = releases.get("live") if isinstance(releases, dict) else None
+    name = live.get("release") if isinstance(live, dict) else None
+    return name if isinstance(name, str) and name else None
 
 
 def assignments(channels: Channels, tile_id: str) -> tuple[tuple[ModelRef, str], ...]:

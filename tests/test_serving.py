@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numpy as np
@@ -165,3 +166,117 @@ def test_the_follower_reads_a_gcs_registry_as_the_stream_does(adapted, tmp_path)
     assert follower.refresh() == []
     assert follower.snapshot.assign("any") == (("landcover-student/2", "canary"),)
     assert CardBook(card, prefix, tmp_path / "cache").get("landcover-student/2").version == "2"
+
+
+def _wait(condition, timeout_s: float = 60.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.05)
+    return condition()
+
+
+def test_a_storage_fault_is_retried_not_refused_and_the_new_snapshot_is_taken(follower,
+                                                                               tmp_path):
+    """A weights file that cannot be read (here: a directory where the file should be) is a
+    fault of the storage, not of the model: no refusal is remembered, the next poll tries
+    again, and once the file is back the candidate is taken."""
+    registry, f = follower
+    registry.publish(str(variant(tmp_path, "2")))
+    registry.shadow(V2, by="test")
+    weights = Path(registry.prefix) / V2.name / V2.version / "model.pt"
+    saved = weights.read_bytes()
+    weights.unlink()
+    weights.mkdir()
+    [fault] = f.refresh()
+    assert fault.transient and "IsADirectoryError" in fault.reason and "retrying" in fault.reason
+    assert f.snapshot.channels.candidate is None
+    assert f.refresh() == []  # tried again, reported once
+    weights.rmdir()
+    weights.write_bytes(saved)
+    assert f.refresh() == [] and f.snapshot.channels.candidate == V2
+    assert [s.after.channels.candidate for s in f.take().switches][-1] == V2
+
+
+def test_the_background_thread_retries_with_backoff_until_the_fault_clears(follower, tmp_path):
+    registry, f = follower
+    f.poll_secs = 0.2
+    registry.publish(str(variant(tmp_path, "2")))
+    registry.shadow(V2, by="test")
+    weights = Path(registry.prefix) / V2.name / V2.version / "model.pt"
+    saved = weights.read_bytes()
+    weights.unlink()
+    weights.mkdir()
+    seen: list = []
+    f.start_background()
+    try:
+        assert _wait(lambda: seen.extend(f.take().refusals) or seen, 60), "no fault reported"
+        assert all(r.transient for r in seen) and f.snapshot.channels.candidate is None
+        weights.rmdir()
+        weights.write_bytes(saved)
+        assert _wait(lambda: f.snapshot.channels.candidate == V2, 60)
+    finally:
+        f.stop()
+
+
+def test_a_refresh_blocked_on_the_registry_never_blocks_a_tile(follower, tmp_path):
+    """The channels document is a FIFO nobody writes yet: the follower's thread blocks in the
+    read, and the stream's AssignModels keeps routing tiles by the snapshot it has; once the
+    document arrives the next tile is routed by it, with its event."""
+    import os
+    import threading
+
+    from model.channels import CHANNELS_FILE
+    from tests.streams import wait_until
+    from transforms import process, routing
+    from transforms.records import TileRef
+
+    registry, f = follower
+    registry.publish(str(variant(tmp_path, "2")))
+    registry.shadow(V2, by="test")
+    channels = Path(registry.prefix) / CHANNELS_FILE
+    document = channels.read_bytes()
+    registry.rollback(by="test")  # the stream starts with v1 alone, and reads that at setup
+    fn = routing._AssignFn(registry.prefix, f.running, f.start, 0.05, "0.1.0")
+    process.reset()
+    fn.setup()
+    follower = fn._follower
+    fifo = tmp_path / "channels.fifo"
+    os.mkfifo(fifo)
+    (tmp_path / "link").symlink_to(fifo)
+    os.replace(tmp_path / "link", channels)  # atomically: no poll sees the document missing
+    out: list = []
+
+    def route(tile_id: str) -> threading.Thread:
+        tile = TileRef(tile_id, ("x.tif",), "1", 0.0, 0.0)
+        worker = threading.Thread(target=lambda: out.extend(fn.process(tile)), daemon=True)
+        worker.start()
+        return worker
+
+    try:
+        assert _wait(follower._poll_lock.locked, 30), "the follower never started reading"
+        time.sleep(0.2)  # it is inside the read of the FIFO now: nothing else takes the lock
+        blocked = route("during")
+        blocked.join(timeout=20)
+        assert not blocked.is_alive(), "process waited on the registry read"
+        assert [(t.model, t.role) for t in out if isinstance(t, TileRef)] == [
+            ("landcover-student/1", "live")]
+        threading.Thread(target=fifo.write_bytes, args=(document,), daemon=True).start()
+
+        def routed_by_the_new_document() -> bool:
+            out.clear()
+            worker = route("after")
+            worker.join(timeout=20)
+            return not worker.is_alive() and ("landcover-student/2", "shadow") in [
+                (getattr(t, "model", None), getattr(t, "role", None)) for t in out]
+        assert wait_until(routed_by_the_new_document, 60, every_s=0.1)
+    finally:
+        follower.stop()
+        channels.unlink()
+        channels.write_bytes(document)
+        try:  # releases a read still waiting on the FIFO (none waiting: ENXIO)
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        except OSError:
+            pass
+        process.reset()

@@ -7,18 +7,22 @@ and travels with every chip, prediction and manifest, so a tile is scored by exa
 per role and never assembled from chips of two versions, even when the channels change mid-tile.
 
 The snapshot comes from a :class:`model.serving.ChannelsFollower` shared by every DoFn instance
-of the worker process, re-read at most every
-``--channels_poll_secs`` as tiles pass. Why not a side input: on Beam's in-process runner a
-global-window side input fed by ``PeriodicImpulse`` holds the main input until the side input's
-window is complete, which in a stream is never; a per-process poll has the same bound (the poll
-interval) on every runner and no extra graph. A version the follower refuses becomes an
-``events`` row (disposition ``model``) and a log line; the stream keeps the snapshot it had.
+of the worker process, whose one daemon thread re-reads the channels every
+``--channels_poll_secs`` and fetches and validates what they name; ``process`` only reads the
+current snapshot and the follower's news, so a slow registry never stalls a tile. Why not a
+side input: on Beam's in-process runner a global-window side input fed by ``PeriodicImpulse``
+holds the main input until the side input's window is complete, which in a stream is never; a
+per-process poll has the same bound (the poll interval) on every runner and no extra graph. A
+version the follower refuses becomes an ``events`` row (disposition ``model``) and a log line;
+the stream keeps the snapshot it had. Each piece of news is taken by one DoFn of the process
+(all share the job's ``--release``), so each event is written once.
 
-The same channels say whether this job's ``--release`` is the green one of a blue-green
-replacement (``model.channels.release_role``): then every assignment is ``shadow``, so its rows
-stay out of the shipped queries until cut-over. A change of that role is a ``model`` event
-(``release R now live``), which ``tilestream release cutover --wait`` waits for before the old
-job is drained.
+The same channels say whether this job's ``--release`` may answer
+(``model.channels.release_role``): only the live release and, after a cut-over, the retiring
+one; any other (green on trial, an aborted green, a release the document does not name) has
+every assignment ``shadow``, so its rows stay out of the shipped queries. A change of that role
+is a ``model`` event (``release R now live``), which ``tilestream release cutover --wait`` waits
+for before the old job is drained.
 """
 
 from __future__ import annotations
@@ -62,7 +66,8 @@ def process_follower(registry_uri: str, running: ModelCard, start: Snapshot,
 
 def release_event(release: str, role: str) -> str:
     return (f"release {release} now live" if role == "live" else
-            f"release {release} now green: its rows are role=shadow until cut-over")
+            f"release {release} now shadow (green on trial, aborted or not the live release): "
+            "its rows are role=shadow")
 
 
 class _AssignFn(beam.DoFn):
@@ -77,27 +82,25 @@ class _AssignFn(beam.DoFn):
 
     def setup(self):
         self._follower = process_follower(*self._args)
+        self._follower.start_background()
 
     def process(self, tile: TileRef):
-        follower = self._follower
-        before = follower.snapshot.token
-        role_before = release_role(follower.snapshot.channels, self._release)
-        try:
-            refusals = follower.refresh()
-        except Exception as exc:  # the follower must never cost a tile
-            refusals = []
-            yield model_event(f"reading the model channels failed: {describe(exc)}")
-        for refusal in refusals:
-            self.refused.inc()
+        update = self._follower.take()  # no I/O and no wait: the follower's thread fetches
+        for refusal in update.refusals:
+            if not refusal.transient:
+                self.refused.inc()
             yield model_event(refusal.reason)
-        snapshot = follower.snapshot
-        if snapshot.token != before:
-            self.switched.inc()
-            yield model_event(f"channels now {snapshot.channels.state()} (validated); "
-                              f"tiles from {tile.tile_id} on are routed by them")
+        for switch in update.switches:
+            before, after = switch.before.channels, switch.after.channels
+            if after.state() != before.state():
+                self.switched.inc()
+                yield model_event(f"channels now {after.state()} (validated); "
+                                  f"tiles from {tile.tile_id} on are routed by them")
+            role = release_role(after, self._release)
+            if role != release_role(before, self._release):
+                yield model_event(release_event(self._release, role))
+        snapshot = update.snapshot
         role = release_role(snapshot.channels, self._release)
-        if role != role_before:
-            yield model_event(release_event(self._release, role))
         try:
             assigned = snapshot.assign(tile.tile_id)
         except Exception as exc:
