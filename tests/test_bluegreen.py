@@ -61,8 +61,8 @@ class Trial:
         _ok(self.release("live", BLUE, f"--subscription={self.blue_sub}", "--job=blue"))
         self.crop = tiles.crop(tmp_path / "crop.tif", 0, 0, 100, 100)
 
-    def release(self, *argv: str):
-        return cli(self.stack, "release", *argv, *self.target)
+    def release(self, *argv: str, timeout_s: float = 180):
+        return cli(self.stack, "release", *argv, *self.target, timeout_s=timeout_s)
 
     def stream(self, release: str, subscription: str, log: str):
         return start_stream(self.stack, self.model_uri, self.tmp_path / log,
