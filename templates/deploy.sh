@@ -152,7 +152,10 @@ drain_role() {  # drain_role retiring|green|live
       drain_job retiring "$(channel retiring job)"
       ;;
     green) drain_job green "$(channel green job)" ;;
-    live) drain_job live "$(channel live job)" ;;
+    live)  # a deployment launched before releases were recorded: the job of its first launch
+      job=$(channel live job)
+      drain_job live "${job:-$JOB_NAME}"
+      ;;
     *)
       echo "deploy.sh drain: say which job: drain retiring|green|live" >&2
       exit 2
