@@ -170,9 +170,10 @@ class TileStreamArguments:
                              "its rows' role during a blue-green release (docs/operations.md).")
         outputs.add_argument("--chip_rows_load_secs", type=int, default=None,
                              help="Chip rows reach BigQuery in a load job every this many "
-                             "seconds; 0 streams them row by row (insertAll). Default 60 on "
-                             "BigQuery (1,500 load jobs per table per day), 2 on the local "
-                             "stack. Tile rows and dead letters always stream.")
+                             "seconds; 0 streams them row by row (insertAll). Default 180 on "
+                             "BigQuery (1,500 load jobs per table per day, shared by the "
+                             "stream, a blue-green trial and backfills), 2 on the local stack. "
+                             "Tile rows and dead letters always stream.")
         outputs.add_argument("--confidence_band", type=flag, nargs="?", const=True,
                              default=False,
                              help="Add a confidence band (percent) to each prediction COG "

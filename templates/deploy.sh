@@ -9,12 +9,18 @@
 #   templates/deploy.sh check       on a GPU VM: the image sees CUDA and scores one chip
 #   templates/deploy.sh run         launch the streaming job on GPU workers (first launch)
 #   templates/deploy.sh update      replace the running job in place, if its state carries over
-#   templates/deploy.sh bluegreen   start this release beside the live one, its rows shadow
+#   templates/deploy.sh bluegreen   start this release beside the live one (green: its rows shadow), its
+#                                   subscription seeded from a snapshot of the live one's
 #   templates/deploy.sh compare     green against blue: dead letters, latency, agreement
-#   templates/deploy.sh cutover     make green live; once it says so and blue has answered what green
-#                                   took in as shadow (the handover), drain blue
-#   templates/deploy.sh abort       drain green; blue never stopped answering
-#   templates/deploy.sh drain       drain the live job (finish in-flight work, then stop)
+#   templates/deploy.sh cutover     make green live; once it says so and the handover passes (every
+#                                   message green took in as shadow answered), drain the retiring job
+#   templates/deploy.sh handover    after a cutover that exited 4: check the handover again (WAIT_SECS)
+#   templates/deploy.sh abort       end green's trial, then drain green's job; the live one never stopped
+#   templates/deploy.sh drain ROLE  drain one job by its role (finish in-flight work, then stop):
+#                                   retiring  the job live before the last cutover, once the handover
+#                                             passes (what cutover does after exit 0)
+#                                   green     the job on trial (what abort does)
+#                                   live      the job answering now: stops the stream
 #
 # Settings come from the environment (or templates/deploy.env, never committed):
 #   PROJECT, REGION, and after `infra`: everything else is read from terraform outputs.
@@ -105,16 +111,27 @@ drain() {  # drain NAME
   gcloud dataflow jobs drain "$(job_id "$1")" --project="$PROJECT" --region="$REGION"
 }
 
+drain_job() {  # drain_job ROLE NAME: refuses a job it cannot name
+  if [[ -z $2 ]]; then
+    echo "deploy.sh drain $1: no $1 job is recorded in the channels: nothing drained" >&2
+    exit 2
+  fi
+  echo "draining the $1 job $2" >&2
+  drain "$2"
+}
+
 release() {  # release VERB [args...]: the release channel in the registry's channels.json
   "$PYTHON" -m pipeline.ops.cli release "$@" --registry "$(registry)" --project "$PROJECT" \
     --bq_dataset "$(tf_output bq_dataset)"
 }
 
-# A field of the release channel: channel live|green, field release|subscription|job.
+# A field of the release channel: channel live|green|retiring, field release|subscription|job
+# (retiring: the release live before the last cut-over, while no release change came after).
 channel() {
   release status | "$PYTHON" -c 'import json, sys
-doc = json.load(sys.stdin).get("releases") or {}
-print((doc.get(sys.argv[1]) or {}).get(sys.argv[2], ""))' "$1" "$2"
+doc = json.load(sys.stdin)
+ref = doc.get("retiring") if sys.argv[1] == "retiring" else (doc.get("releases") or {}).get(sys.argv[1])
+print((ref or {}).get(sys.argv[2], ""))' "$1" "$2"
 }
 
 # The job's update surface, kept beside the template at each launch: what `update` compares.
@@ -124,6 +141,26 @@ record_surface() {  # record_surface JOB SUBSCRIPTION
   file=$(mktemp)
   "$PYTHON" -m pipeline.ops.release surface --parameters "$(parameters "$2")" >"$file"
   gcloud storage cp "$file" "$(surface_uri "$1")"
+}
+
+drain_role() {  # drain_role retiring|green|live
+  case "$1" in
+    retiring)
+      # Only once the handover of the last cut-over passes (exit 0): a retiring job drained
+      # earlier would leave what it had not answered to nobody.
+      release handover "$(channel live release)" --wait_secs "${WAIT_SECS:-600}"
+      drain_job retiring "$(channel retiring job)"
+      ;;
+    green) drain_job green "$(channel green job)" ;;
+    live)  # a deployment launched before releases were recorded: the job of its first launch
+      job=$(channel live job)
+      drain_job live "${job:-$JOB_NAME}"
+      ;;
+    *)
+      echo "deploy.sh drain: say which job: drain retiring|green|live" >&2
+      exit 2
+      ;;
+  esac
 }
 
 case "${1:-}" in
@@ -192,6 +229,8 @@ case "${1:-}" in
     idle=$slot_b
     [[ $live_subscription == "$slot_b" ]] && idle=$slot_a
     green_job="${NAME}-${RELEASE//./-}"
+    # `release green` seeks the idle slot to a snapshot of the live one first: green takes in
+    # all the live job has not acknowledged, so the handover covers the live job's backlog.
     release green "$RELEASE" --subscription "$idle" --job "$green_job"
     launch "$green_job" "$idle"
     record_surface "$green_job" "$idle"
@@ -200,21 +239,31 @@ case "${1:-}" in
     release compare --blue "$(channel live release)" --green "$RELEASE" --hours "${HOURS:-1}"
     ;;
   cutover)
-    blue_job=$(channel live job)
-    release cutover "$RELEASE" --wait_secs "${WAIT_SECS:-600}"
-    drain "$blue_job"
+    # The retiring job is drained only once the handover passes (exit 0); on 4 nothing is
+    # drained: check again with `handover`, then `drain retiring`.
+    rc=0
+    release cutover "$RELEASE" --wait_secs "${WAIT_SECS:-600}" || rc=$?
+    if ((rc == 4)); then
+      echo "deploy.sh cutover: the retiring job was not drained; check again with" \
+        "\`deploy.sh handover\`, then \`deploy.sh drain retiring\`" >&2
+    fi
+    ((rc == 0)) || exit "$rc"
+    drain_job retiring "$(channel retiring job)"
+    ;;
+  handover)
+    release handover "$(channel live release)" --wait_secs "${WAIT_SECS:-600}"
     ;;
   abort)
+    # Aborted, green's rows are shadow by rule at once; its job is drained after.
     green_job=$(channel green job)
-    drain "$green_job"
     release abort "$RELEASE"
+    drain_job green "$green_job"
     ;;
   drain)
-    job=$(channel live job)
-    drain "${job:-$JOB_NAME}"
+    drain_role "${2:-}"
     ;;
   *)
-    sed -n '2,21p' "$0"
+    sed -n '2,28p' "$0"
     exit 2
     ;;
 esac

@@ -61,8 +61,8 @@ class Trial:
         _ok(self.release("live", BLUE, f"--subscription={self.blue_sub}", "--job=blue"))
         self.crop = tiles.crop(tmp_path / "crop.tif", 0, 0, 100, 100)
 
-    def release(self, *argv: str):
-        return cli(self.stack, "release", *argv, *self.target)
+    def release(self, *argv: str, timeout_s: float = 180):
+        return cli(self.stack, "release", *argv, *self.target, timeout_s=timeout_s)
 
     def stream(self, release: str, subscription: str, log: str):
         return start_stream(self.stack, self.model_uri, self.tmp_path / log,
@@ -92,7 +92,7 @@ def test_blue_green_release_loses_nothing_and_counts_each_tile_once(stack, model
         with TilePublisher(stack, topic, crop, "bg", every_s=1.5) as traffic:
             assert wait_until(lambda: len(rows(f"release = '{BLUE}'")) >= 3, 180, blue, 1), \
                 (tmp_path / "blue.log").read_text()[-3000:]
-            # Green: its subscription sought to now, its job started, its rows shadow.
+            # Green: its subscription seeded from blue's, its job started, its rows shadow.
             _ok(cli(stack, "release", "green", GREEN, f"--subscription={green_sub}",
                     "--job=green", *target))
             green = stream(GREEN, green_sub, "green.log")
@@ -113,7 +113,7 @@ def test_blue_green_release_loses_nothing_and_counts_each_tile_once(stack, model
             cutover_at = time.time()
             trial_began = release.trial_start(registry.read_channels()[0])
             _ok(cli(stack, "release", "cutover", GREEN, "--wait_secs=120",
-                    "--green_poll_secs=1", *target))
+                    "--green_poll_secs=1", "--settle_secs=5", *target))
             live_at = release.wait_until_live(stack.bigquery(), dataset, GREEN, cutover_at, 0)
             handed = release.handover(stack.bigquery(), dataset, BLUE, GREEN, trial_began,
                                       live_at + dt.timedelta(seconds=1))
@@ -213,3 +213,56 @@ def test_cutover_keeps_blue_while_a_message_green_took_as_shadow_is_unanswered(
         "--wait_secs=40`)", "blue not to be drained: exit 4, the unanswered messages named",
         f"exit {done.returncode}: {pending} of the {took_in} messages green took in before it "
         f"answered live unanswered; none of the named in `tiles_ready`"))
+
+
+def test_the_handover_covers_the_backlog_a_lagging_blue_had_not_pulled_before_the_trial(
+        stack, model_uri, tmp_path):
+    """Blue lags (its job is down) while tiles queue on its subscription; then the trial starts.
+    Green's slot is seeded from a snapshot of blue's, so green takes that backlog in, and the
+    handover holds blue until it has answered it: `cutover` exits 4 while blue is down, and
+    `release handover` passes once blue, started late, has caught up."""
+    trial = Trial(stack, model_uri, tmp_path)
+    with TilePublisher(stack, trial.topic, trial.crop, "lag", every_s=1.0) as backlog:
+        assert wait_until(lambda: len(backlog.sent) >= 3, 60, every_s=0.5)
+    queued = dict(backlog.sent)  # published before the trial, pulled by nobody yet
+    _ok(trial.release("green", GREEN, f"--subscription={trial.green_sub}", "--job=green"))
+    green, blue = trial.stream(GREEN, trial.green_sub, "green.log"), None
+    try:
+        def green_tiles() -> set[str]:
+            return {r["tile_id"] for r in trial.rows(f"release = '{GREEN}'")}
+
+        assert wait_until(lambda: set(queued) <= green_tiles(), 240, green, 2), (
+            sorted(set(queued) - green_tiles()), trial.log("green.log"))
+        with TilePublisher(stack, trial.topic, trial.crop, "lagnow", every_s=1.5):
+            held = trial.release("cutover", GREEN, "--wait_secs=60", "--green_poll_secs=1",
+                                 "--settle_secs=5")
+            blue = trial.stream(BLUE, trial.blue_sub, "blue.log")
+            again = trial.release("handover", GREEN, "--wait_secs=300", "--green_poll_secs=1",
+                                  "--settle_secs=5", timeout_s=400)
+        channels, _ = trial.registry.read_channels()
+        cut = release.last_cutover(channels, GREEN)
+        bq, dataset = stack.bigquery(), f"{stack.project}.{trial.dataset}"
+        live_at = release.wait_until_live(bq, dataset, GREEN, cut.at.timestamp(), 0)
+        handed = release.handover(bq, dataset, BLUE, GREEN, cut.trial_began,
+                                  live_at + dt.timedelta(seconds=1))
+    finally:
+        for child in (green, blue):
+            if child is not None:
+                stop_stream(child)
+    assert held.returncode == 4, (held.stdout, held.stderr)
+    assert f"not answered by {BLUE} yet" in held.stderr and "do not drain" in held.stderr
+    assert "tilestream release handover" in held.stderr  # how to check again
+    assert again.returncode == 0, (again.stdout, again.stderr, trial.log("blue.log"))
+    assert "the old job can be drained" in again.stdout
+    # The backlog is in the handover, and every message of it is answered (by blue, late).
+    assert set(queued.values()) <= handed.taken_in and not handed.pending
+    pending, took_in = re.search(r"(\d+) of the (\d+) messages", held.stderr).groups()
+    REPORT["releases"].append((
+        "blue lagging (down) with tiles queued on its subscription before the trial; green "
+        "seeded from a snapshot of it; cut-over, then blue started late",
+        "the handover covers blue's backlog: exit 4 until blue answers it, then 0 "
+        "(`release handover`)",
+        f"{len(queued)} tiles queued before the trial, all taken in by green; cut-over exit "
+        f"{held.returncode} ({pending} of {took_in} unanswered); re-check exit "
+        f"{again.returncode}: {handed.messages} messages, {handed.by_blue} answered by blue, "
+        f"{handed.by_green} by green live, {len(handed.pending)} pending"))

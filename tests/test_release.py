@@ -182,3 +182,155 @@ def test_cutover_refuses_a_wait_or_poll_that_is_no_duration(value, capsys):
         assert exit_.value.code == 2 and flag in capsys.readouterr().err
     args = release.parser().parse_args(["cutover", "0.2.0", "--green_poll_secs=0"])
     assert args.green_poll_secs == 0.0
+
+
+# --- blue-green: deploy.sh names the job it drains by its role ---------------------------------
+
+SUBSCRIPTION_B = f"{SUBSCRIPTION}-b"
+GREEN_JOB = "tilestream-0-3-0"
+
+
+def _deploy(env: dict, *argv: str, **extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", "templates/deploy.sh", *argv], cwd=ROOT,
+                          env={**env, **extra}, capture_output=True, text=True, timeout=300)
+
+
+def _drained(log: Path) -> list[str]:
+    """The jobs deploy.sh looked up to drain, by name, in order."""
+    calls = log.read_text().splitlines() if log.exists() else []
+    return [re.search(r"--filter=name=(\S+)", c).group(1) for c in calls
+            if c.startswith("dataflow jobs list")]
+
+
+@pytest.fixture()
+def on_trial(deployment):
+    """The deployment with release 0.3.0 green on slot b, beside 0.1.0 live (job tilestream);
+    BigQuery unreachable (no credentials), so no handover can be checked."""
+    tmp_path, registry, log, env = deployment
+    registry.release_green("0.3.0", SUBSCRIPTION_B, GREEN_JOB, by="test")
+    env = {**env, "RELEASE": "0.3.0",
+           "GOOGLE_APPLICATION_CREDENTIALS": str(tmp_path / "no-credentials.json")}
+    return tmp_path, registry, log, env
+
+
+def test_deploy_drain_says_which_job_or_drains_none(on_trial):
+    _, _, log, env = on_trial
+    done = _deploy(env, "drain")
+    assert done.returncode == 2 and "drain retiring|green|live" in done.stderr
+    assert _drained(log) == []
+    usage = _deploy(env, "help")
+    assert "drain ROLE" in usage.stdout and "retiring" in usage.stdout
+
+
+def test_deploy_abort_ends_the_trial_then_drains_green_not_the_live_job(on_trial):
+    _, registry, log, env = on_trial
+    done = _deploy(env, "abort")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert _drained(log) == [GREEN_JOB]
+    assert f"draining the green job {GREEN_JOB}" in done.stderr
+    channels, _ = registry.read_channels()
+    assert channels.green_release is None and channels.live_release.job == "tilestream"
+
+
+def test_deploy_drains_the_retiring_job_only_after_the_handover_passes(on_trial):
+    """No cut-over: nothing is retiring. After one whose handover cannot be checked (BigQuery
+    unreachable), neither `cutover` nor `drain retiring` drains the old job; `drain live`
+    names the new live job."""
+    _, registry, log, env = on_trial
+    early = _deploy(env, "drain", "retiring")
+    assert early.returncode == 2 and "no cut-over to release 0.1.0" in early.stderr
+    cut = _deploy(env, "cutover", WAIT_SECS="5")
+    assert cut.returncode != 0 and _drained(log) == []
+    channels, _ = registry.read_channels()
+    assert channels.live_release.release == "0.3.0"
+    assert release.retiring(channels).job == "tilestream"
+    again = _deploy(env, "drain", "retiring", WAIT_SECS="5")
+    assert again.returncode != 0 and _drained(log) == []
+    live = _deploy(env, "drain", "live")
+    assert live.returncode == 0 and _drained(log) == [GREEN_JOB]
+
+
+def test_the_cut_over_and_the_retiring_release_are_read_from_the_history(tmp_path):
+    registry = Registry(str(tmp_path / "registry"))
+    registry.release_live("0.1.0", SUBSCRIPTION, "blue", by="test")
+    channels, _ = registry.read_channels()
+    assert release.last_cutover(channels, "0.1.0") is None and release.retiring(channels) is None
+    registry.release_green("0.2.0", SUBSCRIPTION_B, "green", by="test")
+    registry.release_cutover("0.2.0", by="test")
+    channels, _ = registry.read_channels()
+    cut = release.last_cutover(channels, "0.2.0")
+    assert cut.blue == "0.1.0" and cut.trial_began <= cut.at
+    assert release.retiring(channels).job == "blue"
+    registry.release_green("0.3.0", SUBSCRIPTION, "next", by="test")  # a later trial
+    channels, _ = registry.read_channels()
+    assert release.last_cutover(channels, "0.2.0") is None and release.retiring(channels) is None
+
+
+# --- the handover waits until its answer is stable --------------------------------------------
+
+class _AfterFirstPoll:
+    """A BigQuery client that runs ``then`` once, just before its second query: something
+    happens between two polls of the handover."""
+
+    def __init__(self, client, then):
+        self._client, self._then, self.queries = client, then, 0
+
+    def query(self, *args, **kwargs):
+        self.queries += 1
+        if self.queries == 2:
+            self._then()
+        return self._client.query(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._client, name)
+
+
+@pytest.mark.stack
+def test_the_handover_passes_only_once_its_answer_held(stack):
+    """A message green took in shows up after a first poll found everything answered (a
+    streaming insert that landed late): the handover must not pass on that first empty poll."""
+    import datetime as dt
+    import time
+    import uuid
+
+    from google.cloud import bigquery
+
+    from transforms.sinks import SCHEMAS
+
+    bq = stack.bigquery()
+    name = f"settle_{uuid.uuid4().hex[:8]}"
+    bq.create_dataset(name)
+    for table, schema in SCHEMAS.items():
+        fields = [bigquery.SchemaField.from_api_repr(f) for f in schema["fields"]]
+        bq.create_table(bigquery.Table(f"{stack.project}.{name}.{table}", schema=fields))
+    now = dt.datetime.now(dt.UTC)
+    since, until, at = (now - dt.timedelta(minutes=10), now - dt.timedelta(minutes=1),
+                        now - dt.timedelta(minutes=5))
+
+    def insert(table: str, row: dict) -> None:
+        assert bq.insert_rows_json(f"{stack.project}.{name}.{table}", [row]) == []
+
+    def took_in(message_id: str) -> None:
+        insert("messages", {"message_id": message_id, "published": at.isoformat(),
+                            "delivered": at.isoformat(), "received_at": at.isoformat(),
+                            "kind": "notification", "release": "G"})
+
+    def blue_answers(message_id: str) -> None:  # a dead letter of blue answers a message
+        insert("dead_letters", {"stage": "parse", "reason": "r", "message_id": message_id,
+                                "time": at.isoformat(), "release": "B"})
+
+    took_in("m1")
+    blue_answers("m1")
+    dataset = f"{stack.project}.{name}"
+    late = _AfterFirstPoll(bq, lambda: took_in("m2"))
+    state = release.wait_for_handover(late, dataset, "B", "G", since, until,
+                                      time.monotonic() + 15, every_s=1, settle_secs=8)
+    assert late.queries >= 2 and not state.passed(8)
+    assert state.pending == ["m2"] and "do not drain" in state.text("B", "G", 8)
+    blue_answers("m2")
+    started = time.monotonic()
+    state = release.wait_for_handover(bq, dataset, "B", "G", since, until,
+                                      time.monotonic() + 60, every_s=1, settle_secs=3)
+    assert state.passed(3) and state.messages == 2 and state.by_blue == 2
+    assert time.monotonic() - started >= 3  # polled across the settle interval
+    assert "the old job can be drained" in state.text("B", "G", 3)

@@ -248,6 +248,29 @@ def stamped(row: dict, release: str) -> dict:
     return {**row, "release": release}
 
 
+# BigQuery's quota on load jobs into one table per day, failed ones included
+# (cloud.google.com/bigquery/quotas, "Load jobs per table per day"). Copy jobs into the table
+# count against the same table-operations limit.
+LOAD_JOBS_PER_TABLE_DAY = 1500
+# Beam's file loads put at most this many files in one load job (``_MAXIMUM_SOURCE_URIS``); a
+# bounded job with more makes one load per partition into temporary tables and one copy job per
+# partition into the table.
+FILES_PER_LOAD_JOB = 10_000
+
+
+def stream_load_jobs_per_day(every_secs: float) -> int:
+    """Load jobs one streaming job makes into the chips table per day, at most: Beam fires the
+    load once per ``every_secs`` while rows arrive (one partition: a firing's files are far
+    fewer than :data:`FILES_PER_LOAD_JOB`)."""
+    return math.ceil(86_400 / every_secs)
+
+
+def batch_load_jobs(files: int) -> int:
+    """Load (or copy) jobs into the table of a bounded job that stages ``files`` files: it loads
+    once, at the end, one job per partition."""
+    return max(1, math.ceil(files / FILES_PER_LOAD_JOB))
+
+
 class WriteRows(beam.PTransform):
     """Rows -> ``table``, each stamped with the ``release`` of the job that wrote it: streaming
     inserts, or with ``load_jobs`` load jobs of the rows gathered over ``every_secs`` (a

@@ -259,6 +259,8 @@ PUBSUB_RESOURCES = {
     "DeleteSubscription": ("DeleteSubscriptionRequest", "subscription"),
     "ListTopicSubscriptions": ("ListTopicSubscriptionsRequest", "topic"),
     "Seek": ("SeekRequest", "subscription"),
+    "CreateSnapshot": ("CreateSnapshotRequest", "name"),
+    "DeleteSnapshot": ("DeleteSnapshotRequest", "snapshot"),
 }
 
 
@@ -276,6 +278,10 @@ def _pubsub_resource(method: str, request: bytes) -> dict[str, str]:
     found = {"resource": str(getattr(message, kind[1], ""))}
     if short == "CreateSubscription":
         found["topic"] = str(message.topic)
+    if short == "CreateSnapshot":  # of a subscription: its backlog
+        found["subscription"] = str(message.subscription)
+    if short == "Seek" and message.snapshot:
+        found["snapshot"] = str(message.snapshot)
     return found
 
 

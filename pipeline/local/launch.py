@@ -25,7 +25,7 @@ from pipeline.main import BATCH_RUNNER
 from pipeline.options import TileStreamOptions
 
 # Chip rows are queryable a couple of seconds after their tile (the emulator has no quota on
-# load jobs; BigQuery's 1,500 per table and day set the production default, 60 s).
+# load jobs; BigQuery's 1,500 per table and day set the production default, 180 s).
 LOCAL_LOAD_SECS = 2
 # The local stream paces its chipper to the model: about three strip tasks in flight, whatever
 # the tile's width (a strip holds at most ~2 Mpx); with two the model waited between them

@@ -92,10 +92,11 @@ class Grant:
     scope: str  # IAM resource name: projects/P, projects/_/buckets/B, projects/P/datasets/D...
     # IAM condition on resource.name: alternatives ("startsWith" | "==", value); () = none
     condition: tuple[tuple[str, str], ...] = ()
+    custom: frozenset[str] = frozenset()  # a custom role's permissions, as the HCL lists them
 
     @property
     def permissions(self) -> frozenset[str]:
-        return ROLE_PERMISSIONS.get(self.role, frozenset())
+        return ROLE_PERMISSIONS.get(self.role, self.custom)
 
     def allows(self, permission: str, resource: str) -> bool:
         if permission not in self.permissions:
@@ -221,6 +222,8 @@ class Terraform:
             return f"projects/{project}/topics/{name}"
         if rtype == "google_pubsub_subscription" and attribute == "id":
             return f"projects/{project}/subscriptions/{name}"
+        if rtype == "google_project_iam_custom_role" and attribute == "id":
+            return f"projects/{project}/roles/{self.value(body['role_id'])}"
         if rtype == "google_artifact_registry_repository" and attribute == "name":
             return str(self.value(body["repository_id"]))
         if attribute in body:
@@ -285,6 +288,9 @@ SCOPES = {  # binding resource -> (attribute naming its scope, IAM resource name
 def terraform_grants(tf: Terraform | None = None) -> list[Grant]:
     """Every binding the Terraform gives an identity of :data:`IDENTITIES`."""
     tf = tf or Terraform(variables={"project": LOCAL_PROJECT})
+    custom = {tf.attribute(address, "id"): frozenset(tf.value(body["permissions"]))
+              for address, body in tf.resources.items()
+              if address.startswith("google_project_iam_custom_role.")}
     grants = []
     for address, body in tf.resources.items():
         rtype = address.split(".")[0]
@@ -302,7 +308,9 @@ def terraform_grants(tf: Terraform | None = None) -> list[Grant]:
                 r'resource\.name\.startsWith\("([^"]*)"\)', expression))
             condition += tuple(("==", v) for v in re.findall(
                 r'resource\.name\s*==\s*"([^"]*)"', expression))
-        grants.append(Grant(address, identity, str(tf.value(body["role"])), scope, condition))
+        role = str(tf.value(body["role"]))
+        grants.append(Grant(address, identity, role, scope, condition,
+                            custom.get(role, frozenset())))
     return grants
 
 
@@ -419,8 +427,14 @@ def _bigquery_needs(call: dict) -> list[tuple[str, str]]:
 def _pubsub_needs(call: dict) -> list[tuple[str, str]]:
     method, resource = call.get("method", ""), call.get("resource", "")
     if method in ("Pull", "StreamingPull", "Acknowledge", "ModifyAckDeadline", "Seek"):
-        return [("pubsub.subscriptions.consume", resource)]
+        seek = [("pubsub.snapshots.seek", call["snapshot"])] if call.get("snapshot") else []
+        return [("pubsub.subscriptions.consume", resource), *seek]
     project = "/".join(resource.split("/")[:2])
+    if method == "CreateSnapshot":
+        return [("pubsub.snapshots.create", project),
+                ("pubsub.subscriptions.consume", call.get("subscription", ""))]
+    if method == "DeleteSnapshot":
+        return [("pubsub.snapshots.delete", resource)]
     return {"Publish": [("pubsub.topics.publish", resource)],
             "GetSubscription": [("pubsub.subscriptions.get", resource)],
             "GetTopic": [("pubsub.topics.get", resource)],
@@ -455,6 +469,9 @@ class Names:
                 return sub.group(1) + f"{self.dead_letter_topic}-sub"
             slot_b = sub.group(2).endswith("-b")
             return sub.group(1) + self.subscription + ("-b" if slot_b else "")
+        snapshot = re.match(r"^(projects/[^/]+/snapshots/)[^/]+$", resource)
+        if snapshot:  # named per release and trial: one stands for all
+            return snapshot.group(1) + f"{self.subscription}-seed"
         return resource
 
 

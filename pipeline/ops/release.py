@@ -27,12 +27,13 @@ import json
 import os
 import sys
 import tempfile
+import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
-from model.channels import Channels
+from model.channels import Channels, ReleaseRef
 from pipeline.options import CHANNELS_POLL_SECS, RELEASE
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -44,8 +45,11 @@ T = TypeVar("T")
 # How far before a trial the handover looks for announcements (their event time bounds the
 # partitions read): an announcement of an older acquisition is not checked.
 HANDOVER_DAYS = 30
-# Entry rows are streaming inserts: give the last ones before the handover bound this long.
-ENTRY_SETTLE_SECS = 5.0
+# The handover passes only once its answer held this long: nothing pending and no new entry
+# row of green (streaming inserts, a worker's late shadow rows) on every poll in between.
+ENTRY_SETTLE_SECS = 30.0
+# Exit codes of the release verbs: refused (nothing changed, or nothing to check), not yet.
+REFUSED, NOT_YET = 2, 4
 
 
 @dataclass
@@ -234,13 +238,56 @@ def parse_parameters(text: str) -> dict[str, str]:
 # --- blue-green: the release channel in the registry's channels document ----------------------
 
 def seek_to_now(subscriber, subscription: str) -> None:
-    """Mark everything published to ``subscription`` so far as acknowledged: an idle slot's
-    backlog is old news the live job has answered, not work for the green one."""
+    """Mark everything published to ``subscription`` so far as acknowledged: with no live
+    release to take over from, an idle slot's backlog is nobody's work."""
     from google.protobuf import timestamp_pb2
 
     now = timestamp_pb2.Timestamp()
     now.GetCurrentTime()
     subscriber.seek(request={"subscription": subscription, "time": now})
+
+
+def seed_from_live(subscriber, live_subscription: str, green_subscription: str,
+                   release: str) -> str:
+    """Seek green's slot to a Pub/Sub snapshot of the live slot: green then takes in every
+    message the live job has not acknowledged (its backlog from before the trial included, and
+    whatever an earlier trial left queued on the idle slot is replaced), so the handover,
+    counted at green's entry, covers blue's backlog. The snapshot is deleted after the seek;
+    the name of the one used is returned."""
+    project = green_subscription.split("/")[1]
+    slot = green_subscription.rsplit("/", 1)[-1]
+    snapshot = (f"projects/{project}/snapshots/{slot}-seed-{release.replace('.', '-')}-"
+                f"{uuid.uuid4().hex[:8]}")
+    subscriber.create_snapshot(request={"name": snapshot, "subscription": live_subscription})
+    try:
+        subscriber.seek(request={"subscription": green_subscription, "snapshot": snapshot})
+    finally:
+        subscriber.delete_snapshot(request={"snapshot": snapshot})
+    return snapshot
+
+
+def _start_green(args: argparse.Namespace, registry, target):
+    """Seed the idle slot, then record the trial; refused before the slot is touched when the
+    channels would refuse the trial (one runs already, or the slot is the live one's)."""
+    from model.channels import RegistryError
+
+    channels, _ = registry.read_channels()
+    live = channels.live_release
+    if channels.green_release is not None:
+        raise RegistryError(f"release {channels.green_release.release} is green already: cut "
+                            "over or abort it first")
+    if live is not None and live.subscription == args.subscription:
+        raise RegistryError(f"{args.subscription} is the live release's subscription: green "
+                            "needs a subscription of its own")
+    subscriber = target.subscriber()
+    if live is not None and live.subscription:
+        seed_from_live(subscriber, live.subscription, args.subscription, args.release)
+        print(f"{args.subscription} seeded from a snapshot of {live.subscription}: release "
+              f"{args.release} takes in everything release {live.release} has not acknowledged")
+    else:
+        seek_to_now(subscriber, args.subscription)
+    return registry.release_green(args.release, args.subscription, args.job, by=args.by,
+                                  why=args.reason)
 
 
 def _poll(attempt: Callable[[], T], done: Callable[[T], bool], deadline: float,
@@ -284,15 +331,25 @@ class Handover:
     by_blue: int
     by_green: int
     pending: list[str]  # answered by nobody yet: blue must not be drained
+    taken_in: frozenset[str] = frozenset()  # the message ids counted
+    stable_secs: float | None = None  # how long the answer held (None: not waited for)
 
-    def text(self, blue: str, green: str) -> str:
+    def passed(self, settle_secs: float) -> bool:
+        """Blue may be drained: nothing pending, and that held for ``settle_secs``."""
+        return not self.pending and (self.stable_secs or 0.0) >= settle_secs
+
+    def text(self, blue: str, green: str, settle_secs: float = 0.0) -> str:
         if self.pending:
             return (f"{len(self.pending)} of the {self.messages} messages release {green} took "
                     f"in before it answered live are not answered by {blue} yet (first: "
-                    f"{', '.join(self.pending[:5])}): do not drain the old job yet")
+                    f"{', '.join(sorted(self.pending)[:5])}): do not drain the old job yet")
+        if not self.passed(settle_secs):
+            return (f"all {self.messages} messages release {green} took in so far are answered, "
+                    f"but the answer has not held for {settle_secs:g}s yet (green's entry rows "
+                    "still arriving): do not drain the old job yet")
         return (f"all {self.messages} messages release {green} took in before it answered live "
-                f"are answered ({self.by_blue} by {blue}, {self.by_green} by {green} live): "
-                "the old job can be drained")
+                f"are answered ({self.by_blue} by {blue}, {self.by_green} by {green} live), "
+                f"unchanged for {self.stable_secs or 0.0:.0f}s: the old job can be drained")
 
 
 def handover(client, dataset: str, blue: str, green: str, since: dt.datetime,
@@ -305,20 +362,36 @@ def handover(client, dataset: str, blue: str, green: str, since: dt.datetime,
                      green=green, since=since, until=until, days=HANDOVER_DAYS)
     by = [r["answered_by"] for r in rows]
     return Handover(len(rows), by.count("blue"), by.count("green"),
-                    [r["message_id"] for r in rows if r["answered_by"] is None])
+                    [r["message_id"] for r in rows if r["answered_by"] is None],
+                    frozenset(r["message_id"] for r in rows))
 
 
 def wait_for_handover(client, dataset: str, blue: str, green: str, since: dt.datetime,
-                      until: dt.datetime, deadline: float, every_s: float = 2.0) -> Handover:
-    """:func:`handover`, repeated until nothing is pending or ``deadline`` (monotonic) passes;
-    it starts once ``until`` plus a settling time is past, so green's entry rows are in."""
+                      until: dt.datetime, deadline: float, every_s: float = 2.0,
+                      settle_secs: float = ENTRY_SETTLE_SECS) -> Handover:
+    """:func:`handover`, polled from when ``until`` is past until its answer is stable --
+    nothing pending and the same messages taken in on every poll for ``settle_secs`` (entry
+    rows are streaming inserts; a worker of green may write a late shadow row) -- or
+    ``deadline`` (monotonic) passes: the last state, whose ``stable_secs`` says how long it
+    held."""
     import time
 
-    wait = (until - dt.datetime.now(dt.UTC)).total_seconds() + ENTRY_SETTLE_SECS
+    wait = (until - dt.datetime.now(dt.UTC)).total_seconds()
     if wait > 0:
         time.sleep(min(wait, max(0.0, deadline - time.monotonic())))
-    return _poll(lambda: handover(client, dataset, blue, green, since, until),
-                 lambda state: not state.pending, deadline, every_s)
+    held_from: float | None = None
+    seen: frozenset[str] | None = None
+    while True:
+        state = handover(client, dataset, blue, green, since, until)
+        now = time.monotonic()
+        if state.pending:
+            held_from, seen = None, None
+        elif state.taken_in != seen:
+            held_from, seen = now, state.taken_in
+        state = replace(state, stable_secs=None if held_from is None else now - held_from)
+        if state.passed(settle_secs) or now >= deadline:
+            return state
+        time.sleep(max(0.0, min(every_s, deadline - now)))
 
 
 def trial_start(channels: Channels) -> dt.datetime:
@@ -330,6 +403,48 @@ def trial_start(channels: Channels) -> dt.datetime:
     return dt.datetime.now(dt.UTC) - dt.timedelta(days=1)
 
 
+@dataclass(frozen=True)
+class CutOver:
+    """The most recent cut-over to a release, as the channels history records it."""
+
+    blue: str | None  # the release live before it (the retiring one)
+    trial_began: dt.datetime
+    at: dt.datetime
+
+
+def last_cutover(channels: Channels, release: str) -> CutOver | None:
+    """The cut-over that made ``release`` live, if it is live and no release change came
+    after it (then the old job is the retiring one, whose drain the handover gates)."""
+    if channels.live_release is None or channels.live_release.release != release:
+        return None
+    for i in range(len(channels.history) - 1, -1, -1):
+        entry = channels.history[i]
+        action = str(entry.get("action", ""))
+        if action == "release-cutover":
+            releases = (entry.get("before") or {}).get("releases") or {}
+            if (releases.get("green") or {}).get("release") != release or not entry.get("at"):
+                return None
+            blue = (releases.get("live") or {}).get("release")
+            earlier = replace(channels, history=channels.history[:i])
+            return CutOver(blue, trial_start(earlier), dt.datetime.fromisoformat(entry["at"]))
+        if action.startswith("release"):
+            return None
+    return None
+
+
+def retiring(channels: Channels) -> ReleaseRef | None:
+    """The release live before the most recent cut-over (its job drains after it), while no
+    other release change came after that cut-over."""
+    for entry in reversed(channels.history):
+        action = str(entry.get("action", ""))
+        if action == "release-cutover":
+            releases = (entry.get("before") or {}).get("releases") or {}
+            return ReleaseRef.parse(releases.get("live"))
+        if action.startswith("release"):
+            return None
+    return None
+
+
 def compare_releases(client, dataset: str, blue: str, green: str, hours: float) -> list[dict]:
     from pipeline.ops.queries import OPERATIONS_FILE, run_query
 
@@ -337,11 +452,39 @@ def compare_releases(client, dataset: str, blue: str, green: str, hours: float) 
                      window_hours=int(max(1, hours)), blue=blue, green=green)
 
 
+def check_handover(target, blue: str | None, green: str, trial_began: dt.datetime,
+                   cut_at: float, args: argparse.Namespace) -> int:
+    """May the old job (``blue``) be drained after the cut-over to ``green`` at ``cut_at``
+    (epoch seconds)? Green reported the cut-over, and every message green took in while its
+    rows were shadow is answered, stably (``release_handover``: blue's drain alone does not
+    finish what blue had not pulled yet). 0 yes, 4 not yet."""
+    import time
+
+    deadline = time.monotonic() + args.wait_secs
+    bq, dataset = target.bigquery(), target.need_dataset()
+    live_at = wait_until_live(bq, dataset, green, cut_at, args.wait_secs)
+    if live_at is None:
+        print(f"release {green} has not reported the cut-over within {args.wait_secs:g}s (it "
+              "sees channels as tiles pass: is traffic flowing?); do not drain the old job yet",
+              file=sys.stderr)
+        return NOT_YET
+    print(f"release {green} took the cut-over at {live_at.isoformat()}")
+    if blue is None:
+        print("no live release was recorded before it: nothing to hand over")
+        return 0
+    until = live_at + dt.timedelta(seconds=args.green_poll_secs)
+    state = wait_for_handover(bq, dataset, blue, green, trial_began, until, deadline,
+                              settle_secs=args.settle_secs)
+    passed = state.passed(args.settle_secs)
+    print(state.text(blue, green, args.settle_secs), file=sys.stdout if passed else sys.stderr)
+    if not passed:
+        print(f"check again: tilestream release handover {green} --wait_secs N", file=sys.stderr)
+    return 0 if passed else NOT_YET
+
+
 def _cutover(args: argparse.Namespace, registry, target) -> int:
-    """Flip green to live; with ``--wait_secs``, say when the old job may be drained: green
-    reported the cut-over, and every message green took in while its rows were shadow is
-    answered (``release_handover``: blue's drain alone does not finish what blue had not
-    pulled yet)."""
+    """Flip green to live; with ``--wait_secs``, say when the old job may be drained
+    (:func:`check_handover`)."""
     import time
 
     before, _ = registry.read_channels()
@@ -351,23 +494,20 @@ def _cutover(args: argparse.Namespace, registry, target) -> int:
     print(change)
     if not args.wait_secs:
         return 0
-    deadline = time.monotonic() + args.wait_secs
-    bq, dataset = target.bigquery(), target.need_dataset()
-    live_at = wait_until_live(bq, dataset, args.release, since, args.wait_secs)
-    if live_at is None:
-        print(f"release {args.release} has not reported the cut-over within "
-              f"{args.wait_secs:g}s (it sees channels as tiles pass: is traffic flowing?); "
-              "do not drain the old job yet", file=sys.stderr)
-        return 4
-    print(f"release {args.release} took the cut-over at {live_at.isoformat()}")
-    if blue is None:
-        print("no live release was recorded before it: nothing to hand over")
-        return 0
-    until = live_at + dt.timedelta(seconds=args.green_poll_secs)
-    state = wait_for_handover(bq, dataset, blue, args.release,
-                              trial_start(before), until, deadline)
-    print(state.text(blue, args.release), file=sys.stderr if state.pending else sys.stdout)
-    return 4 if state.pending else 0
+    return check_handover(target, blue, args.release, trial_start(before), since, args)
+
+
+def _handover(args: argparse.Namespace, registry, target) -> int:
+    """The handover of the last cut-over to ``args.release``, checked again (after exit 4)."""
+    channels, _ = registry.read_channels()
+    cut = last_cutover(channels, args.release)
+    if cut is None:
+        live = channels.live_release.release if channels.live_release else "none"
+        print(f"tilestream release handover: no cut-over to release {args.release} is the last "
+              f"release change (live: {live}); nothing to check", file=sys.stderr)
+        return REFUSED
+    return check_handover(target, cut.blue, args.release, cut.trial_began, cut.at.timestamp(),
+                          args)
 
 
 def _channel_verb(args: argparse.Namespace) -> int:
@@ -379,7 +519,9 @@ def _channel_verb(args: argparse.Namespace) -> int:
     try:
         if args.verb == "status":
             channels, _ = registry.read_channels()
-            print(json.dumps({"this_tree": RELEASE, **channels.state()}, indent=2))
+            gone = retiring(channels)
+            print(json.dumps({"this_tree": RELEASE, **channels.state(),
+                              "retiring": gone.to_dict() if gone else None}, indent=2))
             return 0
         if args.verb == "compare":
             rows = compare_releases(target.bigquery(), target.need_dataset(), args.blue,
@@ -390,15 +532,16 @@ def _channel_verb(args: argparse.Namespace) -> int:
         if args.verb == "live":
             change = registry.release_live(args.release, args.subscription, args.job, **kwargs)
         elif args.verb == "green":
-            seek_to_now(target.subscriber(), args.subscription)
-            change = registry.release_green(args.release, args.subscription, args.job, **kwargs)
+            change = _start_green(args, registry, target)
         elif args.verb == "abort":
             change = registry.release_abort(args.release, **kwargs)
+        elif args.verb == "handover":
+            return _handover(args, registry, target)
         else:
             return _cutover(args, registry, target)
     except RegistryError as exc:
         print(f"tilestream release {args.verb}: {exc}", file=sys.stderr)
-        return 2
+        return REFUSED
     print(change)
     return 0
 
@@ -446,20 +589,29 @@ def parser() -> argparse.ArgumentParser:
     for name, help_text in (
             ("live", "record the release answering, its subscription and job (a first launch, "
                      "an in-place update)"),
-            ("green", "start a blue-green trial: RELEASE's job, on SUBSCRIPTION (sought to now "
-                      "first), writes its rows as shadow")):
+            ("green", "start a blue-green trial: RELEASE's job, on SUBSCRIPTION (sought first "
+                      "to a snapshot of the live release's: it takes in all the live job has "
+                      "not acknowledged), writes its rows as shadow")):
         p = channel(name, help_text)
         p.add_argument("--subscription", required=True,
                        help="the subscription path the release's job reads")
         p.add_argument("--job", default="", help="the Dataflow job's name (drained later)")
-    cut = channel("cutover", "the green RELEASE answers from now on")
-    cut.add_argument("--wait_secs", type=_seconds, default=0,
-                     help="wait this long for the green job to report it and for every message "
-                     "it took in as shadow to be answered; exit 0 when the old job can be "
-                     "drained, 4 when not yet (needs --bq_dataset)")
-    cut.add_argument("--green_poll_secs", type=_seconds, default=CHANNELS_POLL_SECS,
-                     help="the green job's --channels_poll_secs: its workers see the cut-over "
-                     "within this long of the first (default: %(default)s, the stream's)")
+    def waits(p: argparse.ArgumentParser, default_wait: float) -> None:
+        p.add_argument("--wait_secs", type=_seconds, default=default_wait,
+                       help="wait this long for the green job to report the cut-over and for "
+                       "every message it took in as shadow to be answered; exit 0 when the old "
+                       "job can be drained, 4 when not yet (needs --bq_dataset)")
+        p.add_argument("--green_poll_secs", type=_seconds, default=CHANNELS_POLL_SECS,
+                       help="the green job's --channels_poll_secs: its workers see the cut-over "
+                       "within this long of the first (default: %(default)s, the stream's)")
+        p.add_argument("--settle_secs", type=_seconds, default=ENTRY_SETTLE_SECS,
+                       help="the answer must hold this long (nothing pending, no new entry row "
+                       "of green) before it passes (default: %(default)s)")
+
+    waits(channel("cutover", "the green RELEASE answers from now on"), 0)
+    waits(channel("handover", "check again whether the old job may be drained after the "
+                  "cut-over to RELEASE (its trial start and cut-over read from the channels "
+                  "history): exit 0 yes, 4 not yet, 2 no such cut-over"), 60)
     channel("abort", "end RELEASE's green trial")
     channel("status", "the live and green releases", release=False, changes=False)
     cmp = channel("compare", "green against blue: messages, tiles, dead-letter rate, latency, "

@@ -2,9 +2,10 @@
 #
 # A new release runs beside the live one on a subscription of its own, so both see every
 # message. Two subscription slots of the tiles topic take turns: the live job reads one, a green
-# job the other (`templates/deploy.sh bluegreen` seeks the idle slot to "now" first, so the green
-# job starts with today's messages, not the backlog the live job already answered). Slot "a" is
-# the subscription main.tf has always declared; this is slot "b", configured the same.
+# job the other (`templates/deploy.sh bluegreen` first seeks the idle slot to a snapshot of the
+# live slot, so the green job takes in everything the live job has not acknowledged: its backlog
+# too, which the handover then covers). Slot "a" is the subscription main.tf has always
+# declared; this is slot "b", configured the same.
 resource "google_pubsub_subscription" "tiles_b" {
   name                       = "${var.name}-tiles-sub-b"
   topic                      = google_pubsub_topic.tiles.id
@@ -52,6 +53,24 @@ resource "google_pubsub_subscription_iam_member" "operators_seek_slot_b" {
   subscription = google_pubsub_subscription.tiles_b.id
   role         = "roles/pubsub.subscriber"
   member       = each.value
+}
+
+# ...from a snapshot of the live slot, taken and deleted by `tilestream release green`. Snapshots
+# are project resources named at run time, so no binding can name one: a custom role with the
+# snapshot permissions only, on the project. Creating one also needs consume on the live slot
+# (above), so the operators can snapshot nothing but the two slots.
+resource "google_project_iam_custom_role" "release_snapshots" {
+  project     = var.project
+  role_id     = "tilestreamReleaseSnapshots"
+  title       = "TileStream release: seed a green slot from a snapshot"
+  permissions = ["pubsub.snapshots.create", "pubsub.snapshots.seek", "pubsub.snapshots.delete"]
+}
+
+resource "google_project_iam_member" "operators_seed_green_slot" {
+  for_each = toset(var.model_operators)
+  project  = var.project
+  role     = google_project_iam_custom_role.release_snapshots.id
+  member   = each.value
 }
 
 # ...reads the comparison of green against blue and waits for green to report the cut-over.
