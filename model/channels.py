@@ -199,34 +199,40 @@ RELEASE_ACTION = "release"  # every release verb's history action starts with it
 CUTOVER_ACTION = "release-cutover"
 
 
+def retiring_release(channels: Channels) -> ReleaseRef | None:
+    """The *retiring* release: the live one before the latest cut-over, as long as no other
+    release change followed it (the old job draining its in-flight tiles). The one definition:
+    the stream's roles and the operator's drain (``tilestream release``) both read it."""
+    entries = [h for h in channels.history
+               if str(h.get("action", "")).startswith(RELEASE_ACTION)]
+    if not entries or entries[-1].get("action") != CUTOVER_ACTION:
+        return None
+    state = entries[-1].get("before")
+    releases = state.get("releases") if isinstance(state, dict) else None
+    live = releases.get("live") if isinstance(releases, dict) else None
+    try:
+        return ReleaseRef.parse(live) if isinstance(live, dict) else None
+    except RegistryError:  # a malformed entry names nobody: any doubt is shadow
+        return None
+
+
 def release_role(channels: Channels, release: str) -> str:
     """``live`` or ``shadow`` for the rows of the job of ``release``; any doubt is ``shadow``.
 
     ``live``: a stream outside any blue-green (the document records no release at all), the
-    live release, and the *retiring* one (the live release before the latest cut-over, as long
-    as no other release change followed it: the old job draining its in-flight tiles).
-    ``shadow``: the green release on trial, a green whose trial was aborted, any release the
-    document does not name. A model refusal never changes this: it reads only ``releases`` and
-    the history, which the stream's follower always keeps (``model/serving.py``).
+    live release, and the retiring one (:func:`retiring_release`). ``shadow``: the green release
+    on trial, a green whose trial was aborted, any release the document does not name. A model
+    refusal never changes this: it reads only ``releases`` and the history, which the stream's
+    follower always keeps (``model/serving.py``).
     """
     if channels.live_release is not None and channels.live_release.release == release:
         return "live"
-    release_entries = [h for h in channels.history
-                       if str(h.get("action", "")).startswith(RELEASE_ACTION)]
-    if channels.live_release is None and channels.green_release is None and not release_entries:
+    if (channels.live_release is None and channels.green_release is None
+            and not any(str(h.get("action", "")).startswith(RELEASE_ACTION)
+                        for h in channels.history)):
         return "live"
-    if release_entries and release_entries[-1].get("action") == CUTOVER_ACTION:
-        return "live" if _live_release_of(release_entries[-1].get("before")) == release else \
-            "shadow"
-    return "shadow"
-
-
-def _live_release_of(state: object) -> str | None:
-    """``releases.live.release`` of a history entry's ``before`` state, if it names one."""
-    releases = state.get("releases") if isinstance(state, dict) else None
-    live = releases.get("live") if isinstance(releases, dict) else None
-    name = live.get("release") if isinstance(live, dict) else None
-    return name if isinstance(name, str) and name else None
+    retiring = retiring_release(channels)
+    return "live" if retiring is not None and retiring.release == release else "shadow"
 
 
 def assignments(channels: Channels, tile_id: str) -> tuple[tuple[ModelRef, str], ...]:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from model.channels import retiring_release
 from model.registry import Registry
 from pipeline.ops import release
 from pipeline.ops.release import BLUE_GREEN, IN_PLACE, compare
@@ -243,7 +244,7 @@ def test_deploy_drains_the_retiring_job_only_after_the_handover_passes(on_trial)
     assert cut.returncode != 0 and _drained(log) == []
     channels, _ = registry.read_channels()
     assert channels.live_release.release == "0.3.0"
-    assert release.retiring(channels).job == "tilestream"
+    assert retiring_release(channels).job == "tilestream"
     again = _deploy(env, "drain", "retiring", WAIT_SECS="5")
     assert again.returncode != 0 and _drained(log) == []
     live = _deploy(env, "drain", "live")
@@ -254,16 +255,16 @@ def test_the_cut_over_and_the_retiring_release_are_read_from_the_history(tmp_pat
     registry = Registry(str(tmp_path / "registry"))
     registry.release_live("0.1.0", SUBSCRIPTION, "blue", by="test")
     channels, _ = registry.read_channels()
-    assert release.last_cutover(channels, "0.1.0") is None and release.retiring(channels) is None
+    assert release.last_cutover(channels, "0.1.0") is None and retiring_release(channels) is None
     registry.release_green("0.2.0", SUBSCRIPTION_B, "green", by="test")
     registry.release_cutover("0.2.0", by="test")
     channels, _ = registry.read_channels()
     cut = release.last_cutover(channels, "0.2.0")
     assert cut.blue == "0.1.0" and cut.trial_began <= cut.at
-    assert release.retiring(channels).job == "blue"
+    assert retiring_release(channels).job == "blue"
     registry.release_green("0.3.0", SUBSCRIPTION, "next", by="test")  # a later trial
     channels, _ = registry.read_channels()
-    assert release.last_cutover(channels, "0.2.0") is None and release.retiring(channels) is None
+    assert release.last_cutover(channels, "0.2.0") is None and retiring_release(channels) is None
 
 
 # --- the handover waits until its answer is stable --------------------------------------------

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
-from model.channels import Channels, ReleaseRef
+from model.channels import Channels, retiring_release
 from pipeline.options import CHANNELS_POLL_SECS, RELEASE
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -432,19 +432,6 @@ def last_cutover(channels: Channels, release: str) -> CutOver | None:
     return None
 
 
-def retiring(channels: Channels) -> ReleaseRef | None:
-    """The release live before the most recent cut-over (its job drains after it), while no
-    other release change came after that cut-over."""
-    for entry in reversed(channels.history):
-        action = str(entry.get("action", ""))
-        if action == "release-cutover":
-            releases = (entry.get("before") or {}).get("releases") or {}
-            return ReleaseRef.parse(releases.get("live"))
-        if action.startswith("release"):
-            return None
-    return None
-
-
 def compare_releases(client, dataset: str, blue: str, green: str, hours: float) -> list[dict]:
     from pipeline.ops.queries import OPERATIONS_FILE, run_query
 
@@ -519,7 +506,7 @@ def _channel_verb(args: argparse.Namespace) -> int:
     try:
         if args.verb == "status":
             channels, _ = registry.read_channels()
-            gone = retiring(channels)
+            gone = retiring_release(channels)
             print(json.dumps({"this_tree": RELEASE, **channels.state(),
                               "retiring": gone.to_dict() if gone else None}, indent=2))
             return 0
