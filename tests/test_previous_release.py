@@ -228,6 +228,43 @@ def test_release_green_refuses_a_live_release_that_cannot_be_blue_of_it(stack):
     assert green().returncode == 0
 
 
+@pytest.mark.stack
+def test_a_table_the_release_before_created_gains_this_releases_columns(adapted):
+    """Blue created the tables first, with its columns; this release's rows carry more
+    (here ``release`` and ``source_message_ids``, which 0.1.0's tables lack). The stream's start
+    adds them, NULLABLE / REPEATED, and this release's rows then land beside the older ones."""
+    from google.api_core.retry import Retry
+    from google.cloud import bigquery
+
+    from pipeline.local.identity import acting_as
+    from transforms.sinks import SCHEMAS, BigQueryTables, ensure_tables
+
+    client, dataset = adapted.bigquery(), f"older_{uuid.uuid4().hex[:6]}"
+    client.create_dataset(dataset)
+    newer = {"release", "source_message_ids"}
+    older = [bigquery.SchemaField.from_api_repr(f) for f in SCHEMAS["events"]["fields"]
+             if f["name"] not in newer]
+    name = f"{adapted.project}.{dataset}.events"
+    client.create_table(bigquery.Table(name, schema=older))
+    row = {"disposition": "filtered", "stage": "parse", "reason": "older", "time": "2026-01-01"}
+    assert client.insert_rows_json(name, [row]) == []  # the release before writes its rows
+    tables = BigQueryTables.in_dataset(f"{adapted.project}:{dataset}")
+    with acting_as("worker"):  # the stream's own call at its start
+        changed = ensure_tables(tables)
+    assert tables.events in changed
+    modes = {f.name: f.mode for f in client.get_table(name).schema}
+    assert modes["release"] == "NULLABLE" and modes["source_message_ids"] == "REPEATED"
+    assert client.insert_rows_json(name, [{**row, "reason": "newer", "release": RELEASE,
+                                           "source_message_ids": ["m1"]}],
+                                   retry=Retry(deadline=30)) == []
+    assert wait_until(lambda: len(query(adapted, f"SELECT reason FROM `{dataset}.events`")) == 2,
+                      30)
+    assert query(adapted, f"SELECT reason, release FROM `{dataset}.events` ORDER BY reason") == [
+        {"reason": "newer", "release": RELEASE}, {"reason": "older", "release": None}]
+    with acting_as("worker"):
+        assert ensure_tables(tables) == []  # once widened, nothing more to do
+
+
 # --- the previous release as blue, end to end ---------------------------------------------------
 
 def _ok(done: subprocess.CompletedProcess) -> str:
