@@ -320,7 +320,11 @@ def test_previous_release_as_blue_hands_over_to_this_tree_losing_nothing(
                                  f"--subscription={green_sub}")
             assert wait_until(lambda: len(rows(f"release = '{green_release}'")) >= 3, 240,
                               green, 2), log("green.log")
-            assert blue.poll() is None, log("blue.log")  # blue reads the channels green wrote
+            # Blue follows the registry through the trial: it read the channels green wrote
+            # (0.2.0 logs each document it accepts; one it refuses leaves it deaf to changes).
+            followed = f"'green': {{'release': '{green_release}'"
+            assert wait_until(lambda: followed in (tmp_path / "blue.log").read_text(), 60, blue,
+                              1), log("blue.log")
             compared: dict = {}
 
             def compare() -> bool:
@@ -361,6 +365,9 @@ def test_previous_release_as_blue_hands_over_to_this_tree_losing_nothing(
     assert not live_before  # green answered nothing live before the cut-over
     assert blue_exit == 0, log("blue.log")  # the old stream stops cleanly
     assert not lost and not twice, (lost, twice)
+    refused = query(stack, f"SELECT release, reason FROM `{dataset}.events` "
+                           "WHERE reason LIKE '%refused%'")
+    assert not refused, refused  # neither release refused a document the other wrote
     assert set(answered) == set(published)
     # Blue's answers really were the previous release's rows; green's after the cut-over live.
     assert rows(f"release = '{blue_release}' AND role = 'live'")

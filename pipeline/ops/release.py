@@ -16,7 +16,10 @@ the graph recorded at the running job's launch before it calls Dataflow, and ref
 mapping it prints is gcloud's ``--transform-name-mappings`` list (``old=new,...``).
 
 Blue-green (the verbs ``green``, ``cutover``, ``abort``) is in the registry's channels
-document: see :mod:`model.channels` and docs/operations.md, "Releasing the stream".
+document: see :mod:`model.channels` and docs/operations.md, "Releasing the stream". A record
+also names its release's commit (``tilestream release tag``) and whether the release before
+can be blue of it; ``release green`` refuses a trial the records rule out ("Releases and their
+predecessors").
 """
 
 from __future__ import annotations
