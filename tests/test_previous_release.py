@@ -310,7 +310,9 @@ def test_previous_release_as_blue_hands_over_to_this_tree_losing_nothing(
                            f"--subscription={blue_sub}")
     green = None
     try:
-        with TilePublisher(stack, topic, crop, "pr", every_s=1.5) as traffic:
+        # A tile every 2.5 s: two streams and the emulators share a loaded machine here, and
+        # a backlog only delays the last answers (the final wait), it loses none.
+        with TilePublisher(stack, topic, crop, "pr", every_s=2.5) as traffic:
             assert wait_until(lambda: len(rows(f"release = '{blue_release}'")) >= 3, 240,
                               blue, 2), log("blue.log")
             # Green: this tree, by this tree's verbs.
@@ -341,8 +343,9 @@ def test_previous_release_as_blue_hands_over_to_this_tree_losing_nothing(
             stopped_at = time.time()
             assert wait_until(lambda: len(traffic.since(stopped_at)) >= 3, 60)
         published = dict(traffic.sent)
-        assert wait_until(lambda: {r["tile_id"] for r in ready()} >= set(published), 240,
-                          green, 2), sorted(set(published) - {r["tile_id"] for r in ready()})
+        assert wait_until(lambda: {r["tile_id"] for r in ready()} >= set(published), 600,
+                          green, 5), (len(published), sorted(
+                              set(published) - {r["tile_id"] for r in ready()})[:10])
     finally:
         for child in (blue, green):
             if child is not None:
@@ -377,5 +380,5 @@ def test_previous_release_as_blue_hands_over_to_this_tree_losing_nothing(
     assert channels.live_release.release == green_release and channels.green_release is None
     REPORT["releases"].append((
         f"the previous release's real code ({blue_release}, built from git) as blue, this tree "
-        f"as green, tiles published every 1.5 s throughout", "0 lost, 0 counted twice, "
+        f"as green, tiles published every 2.5 s throughout", "0 lost, 0 counted twice, "
         "handover pending 0", figures))
