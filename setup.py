@@ -20,7 +20,7 @@ RUNTIME_PACKAGES = ["pipeline", "transforms", "model"]
 
 setup(
     name="tilestream",
-    version="0.2.0",
+    version="0.3.0",
     description="Event-driven scoring of satellite tiles with a distilled student model on Beam",
     python_requires=">=3.11",
     packages=RUNTIME_PACKAGES,

@@ -306,7 +306,7 @@ def run(argv: list[str] | None = None, local: LocalEnvironment | None = None) ->
     if not job.options.get_all_options().get("dry_run"):  # a dry run reaches nothing
         created = ensure_tables(job.tables)  # readers find every table from the first minute
         if created:
-            LOG.info("created tables %s", created)
+            LOG.info("created or widened tables %s", created)
     if job.stack is not None and local is not None:
         local.before_run(job)
     started = time.time()  # a bounded run's dead letters are those written from here on

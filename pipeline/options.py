@@ -21,7 +21,7 @@ DEFAULT_DEVICE = "CPU"
 
 # This tree's release: setup.py's version (tests/test_release.py keeps them equal), the default
 # of --release, written on every row, and the name of its recorded graph in templates/releases/.
-RELEASE = "0.2.0"
+RELEASE = "0.3.0"
 
 DEFAULT_MODEL_URI = str(
     Path(__file__).resolve().parents[1] / "model" / "artifacts" / "landcover-student" / "v1"

@@ -1,6 +1,6 @@
 """A blue-green release of the stream on the local stack, end to end, with traffic flowing.
 
-Blue (release 0.1.0) answers from one subscription of the topic; green (0.2.0) starts on a
+Blue (release 0.2.0) answers from one subscription of the topic; green (0.3.0) starts on a
 second one, writing every row as shadow; the comparison reads both; cut-over makes green live
 (green reports it) and blue stops; a second trial on the idle slot is aborted. Tiles are
 published throughout. Nothing is lost and the shipped queries count each tile once.
@@ -34,7 +34,7 @@ from tests.streams import (
 from tests.test_registry import STUDENT
 
 pytestmark = [pytest.mark.stack, pytest.mark.slow]
-BLUE, GREEN, NEXT = "0.1.0", "0.2.0", "0.3.0"
+BLUE, GREEN, NEXT = "0.2.0", "0.3.0", "0.4.0"
 
 
 def _ok(done) -> str:

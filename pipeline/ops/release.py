@@ -16,7 +16,10 @@ the graph recorded at the running job's launch before it calls Dataflow, and ref
 mapping it prints is gcloud's ``--transform-name-mappings`` list (``old=new,...``).
 
 Blue-green (the verbs ``green``, ``cutover``, ``abort``) is in the registry's channels
-document: see :mod:`model.channels` and docs/operations.md, "Releasing the stream".
+document: see :mod:`model.channels` and docs/operations.md, "Releasing the stream". A record
+also names its release's commit (``tilestream release tag``) and whether the release before
+can be blue of it; ``release green`` refuses a trial the records rule out ("Releases and their
+predecessors").
 """
 
 from __future__ import annotations
@@ -210,18 +213,100 @@ def previous_release(release: str = RELEASE) -> str | None:
     return max(older, key=key) if older else None
 
 
+def read_record(release: str) -> dict[str, Any]:
+    return json.loads(record_path(release).read_text())
+
+
+class ReleaseError(Exception):
+    """A release record or tag that cannot be written or used as asked."""
+
+
+def _git(*argv: str) -> str:
+    import subprocess
+
+    done = subprocess.run(["git", "-C", str(ROOT), *argv], capture_output=True, text=True)
+    if done.returncode:
+        raise ReleaseError(f"git {' '.join(argv)}: {done.stderr.strip() or done.returncode}")
+    return done.stdout.strip()
+
+
+def release_commit(release: str) -> str:
+    """The commit release ``release`` was built from, as its record says (tags may not travel
+    with a clone; the record does). Refuses a release not tagged yet, or a commit this
+    repository does not hold (a shallow clone: ``git fetch --unshallow``)."""
+    commit = read_record(release).get("commit")
+    if not commit:
+        raise ReleaseError(f"release {release} is not tagged yet: its record has no commit "
+                           f"(tilestream release tag --release {release})")
+    try:
+        _git("cat-file", "-e", f"{commit}^{{commit}}")
+    except ReleaseError as exc:
+        raise ReleaseError(f"commit {commit} of release {release} is not in this repository "
+                           "(a shallow clone? git fetch --unshallow origin)") from exc
+    return commit
+
+
 def record(release: str = RELEASE) -> dict[str, Any]:
-    """Write ``templates/releases/<release>.json``: this tree's surface and its verdict
-    against the previous release."""
+    """Write ``templates/releases/<release>.json``: this tree's surface, its verdict against
+    the previous release, and the previous release's commit. What the record already holds and
+    no translation can know stays: its own ``commit`` (written by :func:`tag`) and whether it
+    can be blue-greened from the previous release (``previous``: a judgement, with how to
+    cross it where not)."""
     current = surface()
-    doc: dict[str, Any] = {"release": release, "surface": current}
+    kept = read_record(release) if record_path(release).exists() else {}
+    doc: dict[str, Any] = {"release": release, "commit": kept.get("commit"), "surface": current}
     previous = previous_release(release)
     if previous:
-        old = json.loads(record_path(previous).read_text())["surface"]
-        doc["update_from"] = {"release": previous, **compare(old, current).to_dict()}
+        old = read_record(previous)
+        doc["update_from"] = {"release": previous, **compare(old["surface"], current).to_dict()}
+        judged = kept.get("previous", {})
+        doc["previous"] = {"release": previous, "commit": old.get("commit"),
+                           "blue_green": judged.get("blue_green", True),
+                           **{k: judged[k] for k in ("why", "cross") if k in judged}}
     RELEASES.mkdir(parents=True, exist_ok=True)
     record_path(release).write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
     return doc
+
+
+def tag(release: str = RELEASE, revision: str = "HEAD") -> str:
+    """Fill the record's ``commit`` with ``revision`` and tag it ``v<release>``. The commit
+    must be the release's own: its setup.py names ``release`` as its version. The record then
+    changes in a later commit (a commit cannot name itself)."""
+    import re
+
+    commit = _git("rev-parse", "--verify", f"{revision}^{{commit}}")
+    setup = _git("show", f"{commit}:setup.py")
+    version = re.search(r'version="([^"]+)"', setup)
+    if not version or version.group(1) != release:
+        raise ReleaseError(f"{commit[:12]} is release {version.group(1) if version else '?'} "
+                           f"(its setup.py), not {release}")
+    doc = read_record(release)
+    if doc.get("commit") not in (None, commit):
+        raise ReleaseError(f"release {release} is recorded at {doc['commit']} already")
+    doc["commit"] = commit
+    record_path(release).write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
+    existing = _git("tag", "--list", f"v{release}")
+    if not existing:
+        _git("tag", f"v{release}", commit)
+    elif _git("rev-parse", f"v{release}^{{commit}}") != commit:
+        raise ReleaseError(f"tag v{release} names another commit")
+    return commit
+
+
+def blue_green_barrier(live: str, green: str) -> dict[str, Any] | None:
+    """The first recorded release after ``live`` up to ``green`` that cannot be blue-greened
+    from its predecessor (its ``previous`` judgement), or None: a running ``live`` job can be
+    blue while ``green`` is on trial. Only releases this tree records are judged."""
+    def key(name: str) -> tuple:
+        return tuple(int(p) if p.isdigit() else p for p in name.split("."))
+
+    between = sorted((p.stem for p in RELEASES.glob("*.json")
+                      if key(live) < key(p.stem) <= key(green)), key=key)
+    for name in between:
+        judged = read_record(name).get("previous") or {}
+        if judged.get("blue_green") is False:
+            return {**judged, "from": judged.get("release"), "release": name}
+    return None
 
 
 def check(against: dict[str, Any], parameters: dict[str, str] | None = None) -> UpdateVerdict:
@@ -497,6 +582,26 @@ def _handover(args: argparse.Namespace, registry, target) -> int:
                           args)
 
 
+def _green_refusal(registry, green: str) -> str | None:
+    """Why ``green`` cannot go on trial beside the running job, if it cannot (fail closed):
+    no live release recorded (the running job's release is unknown: 0.1.0 records none), or
+    one the records say cannot be blue of ``green``."""
+    channels, _ = registry.read_channels()
+    if channels.live_release is None:
+        return ("no live release is recorded, so nothing says the running job can be blue of "
+                f"{green}. If it is 0.2.0 or later, record it first: tilestream release live "
+                "<release> --subscription <its subscription> --job <its job>; a 0.1.0 job "
+                "cannot be blue (docs/operations.md, \"Releases and their predecessors\")")
+    live = channels.live_release.release
+    barrier = blue_green_barrier(live, green)
+    if barrier is None:
+        return None
+    return (f"release {live} is live and cannot be blue of {green}: release "
+            f"{barrier['release']} cannot be blue-greened from {barrier['from']} "
+            f"({barrier.get('why', 'its record says so')}). To cross it: "
+            f"{barrier.get('cross', 'see docs/operations.md')}")
+
+
 def _channel_verb(args: argparse.Namespace) -> int:
     from model.channels import RegistryError
     from pipeline.ops import clients, model_cli
@@ -519,6 +624,10 @@ def _channel_verb(args: argparse.Namespace) -> int:
         if args.verb == "live":
             change = registry.release_live(args.release, args.subscription, args.job, **kwargs)
         elif args.verb == "green":
+            refusal = _green_refusal(registry, args.release)
+            if refusal:
+                print(f"tilestream release green: {refusal}", file=sys.stderr)
+                return 2
             change = _start_green(args, registry, target)
         elif args.verb == "abort":
             change = registry.release_abort(args.release, **kwargs)
@@ -551,6 +660,10 @@ def parser() -> argparse.ArgumentParser:
     verbs = top.add_subparsers(dest="verb", required=True, metavar="VERB")
     rec = verbs.add_parser("record", help="write templates/releases/<release>.json")
     rec.add_argument("--release", default=RELEASE, help="release to record (default %(default)s)")
+    tg = verbs.add_parser("tag", help="write the release's commit into its record and tag it "
+                          "v<release> (commit the record afterwards)")
+    tg.add_argument("--release", default=RELEASE)
+    tg.add_argument("--commit", default="HEAD", help="the release's commit (default: HEAD)")
     chk = verbs.add_parser("check", help="can a job launched with AGAINST be updated in place "
                            "to this tree? exit 0 yes (the name mapping on the last line), 3 no")
     chk.add_argument("against", help="a release record or surface JSON (the running job's)")
@@ -618,6 +731,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.verb == "record":
         doc = record(args.release)
         print(json.dumps(doc.get("update_from", {"release": args.release}), indent=1))
+        return 0
+    if args.verb == "tag":
+        try:
+            commit = tag(args.release, args.commit)
+        except ReleaseError as exc:
+            print(f"tilestream release tag: {exc}", file=sys.stderr)
+            return 2
+        print(f"release {args.release} = {commit} (tag v{args.release}); commit "
+              f"{record_path(args.release).relative_to(ROOT)}")
         return 0
     if args.verb == "surface":
         print(json.dumps({"release": RELEASE,
