@@ -179,3 +179,37 @@ def test_the_handover_names_what_only_blue_can_answer(stack):
     assert state.pending == ["m2", "m4", "m6"]
     assert "3 of the 6 messages" in state.text("B", "G") and "do not drain" in state.text(
         "B", "G")
+
+
+def test_the_release_comparison_starts_when_the_trial_began(stack):
+    """`release compare` counts nothing from before `release green`: blue's earlier tiles have no
+    green rows to be compared with, and counting them made green look behind."""
+    from google.cloud import bigquery
+
+    from model.channels import Channels
+    from pipeline.ops.release import compare_releases, compare_since
+
+    bq = stack.bigquery()
+    name = f"cmprel_{uuid.uuid4().hex[:8]}"
+    bq.create_dataset(name)
+    for table, schema in SCHEMAS.items():
+        fields = [bigquery.SchemaField.from_api_repr(f) for f in schema["fields"]]
+        bq.create_table(bigquery.Table(f"{stack.project}.{name}.{table}", schema=fields))
+    began = NOW - dt.timedelta(minutes=10)
+
+    def at(row: dict, minutes_ago: int, release: str) -> dict:
+        t = (NOW - dt.timedelta(minutes=minutes_ago)).isoformat()
+        return row | {"event_time": t, "published": t, "completed_at": t, "release": release,
+                      "row_id": f"{row['row_id']}-{minutes_ago}"}
+
+    rows = [at(tile(f"old{i}", "1", "live", (1, 2, 3), 2.0), 40, "0.2.0") for i in range(3)]
+    rows += [at(tile(f"new{i}", "1", "live", (1, 2, 3), 2.0), 5, "0.2.0") for i in range(2)]
+    rows += [at(tile(f"new{i}", "1", "shadow", (1, 2, 3), 2.0), 5, "0.3.0") for i in range(2)]
+    assert bq.insert_rows_json(f"{stack.project}.{name}.tiles", rows) == []
+    channels = Channels(history=({"at": began.isoformat(), "action": "release-green"},))
+    since = compare_since(channels, hours=1)
+    assert since == began  # the trial began inside the hour asked for
+    assert compare_since(Channels(), hours=1) < began  # no trial: the window alone
+    got = {r["side"]: r["tiles"] for r in compare_releases(
+        bq, f"{stack.project}.{name}", "0.2.0", "0.3.0", since)}
+    assert got == {"blue": 2, "green": 2}  # not the 5 blue wrote over the hour

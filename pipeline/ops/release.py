@@ -517,11 +517,21 @@ def last_cutover(channels: Channels, release: str) -> CutOver | None:
     return None
 
 
-def compare_releases(client, dataset: str, blue: str, green: str, hours: float) -> list[dict]:
+def compare_since(channels: Channels, hours: float) -> dt.datetime:
+    """Where a comparison of releases starts: ``hours`` ago, but never before the trial began
+    (the last ``release-green``): blue's rows from before it have no green rows to compare."""
+    window = dt.datetime.now(dt.UTC) - dt.timedelta(hours=hours)
+    began = [entry["at"] for entry in channels.history
+             if entry.get("action") == "release-green" and entry.get("at")]
+    return max(window, dt.datetime.fromisoformat(began[-1])) if began else window
+
+
+def compare_releases(client, dataset: str, blue: str, green: str,
+                     since: dt.datetime) -> list[dict]:
     from pipeline.ops.queries import OPERATIONS_FILE, run_query
 
-    return run_query(client, "compare_releases", dataset, OPERATIONS_FILE,
-                     window_hours=int(max(1, hours)), blue=blue, green=green)
+    return run_query(client, "compare_releases", dataset, OPERATIONS_FILE, since=since,
+                     blue=blue, green=green)
 
 
 def check_handover(target, blue: str | None, green: str, trial_began: dt.datetime,
@@ -616,8 +626,9 @@ def _channel_verb(args: argparse.Namespace) -> int:
                               "retiring": gone.to_dict() if gone else None}, indent=2))
             return 0
         if args.verb == "compare":
+            channels, _ = registry.read_channels()
             rows = compare_releases(target.bigquery(), target.need_dataset(), args.blue,
-                                    args.green, args.hours)
+                                    args.green, compare_since(channels, args.hours))
             print(json.dumps(rows, indent=2, default=str))
             return 0
         kwargs = {"by": args.by, "why": args.reason}
@@ -719,7 +730,8 @@ def parser() -> argparse.ArgumentParser:
     cmp.add_argument("--blue", required=True, help="the live release")
     cmp.add_argument("--green", required=True, help="the release on trial")
     cmp.add_argument("--hours", type=float, default=1.0,
-                     help="window, hours back from now (default %(default)s)")
+                     help="window, hours back from now, never before the trial began "
+                     "(default %(default)s)")
     from pipeline.ops.cli import describe
 
     describe(top)

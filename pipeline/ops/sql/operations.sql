@@ -158,7 +158,8 @@ ORDER BY v.model_version, v.role;
 
 -- name: compare_releases
 -- Blue-green: the live release (@blue) against the green one (@green, whose rows are all
--- role = 'shadow') over the last @window_hours hours, one row per release: messages it took in,
+-- role = 'shadow') since @since (the later of the trial's start and the window
+-- the operator asked for: rows from before the trial are not the trial's), one row per release: messages it took in,
 -- tiles it answered, dead letters (a letter written twice counts once) per message, latency
 -- p50/p95, and, on chips both scored (same row_id: same model version, tile version and chip),
 -- how many and the share whose dominant class agrees. Blue is read as it answers (its own
@@ -166,7 +167,7 @@ ORDER BY v.model_version, v.role;
 WITH messages AS (
   SELECT release, COUNT(DISTINCT message_id) AS messages
   FROM `{dataset}.messages`
-  WHERE received_at >= TIMESTAMP_SUB(CURRENT_TIMESTAMP(), INTERVAL @window_hours HOUR)
+  WHERE received_at >= @since
     AND release IN (@blue, @green)
   GROUP BY release
 ),
@@ -175,7 +176,7 @@ tiles AS (
          APPROX_QUANTILES(latency_s, 100)[OFFSET(50)] AS latency_p50_s,
          APPROX_QUANTILES(latency_s, 100)[OFFSET(95)] AS latency_p95_s
   FROM `{dataset}.tiles`
-  WHERE event_time >= TIMESTAMP_SUB(CURRENT_TIMESTAMP(), INTERVAL @window_hours HOUR)
+  WHERE event_time >= @since
     AND ((release = @blue AND COALESCE(role, 'live') != 'shadow')
          OR (release = @green AND role = 'shadow'))
   GROUP BY release
@@ -184,14 +185,14 @@ letters AS (
   SELECT release, COUNT(DISTINCT CONCAT(stage, '|', reason, '|', IFNULL(message_id, ''), '|',
                                         IFNULL(tile_id, ''))) AS dead_letters
   FROM `{dataset}.dead_letters`
-  WHERE time >= TIMESTAMP_SUB(CURRENT_TIMESTAMP(), INTERVAL @window_hours HOUR)
+  WHERE time >= @since
     AND release IN (@blue, @green)
   GROUP BY release
 ),
 chips AS (
   SELECT row_id, release, dominant_class
   FROM `{dataset}.chips`
-  WHERE event_time >= TIMESTAMP_SUB(CURRENT_TIMESTAMP(), INTERVAL @window_hours HOUR)
+  WHERE event_time >= @since
     AND ((release = @blue AND COALESCE(role, 'live') != 'shadow')
          OR (release = @green AND role = 'shadow'))
   QUALIFY ROW_NUMBER() OVER (PARTITION BY row_id, release ORDER BY scored_at) = 1
