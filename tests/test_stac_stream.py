@@ -311,6 +311,9 @@ def test_status_reports_the_running_stream_its_last_tile_and_dead_letters(stack,
     assert status["stream_running"] is True and all(status["stack"].values())
     assert status["last_tile"]["tile_id"] in {"olinda_STAC_1", HLS, HLS_L30, S2, LANDSAT}
     assert status["dead_letters_last_1h"] == {"parse": 4}
+    # what consumers read, by the one definition of "answered", beside what each job writes
+    assert status["tiles_answered_last_1h"] >= 1
+    assert {r["role"] for r in status["writing_last_1h"]} == {"live"}
 
 
 def test_status_counts_the_backlog_of_a_stopped_stream_and_leaves_it_there(stack, run):

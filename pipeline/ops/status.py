@@ -17,6 +17,7 @@ from typing import Any
 
 from pipeline.local import stack as local_stack
 from pipeline.ops.clients import Target
+from pipeline.ops.queries import compose
 
 PID_FILE = "stream.pid"
 PEEK_MAX = 1000
@@ -119,9 +120,16 @@ def report(target: Target, hours: float = 1.0, subscription: str | None = None,
         f"MAX(completed_at) AS last FROM `{dataset}.tiles` WHERE completed_at >= @since "
         "GROUP BY release, role, model_name, model_version ORDER BY release, role"),
         [bq.ScalarQueryParameter("since", "TIMESTAMP", since)])
-    result[f"answering_last_{hours:g}h"] = [
+    # What each job writes (shadow included) is not what consumers read: the tiles answered are
+    # counted by the one definition (sql/answered.sql).
+    result[f"writing_last_{hours:g}h"] = [
         {**r, "model": f"{r.pop('model_name')}/{r.pop('model_version')}",
          "last": r["last"].isoformat()} for r in writing]
+    answered = _rows(client, compose(
+        "WITH {answered since TIMESTAMP_SUB(@since, INTERVAL 2 DAY)} SELECT COUNT(*) AS tiles "
+        "FROM tile_answers WHERE completed_at >= @since", dataset),
+        [bq.ScalarQueryParameter("since", "TIMESTAMP", since)])
+    result[f"tiles_answered_last_{hours:g}h"] = answered[0]["tiles"] if answered else 0
     if registry is not None:
         channels, _ = registry.read_channels()
         state = channels.state()
