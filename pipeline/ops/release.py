@@ -673,7 +673,7 @@ def parser() -> argparse.ArgumentParser:
     rec.add_argument("--release", default=RELEASE, help="release to record (default %(default)s)")
     tg = verbs.add_parser("tag", help="write the release's commit into its record and tag it "
                           "v<release> (commit the record afterwards)")
-    tg.add_argument("--release", default=RELEASE)
+    tg.add_argument("--release", default=RELEASE, help="release to tag (default %(default)s)")
     tg.add_argument("--commit", default="HEAD", help="the release's commit (default: HEAD)")
     chk = verbs.add_parser("check", help="can a job launched with AGAINST be updated in place "
                            "to this tree? exit 0 yes (the name mapping on the last line), 3 no")
