@@ -186,6 +186,7 @@ def test_query_sql_loses_its_comments_but_not_its_strings():
 def test_query_runs_shipped_sql_by_name_and_says_what_the_drift_filter_left_out(stack):
     from google.cloud import bigquery
 
+    from tests.test_compare import chip
     from transforms.sinks import SCHEMAS
 
     bq, name = stack.bigquery(), f"query_{uuid.uuid4().hex[:8]}"
@@ -202,6 +203,9 @@ def test_query_runs_shipped_sql_by_name_and_says_what_the_drift_filter_left_out(
         "event_time": now, "published": now, "source": "gcs", "source_uris": [],
         "attributes": [], "model_name": "landcover-student", "model_version": "1",
         "role": "live", "completed_at": now, "latency_s": 5.0, "drifted": True}]) == []
+    # its one chip row: a tile row is an answer only once whole (sql/answered.sql)
+    assert bq.insert_rows_json(f"{stack.project}.{name}.chips", [
+        chip("olinda", 0, "1", "live", (0, 10, 0), 0.9)]) == []
     where = ["--local", f"--stack_dir={stack.run_dir}", f"--bq_dataset={stack.project}:{name}"]
 
     left_out = tilestream("query", "class_area_per_tile_and_day", *where)
