@@ -12,9 +12,8 @@ import pytest
 from model.channels import Channels, release_role
 from model.registry import Registry
 from model.serving import ChannelsFollower, start_snapshot
+from tests.test_bluegreen import BLUE, GREEN, NEXT
 from tests.test_registry import STUDENT, V1, V2, variant
-
-BLUE, GREEN, NEXT = "0.1.0", "0.2.0", "0.3.0"
 
 
 @pytest.fixture()
@@ -77,7 +76,7 @@ def test_a_later_release_change_ends_retiring(registry, then):
 
 
 def test_a_history_entry_of_odd_shape_is_doubt_and_doubt_is_shadow():
-    entry = {"action": "release-cutover", "before": {"releases": {"live": "0.1.0"}}}
+    entry = {"action": "release-cutover", "before": {"releases": {"live": BLUE}}}
     assert release_role(Channels(history=(entry,)), BLUE) == "shadow"
     assert release_role(Channels(history=({"action": "release-abort"},)), BLUE) == "shadow"
 
