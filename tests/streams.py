@@ -20,6 +20,21 @@ def query(stack, sql: str) -> list[dict]:
         return []
 
 
+def empty_dataset(stack, prefix: str) -> str:
+    """A new dataset ``<prefix>_<random>`` with every table of the stream, empty, as a stream
+    creates them at launch: for tests that write rows of every kind by hand."""
+    from google.cloud import bigquery
+
+    from transforms.sinks import SCHEMAS
+
+    bq, name = stack.bigquery(), f"{prefix}_{uuid.uuid4().hex[:8]}"
+    bq.create_dataset(name)
+    for table, schema in SCHEMAS.items():
+        fields = [bigquery.SchemaField.from_api_repr(f) for f in schema["fields"]]
+        bq.create_table(bigquery.Table(f"{stack.project}.{name}.{table}", schema=fields))
+    return name
+
+
 def fresh_input(stack, name: str) -> tuple[str, str, str]:
     """A topic, a subscription on it (10 s ack deadline, like the stack's) and a dataset."""
     suffix = uuid.uuid4().hex[:6]

@@ -11,7 +11,6 @@ verdict.
 from __future__ import annotations
 
 import datetime as dt
-import uuid
 from dataclasses import dataclass
 
 import pytest
@@ -19,6 +18,7 @@ import pytest
 from pipeline.local import journal
 from pipeline.ops import release, slo, stats
 from pipeline.ops.queries import run_query
+from tests.streams import empty_dataset
 from transforms.sinks import SCHEMAS, BigQueryTables
 
 pytestmark = pytest.mark.stack
@@ -138,14 +138,8 @@ def of_tiles(expected: dict[str, str | None]) -> dict[str, str | None]:
 
 @pytest.fixture(scope="module")
 def dataset(stack):
-    from google.cloud import bigquery
-
     bq = stack.bigquery()
-    name = f"answered_{uuid.uuid4().hex[:8]}"
-    bq.create_dataset(name)
-    for table, schema in SCHEMAS.items():
-        fields = [bigquery.SchemaField.from_api_repr(f) for f in schema["fields"]]
-        bq.create_table(bigquery.Table(f"{stack.project}.{name}.{table}", schema=fields))
+    name = empty_dataset(stack, "answered")
     entered = (NOW - dt.timedelta(minutes=10)).isoformat()
     rows = [row for a in ANSWERS for row in a.rows()]
     rows += [rows[0]]  # a retried insert: read once

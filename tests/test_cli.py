@@ -12,6 +12,7 @@ import uuid
 import pytest
 
 from pipeline.ops.check import SAMPLE_TILE
+from tests.streams import empty_dataset
 
 
 def tilestream(*args: str, **kwargs) -> subprocess.CompletedProcess:
@@ -184,16 +185,9 @@ def test_query_sql_loses_its_comments_but_not_its_strings():
 
 @pytest.mark.stack
 def test_query_runs_shipped_sql_by_name_and_says_what_the_drift_filter_left_out(stack):
-    from google.cloud import bigquery
-
     from tests.test_compare import chip
-    from transforms.sinks import SCHEMAS
 
-    bq, name = stack.bigquery(), f"query_{uuid.uuid4().hex[:8]}"
-    bq.create_dataset(name)
-    for table, schema in SCHEMAS.items():
-        fields = [bigquery.SchemaField.from_api_repr(f) for f in schema["fields"]]
-        bq.create_table(bigquery.Table(f"{stack.project}.{name}.{table}", schema=fields))
+    bq, name = stack.bigquery(), empty_dataset(stack, "query")
     now = "2026-12-01T12:00:00+00:00"
     assert bq.insert_rows_json(f"{stack.project}.{name}.tiles", [{
         "row_id": "r1", "tile_id": "olinda", "tile_generation": "1", "complete": True,

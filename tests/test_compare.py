@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import datetime as dt
-import uuid
 
 import pytest
 
 from pipeline.ops.queries import OPERATIONS_FILE, run_query
+from tests.streams import empty_dataset
 from transforms.sinks import SCHEMAS
 
 pytestmark = pytest.mark.stack
@@ -59,14 +59,8 @@ SHADOW = {("a", 0): (70, 30, 0), ("a", 1): (10, 90, 0), ("a", 2): (0, 40, 60),
 
 @pytest.fixture(scope="module")
 def dataset(stack):
-    from google.cloud import bigquery
-
     bq = stack.bigquery()
-    name = f"cmp_{uuid.uuid4().hex[:8]}"
-    bq.create_dataset(name)
-    for table, schema in SCHEMAS.items():
-        fields = [bigquery.SchemaField.from_api_repr(f) for f in schema["fields"]]
-        bq.create_table(bigquery.Table(f"{stack.project}.{name}.{table}", schema=fields))
+    name = empty_dataset(stack, "cmp")
     chips = [chip(t, i, "1", "live", p, 0.8) for (t, i), p in LIVE.items()]
     chips += [chip(t, i, "2", "shadow", p, 0.7) for (t, i), p in SHADOW.items()]
     chips += [dict(chips[0])]  # a retried insert: counted once
@@ -133,16 +127,10 @@ def test_the_handover_names_what_only_blue_can_answer(stack):
     """``release_handover`` on rows of every kind: green's intake until the bound, and any tile
     green answered as shadow after it (a worker that saw the cut-over late), each answered by
     blue (whole: every chip row in; or a dead letter), by green live, or by nobody yet."""
-    from google.cloud import bigquery
-
     from pipeline.ops import release
 
     bq = stack.bigquery()
-    name = f"handover_{uuid.uuid4().hex[:8]}"
-    bq.create_dataset(name)
-    for table, schema in SCHEMAS.items():
-        fields = [bigquery.SchemaField.from_api_repr(f) for f in schema["fields"]]
-        bq.create_table(bigquery.Table(f"{stack.project}.{name}.{table}", schema=fields))
+    name = empty_dataset(stack, "handover")
     since, until = NOW - dt.timedelta(minutes=10), NOW - dt.timedelta(minutes=1)
 
     def entry(message_id: str, at: dt.datetime, rel: str = "G") -> dict:
@@ -184,17 +172,11 @@ def test_the_handover_names_what_only_blue_can_answer(stack):
 def test_the_release_comparison_starts_when_the_trial_began(stack):
     """`release compare` counts nothing from before `release green`: blue's earlier tiles have no
     green rows to be compared with, and counting them made green look behind."""
-    from google.cloud import bigquery
-
     from model.channels import Channels
     from pipeline.ops.release import compare_releases, compare_since
 
     bq = stack.bigquery()
-    name = f"cmprel_{uuid.uuid4().hex[:8]}"
-    bq.create_dataset(name)
-    for table, schema in SCHEMAS.items():
-        fields = [bigquery.SchemaField.from_api_repr(f) for f in schema["fields"]]
-        bq.create_table(bigquery.Table(f"{stack.project}.{name}.{table}", schema=fields))
+    name = empty_dataset(stack, "cmprel")
     began = NOW - dt.timedelta(minutes=10)
 
     def at(row: dict, minutes_ago: int, release: str) -> dict:

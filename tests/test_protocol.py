@@ -27,7 +27,6 @@ import os
 import shutil
 import tempfile
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -48,6 +47,7 @@ from model.registry import Registry
 from model.serving import ChannelsFollower, fetch_validated, start_snapshot
 from pipeline.ops import release as release_ops
 from pipeline.ops.queries import run_query
+from tests.streams import empty_dataset
 from tests.test_registry import STUDENT, variant
 from transforms.sinks import SCHEMAS, row_id
 
@@ -226,18 +226,11 @@ class ReleaseProtocol(RuleBasedStateMachine):
     def start(self, recorded: bool, workers: int):
         """Version 1 live, 2 published; a stream running release r0 (recorded as the live
         release, or a stream that never took part in a blue-green)."""
-        from google.cloud import bigquery
-
         shutil.copytree(self.template / "registry", self.root / "registry")
         shutil.copytree(self.template / "cache", self.root / "cache")
         self.registry = Registry(str(self.root / "registry"))
         self.versions = [ModelRef(NAME, "1"), ModelRef(NAME, "2")]
-        name = f"protocol_{uuid.uuid4().hex[:8]}"
-        self.bq.create_dataset(name)
-        self.dataset = f"{self.stack.project}.{name}"
-        for table, schema in SCHEMAS.items():
-            fields = [bigquery.SchemaField.from_api_repr(f) for f in schema["fields"]]
-            self.bq.create_table(bigquery.Table(f"{self.dataset}.{table}", schema=fields))
+        self.dataset = f"{self.stack.project}.{empty_dataset(self.stack, 'protocol')}"
         if recorded:
             self.registry.release_live("r0", "sub-r0", "job-r0", by="test")
             self.live_release = "r0"

@@ -24,6 +24,7 @@ from model.registry import Registry
 from pipeline.ops import release
 from pipeline.ops.release import BLUE_GREEN, IN_PLACE, compare
 from pipeline.options import RELEASE
+from tests.streams import empty_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 SUBSCRIPTION = "projects/tilestream-prod/subscriptions/tilestream-tiles-sub"
@@ -292,18 +293,10 @@ def test_the_handover_passes_only_once_its_answer_held(stack):
     streaming insert that landed late): the handover must not pass on that first empty poll."""
     import datetime as dt
     import time
-    import uuid
 
-    from google.cloud import bigquery
-
-    from transforms.sinks import SCHEMAS
 
     bq = stack.bigquery()
-    name = f"settle_{uuid.uuid4().hex[:8]}"
-    bq.create_dataset(name)
-    for table, schema in SCHEMAS.items():
-        fields = [bigquery.SchemaField.from_api_repr(f) for f in schema["fields"]]
-        bq.create_table(bigquery.Table(f"{stack.project}.{name}.{table}", schema=fields))
+    name = empty_dataset(stack, "settle")
     now = dt.datetime.now(dt.UTC)
     since, until, at = (now - dt.timedelta(minutes=10), now - dt.timedelta(minutes=1),
                         now - dt.timedelta(minutes=5))

@@ -7,7 +7,6 @@ import json
 import re
 import subprocess
 import sys
-import uuid
 from pathlib import Path
 
 import apache_beam as beam
@@ -16,8 +15,8 @@ from apache_beam.metrics.metric import MetricsFilter
 
 from pipeline.ops import slo
 from pipeline.options import LATENCY_SLO_S
+from tests.streams import empty_dataset
 from tests.test_templates import TEMPLATES, _first, terraform
-from transforms.sinks import SCHEMAS
 from transforms.slis import CountTileSlis
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,16 +66,8 @@ def _chips(tile: dict) -> list[dict]:
 
 @pytest.fixture()
 def dataset(stack):
-    """A dataset of the emulator with the stream's three tables, created through its API."""
-    from google.cloud import bigquery
-
-    bq = stack.bigquery()
-    name = f"slo_{uuid.uuid4().hex[:8]}"
-    bq.create_dataset(name)
-    for table, schema in SCHEMAS.items():
-        fields = [bigquery.SchemaField.from_api_repr(f) for f in schema["fields"]]
-        bq.create_table(bigquery.Table(f"{stack.project}.{name}.{table}", schema=fields))
-    return name
+    """A dataset of the emulator with the stream's tables, created through its API."""
+    return empty_dataset(stack, "slo")
 
 
 def _insert(stack, dataset: str, table: str, rows: list[dict]) -> None:

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import uuid
 
 import pytest
 
 from model.registry import Registry
 from pipeline.ops.watch import WATCHER, RollbackRule, judge
+from tests.streams import empty_dataset
 from tests.test_compare import chip, tile
 from tests.test_registry import STUDENT, V1, V2, variant
-from transforms.sinks import SCHEMAS
 
 pytestmark = pytest.mark.stack
 
@@ -27,14 +26,8 @@ def registry(tmp_path) -> Registry:
 
 
 def dataset_with(stack, tiles: list[dict], chips: list[dict], letters: list[dict]) -> str:
-    from google.cloud import bigquery
-
     bq = stack.bigquery()
-    name = f"watch_{uuid.uuid4().hex[:8]}"
-    bq.create_dataset(name)
-    for table, schema in SCHEMAS.items():
-        fields = [bigquery.SchemaField.from_api_repr(f) for f in schema["fields"]]
-        bq.create_table(bigquery.Table(f"{stack.project}.{name}.{table}", schema=fields))
+    name = empty_dataset(stack, "watch")
     for table, rows in (("tiles", tiles), ("chips", chips), ("dead_letters", letters)):
         if rows:
             assert bq.insert_rows_json(f"{stack.project}.{name}.{table}", rows) == []
