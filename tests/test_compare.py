@@ -192,6 +192,8 @@ def test_the_release_comparison_starts_when_the_trial_began(stack):
     since = compare_since(channels, hours=1)
     assert since == began  # the trial began inside the hour asked for
     assert compare_since(Channels(), hours=1) < began  # no trial: the window alone
+    odd = Channels(history=({"action": "release-green", "at": "yesterday"},))
+    assert compare_since(odd, hours=1) < began  # an unreadable start: the window, no crash
     got = {r["side"]: r["tiles"] for r in compare_releases(
         bq, f"{stack.project}.{name}", "0.2.0", "0.3.0", since)}
     assert got == {"blue": 2, "green": 2}  # not the 5 blue wrote over the hour

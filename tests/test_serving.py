@@ -177,18 +177,25 @@ def _wait(condition, timeout_s: float = 60.0) -> bool:
     return condition()
 
 
-def test_a_storage_fault_is_retried_not_refused_and_the_new_snapshot_is_taken(follower,
-                                                                               tmp_path):
-    """A weights file that cannot be read (here: a directory where the file should be) is a
-    fault of the storage, not of the model: no refusal is remembered, the next poll tries
-    again, and once the file is back the candidate is taken."""
-    registry, f = follower
+def _unreadable_candidate(registry, tmp_path) -> tuple[Path, bytes]:
+    """V2 on shadow trial with a directory where its weights file should be (a storage fault,
+    not a fault of the model); its path and bytes, to put the file back."""
     registry.publish(str(variant(tmp_path, "2")))
     registry.shadow(V2, by="test")
     weights = Path(registry.prefix) / V2.name / V2.version / "model.pt"
     saved = weights.read_bytes()
     weights.unlink()
     weights.mkdir()
+    return weights, saved
+
+
+def test_a_storage_fault_is_retried_not_refused_and_the_new_snapshot_is_taken(follower,
+                                                                               tmp_path):
+    """A weights file that cannot be read (here: a directory where the file should be) is a
+    fault of the storage, not of the model: no refusal is remembered, the next poll tries
+    again, and once the file is back the candidate is taken."""
+    registry, f = follower
+    weights, saved = _unreadable_candidate(registry, tmp_path)
     [fault] = f.refresh()
     assert fault.transient and "IsADirectoryError" in fault.reason and "retrying" in fault.reason
     assert f.snapshot.channels.candidate is None
@@ -202,12 +209,7 @@ def test_a_storage_fault_is_retried_not_refused_and_the_new_snapshot_is_taken(fo
 def test_the_background_thread_retries_with_backoff_until_the_fault_clears(follower, tmp_path):
     registry, f = follower
     f.poll_secs = 0.2
-    registry.publish(str(variant(tmp_path, "2")))
-    registry.shadow(V2, by="test")
-    weights = Path(registry.prefix) / V2.name / V2.version / "model.pt"
-    saved = weights.read_bytes()
-    weights.unlink()
-    weights.mkdir()
+    weights, saved = _unreadable_candidate(registry, tmp_path)
     seen: list = []
     f.start_background()
     try:

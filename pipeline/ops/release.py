@@ -521,9 +521,15 @@ def compare_since(channels: Channels, hours: float) -> dt.datetime:
     """Where a comparison of releases starts: ``hours`` ago, but never before the trial began
     (the last ``release-green``): blue's rows from before it have no green rows to compare."""
     window = dt.datetime.now(dt.UTC) - dt.timedelta(hours=hours)
-    began = [entry["at"] for entry in channels.history
-             if entry.get("action") == "release-green" and entry.get("at")]
-    return max(window, dt.datetime.fromisoformat(began[-1])) if began else window
+    began = [entry.get("at") for entry in channels.history
+             if entry.get("action") == "release-green"]
+    try:
+        start = dt.datetime.fromisoformat(began[-1]) if began else None
+    except (TypeError, ValueError):  # an odd history entry: compare the window asked for
+        start = None
+    if start is None or start.tzinfo is None:
+        return window
+    return max(window, start)
 
 
 def compare_releases(client, dataset: str, blue: str, green: str,
