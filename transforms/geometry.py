@@ -98,7 +98,9 @@ def expected_in_strip(height: int, width: int, size: int, stride: int,
 
 def footprint_wkt(transform, crs, row: int, col: int, height: int, width: int,
                   points_per_edge: int = 4) -> str:
-    """EPSG:4326 polygon (lon/lat, counter-clockwise) of a pixel window, edges densified."""
+    """EPSG:4326 polygon (lon/lat, counter-clockwise) of a pixel window, edges densified; a
+    window across ±180° is a MULTIPOLYGON cut there, one around a pole reaches it (see
+    :func:`footprint_geojson`)."""
     return strip_footprints(transform, crs, [(row, height)], [col], [width], points_per_edge)[0][0]
 
 
@@ -132,6 +134,10 @@ def strip_footprints(transform, crs, rows: list[tuple[int, int]], cols: list[int
     ring[:, -1] = ring[:, 0]
     polygon = _polygon_format(4 * n + 1)
     outlines = [polygon % tuple(points) for points in ring.reshape(rings, -1).tolist()]
+    # A ring spanning more than half the globe in longitude crosses ±180° (or circles a pole):
+    # as written it would be read as the rest of the world by a planar reader. Cut it there.
+    for i in np.flatnonzero(np.ptp(lons, axis=1) > 180.0):
+        outlines[i] = _cut_at_antimeridian(ring[i].tolist())
     return [outlines[i : i + len(cols)] for i in range(0, rings, len(cols))]
 
 
@@ -153,3 +159,84 @@ def pixel_area_m2(transform, crs, height: int, width: int) -> float:
     x, y = transform * (width / 2, height / 2)
     centre_lat = warp(crs, "EPSG:4326", [x], [y])[1][0]
     return cell * 111_320.0 * math.cos(math.radians(centre_lat)) * 110_574.0
+
+
+# --- footprints anywhere on Earth ----------------------------------------------------------------
+# One rule for every footprint the stream writes (BigQuery GEOGRAPHY WKT, STAC Item, catalog
+# extent, events): RFC 7946 §3.1.9, a polygon crossing ±180° is a MultiPolygon cut there, and one
+# around a pole is closed over the pole along ±180°; §5.2, its bbox has west > east. The cutting
+# is the ``antimeridian`` package's (great-circle crossing latitudes); docs/stac.md, "Footprints
+# across the antimeridian and the poles", says why and what BigQuery reads.
+
+
+def _fix(polygon):
+    """``polygon`` cut at ±180° (a Polygon or MultiPolygon); unchanged when it does not cross."""
+    import antimeridian
+
+    return antimeridian.fix_polygon(polygon, fix_winding=True)
+
+
+def _cut_at_antimeridian(ring: list[list[float]]) -> str:
+    """WKT of a closed lon/lat ring that crosses ±180° or circles a pole, cut there."""
+    import shapely
+    from shapely.geometry import Polygon
+
+    return shapely.to_wkt(_fix(Polygon(ring)), rounding_precision=7)
+
+
+def _lists(value):
+    return [_lists(v) for v in value] if isinstance(value, list | tuple) else value
+
+
+def footprint_geojson(footprint_wkt: str) -> dict:
+    """RFC 7946 GeoJSON geometry of a footprint WKT: a Polygon, or a MultiPolygon cut at ±180°.
+
+    Takes what the stream writes (already cut) and also an uncut ring across ±180° (rows written
+    before the rule), so every reader gets the same geometry from either.
+    """
+    import shapely
+    from shapely.geometry import mapping
+
+    geometry = shapely.from_wkt(footprint_wkt)
+    if geometry.geom_type == "Polygon":
+        geometry = _fix(geometry)
+    elif geometry.geom_type != "MultiPolygon":
+        raise ValueError(f"footprint is not a POLYGON or MULTIPOLYGON: {footprint_wkt[:60]}")
+    found = mapping(geometry)
+    return {"type": found["type"], "coordinates": _lists(found["coordinates"])}
+
+
+def footprint_bbox(geojson: dict) -> list[float]:
+    """RFC 7946 §5.2 bbox ``[west, south, east, north]`` of a :func:`footprint_geojson`
+    geometry: ``west > east`` when it crosses ±180°; ``[-180, .., 180, 90]`` around a pole."""
+    import antimeridian
+
+    return [float(v) for v in antimeridian.bbox(geojson)]
+
+
+def bbox_union(bboxes: list[list[float]]) -> list[float]:
+    """The smallest bbox holding all of ``bboxes`` (each RFC 7946 §5.2, ``west > east`` across
+    ±180°): longitudes are arcs on a circle, so the union leaves out the widest gap between them
+    and crosses ±180° when that gap does not."""
+    if not bboxes:
+        raise ValueError("no bbox to join")
+    arcs: list[tuple[float, float]] = []
+    for west, _, east, _ in bboxes:
+        arcs += [(west, 180.0), (-180.0, east)] if west > east else [(west, east)]
+    arcs.sort()
+    merged = [list(arcs[0])]
+    for west, east in arcs[1:]:
+        if west <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], east)
+        else:
+            merged.append([west, east])
+    south, north = min(b[1] for b in bboxes), max(b[3] for b in bboxes)
+    gaps = [(merged[i + 1][0] - merged[i][1], merged[i + 1][0], merged[i][1])
+            for i in range(len(merged) - 1)]
+    wrap = merged[0][0] + 360.0 - merged[-1][1]  # the gap across ±180°
+    widest = max(gaps, default=None)
+    if widest is None and wrap <= 0:  # the whole circle, e.g. around a pole
+        return [-180.0, south, 180.0, north]
+    if widest is not None and widest[0] > wrap:
+        return [widest[1], south, widest[2], north]  # west > east: across ±180°
+    return [merged[0][0], south, merged[-1][1], north]

@@ -22,6 +22,7 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from transforms.geometry import footprint_bbox, footprint_geojson
 from transforms.guards import EARLIEST
 from transforms.presets import COMMON_NAMES, PRESETS
 from transforms.records import NODATA_CLASS, TileRef
@@ -255,21 +256,6 @@ def item_uri(raster_uri: str) -> str:
     return stem + ".json"
 
 
-def polygon_of(wkt: str) -> dict[str, Any]:
-    """GeoJSON Polygon of a ``POLYGON((x y, ...))`` footprint (one ring, as the stream writes)."""
-    found = re.fullmatch(r"\s*POLYGON\s*\(\((.+)\)\)\s*", wkt)
-    if not found:
-        raise ValueError(f"footprint is not a one-ring POLYGON: {wkt[:60]}")
-    ring = [[float(v) for v in point.split()] for point in found.group(1).split(",")]
-    return {"type": "Polygon", "coordinates": [ring]}
-
-
-def _bbox(polygon: Mapping) -> list[float]:
-    xs = [p[0] for p in polygon["coordinates"][0]]
-    ys = [p[1] for p in polygon["coordinates"][0]]
-    return [min(xs), min(ys), max(xs), max(ys)]
-
-
 def _time_text(value: object) -> str | None:
     """BigQuery-ish or RFC 3339 time (string or datetime) -> RFC 3339 with ``Z``."""
     if value is None:
@@ -307,7 +293,7 @@ def prediction_item(row: Mapping[str, Any], *, transform: Sequence[float], crs_w
 
     ``row`` is the row the stream writes to BigQuery; ``classes`` the card's ``ClassInfo``s.
     """
-    geometry = polygon_of(row["footprint"])
+    geometry = footprint_geojson(row["footprint"])
     attributes = {a["key"]: a["value"] for a in row.get("attributes") or ()}
     crs = str(row["crs"])
     projection: dict[str, Any] = {"proj:code": crs if crs.startswith("EPSG:") else None,
@@ -354,7 +340,7 @@ def prediction_item(row: Mapping[str, Any], *, transform: Sequence[float], crs_w
         "stac_extensions": list(EXTENSIONS.values()),
         "id": f"{row['tile_id']}_{row['tile_generation']}",
         "geometry": geometry,
-        "bbox": _bbox(geometry),
+        "bbox": footprint_bbox(geometry),
         "properties": properties,
         "links": [{"rel": "self", "href": href, "type": "application/geo+json"}, *derived],
         "assets": {"prediction": {

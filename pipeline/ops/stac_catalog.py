@@ -21,6 +21,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from transforms.geometry import bbox_union
 from transforms.stac import STAC_VERSION, item_uri
 
 SCHEMAS_DIR = Path(__file__).resolve().parent / "schemas"
@@ -100,12 +101,11 @@ def latest_rows(rows: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _extent(items: list[dict[str, Any]]) -> dict[str, Any]:
-    boxes = [i["bbox"] for i in items]
+    box = bbox_union([i["bbox"] for i in items])  # across ±180° where the items are
     times = sorted(t for i in items for t in (i["properties"].get("datetime"),
                                               i["properties"].get("start_datetime"),
                                               i["properties"].get("end_datetime")) if t)
-    return {"spatial": {"bbox": [[min(b[0] for b in boxes), min(b[1] for b in boxes),
-                                  max(b[2] for b in boxes), max(b[3] for b in boxes)]]},
+    return {"spatial": {"bbox": [box]},
             "temporal": {"interval": [[times[0], times[-1]]]}}
 
 
