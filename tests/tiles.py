@@ -80,3 +80,19 @@ def expected_chips(path: Path, size: int, stride: int, min_valid: float) -> tupl
                 kept += 1
     assert len(rows) == math.ceil(max(data.shape[1] - size, 0) / stride) + 1
     return len(rows) * len(cols), kept
+
+
+def placed(out: Path, crs: str, lon: float, lat: float, src: Path = SAMPLE_TILE) -> Path:
+    """The tile's pixels on another grid, centred on ``(lon, lat)``: a UTM zone 60 or zone 1
+    tile across ±180°, a UPS tile on the North Pole."""
+    from affine import Affine
+    from rasterio.warp import transform as warp
+
+    with rasterio.open(src) as s:
+        data, res = s.read(), s.res[0]
+        (x,), (y,) = warp("EPSG:4326", crs, [lon], [lat])
+        transform = Affine(res, 0.0, x - s.width * res / 2, 0.0, -res, y + s.height * res / 2)
+        profile = s.profile | {"crs": crs, "transform": transform}
+    with rasterio.open(out, "w", **profile) as d:
+        d.write(data)
+    return out

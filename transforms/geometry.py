@@ -170,10 +170,15 @@ def pixel_area_m2(transform, crs, height: int, width: int) -> float:
 
 
 def _fix(polygon):
-    """``polygon`` cut at ±180° (a Polygon or MultiPolygon); unchanged when it does not cross."""
-    import antimeridian
+    """``polygon`` cut at ±180° (a Polygon or MultiPolygon); unchanged when it does not cross.
 
-    return antimeridian.fix_polygon(polygon, fix_winding=True)
+    A vertex exactly on ±180° gains a twin at the cut; the twin goes (within 2 cm), as S2, what
+    BigQuery reads a GEOGRAPHY with, refuses a zero-length edge."""
+    import antimeridian
+    import shapely
+
+    return shapely.remove_repeated_points(antimeridian.fix_polygon(polygon, fix_winding=True),
+                                          2e-7)
 
 
 def _cut_at_antimeridian(ring: list[list[float]]) -> str:

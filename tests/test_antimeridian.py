@@ -1,0 +1,178 @@
+"""Footprints right everywhere on Earth: tiles across ±180° and over the North Pole.
+
+Tiles are the real sample's pixels placed on the grids where it matters: UTM zone 60 over Fiji
+and zone 1 over the Aleutians, both across the antimeridian, and UPS North (EPSG:32661) above
+84° N, across ±180° and on the pole itself. Their footprints are checked with the libraries that
+know the rules (``antimeridian`` and shapely for RFC 7946; spherely, S2 as BigQuery reads a
+GEOGRAPHY, for the area), not only with schema validators, which accept a globe-wide bbox.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import antimeridian
+import pytest
+import rasterio
+import shapely
+import spherely
+from shapely.geometry import Point, box, shape
+
+from pipeline.ops import stac_catalog
+from tests import tiles
+from tests.test_stac import output_item, tile_row
+from transforms import geometry as g
+
+# name: (CRS, centre lon, centre lat, a point on the other side of the world)
+PLACES = {
+    "fiji": ("EPSG:32760", 180.0, -17.0, (0.0, -17.0)),
+    "aleutians": ("EPSG:32601", 180.0, 52.0, (0.0, 52.0)),
+    "ups-across": ("EPSG:32661", 180.0, 87.0, (0.0, 87.0)),
+    "north-pole": ("EPSG:32661", 0.0, 90.0, (0.0, 0.0)),
+}
+CROSSING = ("fiji", "aleutians", "ups-across")
+
+
+def tile_area_m2(path: Path) -> float:
+    with rasterio.open(path) as s:
+        return s.width * s.height * s.res[0] * s.res[1]
+
+
+@pytest.fixture(scope="module")
+def placed(tmp_path_factory) -> dict[str, Path]:
+    work = tmp_path_factory.mktemp("antimeridian")
+    return {name: tiles.placed(work / f"{name}.tif", crs, lon, lat)
+            for name, (crs, lon, lat, _) in PLACES.items()}
+
+
+def footprint_of(path: Path) -> str:
+    with rasterio.open(path) as s:
+        return g.footprint_wkt(s.transform, s.crs, 0, 0, s.height, s.width)
+
+
+def centre_lonlat(path: Path) -> tuple[float, float]:
+    from rasterio.warp import transform as warp
+
+    with rasterio.open(path) as s:
+        x, y = s.transform * (s.width / 3, s.height / 3)  # off-centre: never on a cut
+        (lon,), (lat,) = warp(s.crs, "EPSG:4326", [x], [y])
+    return lon, lat
+
+
+def small_box(lon: float, lat: float, half: float = 0.01) -> str:
+    """WKT of a small region around a point, kept inside [-180, 180] x [-90, 90]."""
+    return box(max(lon - half, -180), max(lat - half, -90), min(lon + half, 180),
+               min(lat + half, 90)).wkt
+
+
+@pytest.mark.parametrize("name", list(PLACES))
+def test_stac_item_footprint_is_cut_as_rfc7946_says(placed, name):
+    """The item's geometry is what the ``antimeridian`` library makes of it (nothing left to
+    fix), its bbox is the library's (west > east across ±180°), every part stays on its side,
+    the tile's centre is inside and the far side of the world is not."""
+    wkt = footprint_of(placed[name])
+    item = output_item(tile_row(footprint=wkt, crs=PLACES[name][0]))
+    assert stac_catalog.validation_errors(item) == []
+    geometry, bbox = item["geometry"], item["bbox"]
+    ours = shape(geometry)
+    assert ours.is_valid
+    fixed = shape(antimeridian.fix_geojson(geometry, fix_winding=True))
+    assert ours.symmetric_difference(fixed).area < 1e-9 * ours.area
+    assert bbox == pytest.approx(antimeridian.bbox(geometry))
+    parts = list(getattr(ours, "geoms", [ours]))
+    assert all(-180 <= x <= 180 and -90 <= y <= 90
+               for part in parts for x, y in part.exterior.coords)
+    if name in CROSSING:
+        assert geometry["type"] == "MultiPolygon" and len(parts) == 2
+        assert bbox[0] > bbox[2] and bbox[0] > 179 and bbox[2] < -179  # §5.2
+        assert all(part.bounds[2] - part.bounds[0] < 1 for part in parts)
+    else:  # around the pole: one polygon closed over it along ±180°
+        assert geometry["type"] == "Polygon"
+        assert bbox[0] == -180 and bbox[2] == 180 and bbox[3] == 90
+    lon, lat = centre_lonlat(placed[name])
+    assert ours.contains(Point(lon, lat))
+    assert not ours.intersects(Point(*PLACES[name][3]))
+
+
+@pytest.mark.parametrize("name", list(PLACES))
+def test_footprint_reads_as_the_small_real_area_on_the_sphere_as_bigquery_does(placed, name):
+    """S2 (spherely; BigQuery's GEOGRAPHY is S2, geodesic edges, the smaller side of a ring)
+    reads the WKT the stream writes as the tile's own ~100 km², holding its centre and not the
+    other side of the world; so does a planar reader (the bqemulator's DuckDB)."""
+    wkt, area = footprint_of(placed[name]), tile_area_m2(placed[name])
+    on_sphere = spherely.from_wkt(wkt)
+    assert spherely.area(on_sphere) == pytest.approx(area, rel=0.02)
+    lon, lat = centre_lonlat(placed[name])
+    assert spherely.intersects(on_sphere, spherely.from_wkt(small_box(lon, lat)))
+    far = small_box(*PLACES[name][3])
+    assert not spherely.intersects(on_sphere, spherely.from_wkt(far))
+    planar = shapely.from_wkt(wkt)
+    assert planar.is_valid and not planar.intersects(shapely.from_wkt(far))
+    assert planar.intersects(shapely.from_wkt(small_box(lon, lat)))
+
+
+def test_chip_footprints_across_the_antimeridian_are_cut_and_cover_the_tile(placed):
+    """Every chip of the Fiji tile is its own small area for a planar reader: the chips on the
+    cut are MultiPolygons, none spans the world, and together they are the tile."""
+    with rasterio.open(placed["fiji"]) as s:
+        starts = tiles.starts(s.height, 64, 64)
+        cols = tiles.starts(s.width, 64, 64)
+        rows = [(r, min(64, s.height - r)) for r in starts]
+        widths = [min(64, s.width - c) for c in cols]
+        outlines = g.strip_footprints(s.transform, s.crs, rows, cols, widths)
+    chips = [shapely.from_wkt(w) for row in outlines for w in row]
+    cut = [c for c in chips if c.geom_type == "MultiPolygon"]
+    assert len(cut) == len(rows)  # one column of chips lies across ±180°
+    assert all(c.is_valid and c.area < 1e-3 for c in chips)  # each about 1.8 km x 1.8 km
+    tile = shapely.from_wkt(footprint_of(placed["fiji"]))
+    union = shapely.union_all(chips)
+    assert union.symmetric_difference(tile).area < 0.01 * tile.area
+
+
+def test_an_uncut_ring_across_the_antimeridian_is_cut_by_every_reader():
+    """Rows written before the rule hold the ring uncut: footprint_geojson gives them the same
+    geometry as the cut WKT the stream writes now."""
+    uncut = "POLYGON((179.9 -17.1, -179.9 -17.1, -179.9 -16.9, 179.9 -16.9, 179.9 -17.1))"
+    geometry = g.footprint_geojson(uncut)
+    assert geometry["type"] == "MultiPolygon"
+    assert g.footprint_bbox(geometry) == pytest.approx([179.9, -17.1, -179.9, -16.9], abs=1e-3)
+    assert shape(geometry).area == pytest.approx(0.2 * 0.2)
+    plain = g.footprint_geojson("POLYGON((10 0, 11 0, 11 1, 10 1, 10 0))")
+    assert plain == {"type": "Polygon",
+                     "coordinates": [[[10.0, 0.0], [11.0, 0.0], [11.0, 1.0], [10.0, 1.0],
+                                      [10.0, 0.0]]]}
+    assert g.footprint_bbox(plain) == [10.0, 0.0, 11.0, 1.0]
+    with pytest.raises(ValueError, match="not a POLYGON or MULTIPOLYGON"):
+        g.footprint_geojson("POINT(1 2)")
+
+
+@pytest.mark.parametrize(("boxes", "union"), [
+    ([[10, 0, 20, 1], [30, -1, 40, 2]], [10, -1, 40, 2]),
+    ([[179, 0, -179, 1], [170, 0, 175, 1]], [170, 0, -179, 1]),
+    ([[170, 0, 175, 1], [-175, 0, -170, 1]], [170, 0, -170, 1]),  # nearer across ±180°
+    ([[-170, 0, 170, 1]], [-170, 0, 170, 1]),
+    ([[-180, 85, 180, 90], [179, 0, -179, 1]], [-180, 0, 180, 90]),  # a pole: all longitudes
+])
+def test_bbox_union_takes_the_short_way_round(boxes, union):
+    assert g.bbox_union(boxes) == union
+
+
+def test_catalog_extent_of_tiles_near_the_antimeridian_crosses_it(placed, tmp_path):
+    """A collection of tiles on both sides of ±180° gets one bbox with west > east that holds
+    every item's bbox, not a band around the globe."""
+    places = {"fiji": placed["fiji"], "aleutians": placed["aleutians"],
+              "viti-levu": tiles.placed(tmp_path / "w.tif", "EPSG:32760", 178.0, -17.5),
+              "samoa": tiles.placed(tmp_path / "e.tif", "EPSG:32602", -172.0, -13.8)}
+    rows = [tile_row(tile_id=name, footprint=footprint_of(path),
+                     raster_uri=f"gs://out/p/{name}/1.tif")
+            for name, path in places.items()]
+    items = {row["raster_uri"][:-4] + ".json": output_item(row) for row in rows}
+    files, skipped = stac_catalog.build_catalog(rows, items.__getitem__)
+    assert skipped == []
+    [extent] = files["landcover-student-1/collection.json"]["extent"]["spatial"]["bbox"]
+    west, south, east, north = extent
+    assert 177 < west < 178 and -172 < east < -171 and west > east
+    for item in items.values():
+        b = item["bbox"]
+        assert south <= b[1] and b[3] <= north
+        assert all(x >= west or x <= east for x in (b[0], b[2]))
