@@ -9,6 +9,7 @@ GEOGRAPHY, for the area), not only with schema validators, which accept a globe-
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import antimeridian
@@ -176,3 +177,82 @@ def test_catalog_extent_of_tiles_near_the_antimeridian_crosses_it(placed, tmp_pa
         b = item["bbox"]
         assert south <= b[1] and b[3] <= north
         assert all(x >= west or x <= east for x in (b[0], b[2]))
+
+
+# --- through the stream, on the local stack ----------------------------------------------------
+
+@pytest.fixture(scope="module")
+def streamed(stack, model_uri, placed, tmp_path_factory):
+    """The Fiji and North Pole tiles scored by the real stream on the local stack."""
+    from pipeline.ops import announce
+    from tests.streams import fresh_input, query, start_stream, stop_stream, wait_until
+
+    work = tmp_path_factory.mktemp("antimeridian-stream")
+    topic, subscription, dataset = fresh_input(stack, "antimeridian")
+    names = {tile: f"incoming/antimeridian/{dataset}/{tile}.tif" for tile in ("fiji", "north-pole")}
+    for tile, name in names.items():
+        _, generation = announce.upload(stack.storage(), str(placed[tile]), stack.bucket, name)
+        announce.publish(stack.publisher(), topic,
+                         *announce.gcs_notification(stack.bucket, name, generation))
+    log = work / "stream.log"
+    child = start_stream(stack, model_uri, log, f"--subscription={subscription}",
+                         f"--bq_dataset={stack.project}:{dataset}",
+                         f"--output_prefix={stack.output_prefix}/{dataset}",
+                         "--min_valid_fraction=0.05", "--window_secs=1", "--max_batch_size=8")
+
+    def whole() -> bool:
+        rows = query(stack, f"SELECT tile_id, chips_scored, (SELECT COUNT(DISTINCT row_id) FROM "
+                            f"`{dataset}.chips` AS c WHERE c.tile_id = t.tile_id) AS chips "
+                            f"FROM `{dataset}.tiles` AS t")
+        return len(rows) == 2 and all(0 < r["chips_scored"] <= r["chips"] for r in rows)
+
+    try:
+        done = wait_until(whole, 300, child)
+    finally:
+        stop_stream(child)
+    assert done, log.read_text(errors="replace")[-3000:]
+    return dataset
+
+
+def region(stack, dataset: str, wkt: str) -> set[tuple[str, int]]:
+    """(tile, chip) the shipped region query answers for a region."""
+    from pipeline.ops.queries import run_query
+
+    return {(r["tile_id"], r["chip_index"]) for r in run_query(
+        stack.bigquery(), "chips_intersecting_region", f"{stack.project}.{dataset}",
+        region_wkt=wkt, include_drifted=True)}
+
+
+@pytest.mark.stack
+@pytest.mark.slow
+def test_the_stream_writes_cut_footprints_and_the_region_query_finds_chips_only_near(
+        stack, streamed, placed):
+    """End to end: the Fiji tile's row, chips and STAC Item are cut at ±180°; the shipped region
+    query on the emulator (planar, DuckDB) finds its chips from either side of the antimeridian
+    and never from the other side of the world; the pole tile's chips are found at the pole."""
+    from tests.streams import query
+
+    dataset = streamed
+    rows = {r["tile_id"]: r for r in query(
+        stack, f"SELECT tile_id, ST_ASTEXT(footprint) AS footprint, stac_uri, chips_scored "
+               f"FROM `{dataset}.tiles`")}
+    assert set(rows) == {"fiji", "north-pole"}
+    fiji = shapely.from_wkt(rows["fiji"]["footprint"])
+    assert fiji.geom_type == "MultiPolygon" and fiji.bounds[2] - fiji.bounds[0] == 360
+    bucket, _, name = rows["fiji"]["stac_uri"][len("gs://"):].partition("/")
+    item = json.loads(stack.storage().bucket(bucket).blob(name).download_as_text())
+    assert stac_catalog.validation_errors(item) == []
+    assert item["geometry"]["type"] == "MultiPolygon"
+    assert item["bbox"][0] > item["bbox"][2]
+    assert item["bbox"] == pytest.approx(antimeridian.bbox(item["geometry"]))
+
+    east = region(stack, dataset, small_box(179.99, -17.0, 0.02))
+    west = region(stack, dataset, small_box(-179.99, -17.0, 0.02))
+    assert east and west and {t for t, _ in east | west} == {"fiji"}
+    assert east & west  # the chips on the cut are found from both sides
+    assert len(east | west) < rows["fiji"]["chips_scored"]  # near the cut only
+    far = region(stack, dataset, box(-10, -17.1, 10, -16.9).wkt)  # same latitudes, lon 0
+    assert far == set()
+    pole = region(stack, dataset, small_box(45.0, 89.995, 0.004))
+    assert pole and {t for t, _ in pole} == {"north-pole"}
+    assert region(stack, dataset, box(-10, 85, 10, 89.9).wkt) == set()
