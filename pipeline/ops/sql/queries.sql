@@ -50,7 +50,9 @@ ORDER BY day, t.tile_id, area_km2 DESC;
 -- name: chips_intersecting_region
 -- Chips of tiles' answers whose footprint intersects a region given as WKT in EPSG:4326 (lon lat),
 -- with the tile generation and model version that answered (drifted tiles' chips only with
--- @include_drifted).
+-- @include_drifted). Footprints across ±180° are stored cut there (a MULTIPOLYGON, docs/stac.md):
+-- a tile in the Pacific is found from either side of the meridian, never from the far side of
+-- the world. Give a region that crosses ±180° cut the same way.
 WITH {answered since TIMESTAMP '1970-01-01 00:00:00+00'}
 SELECT c.tile_id, c.tile_generation, c.chip_index, c.model_name, c.model_version,
        c.dominant_class, c.mean_confidence, ST_ASTEXT(c.footprint) AS footprint
