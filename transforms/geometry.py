@@ -136,7 +136,7 @@ def strip_footprints(transform, crs, rows: list[tuple[int, int]], cols: list[int
     outlines = [polygon % tuple(points) for points in ring.reshape(rings, -1).tolist()]
     # A ring spanning more than half the globe in longitude crosses ±180° (or circles a pole):
     # as written it would be read as the rest of the world by a planar reader. Cut it there.
-    for i in np.flatnonzero(np.ptp(lons, axis=1) > 180.0):
+    for i in np.flatnonzero(np.ptp(lons, axis=1) > HALF_TURN):
         outlines[i] = _cut_at_antimeridian(ring[i].tolist())
     return [outlines[i : i + len(cols)] for i in range(0, rings, len(cols))]
 
@@ -167,6 +167,11 @@ def pixel_area_m2(transform, crs, height: int, width: int) -> float:
 # around a pole is closed over the pole along ±180°; §5.2, its bbox has west > east. The cutting
 # is the ``antimeridian`` package's (great-circle crossing latitudes); docs/stac.md, "Footprints
 # across the antimeridian and the poles", says why and what BigQuery reads.
+
+
+# A lon/lat outline spanning more than this in longitude crosses ±180° or circles a pole: no
+# footprint of a supported product is that wide.
+HALF_TURN = 180.0
 
 
 def _fix(polygon):
@@ -204,7 +209,8 @@ def footprint_geojson(footprint_wkt: str) -> dict:
 
     geometry = shapely.from_wkt(footprint_wkt)
     if geometry.geom_type == "Polygon":
-        geometry = _fix(geometry)
+        west, _, east, _ = geometry.bounds
+        geometry = _fix(geometry) if east - west > HALF_TURN else geometry
     elif geometry.geom_type != "MultiPolygon":
         raise ValueError(f"footprint is not a POLYGON or MULTIPOLYGON: {footprint_wkt[:60]}")
     found = mapping(geometry)
