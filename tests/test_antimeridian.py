@@ -19,10 +19,13 @@ import shapely
 import spherely
 from shapely.geometry import Point, box, shape
 
+from model.card import load_card
 from pipeline.ops import stac_catalog
+from pipeline.options import DEFAULT_MODEL_URI
 from tests import tiles
 from tests.test_stac import output_item, tile_row
 from transforms import geometry as g
+from transforms import stac
 
 # name: (CRS, centre lon, centre lat, a point on the other side of the world)
 PLACES = {
@@ -44,6 +47,17 @@ def placed(tmp_path_factory) -> dict[str, Path]:
     work = tmp_path_factory.mktemp("antimeridian")
     return {name: tiles.placed(work / f"{name}.tif", crs, lon, lat)
             for name, (crs, lon, lat, _) in PLACES.items()}
+
+
+def item_of(path: Path) -> dict:
+    """The STAC Item the stream writes for a tile of this grid."""
+    with rasterio.open(path) as s:
+        row = tile_row(footprint=footprint_of(path), crs=s.crs.to_string(), width=s.width,
+                       height=s.height)
+        transform = tuple(s.transform)[:6]
+    return stac.prediction_item(row, transform=transform, crs_wkt="", confidence_band=False,
+                                classes=load_card(DEFAULT_MODEL_URI, verify_weights=False).classes,
+                                href=stac.item_uri(row["raster_uri"]))
 
 
 def footprint_of(path: Path) -> str:
@@ -71,8 +85,7 @@ def test_stac_item_footprint_is_cut_as_rfc7946_says(placed, name):
     """The item's geometry is what the ``antimeridian`` library makes of it (nothing left to
     fix), its bbox is the library's (west > east across ±180°), every part stays on its side,
     the tile's centre is inside and the far side of the world is not."""
-    wkt = footprint_of(placed[name])
-    item = output_item(tile_row(footprint=wkt, crs=PLACES[name][0]))
+    item = item_of(placed[name])
     assert stac_catalog.validation_errors(item) == []
     geometry, bbox = item["geometry"], item["bbox"]
     ours = shape(geometry)
@@ -93,6 +106,12 @@ def test_stac_item_footprint_is_cut_as_rfc7946_says(placed, name):
     lon, lat = centre_lonlat(placed[name])
     assert ours.contains(Point(lon, lat))
     assert not ours.intersects(Point(*PLACES[name][3]))
+    centre = item["properties"]["proj:centroid"]  # on the tile, not the globe's middle
+    _, want_lon, want_lat, _ = PLACES[name]
+    assert centre["lat"] == pytest.approx(want_lat, abs=1e-6)
+    if name != "north-pole":
+        assert -180 <= centre["lon"] <= 180
+        assert (centre["lon"] - want_lon + 180) % 360 - 180 == pytest.approx(0, abs=1e-6)
 
 
 @pytest.mark.parametrize("name", list(PLACES))

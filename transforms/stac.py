@@ -256,6 +256,22 @@ def item_uri(raster_uri: str) -> str:
     return stem + ".json"
 
 
+def grid_centre(transform: Sequence[float], height: int, width: int,
+                crs: str) -> dict[str, float] | None:
+    """``proj:centroid``: the grid's centre pixel in lon/lat, from the grid itself (the centroid
+    of a footprint cut at ±180° taken in lon/lat would land on the far side of the world); None
+    when the CRS cannot be transformed."""
+    from rasterio.warp import transform as warp
+
+    a, b, c, d, e, f = (float(v) for v in transform[:6])
+    x, y = a * width / 2 + b * height / 2 + c, d * width / 2 + e * height / 2 + f
+    try:
+        (lon,), (lat,) = warp(crs, "EPSG:4326", [x], [y])
+    except Exception:  # a local or unknown CRS: the item is still whole without it
+        return None
+    return {"lat": round(lat, 7), "lon": round((lon + 180.0) % 360.0 - 180.0, 7)}
+
+
 def _time_text(value: object) -> str | None:
     """BigQuery-ish or RFC 3339 time (string or datetime) -> RFC 3339 with ``Z``."""
     if value is None:
@@ -301,6 +317,10 @@ def prediction_item(row: Mapping[str, Any], *, transform: Sequence[float], crs_w
                                   "proj:transform": [float(v) for v in transform[:6]]}
     if projection["proj:code"] is None:
         projection["proj:wkt2"] = crs_wkt
+    centroid = grid_centre(transform, int(row["height"]), int(row["width"]),
+                           projection["proj:code"] or crs_wkt)
+    if centroid is not None:
+        projection["proj:centroid"] = centroid
     resolution = abs(float(transform[0]))
     raster_bands: list[dict[str, Any]] = [{
         "name": "class", "data_type": "uint8", "nodata": NODATA_CLASS,
