@@ -17,6 +17,8 @@ import pytest
 import rasterio
 import shapely
 import spherely
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from shapely.geometry import Point, box, shape
 
 from model.card import load_card
@@ -164,6 +166,43 @@ def test_an_uncut_ring_across_the_antimeridian_is_cut_by_every_reader():
     assert g.footprint_bbox(plain) == [10.0, 0.0, 11.0, 1.0]
     with pytest.raises(ValueError, match="not a POLYGON or MULTIPOLYGON"):
         g.footprint_geojson("POINT(1 2)")
+
+
+@settings(max_examples=40, deadline=None)
+@given(place=st.one_of(
+    st.tuples(st.sampled_from(["EPSG:32660", "EPSG:32760", "EPSG:32601", "EPSG:32701"]),
+              st.floats(179.9, 180.1), st.floats(0.5, 83.5)),
+    st.tuples(st.sampled_from(["EPSG:32661", "EPSG:32761"]), st.floats(-180, 180),
+              st.floats(84.5, 90.0))))
+def test_footprints_anywhere_near_the_antimeridian_or_a_pole_are_the_tile(place):
+    """Tiles of 10 km placed anywhere across ±180° in UTM zones 60 and 1, north and south, and
+    anywhere around both poles in UPS: read planar (GeoJSON, DuckDB) and on the sphere (S2, as
+    BigQuery), each footprint is the tile's own area and holds the tile's centre."""
+    from affine import Affine
+    from rasterio.crs import CRS
+    from rasterio.warp import transform as warp
+
+    crs, lon, lat = place
+    lon, lat = (lon + 180) % 360 - 180, -lat if crs.startswith("EPSG:327") else lat
+    (x,), (y,) = warp("EPSG:4326", crs, [lon], [lat])
+    transform = Affine(28.5, 0.0, x - 175 * 28.5, 0.0, -28.5, y + 175 * 28.5)
+    wkt = g.footprint_wkt(transform, CRS.from_string(crs), 0, 0, 350, 350)
+    px, py = transform * (117, 117)  # off-centre: never exactly on a cut
+    (cx,), (cy,) = warp(crs, "EPSG:4326", [px], [py])
+    near = small_box(cx, cy, 1e-4)
+    planar = shapely.from_wkt(wkt)
+    assert planar.is_valid and planar.intersects(shapely.from_wkt(near))
+    for part in getattr(planar, "geoms", [planar]):  # no part reads as a band round the globe
+        w, s, e, n = part.bounds
+        assert e - w < 180 or (e - w == 360 and (n == 90 or s == -90))
+    geometry = g.footprint_geojson(wkt)
+    assert shape(geometry).intersects(shapely.from_wkt(near))
+    west, bottom, east, top = g.footprint_bbox(geometry)
+    assert bottom <= cy <= top
+    assert (west <= cx <= east) if west <= east else (cx >= west or cx <= east)
+    on_sphere = spherely.from_wkt(wkt)
+    assert spherely.area(on_sphere) == pytest.approx((350 * 28.5) ** 2, rel=0.02)
+    assert spherely.intersects(on_sphere, spherely.from_wkt(near))
 
 
 @pytest.mark.parametrize(("boxes", "union"), [
