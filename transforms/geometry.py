@@ -177,8 +177,8 @@ HALF_TURN = 180.0
 def _fix(polygon):
     """``polygon`` cut at ±180° (a Polygon or MultiPolygon); unchanged when it does not cross.
 
-    A vertex exactly on ±180° gains a twin at the cut; the twin goes (within 2 cm), as S2, what
-    BigQuery reads a GEOGRAPHY with, refuses a zero-length edge."""
+    A vertex exactly on ±180° gains a twin at the cut: repeated points (within 2 cm) are dropped,
+    since S2, which BigQuery reads a GEOGRAPHY with, refuses a zero-length edge."""
     import antimeridian
     import shapely
 
