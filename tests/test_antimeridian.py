@@ -284,10 +284,11 @@ def region(stack, dataset: str, wkt: str) -> set[tuple[str, int]]:
 @pytest.mark.stack
 @pytest.mark.slow
 def test_the_stream_writes_cut_footprints_and_the_region_query_finds_chips_only_near(
-        stack, streamed, placed):
+        stack, streamed, placed, tmp_path):
     """End to end: the Fiji tile's row, chips and STAC Item are cut at ±180°; the shipped region
     query on the emulator (planar, DuckDB) finds its chips from either side of the antimeridian
-    and never from the other side of the world; the pole tile's chips are found at the pole."""
+    and never from the other side of the world; the pole tile's chips are found at the pole;
+    ``tilestream stac`` keeps the cut in the catalog."""
     from tests.streams import query
 
     dataset = streamed
@@ -311,6 +312,20 @@ def test_the_stream_writes_cut_footprints_and_the_region_query_finds_chips_only_
     assert len(east | west) < rows["fiji"]["chips_scored"]  # near the cut only
     far = region(stack, dataset, box(-10, -17.1, 10, -16.9).wkt)  # same latitudes, lon 0
     assert far == set()
+    # `tilestream stac` over these rows: the Fiji item keeps its cut; the collection, holding
+    # the pole, spans every longitude.
+    from tests.streams import cli
+
+    done = cli(stack, "stac", f"--bq_dataset={stack.project}.{dataset}",
+               f"--out={tmp_path / 'catalog'}")
+    assert done.returncode == 0, done.stderr[-2000:]
+    [collection] = (tmp_path / "catalog").glob("*/collection.json")
+    [extent] = json.loads(collection.read_text())["extent"]["spatial"]["bbox"]
+    assert extent[0] == -180 and extent[2] == 180 and extent[3] == 90
+    assert extent[1] == pytest.approx(item["bbox"][1])
+    [fiji_item] = [json.loads(p.read_text()) for p in (tmp_path / "catalog").glob("*/items/*")
+                   if json.loads(p.read_text())["properties"]["tilestream:tile_id"] == "fiji"]
+    assert fiji_item["geometry"] == item["geometry"] and fiji_item["bbox"] == item["bbox"]
     pole = region(stack, dataset, small_box(45.0, 89.995, 0.004))
     assert pole and {t for t, _ in pole} == {"north-pole"}
     assert region(stack, dataset, box(-10, 85, 10, 89.9).wkt) == set()
