@@ -176,7 +176,8 @@ def test_notification_topic_and_subscription_are_wired_for_new_tiles_only():
     assert _first(sub["retry_policy"])["maximum_backoff"]
 
 
-@pytest.mark.parametrize("table", ["chips", "tiles", "dead_letters", "events", "messages"])
+@pytest.mark.parametrize("table", ["chips", "tiles", "dead_letters", "events", "messages",
+                                   "changes"])
 def test_tables_use_the_schema_files_and_partitioning_of_the_stream(table):
     from transforms.sinks import table_parameters
 
