@@ -427,6 +427,9 @@ class _DetectFn(beam.DoFn):
     def process(self, element: tuple[str, dict], history=beam.DoFn.StateParam(HISTORY)):
         location, row = element
         new = acquisition_of(row)
+        if new is None:  # partial, or no acquisition time: nothing to remember or compare
+            yield {**row, "changed": False}
+            return
         known = history.read()
         if known is None:
             known = self._seed(location, new)
@@ -436,10 +439,6 @@ class _DetectFn(beam.DoFn):
                                          "read to seed its history; tile not compared",
                                   tile_id=row["tile_id"])
                 return
-        if new is None:
-            history.write(known)
-            yield {**row, "changed": False}
-            return
         duplicate = any(a.version == new.version for a in known)
         pending = [] if duplicate or new.role not in ANSWER_ROLES else pairs(known, new)
         history.write(remember(known, new, self._limit))
@@ -467,7 +466,7 @@ class _DetectFn(beam.DoFn):
                     location, before, after, firing, raster, now))
         yield {**row, "changed": changed}
 
-    def _seed(self, location: str, new: Acquisition | None) -> tuple[Acquisition, ...] | None:
+    def _seed(self, location: str, new: Acquisition) -> tuple[Acquisition, ...] | None:
         if not self._table:
             return ()
         try:
@@ -479,7 +478,7 @@ class _DetectFn(beam.DoFn):
         known: tuple[Acquisition, ...] = ()
         for seen in reversed(rows):  # oldest first
             a = acquisition_of(seen)
-            if a is not None and (new is None or a.version != new.version):
+            if a is not None and a.version != new.version:
                 known = remember(known, a, self._limit)
         return known
 
