@@ -19,6 +19,7 @@ from transforms.changes import (
     Acquisition,
     ChangeRule,
     change_id,
+    comparisons,
     evaluate,
     load_rules,
     pairs,
@@ -138,6 +139,18 @@ def test_history_keeps_the_last_n_per_version_and_a_new_generation_replaces_the_
 def test_a_shadow_successor_is_not_an_answer_to_fire_about():
     history = remember((), acq("d30", 30, 100, role="shadow"), 8)
     assert pairs(history, acq("d20", 20, 0)) == []
+
+
+def test_a_shadow_arrival_or_a_replay_compares_nothing_and_canary_compares():
+    history = remember((), acq("d10", 10, 0), 8)
+    assert comparisons(history, acq("d20", 20, 100, role="shadow")) == []
+    assert comparisons(history, acq("d10", 10, 0)) == []  # the same tile version again
+    assert [(b.tile_id, a.tile_id) for b, a in comparisons(history, acq("d20", 20, 100,
+                                                                          role="canary"))] == \
+        [("d10", "d20")]
+    shadowed = remember(history, acq("d15", 15, 100, role="shadow"), 8)  # a baseline
+    assert [(b.tile_id, a.tile_id) for b, a in comparisons(shadowed, acq("d20", 20, 100))] == \
+        [("d15", "d20")]
 
 
 def test_change_ids_are_stable_and_distinct_per_pair_and_rule():

@@ -198,6 +198,15 @@ def pairs(history: Sequence[Acquisition], new: Acquisition,
     return out
 
 
+def comparisons(history: Sequence[Acquisition], new: Acquisition,
+                ) -> list[tuple[Acquisition, Acquisition]]:
+    """What the arrival of ``new`` compares: nothing for a shadow row (a baseline, never an
+    answer) or for a tile version already known (a replay); else :func:`pairs`."""
+    if new.role not in ANSWER_ROLES or any(a.version == new.version for a in history):
+        return []
+    return pairs(history, new)
+
+
 @dataclass(frozen=True)
 class Firing:
     rule: ChangeRule
@@ -439,8 +448,7 @@ class _DetectFn(beam.DoFn):
                                          "read to seed its history; tile not compared",
                                   tile_id=row["tile_id"])
                 return
-        duplicate = any(a.version == new.version for a in known)
-        pending = [] if duplicate or new.role not in ANSWER_ROLES else pairs(known, new)
+        pending = comparisons(known, new)
         history.write(remember(known, new, self._limit))
         changed = False
         for before, after in pending:
