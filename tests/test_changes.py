@@ -160,6 +160,59 @@ def test_change_ids_are_stable_and_distinct_per_pair_and_rule():
                 change_id("L", a, b, "water-loss")}) == 3
 
 
+# --- the change raster, from two prediction rasters on disk ----------------------------------
+
+NAMES = ("developed", "agriculture", "herbaceous", "shrubland", "forest", "water", "sediment")
+COLOURS = tuple((i * 30, 100, 200 - i * 20) for i in range(len(NAMES)))
+
+
+def prediction(path: Path, classes: np.ndarray, x0: float = 288776.25) -> str:
+    from rasterio.transform import from_origin
+
+    with rasterio.open(path, "w", driver="GTiff", width=classes.shape[1],
+                       height=classes.shape[0], count=1, dtype="uint8", nodata=255,
+                       crs="EPSG:31985", transform=from_origin(x0, 9120760.75, 28.5, 28.5)) as d:
+        d.write(classes, 1)
+    return str(path)
+
+
+def on_disk(tile: str, path: str, day: int) -> Acquisition:
+    return Acquisition(tile_id=tile, generation="1", acquired=day * 86_400.0, model="m/1",
+                       role="live", raster_uri=path, stac_uri=None,
+                       footprint="POLYGON((-34.97 -8.03, -34.94 -8.03, -34.94 -8.0, "
+                                 "-34.97 -8.0, -34.97 -8.03))", areas=())
+
+
+def test_the_change_raster_codes_from_and_to_per_pixel_and_its_item_validates(tmp_path):
+    from pipeline.ops import stac_catalog
+    from transforms.changes import write_change_raster
+
+    forest = np.full((40, 50), 4, np.uint8)
+    flooded = forest.copy()
+    flooded[:, 25:] = 5
+    flooded[0, 0] = 255  # no prediction after: no change either
+    before = on_disk("a", prediction(tmp_path / "a.tif", forest), 10)
+    after = on_disk("b", prediction(tmp_path / "b.tif", flooded), 20)
+    uri, item_uri = write_change_raster(before, after, NAMES, COLOURS, str(tmp_path))
+    assert uri == str(tmp_path / "b.change-from-a-1.tif")
+    with rasterio.open(uri) as change:
+        assert change.tags(ns="IMAGE_STRUCTURE").get("LAYOUT") == "COG"
+        codes = change.read(1)
+    assert codes[0, 0] == 255
+    assert (codes[1:, :25] == 4 * 7 + 4).all() and (codes[:, 25:] == 4 * 7 + 5).all()
+    import json
+
+    item = json.loads(Path(item_uri).read_text())
+    stac_catalog.validate(item)
+    pairs_found = {c["name"]: c for c in
+                   item["assets"]["change"]["raster:bands"][0]["classification:classes"]}
+    assert set(pairs_found) == {"forest-to-forest", "forest-to-water"}
+    assert item["properties"]["start_datetime"] < item["properties"]["end_datetime"]
+
+    elsewhere = on_disk("c", prediction(tmp_path / "c.tif", flooded, x0=290000.0), 20)
+    assert write_change_raster(before, elsewhere, NAMES, COLOURS, str(tmp_path)) is None
+
+
 # --- the stream on the local stack --------------------------------------------------------------
 
 SIZE = 128
