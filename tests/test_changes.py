@@ -54,6 +54,12 @@ def test_location_key_of_two_crops_of_one_place_is_the_same_and_a_cell_away_diff
     assert location_key("a", None) == "CELL:unknown"
 
 
+def test_a_footprint_cut_at_the_antimeridian_keys_to_its_own_cell_not_greenwich():
+    cut = ("MULTIPOLYGON(((179.95 -17.1, 180 -17.1, 180 -17.05, 179.95 -17.05, 179.95 -17.1)),"
+           "((-180 -17.1, -179.97 -17.1, -179.97 -17.05, -180 -17.05, -180 -17.1)))")
+    assert location_key("fiji", cut) == "CELL:-17.1,179.9"
+
+
 # --- rules and ordering, without Beam -----------------------------------------------------------
 
 HA = 10_000.0

@@ -65,9 +65,13 @@ def cell_key(footprint_wkt: str | None) -> str:
     if not footprint_wkt:
         return "CELL:unknown"
     try:
-        from shapely import wkt
+        from shapely import ops, wkt
 
-        centroid = wkt.loads(footprint_wkt).centroid
+        shape = wkt.loads(footprint_wkt)
+        west, _, east, _ = shape.bounds
+        if east - west > 180:  # cut at the antimeridian: one side moved by 360 degrees first
+            shape = ops.transform(lambda x, y: (x % 360.0, y), shape)
+        centroid = shape.centroid
         lon, lat = centroid.x, centroid.y
     except Exception:
         return "CELL:unknown"
