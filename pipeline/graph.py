@@ -16,6 +16,7 @@ from pipeline.options import (
 from transforms import presets
 from transforms.announcements import ENTRIES_TAG, FilesToRefs, GranuleRule, ParseAnnouncements
 from transforms.assemble import AssembleTiles
+from transforms.changes import DetectChanges, load_rules
 from transforms.chips import ChipSettings, ChipTiles
 from transforms.deadletter import BigQueryFailures, CheckRows, WriteDeadLetters
 from transforms.dedup import Deduplicate
@@ -25,6 +26,7 @@ from transforms.guards import InputAllowList
 from transforms.inference import ScoreChips
 from transforms.routing import AssignModels
 from transforms.sinks import (
+    CHANGE_SCHEMA,
     CHIP_SCHEMA,
     MESSAGE_SCHEMA,
     TILE_SCHEMA,
@@ -91,6 +93,15 @@ def build(p: beam.Pipeline, o: TileStreamOptions, card: ModelCard, tables: BigQu
                                                                  o.release)
     _ = assembled.tiles | "TileSlis" >> beam.ParDo(CountTileSlis(LATENCY_SLO_S))  # SLI counters
     letters.append(assembled.tiles | "DriftChanges" >> FlagDriftChanges())  # over time
+    # Change between acquisitions of a location (docs/changes.md); history seeded from `tiles`.
+    detected = assembled.tiles | "DetectChanges" >> DetectChanges(
+        load_rules(o.change_rules), tables.tiles, class_names,
+        tuple(c.rgb for c in card.classes), o.change_history)
+    change_writes = detected.changes | "WriteChangeRows" >> WriteRows(
+        tables.changes, CHANGE_SCHEMA, o.release)
+    letters.append(detected.dead_letters)
+    letters.append(change_writes.failed_rows_with_errors
+                   | "ChangeRowFailures" >> BigQueryFailures())
 
     tile_failures = tile_writes.failed_rows_with_errors | "TileRowFailures" >> BigQueryFailures()
     ((parsed.dead_letters, granules.dead_letters, *letters, chipped.dead_letters,

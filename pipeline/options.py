@@ -178,6 +178,14 @@ class TileStreamArguments:
                              default=False,
                              help="Add a confidence band (percent) to each prediction COG "
                              "(--confidence_band or --confidence_band=true|false).")
+        changes = parser.add_argument_group("change between acquisitions")
+        changes.add_argument("--change_rules", default=None,
+                             help='Change rules as JSON {"rules": [...]} or a path/gs:// URI '
+                             "of such a file (docs/changes.md). Default: water gain and loss, "
+                             "forest loss, each 5 points and 10 ha.")
+        changes.add_argument("--change_history", type=int, default=8,
+                             help="Acquisitions of each location and model version kept to "
+                             "compare with (keyed state).")
         timing = parser.add_argument_group("timeouts")
         timing.add_argument("--granule_timeout_secs", type=float, default=600.0,
                             help="An incomplete granule is dead-lettered this long after its "

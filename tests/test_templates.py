@@ -46,6 +46,8 @@ EXAMPLES = {
     "max_batch_duration_secs": ("10", "1.5"),
     "chip_rows_load_secs": ("60", "1m"),
     "confidence_band": ("true", "yes"),
+    "change_rules": ("gs://tilestream-prod-config/change_rules.json", "/etc/change_rules.json"),
+    "change_history": ("8", "0"),
     "granule_pattern": (r"^(?P<granule>.+)\.(?P<band>B\d+)\.tif$", r"^(.+)\.(B\d+)\.tif$"),
     "band_aliases": ("B02=blue,B03=green", "B02:blue"),
     "band_preset": ("landsat7-c2", "landsat9"),
@@ -176,7 +178,8 @@ def test_notification_topic_and_subscription_are_wired_for_new_tiles_only():
     assert _first(sub["retry_policy"])["maximum_backoff"]
 
 
-@pytest.mark.parametrize("table", ["chips", "tiles", "dead_letters", "events", "messages"])
+@pytest.mark.parametrize("table", ["chips", "tiles", "dead_letters", "events", "messages",
+                                   "changes"])
 def test_tables_use_the_schema_files_and_partitioning_of_the_stream(table):
     from transforms.sinks import table_parameters
 

@@ -19,6 +19,7 @@ import apache_beam as beam
 from apache_beam.io.gcp.bigquery_tools import RetryStrategy
 
 from transforms import process  # noqa: F401 - installs the runtime's Beam patches (its docstring)
+from transforms.location import location_key
 from transforms.records import ChipPrediction, PredictionBlock, TileManifest, TileRef
 
 
@@ -112,6 +113,9 @@ TILE_SCHEMA = {
         _field("classes", "RECORD", "REPEATED", "per-class pixels and area", _CLASS_FIELDS),
         _field("raster_uri", "STRING", "REQUIRED", "prediction COG"),
         _field("stac_uri", "STRING", description="STAC Item of the prediction COG"),
+        _field("location_key", "STRING", description="the place across revisits: MGRS tile, "
+               "WRS-2 path/row or footprint grid cell (transforms/location.py; NULL in rows "
+               "written before it was recorded)"),
         *_PROVENANCE,
         _field("completed_at", "TIMESTAMP", "REQUIRED"),
         _field("latency_s", "FLOAT64", "REQUIRED", "completed_at - published (end to end)"),
@@ -165,10 +169,58 @@ MESSAGE_SCHEMA = {
     ]
 }
 
+_CHANGE_CLASS_FIELDS = [
+    _field("name", "STRING", "REQUIRED"),
+    _field("before_area_m2", "FLOAT64", "REQUIRED"),
+    _field("after_area_m2", "FLOAT64", "REQUIRED"),
+    _field("before_share", "FLOAT64", "REQUIRED", "of the classified area, 0..1"),
+    _field("after_share", "FLOAT64", "REQUIRED"),
+]
+
+
+def _acquisition_fields(side: str) -> list[dict]:
+    return [_field(f"{side}_tile_id", "STRING", "REQUIRED"),
+            _field(f"{side}_generation", "STRING", "REQUIRED"),
+            _field(f"{side}_acquired", "TIMESTAMP", "REQUIRED"),
+            _field(f"{side}_raster_uri", "STRING", "REQUIRED", "prediction COG"),
+            _field(f"{side}_stac_uri", "STRING", description="STAC Item of the prediction")]
+
+
+# One row per change rule fired between two acquisitions of a location (transforms/changes.py,
+# docs/changes.md); each carries what a `changed` event needs.
+CHANGE_SCHEMA = {
+    "fields": [
+        _field("change_id", "STRING", "REQUIRED", "sha1(location, both tile versions and "
+               "model, rule): the same change found again has the same id"),
+        _field("location_key", "STRING", "REQUIRED"),
+        _field("rule", "STRING", "REQUIRED", "name of the change rule that fired"),
+        _field("class_name", "STRING", "REQUIRED"),
+        _field("direction", "STRING", "REQUIRED", "gain | loss"),
+        _field("rule_min_points", "FLOAT64", "REQUIRED"),
+        _field("rule_min_hectares", "FLOAT64", "REQUIRED"),
+        _field("delta_points", "FLOAT64", "REQUIRED", "change of the class's area share, "
+               "percentage points"),
+        _field("delta_hectares", "FLOAT64", "REQUIRED"),
+        _field("model_name", "STRING", "REQUIRED"),
+        _field("model_version", "STRING", "REQUIRED", "both acquisitions were scored by it"),
+        _field("role", "STRING", "REQUIRED", "live | canary: the after tile's row role"),
+        *_acquisition_fields("before"),
+        *_acquisition_fields("after"),
+        _field("footprint", "GEOGRAPHY", description="the after tile's footprint"),
+        _field("classes", "RECORD", "REPEATED", "every class before and after",
+               _CHANGE_CLASS_FIELDS),
+        _field("change_raster_uri", "STRING", description="from/to change COG; NULL when the "
+               "predictions are not on one grid"),
+        _field("change_stac_uri", "STRING"),
+        _field("detected_at", "TIMESTAMP", "REQUIRED"),
+        _RELEASE,
+    ]
+}
+
 SCHEMAS = {"chips": CHIP_SCHEMA, "tiles": TILE_SCHEMA, "dead_letters": ERROR_SCHEMA,
-           "events": EVENT_SCHEMA, "messages": MESSAGE_SCHEMA}
+           "events": EVENT_SCHEMA, "messages": MESSAGE_SCHEMA, "changes": CHANGE_SCHEMA}
 _PARTITION_FIELD = {"chips": "event_time", "tiles": "event_time", "dead_letters": "time",
-                    "events": "time", "messages": "received_at"}
+                    "events": "time", "messages": "received_at", "changes": "detected_at"}
 
 
 @dataclass(frozen=True)
@@ -180,18 +232,19 @@ class BigQueryTables:
     errors: str
     events: str
     messages: str
+    changes: str
 
     @classmethod
     def in_dataset(cls, dataset: str, project: str | None = None) -> BigQueryTables:
-        """Tables ``chips``, ``tiles``, ``dead_letters``, ``events`` and ``messages`` in
-        ``[project:]dataset``."""
+        """Tables ``chips``, ``tiles``, ``dead_letters``, ``events``, ``messages`` and
+        ``changes`` in ``[project:]dataset``."""
         full = ":".join(dataset_ref(dataset, project))
         return cls(f"{full}.chips", f"{full}.tiles", f"{full}.dead_letters", f"{full}.events",
-                   f"{full}.messages")
+                   f"{full}.messages", f"{full}.changes")
 
     def by_kind(self) -> dict[str, str]:
         return {"chips": self.chips, "tiles": self.tiles, "dead_letters": self.errors,
-                "events": self.events, "messages": self.messages}
+                "events": self.events, "messages": self.messages, "changes": self.changes}
 
 
 def missing_columns(existing: list[dict], wanted: list[dict]) -> list[dict]:
@@ -283,6 +336,8 @@ def table_parameters(kind: str) -> dict:
     params = {"timePartitioning": {"type": "DAY", "field": _PARTITION_FIELD[kind]}}
     if kind in ("chips", "tiles"):
         params["clustering"] = {"fields": ["tile_id", "model_version"]}
+    if kind == "changes":
+        params["clustering"] = {"fields": ["location_key", "model_version"]}
     return params
 
 
@@ -490,6 +545,7 @@ def tile_row(
         "footprint": footprint_wkt,
         "classes": class_records(class_counts, class_names, pixel_area_m2),
         "raster_uri": raster_uri,
+        "location_key": location_key(tile.tile_id, footprint_wkt, dict(tile.attributes)),
         **provenance(tile, model_name, model_version, tile.role or "live"),
         "completed_at": bq_timestamp(completed_at),
         "latency_s": completed_at - tile.published,

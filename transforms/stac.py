@@ -387,3 +387,56 @@ def write_prediction_item(row: Mapping[str, Any], manifest: Any, card: Any,
     except Exception as exc:  # storage errors must not kill the stream
         return None, f"writing the STAC item {uri} failed: {exc}"
     return uri, None
+
+
+def change_item(*, before: Mapping[str, Any], after: Mapping[str, Any], href: str,
+                raster_uri: str, transform: Sequence[float], crs: str, shape: tuple[int, int],
+                class_names: Sequence[str], codes: Sequence[tuple[int, int, int]],
+                ) -> dict[str, Any]:
+    """The STAC Item of a change COG (``transforms/changes.py``): the after tile's footprint,
+    the interval between the two acquisitions, and a ``classification:classes`` entry per
+    from/to pair present (``value = from * K + to``), with its pixel count."""
+    geometry = polygon_of(after["footprint"])
+    k = len(class_names)
+    epsg = crs if crs.startswith("EPSG:") else None
+    projection: dict[str, Any] = {"proj:code": epsg, "proj:shape": [int(shape[0]),
+                                                                     int(shape[1])],
+                                  "proj:transform": [float(v) for v in transform[:6]]}
+    if epsg is None:
+        projection["proj:wkt2"] = crs
+    classes = [{"value": f * k + t, "name": f"{class_names[f]}-to-{class_names[t]}",
+                "description": f"{class_names[f]} before, {class_names[t]} after ({n} pixels)"}
+               for f, t, n in codes]
+    properties: dict[str, Any] = {
+        "datetime": None, "start_datetime": before["acquired"], "end_datetime": after["acquired"],
+        **projection,
+        "tilestream:model": after["model"],
+        "tilestream:before_tile_id": before["tile_id"],
+        "tilestream:before_generation": before["generation"],
+        "tilestream:after_tile_id": after["tile_id"],
+        "tilestream:after_generation": after["generation"],
+        "tilestream:change_encoding": f"from_class * {k} + to_class",
+    }
+    links = [{"rel": "self", "href": href, "type": "application/geo+json"}]
+    links += [{"rel": "derived_from", "href": side["stac_uri"] or side["raster_uri"],
+               "type": "application/geo+json" if side["stac_uri"] else COG_MEDIA_TYPE,
+               "title": f"{which} prediction"}
+              for which, side in (("before", before), ("after", after))]
+    return {
+        "type": "Feature",
+        "stac_version": STAC_VERSION,
+        "stac_extensions": list(EXTENSIONS.values()),
+        "id": f"{after['tile_id']}_{after['generation']}_change_from_{before['tile_id']}_"
+              f"{before['generation']}",
+        "geometry": geometry,
+        "bbox": _bbox(geometry),
+        "properties": properties,
+        "links": links,
+        "assets": {"change": {
+            "href": raster_uri, "type": COG_MEDIA_TYPE,
+            "title": f"{after['model']} class change, from/to per pixel",
+            "roles": ["data"], "raster:bands": [{
+                "name": "change", "data_type": "uint8", "nodata": NODATA_CLASS,
+                "spatial_resolution": abs(float(transform[0])),
+                "classification:classes": classes}]}},
+    }

@@ -189,6 +189,18 @@ resource "google_bigquery_table" "messages" {
   }
 }
 
+resource "google_bigquery_table" "changes" {
+  dataset_id          = google_bigquery_dataset.tilestream.dataset_id
+  table_id            = "changes"
+  schema              = file("${path.module}/../bigquery/changes.json")
+  clustering          = ["location_key", "model_version"]
+  deletion_protection = true
+  time_partitioning {
+    type  = "DAY"
+    field = "detected_at"
+  }
+}
+
 # --- artifact registry ------------------------------------------------------------------------
 
 resource "google_artifact_registry_repository" "images" {
