@@ -11,17 +11,22 @@ PY := $(VENV)/bin/python
 TORCH_CPU := torch==2.13.0
 BQEMU_PKGS := bqemulator==1.4.0 numpy duckdb-extension-spatial==1.5.5 duckdb-extension-avro==1.5.5
 PYTEST_ARGS ?=
+# The map's web map library (pipeline/map): Leaflet from npm, pinned by version and by the
+# registry's sha512, unpacked into the package at build time (not committed).
+LEAFLET := leaflet@1.9.4
+LEAFLET_SHA512 := nxS1ynzJOmOlHp+iL3FyWqK89GtNL8U8rvlMOsQdTTssxZwCXh8N2NB3GDQOL+YR3XnWyZAxwQixURb+FA74PA==
+MAP_VENDOR := pipeline/map/static/vendor/leaflet
 
-.PHONY: install demo test lint model bench reliability iam clean
+.PHONY: install demo test lint model bench reliability iam clean vendor browser
 
-install: $(VENV)/.installed $(BQVENV)/.installed $(IMAGEVENV)/.torch-$(IMAGE_TORCH)
+install: $(VENV)/.installed $(BQVENV)/.installed $(IMAGEVENV)/.torch-$(IMAGE_TORCH) vendor browser
 
 # CPU torch goes in first so that `torch>=…` in setup.py is already satisfied (no CUDA download).
 $(VENV)/.installed: setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_CPU)
-	$(PY) -m pip install -q -e '.[ops,local,train,dev]'
+	$(PY) -m pip install -q -e '.[ops,local,train,dev,map]'
 	touch $@
 
 # bqemulator pins duckdb, so it lives in a virtualenv of its own; the stack copies the DuckDB
@@ -36,6 +41,22 @@ $(IMAGEVENV)/.torch-$(IMAGE_TORCH): templates/Dockerfile
 	$(IMAGEVENV)/bin/python -m pip install -q "torch==$(IMAGE_TORCH)" numpy
 	rm -f $(IMAGEVENV)/.torch-*
 	touch $@
+
+vendor: $(MAP_VENDOR)/leaflet.js
+
+$(MAP_VENDOR)/leaflet.js: Makefile
+	rm -rf $(MAP_VENDOR) && mkdir -p $(MAP_VENDOR)
+	cd $(MAP_VENDOR) && npm pack --silent $(LEAFLET) > pack.txt
+	cd $(MAP_VENDOR) && echo "$(LEAFLET_SHA512)" | base64 -d | xxd -p -c 256 > want.txt \
+	  && sha512sum "$$(cat pack.txt)" | cut -d' ' -f1 | diff - want.txt
+	cd $(MAP_VENDOR) && tar xzf "$$(cat pack.txt)" package/dist/leaflet.js package/dist/leaflet.css \
+	  package/dist/images package/LICENSE && mv package/dist/* package/LICENSE . \
+	  && rm -rf package "$$(cat pack.txt)" pack.txt want.txt
+
+# The browser test (tests/test_map.py) drives Debian's Chromium through Playwright; no browser
+# is downloaded by Playwright.
+browser:
+	command -v chromium >/dev/null || (apt-get update -q && apt-get install -y -q chromium)
 
 demo: install
 	$(VENV)/bin/tilestream demo
