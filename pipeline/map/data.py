@@ -27,10 +27,19 @@ DECIMALS = 5
 
 ANSWERS_SQL = """
 WITH {answered since @since}
-SELECT tile_id, tile_generation, model_name, model_version, release, acquired, completed_at,
-       classes, drifted, drift_max_band_psi, drift_class_psi, latency_s, raster_uri, stac_uri,
-       chips_scored, ST_ASGEOJSON(footprint) AS footprint
-FROM tile_answers
+SELECT a.tile_id, a.tile_generation, a.model_name, a.model_version, a.release, a.acquired,
+       a.completed_at, a.drifted, a.drift_max_band_psi, a.drift_class_psi,
+       a.latency_s, a.raster_uri, a.stac_uri, a.chips_scored,
+       ST_ASGEOJSON(a.footprint) AS footprint
+FROM tile_answers AS a
+"""
+# Class areas apart, unnested: the BigQuery emulator cannot select a repeated record out of the
+# answer's window functions (BigQuery can; one shape of query serves both).
+CLASSES_SQL = """
+WITH {answered since @since}
+SELECT a.tile_id, c.class_id, c.name, c.area_m2
+FROM tile_answers AS a
+CROSS JOIN UNNEST(a.classes) AS c
 """
 REFUSED_SQL = """
 SELECT d.tile_id, d.stage, d.reason, d.time, ST_ASGEOJSON(t.footprint) AS footprint
@@ -112,20 +121,24 @@ def recent_tiles(client, dataset: str, hours: float) -> list[MapTile]:
     since = dt.datetime.now(dt.UTC) - dt.timedelta(hours=hours)
     try:
         answers = run_sql(client, ANSWERS_SQL, dataset, since=since)
+        areas = run_sql(client, CLASSES_SQL, dataset, since=since)
         refused = run_sql(client, REFUSED_SQL, dataset, since=since)
     except NotFound as exc:
         if missing_table(exc) is None:
             raise
         return []  # no stream has written yet
     changed = changed_tiles(client, dataset)
+    classes: dict[str, list[dict]] = {}
+    for area in sorted(areas, key=lambda a: a["class_id"]):
+        classes.setdefault(area["tile_id"], []).append(
+            {"name": area["name"], "class_id": area["class_id"],
+             "area_km2": round(area["area_m2"] / 1e6, 3)})
     tiles: dict[str, MapTile] = {}
     for row in sorted(answers, key=lambda r: r["completed_at"], reverse=True):
         outcome = ("changed" if row["tile_id"] in changed
                    else "drifted" if row["drifted"] else "answered")
-        popup = {k: _json_value(v) for k, v in row.items() if k not in ("footprint", "classes")}
-        popup["classes"] = [{"name": c["name"], "class_id": c["class_id"],
-                             "area_km2": round(c["area_m2"] / 1e6, 3)}
-                            for c in row["classes"] or []]
+        popup = {k: _json_value(v) for k, v in row.items() if k != "footprint"}
+        popup["classes"] = classes.get(row["tile_id"], [])
         tiles[row["tile_id"]] = MapTile(row["tile_id"], outcome, _geojson(row["footprint"]),
                                         popup)
     for row in refused:
