@@ -83,8 +83,8 @@ def run(size: int = 3660, seconds: float = 5.0) -> dict:
                    "GDAL_HTTP_HEADERS": f"Authorization: {authorization('map')}"}
             app = create_app(MapConfig("p.d", stack.output_prefix, card), lambda: None, env)
             # The zoom where one map tile covers the COG: its width in degrees fits one tile.
-            whole = max(0, int(math.floor(math.log2(360 / max(bounds[2] - bounds[0],
-                                                                bounds[3] - bounds[1])))) - 1)
+            whole = max(0, math.floor(math.log2(360 / max(bounds[2] - bounds[0],
+                                                          bounds[3] - bounds[1]))) - 1)
             levels = []
             with TestClient(app) as client:
                 for zoom in (whole, whole + 2, whole + 4):

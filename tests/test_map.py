@@ -7,14 +7,11 @@ The browser is Debian's ``chromium`` driven by Playwright's Python API (no brows
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
 import shutil
-import socket
-import subprocess
-import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -163,12 +160,6 @@ def _olinda_reference_model(model_uri: str, out: Path) -> str:
     return str(out)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _get(url: str) -> tuple[int, bytes]:
     try:
         with urllib.request.urlopen(url, timeout=30) as answer:
@@ -197,7 +188,7 @@ def test_the_map_shows_outcomes_predictions_and_new_tiles_in_a_browser(stack, mo
     from PIL import Image
     from playwright.sync_api import sync_playwright
 
-    from tests.streams import fresh_input, start_stream, stop_stream, wait_until
+    from tests.streams import fresh_input, map_server, start_stream, stop_stream, wait_until
 
     topic, subscription, name = fresh_input(stack, "map")
     dataset, prefix = f"{stack.project}.{name}", f"{stack.output_prefix}/{name}"
@@ -234,7 +225,7 @@ def test_the_map_shows_outcomes_predictions_and_new_tiles_in_a_browser(stack, mo
     stream = start_stream(stack, model, tmp_path / "stream.log", f"--subscription={subscription}",
                           f"--bq_dataset={stack.project}:{name}", f"--output_prefix={prefix}",
                           "--window_secs=1")
-    server = None
+    opened = contextlib.ExitStack()  # the map server, once started
     try:
         for tile_id in ("answered-a", "drifted-b", "changed-c", "refused-x"):
             publish(tile_id)
@@ -250,16 +241,8 @@ def test_the_map_shows_outcomes_predictions_and_new_tiles_in_a_browser(stack, mo
         assert not bq.insert_rows_json(f"{dataset}.changes", [
             {"location_key": "olinda", "tile_id": "changed-c", "previous_tile_id": "answered-a"}])
 
-        port = _free_port()
-        with open(tmp_path / "map.log", "wb") as out:
-            server = subprocess.Popen(
-                [sys.executable, "-m", "pipeline.ops.cli", "map", "--local",
-                 f"--stack_dir={stack.run_dir}", f"--bq_dataset={stack.project}:{name}",
-                 f"--output_prefix={prefix}", f"--port={port}", f"--model_uri={model}",
-                 "--poll_s=1"], stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
-        base = f"http://127.0.0.1:{port}/"
-        assert wait_until(lambda: _get(base + "api/legend")[0] == 200, 60, server, every_s=0.5), \
-            (tmp_path / "map.log").read_text(errors="replace")[-3000:]
+        base = opened.enter_context(map_server(stack, name, prefix, tmp_path / "map.log",
+                                               f"--model_uri={model}", "--poll_s=1"))
 
         # The allow-list on the running server: a COG of this stream is served, one of another
         # prefix of the same bucket is not, though it exists.
@@ -334,7 +317,5 @@ def test_the_map_shows_outcomes_predictions_and_new_tiles_in_a_browser(stack, mo
         if os.environ.get(SCREENSHOT_ENV):
             shutil.copy(shot, ROOT / os.environ[SCREENSHOT_ENV])
     finally:
-        if server is not None:
-            server.terminate()
-            server.wait(timeout=30)
+        opened.close()
         stop_stream(stream)

@@ -99,9 +99,15 @@ def _geojson(text: str | None) -> dict | None:
     return simplify(json.loads(text)) if text else None
 
 
+# Columns of a `changes` row that name the earlier acquisition: that tile is what changed from,
+# not the tile that shows the change.
+_EARLIER = ("previous", "before", "old", "prior", "reference", "from")
+
+
 def changed_tiles(client, dataset: str) -> set[str]:
-    """Tile ids the ``changes`` table names (any column called ``*tile_id*``, a value or a
-    list); none while no stream has created that table."""
+    """Tile ids the ``changes`` table names as the newer acquisition of a change (any column
+    called ``*tile_id*``, a value or a list, except those of :data:`_EARLIER`); none while no
+    stream has created that table."""
     try:
         rows = run_sql(client, CHANGES_SQL, dataset)
     except NotFound as exc:
@@ -111,7 +117,7 @@ def changed_tiles(client, dataset: str) -> set[str]:
     found: set[str] = set()
     for row in rows:
         for key, value in row.items():
-            if "tile_id" in key and value:
+            if "tile_id" in key and value and not key.startswith(_EARLIER):
                 found |= {value} if isinstance(value, str) else {str(v) for v in value}
     return found
 

@@ -540,8 +540,9 @@ def parser() -> argparse.ArgumentParser:
 
     from pipeline.map import server as map_server
 
-    map_verb = verbs.add_parser("map", help="serve a live web map of the recent tiles: outcome, "
-                                "prediction COGs in class colours (TiTiler), new tiles as they land")
+    map_verb = verbs.add_parser("map", help="serve a live web map of the recent tiles: outcomes, "
+                                "prediction COGs in class colours (TiTiler), new tiles as they "
+                                "land")
     map_server.add_arguments(map_verb)
     map_verb.set_defaults(func=cmd_map)
 
