@@ -11,10 +11,8 @@ PY := $(VENV)/bin/python
 TORCH_CPU := torch==2.13.0
 BQEMU_PKGS := bqemulator==1.4.0 numpy duckdb-extension-spatial==1.5.5 duckdb-extension-avro==1.5.5
 PYTEST_ARGS ?=
-# The map's web map library (pipeline/map): Leaflet from npm, pinned by version and by the
-# registry's sha512, unpacked into the package at build time (not committed).
-LEAFLET := leaflet@1.9.4
-LEAFLET_SHA512 := nxS1ynzJOmOlHp+iL3FyWqK89GtNL8U8rvlMOsQdTTssxZwCXh8N2NB3GDQOL+YR3XnWyZAxwQixURb+FA74PA==
+# The map's web map library (pipeline/map): Leaflet from npm, pinned by version and sha512 in
+# pipeline/map/leaflet.lock, unpacked into the package at build time (not committed).
 MAP_VENDOR := pipeline/map/static/vendor/leaflet
 
 .PHONY: install demo test lint model bench reliability iam clean vendor browser
@@ -44,14 +42,8 @@ $(IMAGEVENV)/.torch-$(IMAGE_TORCH): templates/Dockerfile
 
 vendor: $(MAP_VENDOR)/leaflet.js
 
-$(MAP_VENDOR)/leaflet.js: Makefile
-	rm -rf $(MAP_VENDOR) && mkdir -p $(MAP_VENDOR)
-	cd $(MAP_VENDOR) && npm pack --silent $(LEAFLET) > pack.txt
-	cd $(MAP_VENDOR) && echo "$(LEAFLET_SHA512)" | base64 -d | xxd -p -c 256 > want.txt \
-	  && sha512sum "$$(cat pack.txt)" | cut -d' ' -f1 | diff - want.txt
-	cd $(MAP_VENDOR) && tar xzf "$$(cat pack.txt)" package/dist/leaflet.js package/dist/leaflet.css \
-	  package/dist/images package/LICENSE && mv package/dist/* package/LICENSE . \
-	  && rm -rf package "$$(cat pack.txt)" pack.txt want.txt
+$(MAP_VENDOR)/leaflet.js: pipeline/map/leaflet.lock pipeline/map/vendor.sh
+	pipeline/map/vendor.sh
 
 # The browser test (tests/test_map.py) drives Debian's Chromium through Playwright; no browser
 # is downloaded by Playwright.
