@@ -254,11 +254,11 @@ def test_the_map_shows_outcomes_predictions_and_new_tiles_in_a_browser(stack, mo
 
         card = load_card(model, verify_weights=False)
         class_colours = {rgba[:3] for value, rgba in colormap(card).items() if rgba[3]}
-        tiles_fetched: list[tuple[int, bytes]] = []
+        tile_answers: list = []  # Playwright responses of prediction map tiles
         with sync_playwright() as p:
             browser = _launch_chromium(p)
             page = browser.new_page(viewport={"width": 1280, "height": 800})
-            page.on("response", lambda r: tiles_fetched.append((r.status, r.body()))
+            page.on("response", lambda r: tile_answers.append(r)
                     if "/cog/tiles/" in r.url else None)
             outside = []
             page.on("request", lambda r: outside.append(r.url)
@@ -292,8 +292,12 @@ def test_the_map_shows_outcomes_predictions_and_new_tiles_in_a_browser(stack, mo
             assert popup.locator("a.cog").get_attribute("href").startswith("cog/info?url=")
 
             # Prediction map tiles: fetched with 200, painted in the card's class colours.
-            assert wait_until(lambda: any(s == 200 for s, _ in tiles_fetched), 60,
-                              every_s=0.5), tiles_fetched[:3]
+            deadline = time.monotonic() + 60
+            while not any(r.status == 200 for r in tile_answers) and time.monotonic() < deadline:
+                page.wait_for_timeout(500)  # Playwright delivers events while it waits
+            page.wait_for_load_state("networkidle")
+            tiles_fetched = [(r.status, r.body()) for r in tile_answers]
+            assert tiles_fetched, "the page fetched no prediction map tiles"
             assert all(s == 200 for s, _ in tiles_fetched), [s for s, _ in tiles_fetched]
             seen: set[tuple[int, int, int]] = set()
             for _, body in tiles_fetched:
