@@ -312,6 +312,11 @@ def test_the_map_shows_outcomes_predictions_and_new_tiles_in_a_browser(stack, mo
             page.wait_for_selector("path.footprint[data-tile='late-d']", timeout=300_000)
             assert page.evaluate("window.__same_page") is True
             counts = page.locator("#outcomes").inner_text()
+            late_tiles = len(tile_answers)
+            deadline = time.monotonic() + 60  # the new tile's prediction, for the picture
+            while len(tile_answers) == late_tiles and time.monotonic() < deadline:
+                page.wait_for_timeout(500)
+            page.wait_for_load_state("networkidle")
             shot = tmp_path / "map.png"
             page.screenshot(path=str(shot))
             browser.close()

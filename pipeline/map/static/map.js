@@ -120,7 +120,8 @@
       OUTCOME_COLOURS[k] + '"></span>' + k + " <b>" + (c[k] || 0) + "</b></li>").join("");
     document.getElementById("status").textContent = shown.size + " tiles on the map, last " +
       settings.hours + " h; updated " + new Date().toLocaleTimeString();
-    if (!fitted && shown.size) { map.fitBounds(footprints.getBounds(), {maxZoom: 12}); fitted = true; }
+    if (!fitted && shown.size) { map.fitBounds(footprints.getBounds(),
+      {maxZoom: 12, paddingTopLeft: [20, 20], paddingBottomRight: [290, 20]}); fitted = true; }
     updatePredictions();
   }
 
