@@ -329,3 +329,70 @@ def test_the_map_shows_outcomes_predictions_and_new_tiles_in_a_browser(stack, mo
     finally:
         opened.close()
         stop_stream(stream)
+
+
+def _dense_square(lon: float, lat: float, size: float, per_side: int) -> str:
+    """A square footprint with ``per_side`` vertices a side, as WKT (a reprojected tile's
+    densified outline)."""
+    steps = [i / per_side for i in range(per_side)]
+    ring = ([(lon + size * t, lat) for t in steps] + [(lon + size, lat + size * t) for t in steps]
+            + [(lon + size * (1 - t), lat + size) for t in steps]
+            + [(lon, lat + size * (1 - t)) for t in steps] + [(lon, lat)])
+    return "POLYGON((" + ", ".join(f"{x:.7f} {y:.7f}" for x, y in ring) + "))"
+
+
+@pytest.mark.stack
+@pytest.mark.slow
+def test_a_thousand_tiles_are_drawn_simplified(stack, tmp_path):
+    """1,000 answered tiles with 400-vertex footprints: the page draws all 1,000, each ring
+    sent with at most 64 vertices (+ its closing one), and stays usable (it pans and opens a
+    popup); the seconds are printed, not asserted (the machine is shared)."""
+    import datetime as dt
+
+    from playwright.sync_api import sync_playwright
+
+    from pipeline.map.data import MAX_VERTICES
+    from tests.streams import empty_dataset, map_server
+
+    name = empty_dataset(stack, "map1k")
+    now = dt.datetime.now(dt.UTC).isoformat()
+    rows = [{"row_id": f"r{i}", "tile_id": f"t{i:04d}", "tile_generation": "1",
+             "complete": True, "chips_total": 0, "chips_scored": 0, "chips_skipped": 0,
+             "chips_failed": 0, "width": 100, "height": 100, "crs": "EPSG:4326",
+             "footprint": _dense_square(-35 + (i % 40) * 0.1, -8 + (i // 40) * 0.1, 0.09, 100),
+             "classes": [], "raster_uri": f"{stack.output_prefix}/{name}/t{i}.tif",
+             "event_time": now, "published": now, "source": "gcs", "model_name": "m",
+             "model_version": "1", "completed_at": now, "latency_s": 1.0, "drifted": False}
+            for i in range(1000)]
+    bq = stack.bigquery()
+    for start in range(0, len(rows), 250):
+        assert not bq.insert_rows_json(f"{stack.project}.{name}.tiles", rows[start:start + 250])
+    with map_server(stack, name, f"{stack.output_prefix}/{name}", tmp_path / "map.log") as base:
+        started = time.monotonic()
+        status, body = _get(base + "api/tiles")
+        api_s = time.monotonic() - started
+        assert status == 200
+        collection = json.loads(body)
+        assert len(collection["features"]) == 1000
+        assert max(len(ring) for f in collection["features"]
+                   for ring in f["geometry"]["coordinates"]) <= MAX_VERTICES + 1
+        with sync_playwright() as p:
+            browser = _launch_chromium(p)
+            page = browser.new_page(viewport={"width": 1280, "height": 800})
+            page.route("**/cog/tiles/**", lambda route: route.abort())  # footprints only
+            started = time.monotonic()
+            page.goto(base)
+            page.wait_for_function(
+                "document.querySelectorAll('path.footprint').length === 1000", timeout=120_000)
+            draw_s = time.monotonic() - started
+            started = time.monotonic()
+            page.mouse.move(640, 400)
+            page.mouse.down()
+            page.mouse.move(500, 300, steps=10)
+            page.mouse.up()
+            page.locator("path.footprint").first.click(force=True)
+            page.locator(".leaflet-popup-content").wait_for(timeout=30_000)
+            interact_s = time.monotonic() - started
+            browser.close()
+    print(f"1,000 tiles: /api/tiles {api_s:.2f} s ({len(body) / 1e6:.2f} MB), drawn "
+          f"{draw_s:.2f} s after load, pan + popup {interact_s:.2f} s")
