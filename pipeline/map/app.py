@@ -8,6 +8,8 @@ from the internet unless ``--basemap`` names a tile URL.
 from __future__ import annotations
 
 import json
+import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,10 +93,18 @@ def create_app(config: MapConfig, bigquery: Callable[[], Any],
                 "classes": [{"id": c.id, "name": c.name, "colour": c.colour}
                             for c in config.card.classes]}
 
+    # One BigQuery read per poll period, whoever asks: every open page polls, and each read
+    # scans the window's rows (chip rows included, for "whole").
+    latest: dict[str, Any] = {"at": float("-inf"), "body": None}
+    reading = threading.Lock()
+
     @app.get("/api/tiles")
     def tiles() -> JSONResponse:
-        found = data.recent_tiles(bigquery(), config.dataset, config.hours)
-        return JSONResponse(data.feature_collection(found),
-                            headers={"Cache-Control": "no-store"})
+        with reading:
+            if time.monotonic() - latest["at"] >= config.poll_s:
+                found = data.recent_tiles(bigquery(), config.dataset, config.hours)
+                latest.update(at=time.monotonic(), body=data.feature_collection(found))
+            body = latest["body"]
+        return JSONResponse(body, headers={"Cache-Control": "no-store"})
 
     return app

@@ -20,9 +20,9 @@ from google.api_core.exceptions import NotFound
 from pipeline.ops.queries import missing_table, run_sql
 
 OUTCOMES = ("answered", "refused", "drifted", "changed")
-# Map footprints carry at most this many vertices and 5 decimals (~1 m): a tile footprint is a
-# reprojected rectangle, and 1,000 of them stay a small, fast GeoJSON document.
-MAX_VERTICES = 64
+# Map footprints carry at most this many vertices a ring and 5 decimals (~1 m): a tile footprint
+# is a reprojected rectangle, and 1,000 of them stay a small, fast GeoJSON document.
+MAX_VERTICES = 32
 DECIMALS = 5
 
 ANSWERS_SQL = """
