@@ -345,8 +345,8 @@ def _dense_square(lon: float, lat: float, size: float, per_side: int) -> str:
 @pytest.mark.slow
 def test_a_thousand_tiles_are_drawn_simplified(stack, tmp_path):
     """1,000 answered tiles with 400-vertex footprints: the page draws all 1,000, each ring
-    sent with at most MAX_VERTICES vertices (+ its closing one), and stays usable (it pans and opens a
-    popup); the seconds are printed, not asserted (the machine is shared)."""
+    sent with at most MAX_VERTICES vertices (+ its closing one), and stays usable (it pans
+    and opens a popup); the seconds are printed, not asserted (the machine is shared)."""
     import datetime as dt
 
     from playwright.sync_api import sync_playwright
