@@ -82,6 +82,13 @@ def test_the_allow_list_accepts_a_cog_under_the_output_prefix():
     assert CogAllowList(PREFIX + "/").check(GOOD) == GOOD
 
 
+def test_the_map_binds_to_localhost_unless_asked():
+    from pipeline.ops.cli import parser
+
+    assert parser().parse_args(["map", "--local"]).host == "127.0.0.1"
+    assert parser().parse_args(["map", "--local", "--host", "0.0.0.0"]).host == "0.0.0.0"
+
+
 @pytest.fixture(scope="module")
 def offline_app():
     """The app with no stack behind it: every tiler request must stop at the allow-list."""
