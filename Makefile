@@ -11,17 +11,20 @@ PY := $(VENV)/bin/python
 TORCH_CPU := torch==2.13.0
 BQEMU_PKGS := bqemulator==1.4.0 numpy duckdb-extension-spatial==1.5.5 duckdb-extension-avro==1.5.5
 PYTEST_ARGS ?=
+# The map's web map library (pipeline/map): Leaflet from npm, pinned by version and sha512 in
+# pipeline/map/leaflet.lock, unpacked into the package at build time (not committed).
+MAP_VENDOR := pipeline/map/static/vendor/leaflet
 
-.PHONY: install demo test lint model bench reliability iam clean
+.PHONY: install demo test lint model bench reliability iam clean vendor browser
 
-install: $(VENV)/.installed $(BQVENV)/.installed $(IMAGEVENV)/.torch-$(IMAGE_TORCH)
+install: $(VENV)/.installed $(BQVENV)/.installed $(IMAGEVENV)/.torch-$(IMAGE_TORCH) vendor browser
 
 # CPU torch goes in first so that `torch>=…` in setup.py is already satisfied (no CUDA download).
 $(VENV)/.installed: setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_CPU)
-	$(PY) -m pip install -q -e '.[ops,local,train,dev]'
+	$(PY) -m pip install -q -e '.[ops,local,train,dev,map]'
 	touch $@
 
 # bqemulator pins duckdb, so it lives in a virtualenv of its own; the stack copies the DuckDB
@@ -36,6 +39,16 @@ $(IMAGEVENV)/.torch-$(IMAGE_TORCH): templates/Dockerfile
 	$(IMAGEVENV)/bin/python -m pip install -q "torch==$(IMAGE_TORCH)" numpy
 	rm -f $(IMAGEVENV)/.torch-*
 	touch $@
+
+vendor: $(MAP_VENDOR)/leaflet.js
+
+$(MAP_VENDOR)/leaflet.js: pipeline/map/leaflet.lock pipeline/map/vendor.sh
+	pipeline/map/vendor.sh
+
+# The browser test (tests/test_map.py) drives Debian's Chromium through Playwright; no browser
+# is downloaded by Playwright.
+browser:
+	command -v chromium >/dev/null || (apt-get update -q && apt-get install -y -q chromium)
 
 demo: install
 	$(VENV)/bin/tilestream demo

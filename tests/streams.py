@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import subprocess
 import sys
@@ -143,3 +144,37 @@ def cli(stack, *argv: str, timeout_s: float = 180) -> subprocess.CompletedProces
     return subprocess.run([sys.executable, "-m", "pipeline.ops.cli", *argv, "--local",
                            f"--stack_dir={stack.run_dir}"], capture_output=True, text=True,
                           timeout=timeout_s)
+
+
+@contextlib.contextmanager
+def map_server(stack, dataset: str, output_prefix: str, log: Path, *args: str):
+    """``tilestream map --local`` on a free port, as an operator starts it; yields its base URL
+    once it answers (the server's own identity, ``map``, makes its calls)."""
+    import socket
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with open(log, "ab") as out:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "pipeline.ops.cli", "map", "--local",
+             f"--stack_dir={stack.run_dir}", f"--bq_dataset={stack.project}:{dataset}",
+             f"--output_prefix={output_prefix}", f"--port={port}", *args],
+            stdout=out, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}/"
+
+    def answers() -> bool:
+        try:
+            with urllib.request.urlopen(base + "api/legend", timeout=5) as answer:
+                return answer.status == 200
+        except OSError:
+            return False
+
+    try:
+        assert wait_until(answers, 90, server, every_s=0.5), \
+            log.read_text(errors="replace")[-3000:]
+        yield base
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

@@ -4,7 +4,7 @@ runtime never reaches operator verbs, the local stack or training.
 Floors, lowest first: ``model`` (the runtime model contract), ``transforms`` (the stages),
 ``pipeline`` (the job: graph, options, launcher entry). An import may only go down a floor.
 Above them, in rooms of their own that nothing in the runtime imports: ``pipeline/ops``,
-``pipeline/local``, ``model/training``.
+``pipeline/local``, ``pipeline/map``, ``model/training``.
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-OUTSIDE = ("pipeline.ops", "pipeline.local", "model.training", "bench", "tests")
+OUTSIDE = ("pipeline.ops", "pipeline.local", "pipeline.map", "model.training", "bench",
+           "tests")
 FLOOR = {"model": 1, "transforms": 2, "pipeline": 3}
 
 
@@ -99,7 +100,8 @@ def test_setup_py_ships_exactly_the_runtime_to_workers(staged):
     expected = {str(path.relative_to(ROOT)) for path in runtime_files()}
     assert shipped == expected
     assert not [n for n in staged if n.startswith(("pipeline/ops/", "pipeline/local/",
-                                                  "model/training/", "tests/", "bench/"))]
+                                                  "pipeline/map/", "model/training/", "tests/",
+                                                  "bench/"))]
     cards = {n for n in staged if n.endswith("model_card.json")}
     assert {str(p.relative_to(ROOT)) for p in (ROOT / "model" / "artifacts").rglob(
         "model_card.json")} == cards

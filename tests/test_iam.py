@@ -12,15 +12,24 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import urllib.request
 import uuid
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
 
 from pipeline.local.audit import read_calls
 from pipeline.ops import announce, iam
 from tests import tiles
-from tests.streams import fresh_input, query, start_stream, stop_stream, wait_until
+from tests.streams import (
+    fresh_input,
+    map_server,
+    query,
+    start_stream,
+    stop_stream,
+    wait_until,
+)
 
 pytestmark = [pytest.mark.stack, pytest.mark.slow, pytest.mark.last]
 ROOT = Path(__file__).resolve().parents[1]
@@ -72,6 +81,11 @@ def scenario(stack, tmp_path_factory):
     watch = tilestream("model", "watch", "--registry", registry, *local,
                        f"--bq_dataset={stack.project}:{dataset}", "--min_tiles=1")
     assert watch.returncode == 0, watch.stderr[-2000:]
+    [row] = query(stack, f"SELECT raster_uri FROM `{dataset}.tiles` LIMIT 1")
+    with map_server(stack, dataset, f"{stack.output_prefix}/{dataset}", work / "map.log") as url:
+        for path in ("api/tiles", f"cog/info?url={quote(row['raster_uri'])}"):
+            with urllib.request.urlopen(url + path, timeout=60) as answer:
+                assert answer.status == 200, path
     return {"registry": registry, "dataset": dataset}
 
 
@@ -90,7 +104,8 @@ def report(stack, scenario):
 
 def test_every_call_an_identity_we_run_as_made_is_granted(report):
     verdict, _, calls = report
-    assert {"worker", "rollback-rule", "model-operator"} <= {n.identity for n in verdict.needs}
+    assert {"worker", "rollback-rule", "model-operator", "map"} <= {
+        n.identity for n in verdict.needs}
     assert len(calls) > 100
     assert verdict.denied == [], "\n" + verdict.text()
 

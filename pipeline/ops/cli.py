@@ -27,7 +27,7 @@ from pipeline.ops import clients, model_cli
 # call carries this name, so the least-privilege check (pipeline/ops/iam.py) can evaluate it
 # against the grants the Terraform gives that identity.
 IDENTITIES = {"run": "worker", "announce": "publisher", "model": "model-operator",
-              "watch": "rollback-rule", "release": "model-operator"}
+              "watch": "rollback-rule", "release": "model-operator", "map": "map"}
 OPERATOR = "operator"
 
 
@@ -376,6 +376,12 @@ def cmd_slo(args) -> int:
     return 0
 
 
+def cmd_map(args) -> int:
+    from pipeline.map import server
+
+    return server.serve(args)
+
+
 def cmd_iam(args, rest: list[str]) -> int:
     from pipeline.ops import iam
 
@@ -531,6 +537,14 @@ def parser() -> argparse.ArgumentParser:
                      help="the newest row may be at most this old (default %(default)s)")
     slo.add_argument("--json", action="store_true", help="machine-readable output")
     slo.set_defaults(func=cmd_slo)
+
+    from pipeline.map import server as map_server
+
+    map_verb = verbs.add_parser("map", help="serve a live web map of the recent tiles: outcomes, "
+                                "prediction COGs in class colours (TiTiler), new tiles as they "
+                                "land")
+    map_server.add_arguments(map_verb)
+    map_verb.set_defaults(func=cmd_map)
 
     access = verbs.add_parser("iam", help="least privilege: the recorded needs of each identity "
                               "against the Terraform's grants", add_help=False)

@@ -41,6 +41,7 @@ IDENTITIES = {
     "worker": "google_service_account.worker",  # Dataflow workers and the template launcher
     "rollback-rule": "google_service_account.rollback",  # the scheduled rollback job
     "model-operator": "var.model_operators",  # who publishes and promotes models
+    "map": "google_service_account.map",  # the map's Cloud Run service (tilestream map)
 }
 
 # The permissions of the predefined roles the Terraform grants, for the services the stream
