@@ -79,11 +79,6 @@ class UpdateVerdict:
         return f"compatible: an in-place update keeps the running job's state{mapped}"
 
 
-def _step_spec(step: dict[str, Any]) -> tuple:
-    return (tuple(sorted(step["state"].items())), tuple(step["timers"]),
-            tuple(step["side_inputs"]), step["input"])
-
-
 def _leaf(name: str) -> str:
     return name.rsplit("/", 1)[-1]
 
