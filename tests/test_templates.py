@@ -8,9 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import hcl2
 import pytest
 
+from pipeline.ops import iam
 from pipeline.options import LOCAL_ONLY, TileStreamOptions
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -129,26 +129,10 @@ def test_deploy_script_passes_shellcheck():
 
 # --- terraform ---------------------------------------------------------------------------------
 
-def _unquote(value):
-    """python-hcl2 keeps HCL's quotes on keys and strings; drop them."""
-    if isinstance(value, dict):
-        return {_unquote(k): _unquote(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_unquote(v) for v in value]
-    if isinstance(value, str) and len(value) >= 2 and value[0] == value[-1] == '"':
-        return value[1:-1]
-    return value
-
-
 def terraform() -> dict[str, dict]:
-    """Every resource in templates/terraform as {"type.name": attributes}."""
-    resources: dict[str, dict] = {}
-    for path in (TEMPLATES / "terraform").glob("*.tf"):
-        for block in _unquote(hcl2.load(path.open())).get("resource", []):
-            for rtype, named in block.items():
-                for name, attrs in named.items():
-                    resources[f"{rtype}.{name}"] = attrs
-    return resources
+    """Every resource in templates/terraform as {"type.name": attributes}, read by the project's
+    one HCL reader (``pipeline/ops/iam.py``), references left as written."""
+    return {address: iam.unquoted(body) for address, body in iam.Terraform().resources.items()}
 
 
 def _first(value):

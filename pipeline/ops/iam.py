@@ -128,6 +128,21 @@ def _blocks(parsed: dict, kind: str) -> Iterable[tuple[str, str, dict]]:
                 yield rtype.strip('"'), name.strip('"'), body
 
 
+def unquoted(value: Any) -> Any:
+    """A declaration as HCL means it: python-hcl2 keeps HCL's quotes on strings (and on some
+    keys) and marks blocks with ``__is_block__``; references (``${...}``) stay as written."""
+    if isinstance(value, dict):
+        return {unquoted(k): unquoted(v) for k, v in value.items() if k != "__is_block__"}
+    if isinstance(value, list):
+        return [unquoted(v) for v in value]
+    if isinstance(value, str) and len(value) >= 2 and value[0] == value[-1] == '"':
+        try:
+            return json.loads(value, strict=False)  # a string may span lines
+        except ValueError:
+            return value  # an expression between quoted operands: "a" == "b"
+    return value
+
+
 class Terraform:
     """The declarations of a Terraform directory, with ``${...}`` resolved on demand."""
 
@@ -160,11 +175,7 @@ class Terraform:
     # values ---------------------------------------------------------------------------------
 
     def _literal(self, value: Any) -> Any:
-        if isinstance(value, str) and len(value) >= 2 and value[0] == value[-1] == '"':
-            return json.loads(value)
-        if isinstance(value, list):
-            return [self._literal(v) for v in value]
-        return value
+        return unquoted(value)
 
     def value(self, raw: Any) -> Any:
         """A declared value with every ``${...}`` resolved."""
