@@ -10,11 +10,16 @@ IMAGE_TORCH := $(shell sed -n 's/^ARG TORCH_VERSION=//p' templates/Dockerfile)
 PY := $(VENV)/bin/python
 TORCH_CPU := torch==2.13.0
 BQEMU_PKGS := bqemulator==1.4.0 numpy duckdb-extension-spatial==1.5.5 duckdb-extension-avro==1.5.5
+# checkov scans templates/terraform (docs/deploy.md). It pins much of what the project also
+# uses (packaging, networkx, boto3), so it lives in a venv of its own, like bqemulator.
+CHECKOVVENV := .venv-checkov
+CHECKOV_PKG := checkov==3.3.30
 PYTEST_ARGS ?=
 
-.PHONY: install demo test lint model bench reliability iam clean
+.PHONY: install demo test lint iac model bench reliability iam clean
 
-install: $(VENV)/.installed $(BQVENV)/.installed $(IMAGEVENV)/.torch-$(IMAGE_TORCH)
+install: $(VENV)/.installed $(BQVENV)/.installed $(IMAGEVENV)/.torch-$(IMAGE_TORCH) \
+	$(CHECKOVVENV)/.$(CHECKOV_PKG)
 
 # CPU torch goes in first so that `torch>=…` in setup.py is already satisfied (no CUDA download).
 $(VENV)/.installed: setup.py
@@ -31,6 +36,12 @@ $(BQVENV)/.installed:
 	$(BQVENV)/bin/python -m pip install -q $(BQEMU_PKGS)
 	touch $@
 
+$(CHECKOVVENV)/.$(CHECKOV_PKG):
+	test -x $(CHECKOVVENV)/bin/python || $(PYTHON) -m venv $(CHECKOVVENV)
+	$(CHECKOVVENV)/bin/python -m pip install -q "$(CHECKOV_PKG)"
+	rm -f $(CHECKOVVENV)/.checkov==*
+	touch $@
+
 $(IMAGEVENV)/.torch-$(IMAGE_TORCH): templates/Dockerfile
 	test -x $(IMAGEVENV)/bin/python || $(PYTHON) -m venv $(IMAGEVENV)
 	$(IMAGEVENV)/bin/python -m pip install -q "torch==$(IMAGE_TORCH)" numpy
@@ -42,10 +53,16 @@ demo: install
 
 test: install
 	$(VENV)/bin/ruff check .
+	$(MAKE) --no-print-directory iac
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
+
+# Every finding fixed or skipped inline with its reason (#checkov:skip=CKV_...:why); offline.
+iac: $(CHECKOVVENV)/.$(CHECKOV_PKG)
+	$(CHECKOVVENV)/bin/checkov -d templates/terraform --framework terraform --compact --quiet \
+	  --skip-download
 
 model: $(VENV)/.installed
 	$(VENV)/bin/tilestream model build
