@@ -8,7 +8,8 @@ BQVENV := .venv-bqemu
 IMAGEVENV := .venv-image
 IMAGE_TORCH := $(shell sed -n 's/^ARG TORCH_VERSION=//p' templates/Dockerfile)
 PY := $(VENV)/bin/python
-TORCH_CPU := torch==2.13.0
+# CI's torch: setup.py's pin, read here, not written again (its CPU build).
+TORCH_CPU := torch==$(shell sed -n 's/^TORCH_VERSION = "\(.*\)"$$/\1/p' setup.py)
 BQEMU_PKGS := bqemulator==1.4.0 numpy duckdb-extension-spatial==1.5.5 duckdb-extension-avro==1.5.5
 # checkov scans templates/terraform (docs/deploy.md). It pins much of what the project also
 # uses (packaging, networkx, boto3), so it lives in a venv of its own, like bqemulator.

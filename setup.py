@@ -11,10 +11,12 @@ install (``make install``) and the image (``PYTHONPATH=/template``) reach them f
 
 from setuptools import setup
 
+# The pins are written here once (docs/configuration.md). templates/Dockerfile* repeat them as
+# build-arg defaults and transforms/process.py names the Beam its patches were written for; tests
+# hold those equal to these (tests/test_templates.py, tests/test_torch_parity.py).
 BEAM_VERSION = "2.77.0"
 # One torch for CI, model export and both images: TorchScript exported by a newer torch does not
-# load in an older one. The Makefile and templates/Dockerfile* carry the same number
-# (tests/test_torch_parity.py keeps them equal). "2.13.0" also accepts the local "+cpu" build.
+# load in an older one. The Makefile reads this one. "2.13.0" also accepts the local "+cpu" build.
 TORCH_VERSION = "2.13.0"
 RUNTIME_PACKAGES = ["pipeline", "transforms", "model"]
 

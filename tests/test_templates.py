@@ -104,6 +104,13 @@ def test_images_pin_the_beam_version_of_setup_py(dockerfile):
     assert "FLEX_TEMPLATE_PYTHON_PY_FILE=/template/pipeline/main.py" in text
 
 
+def test_the_beam_patches_were_written_for_the_pinned_beam():
+    """A Beam upgrade in setup.py is also a review of every patch of its internals."""
+    from transforms import process
+
+    assert process.BEAM_VERSION == _beam_version(), "re-check the patches (transforms/process.py)"
+
+
 def test_gpu_image_has_a_cuda_base_and_a_cuda_torch():
     """PyPI's Linux torch wheel is the CUDA build (a CPU index would make a GPU job run on CPU);
     the CPU image takes the CPU build of the same version."""
