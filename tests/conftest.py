@@ -68,8 +68,9 @@ def write_iam(session, exitstatus) -> str | None:
     if not IAM_PENDING:
         return f"{IAM_NEEDS}: tests/test_iam.py did not run; nothing written"
     if exitstatus != 0 or not full_run(session):
-        return (f"{IAM_NEEDS}: not a full run that passed (exit {int(exitstatus)}, "
-                f"{len(_DESELECTED)} deselected); {out} and docs/deploy.md left as they were")
+        why = (f"the run failed (exit {int(exitstatus)})" if exitstatus != 0 else
+               "only a selection of the suite ran (paths, node ids, -k, -m or --lf)")
+        return f"{IAM_NEEDS}: {why}; {out} and docs/deploy.md left as they were"
     from pipeline.ops import iam
 
     iam.write_needs(IAM_PENDING["needs"], Path(out))
