@@ -72,7 +72,8 @@ bench: install
 	$(PY) -m pip install -q -e '.[bench]'
 	$(PY) bench/run.py
 
-# templates/iam/needs.json and docs/deploy.md's grants table from a full recorded test run.
+# templates/iam/needs.json and docs/deploy.md's grants table from a full recorded test run,
+# written only when that whole run passed (tests/conftest.py); a selection writes nothing.
 iam: install
 	TILESTREAM_IAM_NEEDS=templates/iam/needs.json $(PY) -m pytest $(PYTEST_ARGS)
 
