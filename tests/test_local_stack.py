@@ -13,7 +13,7 @@ import rasterio
 from google.cloud import bigquery
 from rasterio.transform import from_origin
 
-from pipeline.local import smoke
+from pipeline.local import gcs_emulator, smoke
 from pipeline.local import stack as local_stack
 
 pytestmark = pytest.mark.stack
@@ -302,3 +302,41 @@ def test_the_local_runner_fixes_keep_beams_answers_and_run_serial_work_in_order(
     # Ours: oldest first, each straight to the front once the step is free, so a serial step
     # (a strip waiting for its pieces) never falls a turn of the queue behind per bundle.
     assert run_order(InOrder) == ["first", "second", "third", "other step"]
+
+
+# --- the GCS emulator's patches: the same tripwire as Beam's ----------------------------------
+
+@pytest.mark.parametrize("patch", gcs_emulator.patches(), ids=lambda p: p.name)
+def test_every_gcs_emulator_patch_still_fits_what_it_relies_on(patch):
+    assert patch.problem() is None, patch.problem()
+
+
+def test_the_gcs_emulator_patches_were_written_for_the_pinned_emulator():
+    import runpy
+    from pathlib import Path
+    from unittest import mock
+
+    import setuptools
+
+    declared: dict = {}
+    with mock.patch.object(setuptools, "setup", lambda **kwargs: declared.update(kwargs)):
+        runpy.run_path(str(Path(__file__).resolve().parents[1] / "setup.py"))
+    assert f"{gcs_emulator.EMULATOR}=={gcs_emulator.WRITTEN_FOR}" in \
+        declared["extras_require"]["local"]
+
+
+def test_an_emulator_upgrade_stops_the_emulator_before_anything_is_wrapped(monkeypatch):
+    """Another emulator version: the wrapper refuses to start, naming what to re-read, and
+    leaves the emulator's routes as they were."""
+    from gcp_storage_emulator import server
+    from gcp_storage_emulator.handlers import objects
+
+    from transforms.process import PatchError
+
+    routes = [dict(handlers) for _regex, handlers in server.HANDLERS]
+    monkeypatch.setattr(gcs_emulator, "WRITTEN_FOR", "2025.1.1")
+    with pytest.raises(PatchError, match=r"written for gcp-storage-emulator 2025\.1\.1, this is "
+                                         r"2026\.7\.19: re-read gcp_storage_emulator"):
+        gcs_emulator.install()
+    assert [dict(handlers) for _regex, handlers in server.HANDLERS] == routes
+    assert objects.get.__module__ == "gcp_storage_emulator.handlers.objects"

@@ -1,4 +1,6 @@
-"""Every side effect survives being done twice: Dataflow retries bundles and Pub/Sub redelivers.
+"""Retries: every side effect survives being done twice (Dataflow retries bundles and Pub/Sub
+redelivers), and a storage read is retried through transient faults behind one breaker per
+process (``transforms/storage.py``).
 
 Two ways of doing a side effect again are tested. Run twice in place (a retried bundle): each
 writer of storage objects leaves the same object and the stitch of a tile whose pieces are gone
@@ -11,8 +13,13 @@ queries, the same COG pixels and georeference, no orphan strip pieces, the same 
 from __future__ import annotations
 
 import datetime as dt
+import http.server
 import json
+import socketserver
+import threading
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +31,7 @@ from pipeline.ops import announce, stats
 from pipeline.ops.queries import run_query
 from tests import tiles
 from tests.streams import fresh_input, query, start_stream, stop_stream, wait_until
+from transforms import process, storage
 
 MIN_VALID = 0.05
 # Side effects of the stream, as the calls that make them: (service, method, what the call is)
@@ -66,17 +74,21 @@ def scenario(stack, workdir: Path, fault: str | None) -> dict:
         announce.publish(stack.publisher(), topic, b"\x00 not an announcement", {})
 
         def finished() -> bool:
-            """Everything in is booked, the tile's chip rows are all in, no piece is left."""
+            """Everything in is booked, the tile's chip rows are all in, its STAC Item and the
+            dead-letter file are written, no piece is left."""
             rows = query(stack, f"SELECT chips_scored, (SELECT COUNT(DISTINCT row_id) FROM "
                                 f"`{dataset}.chips`) AS chips FROM `{dataset}.tiles`")
             if not rows or any(r["chips"] < r["chips_scored"] for r in rows):
                 return False
+            if not query(stack, f"SELECT stage FROM `{dataset}.dead_letters`"):
+                return False
             books = stats.books(stack.bigquery(), f"{stack.project}.{dataset}", 1)
-            pieces = [b for b in stack.storage().list_blobs(
-                stack.bucket, prefix=prefix[len(f"gs://{stack.bucket}/"):] + "/")
-                if ".strips/" in b.name]
+            names = [b.name for b in stack.storage().list_blobs(
+                stack.bucket, prefix=prefix[len(f"gs://{stack.bucket}/"):] + "/")]
             return books["messages"]["in"] >= 2 and books["messages"]["pending"] == 0 \
-                and not pieces
+                and not any(".strips/" in n for n in names) \
+                and any(n.endswith(".jsonl") for n in names) \
+                and any(n.endswith(".json") for n in names)
 
         if fault:
             wait_until(lambda: child.poll() is not None or finished(), 120, every_s=0.2)
@@ -89,7 +101,6 @@ def scenario(stack, workdir: Path, fault: str | None) -> dict:
                                             "artifacts" / "landcover-student" / "v1"),
                                  log, *args)
         done = wait_until(finished, 180, child)
-        time.sleep(4)  # the last chip rows' load job
     finally:
         stop_stream(child)
         faults.unlink(missing_ok=True)
@@ -187,3 +198,170 @@ def test_each_storage_writer_done_twice_leaves_the_same_objects(adapted, tmp_pat
         writer.finish_bundle()
     letters = [n for n in state() if n.endswith(".jsonl")]
     assert len(letters) == 1
+
+
+# --- storage reads: retries and the breaker ---------------------------------------------------
+
+class _FlakyGcs(http.server.BaseHTTPRequestHandler):
+    """Forwards GDAL's requests to the GCS emulator, answering 503 to the first ``fail``."""
+
+    upstream = ""
+    fail = 0
+    seen = 0
+
+    def _answer(self):
+        cls = type(self)
+        cls.seen += 1
+        if cls.seen <= cls.fail:
+            self.send_response(503)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        request = urllib.request.Request(cls.upstream + self.path, method=self.command,
+                                         headers={k: v for k, v in self.headers.items()
+                                                  if k.lower() == "range"})
+        try:
+            with urllib.request.urlopen(request, timeout=30) as reply:
+                body, status, headers = reply.read(), reply.status, reply.headers
+        except urllib.error.HTTPError as exc:
+            body, status, headers = exc.read(), exc.code, exc.headers
+        self.send_response(status)
+        for key in ("Content-Type", "Content-Range", "Accept-Ranges", "ETag", "Last-Modified"):
+            if headers.get(key):
+                self.send_header(key, headers[key])
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    do_GET = do_HEAD = _answer
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture()
+def flaky_gcs(adapted, monkeypatch):
+    """GDAL's reads go through :class:`_FlakyGcs`; a fresh worker process (breaker closed)."""
+    server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), _FlakyGcs)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    _FlakyGcs.upstream, _FlakyGcs.fail, _FlakyGcs.seen = adapted.gcs_url, 0, 0
+    monkeypatch.setenv("CPL_GS_ENDPOINT", f"http://127.0.0.1:{server.server_address[1]}/")
+    process.reset()
+    yield _FlakyGcs
+    server.shutdown()
+    process.reset()
+
+
+def _read_all(uri: str) -> np.ndarray:
+    with rasterio.Env(**storage.GDAL_ENV), storage.open_geotiff(uri) as src:
+        return src.read()
+
+
+@pytest.mark.stack
+def test_a_read_retried_on_the_same_object_reaches_the_server_again(adapted, flaky_gcs,
+                                                                    tmp_path):
+    """GDAL remembers a failed answer for an object; the retry must not be answered from that
+    memory, or a burst of 503s becomes a permanent failure of the object."""
+    crop = tiles.crop(tmp_path / "crop.tif", 0, 0, 64, 64)
+    uri, _ = announce.upload(adapted.storage(), str(crop), adapted.bucket, "flaky/same.tif")
+    flaky_gcs.fail = 6  # more than GDAL's own retries (GDAL_HTTP_MAX_RETRY) can ride out
+    got = storage.with_retries(lambda: _read_all(uri), (uri,), time.monotonic() + 60, 60)
+    with rasterio.open(crop) as src:
+        np.testing.assert_array_equal(got, src.read())
+    assert flaky_gcs.seen > flaky_gcs.fail
+
+
+@pytest.mark.stack
+def test_an_object_replaced_between_reads_is_read_at_its_new_bytes(adapted, flaky_gcs,
+                                                                   tmp_path):
+    """Same name, same size, new generation: nothing of the old bytes is served again."""
+    first = tiles.crop(tmp_path / "a.tif", 0, 0, 64, 64)
+    second = tiles.crop(tmp_path / "b.tif", 64, 64, 64, 64)
+    uri, _ = announce.upload(adapted.storage(), str(first), adapted.bucket, "flaky/replaced.tif")
+    before = _read_all(uri)
+    announce.upload(adapted.storage(), str(second), adapted.bucket, "flaky/replaced.tif")
+    after = _read_all(uri)
+    with rasterio.open(first) as a, rasterio.open(second) as b:
+        assert not np.array_equal(a.read(), b.read())
+        np.testing.assert_array_equal(before, a.read())
+        np.testing.assert_array_equal(after, b.read())
+
+
+def test_a_paused_bucket_is_probed_by_one_reader_while_the_other_threads_wait():
+    """Dataflow runs many threads per worker process, all behind one breaker: after the
+    cool-down exactly one read goes to the bucket, and the others follow its success."""
+    process.reset()
+    gate = storage.breaker()
+    gate.cooldown = 0.2
+    for _ in range(gate.threshold):
+        gate.failure("paused-bucket")
+    assert gate.is_open("paused-bucket")
+    release, lock = threading.Event(), threading.Lock()
+    reading, most, done, errors = [0], [0], [], []
+
+    def read() -> str:
+        with lock:
+            reading[0] += 1
+            most[0] = max(most[0], reading[0])
+        try:
+            release.wait(60)
+            return "read"
+        finally:
+            with lock:
+                reading[0] -= 1
+
+    def worker() -> None:
+        try:
+            done.append(storage.with_retries(read, ("gs://paused-bucket/a.tif",),
+                                             time.monotonic() + 120, 120))
+        except Exception as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker) for _ in range(8)]
+    for t in threads:
+        t.start()
+    assert wait_until(lambda: reading[0] >= 1, 60, every_s=0.02), "no read after the cool-down"
+    # Give the waiting threads every chance to slip past the breaker while the probe is out.
+    assert not wait_until(lambda: most[0] > 1, 1.0, every_s=0.02), "readers went with the probe"
+    release.set()
+    for t in threads:
+        t.join(60)
+    assert errors == [] and done == ["read"] * 8
+    assert not gate.is_open("paused-bucket")
+    process.reset()
+
+
+def test_a_failed_probe_pauses_the_bucket_again_and_a_verdict_ends_the_probe():
+    """A probe that fails re-opens the breaker (a longer pause); one that answers with a verdict
+    on the object (not the bucket's health) lets the next reader through."""
+    from google.api_core import exceptions as api
+
+    from transforms.guards import Refused
+
+    process.reset()
+    gate = storage.breaker()
+    gate.cooldown = 0.05
+    for _ in range(gate.threshold):
+        gate.failure("b")
+    assert wait_until(lambda: not gate.is_open("b"), 30, every_s=0.01)
+
+    def unavailable():
+        raise api.ServiceUnavailable("503 down")
+
+    with pytest.raises(storage.TransientReadError, match="bucket b paused"):
+        storage.with_retries(unavailable, ("gs://b/x.tif",), time.monotonic() + 0.01, 1)
+    assert gate.is_open("b")
+    assert wait_until(lambda: not gate.is_open("b"), 30, every_s=0.01)
+
+    def missing():
+        raise Refused("gs://b/x.tif does not exist")
+
+    with pytest.raises(Refused):
+        storage.with_retries(missing, ("gs://b/x.tif",), time.monotonic() + 600, 600)
+    read: list[str] = []  # were the probe still out, this reader would wait out its 600 s
+    threading.Thread(target=lambda: read.append(storage.with_retries(
+        lambda: "read", ("gs://b/y.tif",), time.monotonic() + 600, 600)), daemon=True).start()
+    assert wait_until(lambda: read == ["read"], 120, every_s=0.01)
+    assert not gate.is_open("b")
+    process.reset()

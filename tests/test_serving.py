@@ -282,3 +282,31 @@ def test_a_refresh_blocked_on_the_registry_never_blocks_a_tile(follower, tmp_pat
         except OSError:
             pass
         process.reset()
+
+
+def test_the_validated_model_cache_keeps_the_recently_used_versions_only(tmp_path,
+                                                                          monkeypatch):
+    """A process's cache holds at most MAX_CACHED_VERSIONS versions, the least recently used
+    dropped; one asked for again after its eviction is fetched and validated again."""
+    from model import serving
+    from model.channels import ModelRef
+
+    monkeypatch.setattr(serving, "MAX_CACHED_VERSIONS", 2)
+    registry = Registry(str(tmp_path / "registry"))
+    registry.publish(str(STUDENT))
+    for version in ("2", "3"):
+        registry.publish(str(variant(tmp_path, version)))
+    cache = tmp_path / "cache"
+
+    def cached() -> set[str]:
+        return {p.parent.name for p in cache.glob("*/*/.validated")}
+
+    serving.fetch_validated(registry, V1, cache)
+    serving.fetch_validated(registry, V2, cache)
+    serving.fetch_validated(registry, V1, cache)  # 1 is now more recent than 2
+    assert cached() == {"1", "2"}
+    card = serving.fetch_validated(registry, V3, cache)
+    assert cached() == {"1", "3"} and card.version == "3"
+    assert serving.fetch_validated(registry, ModelRef("landcover-student", "2"), cache).version \
+        == "2"
+    assert cached() == {"2", "3"}

@@ -8,9 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import hcl2
 import pytest
 
+from pipeline.ops import iam
 from pipeline.options import LOCAL_ONLY, TileStreamOptions
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -106,6 +106,13 @@ def test_images_pin_the_beam_version_of_setup_py(dockerfile):
     assert "FLEX_TEMPLATE_PYTHON_PY_FILE=/template/pipeline/main.py" in text
 
 
+def test_the_beam_patches_were_written_for_the_pinned_beam():
+    """A Beam upgrade in setup.py is also a review of every patch of its internals."""
+    from transforms import process
+
+    assert process.BEAM_VERSION == _beam_version(), "re-check the patches (transforms/process.py)"
+
+
 def test_gpu_image_has_a_cuda_base_and_a_cuda_torch():
     """PyPI's Linux torch wheel is the CUDA build (a CPU index would make a GPU job run on CPU);
     the CPU image takes the CPU build of the same version."""
@@ -132,26 +139,10 @@ def test_deploy_script_passes_shellcheck():
 
 # --- terraform ---------------------------------------------------------------------------------
 
-def _unquote(value):
-    """python-hcl2 keeps HCL's quotes on keys and strings; drop them."""
-    if isinstance(value, dict):
-        return {_unquote(k): _unquote(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_unquote(v) for v in value]
-    if isinstance(value, str) and len(value) >= 2 and value[0] == value[-1] == '"':
-        return value[1:-1]
-    return value
-
-
 def terraform() -> dict[str, dict]:
-    """Every resource in templates/terraform as {"type.name": attributes}."""
-    resources: dict[str, dict] = {}
-    for path in (TEMPLATES / "terraform").glob("*.tf"):
-        for block in _unquote(hcl2.load(path.open())).get("resource", []):
-            for rtype, named in block.items():
-                for name, attrs in named.items():
-                    resources[f"{rtype}.{name}"] = attrs
-    return resources
+    """Every resource in templates/terraform as {"type.name": attributes}, read by the project's
+    one HCL reader (``pipeline/ops/iam.py``), references left as written."""
+    return {address: iam.unquoted(body) for address, body in iam.Terraform().resources.items()}
 
 
 def _first(value):
@@ -198,3 +189,13 @@ def test_no_credentials_in_the_repository():
     suspicious = [f for f in tracked if re.search(r"(credentials|service[-_]account).*\.json$|"
                                                   r"\.(pem|p12|key)$", f)]
     assert suspicious == []
+
+
+def test_every_checkov_skip_says_why():
+    """`make iac` runs checkov over templates/terraform: a finding is fixed or skipped where it
+    is, with its reason, never silenced without one."""
+    skips = [(path.name, line.strip()) for path in (TEMPLATES / "terraform").glob("*.tf")
+             for line in path.read_text().splitlines() if "checkov:skip" in line]
+    assert skips
+    for name, line in skips:
+        assert re.fullmatch(r"#checkov:skip=CKV2?_[A-Z]+_\d+:.{20,}", line), (name, line)

@@ -67,10 +67,6 @@ class Preset:
             return None
         return when.isoformat().replace("+00:00", "Z")
 
-    @property
-    def aliases_spec(self) -> str:
-        return ",".join(f"{k}={v}" for k, v in self.aliases.items())
-
 
 _HLS_PATTERN = (r"^(?P<granule>HLS\.[SL]30\.T\d{2}[A-Z]{3}\.\d{7}T\d{6}\.v\d+\.\d+)\."
                 r"(?P<band>B\d{2}|B8A|Fmask|SAA|SZA|VAA|VZA)\.tiff?$")

@@ -396,7 +396,7 @@ def change_item(*, before: Mapping[str, Any], after: Mapping[str, Any], href: st
     """The STAC Item of a change COG (``transforms/changes.py``): the after tile's footprint,
     the interval between the two acquisitions, and a ``classification:classes`` entry per
     from/to pair present (``value = from * K + to``), with its pixel count."""
-    geometry = polygon_of(after["footprint"])
+    geometry = footprint_geojson(after["footprint"])
     k = len(class_names)
     epsg = crs if crs.startswith("EPSG:") else None
     projection: dict[str, Any] = {"proj:code": epsg, "proj:shape": [int(shape[0]),
@@ -429,7 +429,7 @@ def change_item(*, before: Mapping[str, Any], after: Mapping[str, Any], href: st
         "id": f"{after['tile_id']}_{after['generation']}_change_from_{before['tile_id']}_"
               f"{before['generation']}",
         "geometry": geometry,
-        "bbox": _bbox(geometry),
+        "bbox": footprint_bbox(geometry),
         "properties": properties,
         "links": links,
         "assets": {"change": {

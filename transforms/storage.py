@@ -3,29 +3,36 @@ behind a failing bucket.
 
 - GDAL settings for COGs on object storage (no directory listing, bounded waits, a few retries
   of its own under ours) and the GeoTIFF-only open that refuses a VRT or anything else by name.
-- Transient errors (5xx, 429, refused or reset connections, time-outs) are retried with
-  exponential backoff and jitter within a read budget; GDAL's cached failure is forgotten
-  between tries (it would otherwise answer every retry from its cache).
+- Transient errors (5xx, 429, refused or reset connections, time-outs) are retried by
+  ``google.api_core.retry`` (truncated exponential backoff with full jitter) within a read budget.
+- GDAL's ``/vsigs/`` cache lives as long as an open handle and no longer
+  (``CPL_VSIL_CURL_NON_CACHED``, in :data:`GDAL_ENV`): a handle that closes, a failed open
+  included, takes its cached answers with it, so a retry reaches the server again (GDAL would
+  otherwise answer it with the failure it remembers) and an object read again at a newer
+  generation is never served stale blocks of the older one. No per-process record of what was
+  read is needed for that.
 - A :class:`CircuitBreaker` per worker process (``transforms/process.py``) pauses reads from a
-  bucket after consecutive failures instead of burning every tile on it.
+  bucket after consecutive failures instead of burning every tile on it. Dataflow runs many
+  threads per process, so its state changes under one lock, and after a cool-down exactly one
+  read probes the bucket while the others keep waiting.
 - Reads are pinned to the announced object generation (:func:`pin`, :func:`check_generation`).
   GDAL's ``/vsigs/`` range requests cannot carry GCS's ``generation`` parameter, so the object's
   generation is checked before a tile is planned and again after every strip is read:
   generations only grow, so the same live generation before and after a read means every byte
   read in between was that generation's. A tile whose object was replaced first is
-  :class:`Superseded` (an ``events`` row, not a scoring); GDAL's cache is cleared when a URI is
-  read at another generation than last time, so stale blocks of an older one are never served.
+  :class:`Superseded` (an ``events`` row, not a scoring).
 """
 
 from __future__ import annotations
 
-import functools
-import random
 import re
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TypeVar
+
+from google.api_core.retry import RetryFailureReason, exponential_sleep_generator, retry_target
 
 from model.card import CardError
 from transforms import process
@@ -45,7 +52,12 @@ GDAL_ENV = {
     "GDAL_HTTP_LOW_SPEED_LIMIT": "1",
     "GDAL_HTTP_MAX_RETRY": "2",
     "GDAL_HTTP_RETRY_DELAY": "0.5",
+    # What GDAL caches of an object lives only as long as the handle that read it (see above).
+    "CPL_VSIL_CURL_NON_CACHED": "/vsigs/",
 }
+# Our backoff between tries of a read: full jitter under a ceiling that doubles from the first
+# to the last (seconds).
+BACKOFF_FIRST_SECS, BACKOFF_MAX_SECS = 0.5, 8.0
 _TRANSIENT = re.compile(
     r"HTTP (?:response )?code:? ?(?:429|5\d\d)|couldn't connect|"
     r"connection (?:refused|reset)|timed? ?out|empty reply|failed to connect|"
@@ -98,36 +110,66 @@ class CircuitBreaker:
     """Per bucket: after ``threshold`` consecutive transient failures, pause reading from it.
 
     While open, readers wait (the stream slows down instead of dead-lettering every tile of an
-    unhealthy bucket); after the cool-down one read is let through, and each failure of that
-    probe doubles the cool-down up to ``max_cooldown``. One per worker process
-    (:func:`breaker`), shared by every DoFn instance and bundle there.
+    unhealthy bucket); after the cool-down one reader is let through as the probe while the
+    others keep waiting for its outcome, and each failure of a probe doubles the cool-down up to
+    ``max_cooldown``. One per worker process (:func:`breaker`), shared by every DoFn instance,
+    bundle and thread there: all its state is read and changed under one lock.
     """
 
     threshold: int = 3
     cooldown: float = 5.0
     max_cooldown: float = 60.0
-    _failures: dict[str, int] = field(default_factory=dict)
-    _open_until: dict[str, float] = field(default_factory=dict)
+    _failures: dict[str, int] = field(default_factory=dict, repr=False)
+    _open_until: dict[str, float] = field(default_factory=dict, repr=False)
+    _probing: set[str] = field(default_factory=set, repr=False)
+    _changed: threading.Condition = field(default_factory=threading.Condition, repr=False,
+                                          compare=False)
 
     def wait(self, bucket: str, deadline: float) -> None:
-        until = self._open_until.get(bucket, 0.0)
-        now = time.monotonic()
-        if until > now:
-            time.sleep(max(0.0, min(until, deadline) - now))
+        """Return when this caller may read ``bucket``: it is closed, or this caller is the one
+        probe of a cooled-down open breaker, or ``deadline`` (``time.monotonic()``) came first
+        (the caller then reads anyway and fails on its own budget)."""
+        with self._changed:
+            while True:
+                now = time.monotonic()
+                until = self._open_until.get(bucket)
+                if until is None:
+                    return
+                if until <= now and bucket not in self._probing:
+                    self._probing.add(bucket)
+                    return
+                if now >= deadline:
+                    return
+                wake = until if until > now else deadline  # a probe's outcome also wakes us
+                self._changed.wait(max(0.0, min(wake, deadline) - now))
 
     def is_open(self, bucket: str) -> bool:
-        return self._open_until.get(bucket, 0.0) > time.monotonic()
+        with self._changed:
+            return self._open_until.get(bucket, 0.0) > time.monotonic()
 
     def success(self, bucket: str) -> None:
-        self._failures.pop(bucket, None)
-        self._open_until.pop(bucket, None)
+        with self._changed:
+            self._failures.pop(bucket, None)
+            self._open_until.pop(bucket, None)
+            self._probing.discard(bucket)
+            self._changed.notify_all()
 
     def failure(self, bucket: str) -> None:
-        failures = self._failures.get(bucket, 0) + 1
-        self._failures[bucket] = failures
-        if failures >= self.threshold:
-            pause = min(self.max_cooldown, self.cooldown * 2 ** (failures - self.threshold))
-            self._open_until[bucket] = time.monotonic() + pause
+        with self._changed:
+            failures = self._failures.get(bucket, 0) + 1
+            self._failures[bucket] = failures
+            if failures >= self.threshold:
+                pause = min(self.max_cooldown, self.cooldown * 2 ** (failures - self.threshold))
+                self._open_until[bucket] = time.monotonic() + pause
+            self._probing.discard(bucket)
+            self._changed.notify_all()
+
+    def settled(self, bucket: str) -> None:
+        """A read answered with a verdict on the object, not the bucket's health (a 404, not
+        a GeoTIFF): the breaker stays as it is, and a probe in flight is over."""
+        with self._changed:
+            self._probing.discard(bucket)
+            self._changed.notify_all()
 
 
 def breaker() -> CircuitBreaker:
@@ -135,64 +177,44 @@ def breaker() -> CircuitBreaker:
     return process.shared("circuit-breaker", "", CircuitBreaker)
 
 
-@functools.lru_cache(maxsize=1)
-def _gdal_library():
-    """The GDAL shared library rasterio runs on (its wheel bundles one), for cache control."""
-    import ctypes
-    import ctypes.util
-    import glob
-    import os
-
-    import rasterio
-
-    bundled = glob.glob(os.path.join(os.path.dirname(rasterio.__file__), os.pardir,
-                                     "rasterio.libs", "libgdal*"))
-    path = bundled[0] if bundled else ctypes.util.find_library("gdal")
-    return ctypes.CDLL(path) if path else None
-
-
-def forget_cached_reads(uris: tuple[str, ...]) -> None:
-    """Make GDAL forget what it cached about these objects (a failed answer included).
-
-    GDAL remembers a failed request for an object, so without this a retry never reaches the
-    server again and a transient error becomes permanent.
-    """
-    gdal = _gdal_library()
-    if gdal is None:
-        return
-    for uri in uris:
-        if uri.startswith("gs://"):
-            gdal.VSICurlPartialClearCache(("/vsigs/" + uri[len("gs://"):]).encode())
-
-
 def with_retries(read: Callable[[], T], uris: tuple[str, ...], deadline: float,
                  budget_secs: float, on_retry: Callable[[], None] = lambda: None) -> T:
-    """``read()``, retried on transient storage errors with backoff and jitter until
-    ``deadline`` (``time.monotonic()``), pausing while the bucket's breaker is open."""
+    """``read()``, retried on transient storage errors until ``deadline``
+    (``time.monotonic()``) with ``google.api_core.retry``'s backoff and jitter, each try
+    waiting while the bucket's breaker is open; ``on_retry()`` before every try but the first.
+    Runs out as :class:`TransientReadError`, naming the last error and the bucket's state."""
     bucket = bucket_of(uris[0])
     gate = breaker()
-    attempt = 0
-    while True:
+    tries = 0
+
+    def attempt() -> T:
+        nonlocal tries
         gate.wait(bucket, deadline)
+        if tries:
+            on_retry()
+        tries += 1
         try:
             result = read()
-        except Exception as exc:
-            if not is_transient(exc):
-                raise
-            gate.failure(bucket)
-            attempt += 1
-            delay = min(8.0, 0.25 * 2 ** attempt) * random.uniform(0.5, 1.5)
-            if time.monotonic() + delay > deadline:
-                raise TransientReadError(
-                    f"{describe(exc)} (still failing after {attempt} attempt(s) over "
-                    f"{budget_secs:.0f}s; bucket {bucket} "
-                    f"{'paused' if gate.is_open(bucket) else 'flaky'})") from exc
-            on_retry()
-            time.sleep(delay)
-            forget_cached_reads(uris)
-            continue
+        except BaseException as exc:
+            transient = isinstance(exc, Exception) and is_transient(exc)
+            (gate.failure if transient else gate.settled)(bucket)
+            raise
         gate.success(bucket)
         return result
+
+    def give_up(errors: list[Exception], reason: RetryFailureReason, _timeout: float | None):
+        last = errors[-1]
+        if reason is RetryFailureReason.NON_RETRYABLE_ERROR:
+            return last, last.__cause__
+        return TransientReadError(
+            f"{describe(last)} (still failing after {tries} attempt(s) over "
+            f"{budget_secs:.0f}s; bucket {bucket} "
+            f"{'paused' if gate.is_open(bucket) else 'flaky'})"), last
+
+    return retry_target(attempt, is_transient,
+                        exponential_sleep_generator(BACKOFF_FIRST_SECS, BACKOFF_MAX_SECS),
+                        timeout=max(0.0, deadline - time.monotonic()),
+                        exception_factory=give_up)
 
 
 def gcs_client():
@@ -254,9 +276,4 @@ def pin(uris: tuple[str, ...], generations: tuple[str, ...]) -> tuple[str, ...]:
             if live is None:
                 raise Refused(f"{uri} does not exist")
             pinned.append(live)
-    last = process.shared("read-generations", "", dict)  # uri -> generation GDAL last read
-    for uri, generation in zip(uris, pinned, strict=True):
-        if generation and last.get(uri) not in (None, generation):
-            forget_cached_reads((uri,))
-        last[uri] = generation
     return tuple(pinned)

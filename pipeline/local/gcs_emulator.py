@@ -15,6 +15,13 @@ own handlers (nothing else changes; the stack starts the emulator through this l
 And one cost that GCS does not have: the emulator reads a whole object from disk to answer each
 byte range, and GDAL reads a tile in hundreds of ranges, so a 7,320² tile (178 MB) cost three
 times as much per chip to read as a 3,660² one. :func:`ranged` reads the range alone.
+
+All of it reaches into the emulator's private internals, so each wrap, and each internal the
+wraps read, is a :class:`transforms.process.Patch` (:func:`patches`), checked like the Beam
+patches before anything is wrapped: the emulator version they were written for (setup.py's
+``[local]`` pin) and a digest of the source they rely on. An upgrade that changes either stops
+the emulator at start with a :class:`transforms.process.PatchError` naming what to re-read,
+instead of serving generations wrongly.
 """
 
 from __future__ import annotations
@@ -26,6 +33,10 @@ from collections.abc import Callable
 from http import HTTPStatus
 from typing import Any
 
+from transforms.process import Patch, PatchError
+
+EMULATOR = "gcp-storage-emulator"
+WRITTEN_FOR = "2026.7.19"  # the version every wrap below was written against (setup.py pins it)
 _lock = threading.Lock()
 
 
@@ -142,17 +153,62 @@ def ranged(download: Callable[..., Any]) -> Callable[..., Any]:
     return handler
 
 
+def _unchanged(original: Any) -> Any:
+    return original
+
+
+def patches() -> list[Patch]:
+    """The three wraps, then the private internals they read (kept as they are: each is here
+    for its version and source check alone)."""
+    import gcp_storage_emulator.server  # noqa: F401 - the watched module, as its package's name
+
+    def wrap(name: str, target: str, digest: str, replacement, why: str,
+             watch: str | None = None) -> Patch:
+        return Patch(name, f"gcp_storage_emulator.{target}", digest, replacement, why,
+                     required=True, package=EMULATOR, written_for=WRITTEN_FOR, watch=watch)
+
+    return [
+        wrap("gcs-preconditions", "handlers.objects:insert", "16e455c35509cbfe",
+             with_preconditions, "ifGenerationMatch on uploads (412)"),
+        wrap("gcs-generations", "handlers.objects:get", "e61fed7c25662114", with_generations,
+             "a superseded generation is 404; ifGenerationMatch on reads"),
+        wrap("gcs-ranged-download", "handlers.objects:download", "7a02a7cb00a2c99f",
+             lambda download: with_generations(ranged(download)),
+             "generations on media reads; a byte range read alone"),
+        wrap("gcs-handler-table", "server:HANDLERS", "b0227517548e0c34", _unchanged,
+             "install() rewires the routes of server.HANDLERS (a table: its module is watched)",
+             watch="gcp_storage_emulator:server"),
+        wrap("gcs-object-meta", "storage:Storage.get_file_obj", "e3409b11ce14c70c", _unchanged,
+             "an object's metadata and live generation"),
+        wrap("gcs-object-path", "storage:Storage._object_path", "3da57ac87063ce1a", _unchanged,
+             "where ranged() finds an object"),
+        wrap("gcs-storage-root", "storage:Storage.__init__", "4832303987f96ce2", _unchanged,
+             "Storage._store, the file store ranged() reads"),
+        wrap("gcs-store-disk", "storage:_FileStore.__init__", "466e7204bc3cf965", _unchanged,
+             "_FileStore._use_memory: on disk or in memory"),
+        wrap("gcs-store-path", "storage:_FileStore._disk_path", "b2d5e496c4ba6e51", _unchanged,
+             "an object's file on disk"),
+    ]
+
+
 def install() -> None:
-    """Route every upload through :func:`with_preconditions`, every object read through
-    :func:`with_generations`, every ranged download through :func:`ranged`."""
+    """Check every patch (:class:`transforms.process.PatchError` on a version or source the
+    wraps were not written for), then route every upload through :func:`with_preconditions`,
+    every object read through :func:`with_generations`, every ranged download through
+    :func:`ranged`."""
     from gcp_storage_emulator import server
     from gcp_storage_emulator.handlers import objects
 
-    wrapped = {objects.insert: with_preconditions(objects.insert),
-               objects.get: with_generations(objects.get),
-               objects.download: with_generations(ranged(objects.download))}
-    objects.insert = wrapped[objects.insert]  # the server's fallback route looks it up
-    for _regex, handlers in server.HANDLERS:
+    every = patches()
+    for patch in every:  # all checked before anything changes
+        problem = patch.problem()
+        if problem:
+            raise PatchError(problem)
+    originals = {name: getattr(objects, name) for name in ("insert", "get", "download")}
+    for patch in every:
+        patch.install()
+    wrapped = {original: getattr(objects, name) for name, original in originals.items()}
+    for _regex, handlers in server.HANDLERS:  # the routes hold the originals
         for method, handler in list(handlers.items()):
             if handler in wrapped:
                 handlers[method] = wrapped[handler]

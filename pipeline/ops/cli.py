@@ -487,9 +487,8 @@ def parser() -> argparse.ArgumentParser:
                         "count (default: the stack's)")
     status.add_argument("--hours", type=float, default=1.0,
                         help="window for counting dead letters (hours)")
-    status.add_argument("--registry", default=os.environ.get("TILESTREAM_REGISTRY"),
-                        help="model registry whose channels name the live, candidate and green "
-                        "(default $TILESTREAM_REGISTRY; none: the rows alone)")
+    clients.add_registry_argument(status, None, "model registry whose channels name the "
+                                  "live, candidate and green (none: the rows alone)")
     status.set_defaults(func=cmd_status)
 
     query = verbs.add_parser(

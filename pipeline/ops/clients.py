@@ -10,10 +10,25 @@ the other.
 from __future__ import annotations
 
 import argparse
+import os
 from dataclasses import dataclass
 from typing import Any
 
 from pipeline.local import stack as local_stack
+
+# The model registry a verb works on when --registry is not given (docs/configuration.md).
+REGISTRY_ENV = "TILESTREAM_REGISTRY"
+LOCAL_REGISTRY = ".tilestream/registry"  # `make demo`'s
+
+
+def add_registry_argument(parser: argparse.ArgumentParser, fallback: str | None = LOCAL_REGISTRY,
+                          help_text: str = "model registry: a local directory or gs:// prefix"
+                          ) -> None:
+    """``--registry``, defaulting to ``$TILESTREAM_REGISTRY``, else ``fallback`` (None: no
+    registry). The one place every verb reads that default."""
+    parser.add_argument("--registry", default=os.environ.get(REGISTRY_ENV, fallback),
+                        help=f"{help_text} (default: ${REGISTRY_ENV}, else "
+                        f"{fallback or 'none'}; now %(default)s)")
 
 
 class TargetError(ValueError):

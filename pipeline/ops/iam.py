@@ -23,6 +23,7 @@ topics and subscriptions of their own: each is read as the one the Terraform dec
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
@@ -128,6 +129,21 @@ def _blocks(parsed: dict, kind: str) -> Iterable[tuple[str, str, dict]]:
                 yield rtype.strip('"'), name.strip('"'), body
 
 
+def unquoted(value: Any) -> Any:
+    """A declaration as HCL means it: python-hcl2 keeps HCL's quotes on strings (and on some
+    keys) and marks blocks with ``__is_block__``; references (``${...}``) stay as written."""
+    if isinstance(value, dict):
+        return {unquoted(k): unquoted(v) for k, v in value.items() if k != "__is_block__"}
+    if isinstance(value, list):
+        return [unquoted(v) for v in value]
+    if isinstance(value, str) and len(value) >= 2 and value[0] == value[-1] == '"':
+        try:
+            return json.loads(value, strict=False)  # a string may span lines
+        except ValueError:
+            return value  # an expression between quoted operands: "a" == "b"
+    return value
+
+
 class Terraform:
     """The declarations of a Terraform directory, with ``${...}`` resolved on demand."""
 
@@ -160,11 +176,7 @@ class Terraform:
     # values ---------------------------------------------------------------------------------
 
     def _literal(self, value: Any) -> Any:
-        if isinstance(value, str) and len(value) >= 2 and value[0] == value[-1] == '"':
-            return json.loads(value)
-        if isinstance(value, list):
-            return [self._literal(v) for v in value]
-        return value
+        return unquoted(value)
 
     def value(self, raw: Any) -> Any:
         """A declared value with every ``${...}`` resolved."""
@@ -602,10 +614,18 @@ def load_needs(path: Path = NEEDS_FILE) -> list[Need]:
     return [Need(**n) for n in json.loads(path.read_text())["needs"]]
 
 
+def _replace(path: Path, text: str) -> None:
+    """Write ``text`` to a file beside ``path``, then move it over ``path``: a reader never sees
+    half a file, and an interrupted write leaves the old one."""
+    staged = path.with_name(path.name + ".tmp")
+    staged.write_text(text)
+    os.replace(staged, path)
+
+
 def write_needs(needs: Iterable[Need], path: Path = NEEDS_FILE) -> list[Need]:
     kept = sorted({generalised(n) for n in needs if n.identity in IDENTITIES})
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({
+    _replace(path, json.dumps({
         "about": "What each identity needed in the last full recorded run of the stream, its "
                  "rollback rule and the model verbs on the local stack (make iam); evaluated "
                  "against templates/terraform by pipeline/ops/iam.py and deploy.sh preflight.",
@@ -634,7 +654,7 @@ def update_doc(path: Path, report: Report, grants: list[Grant]) -> None:
     """Rewrite the identities-and-grants table between the markers of ``path``."""
     text = path.read_text()
     begin, end = text.index(DOC_BEGIN) + len(DOC_BEGIN), text.index(DOC_END)
-    path.write_text(text[:begin] + "\n" + markdown(report, grants) + "\n" + text[end:])
+    _replace(path, text[:begin] + "\n" + markdown(report, grants) + "\n" + text[end:])
 
 
 def parser():

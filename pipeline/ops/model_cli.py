@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -101,9 +100,7 @@ def _training_verbs(sub) -> None:
 def _registry_verbs(sub) -> None:
     def verb(name: str, help_text: str, changes: bool = False) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text)
-        p.add_argument("--registry", default=os.environ.get("TILESTREAM_REGISTRY",
-                                                            ".tilestream/registry"),
-                       help="local directory or gs:// prefix (default: %(default)s)")
+        clients.add_registry_argument(p)
         clients.add_arguments(p, dataset=name == "watch")
         if changes:
             p.add_argument("--by", default=None, help="who (default: the login name)")

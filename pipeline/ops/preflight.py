@@ -42,7 +42,6 @@ class CheckFailed(Exception):
 def torch_pins() -> dict[str, str]:
     """Every place that names the torch version, and the version it names."""
     found = {
-        "Makefile": re.search(r"TORCH_CPU := torch==([\d.]+)", (ROOT / "Makefile").read_text()),
         "setup.py": re.search(r'TORCH_VERSION = "([\d.]+)"', (ROOT / "setup.py").read_text()),
     }
     for dockerfile in sorted(TEMPLATES.glob("Dockerfile*")):

@@ -79,11 +79,6 @@ class UpdateVerdict:
         return f"compatible: an in-place update keeps the running job's state{mapped}"
 
 
-def _step_spec(step: dict[str, Any]) -> tuple:
-    return (tuple(sorted(step["state"].items())), tuple(step["timers"]),
-            tuple(step["side_inputs"]), step["input"])
-
-
 def _leaf(name: str) -> str:
     return name.rsplit("/", 1)[-1]
 
@@ -694,9 +689,7 @@ def parser() -> argparse.ArgumentParser:
         p = verbs.add_parser(name, help=help_text)
         if release:
             p.add_argument("release", help="the stream's release, e.g. 0.2.0")
-        p.add_argument("--registry", default=os.environ.get("TILESTREAM_REGISTRY",
-                                                            ".tilestream/registry"),
-                       help="local directory or gs:// prefix (default: %(default)s)")
+        clients.add_registry_argument(p)
         clients.add_arguments(p)
         if changes:
             p.add_argument("--by", default=None, help="who (default: the login name)")

@@ -15,6 +15,7 @@ variable "model_operators" {
 }
 
 resource "google_storage_bucket" "models" {
+  #checkov:skip=CKV_GCP_62:every generation is kept (versioning) and the channels document records who promoted what; Cloud Audit Logs record the rest (docs/deploy.md)
   name                        = "${var.project}-${var.name}-models"
   location                    = var.region
   uniform_bucket_level_access = true
