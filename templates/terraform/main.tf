@@ -202,6 +202,7 @@ resource "google_bigquery_table" "messages" {
 }
 
 resource "google_bigquery_table" "changes" {
+  #checkov:skip=CKV_GCP_80:Google-managed encryption at rest; the data (public imagery, land-cover predictions) needs no customer-managed key
   dataset_id          = google_bigquery_dataset.tilestream.dataset_id
   table_id            = "changes"
   schema              = file("${path.module}/../bigquery/changes.json")
