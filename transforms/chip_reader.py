@@ -23,13 +23,13 @@ from apache_beam.metrics import Metrics
 
 from model.card import ModelCard
 from transforms import storage
+from transforms.bq_rows import crs_label
 from transforms.chip_cut import Cut, StripLayout, cut_row, prepare, strip_layout
 from transforms.geometry import chip_starts, pixel_area_m2, strip_chip_rows, strip_footprints
 from transforms.guards import DEFAULT_MAX_TILE_PIXELS, InputAllowList, describe
 from transforms.radiometry import check_distribution, check_radiometry, strip_band_counts
 from transforms.rasters import RasterCache, TileRasters
 from transforms.records import Chip, ChipBlock, StripTask, TileGrid, TileRef
-from transforms.sinks import crs_label
 
 REPORTS_TAG = "reports"
 PREVIEW_ROWS = 16  # a file whose preview fails: the first readable of this many chip rows
