@@ -216,7 +216,7 @@ def test_the_chipper_counts_drift_while_reading_and_the_tile_row_flags_it(
 def test_integer_rasters_are_binned_per_value_with_the_same_counts(card, dtype):
     """The chipper bins 8/16-bit strips by distinct value (a fast path): every scaling and
     nodata mask must give exactly the counts of binning each pixel."""
-    from transforms.chips import strip_band_counts
+    from transforms.radiometry import strip_band_counts
 
     reference = reference_from_card(card)
     rng = np.random.default_rng(7)

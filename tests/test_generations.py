@@ -19,7 +19,8 @@ from pipeline.ops import announce
 from tests import tiles
 from tests.streams import fresh_input, query, start_stream, stop_stream, wait_until
 from transforms import process, storage
-from transforms.chips import ChipSettings, _PlanStripsFn, _TileReader
+from transforms.chip_reader import TileReader
+from transforms.chips import ChipSettings, _PlanStripsFn
 from transforms.guards import InputAllowList
 from transforms.records import TileRef
 
@@ -87,7 +88,7 @@ def test_a_tile_replaced_while_its_strips_are_read_yields_no_chip_of_either(adap
     task = next(iter(planner.process(tile)))
     assert task.tile.band_generations == (str(gen),)
     announce.upload(adapted.storage(), str(crop), adapted.bucket, "incoming/replaced/t.tif")
-    reader = _TileReader(settings)
+    reader = TileReader(settings)
     reader.setup()
     out = list(reader.chip(task))
     [report] = [o.value for o in out]  # no ChipBlock: every chip row failed

@@ -259,7 +259,8 @@ def test_the_local_runner_fixes_keep_beams_answers_and_run_serial_work_in_order(
     from pipeline.local import patches as local_runner
     from pipeline.options import DEFAULT_MODEL_URI
     from transforms.assemble import _AssembleStripFn, _FinishTileFn
-    from transforms.chips import ChipSettings, _ChipStripFn, _MergeReportsFn
+    from transforms.chips import ChipSettings, _MergeReportsFn
+    from transforms.pacing import PacedChipStripFn
 
     beams = getattr(userstate.get_dofn_specs, "__wrapped__", userstate.get_dofn_specs)
     calls = []
@@ -267,7 +268,7 @@ def test_the_local_runner_fixes_keep_beams_answers_and_run_serial_work_in_order(
     card = load_card(DEFAULT_MODEL_URI)
     dofns = [_AssembleStripFn(card, "/tmp/out", 60, True, False),
              _FinishTileFn(card, "/tmp/out", 60, True, False),
-             _ChipStripFn(ChipSettings.from_card(card)), _MergeReportsFn()]
+             PacedChipStripFn(ChipSettings.from_card(card)), _MergeReportsFn()]
     for dofn in dofns * 2:  # the second round from the memo
         assert memo(dofn) == beams(dofn) and memo(dofn)[0]
     assert len(calls) == len(dofns)

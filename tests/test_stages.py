@@ -26,6 +26,7 @@ from pipeline.ops.check import SAMPLE_TILE
 from tests import tiles
 from transforms import announcements as ann
 from transforms import assemble, chips, inference, sinks
+from transforms.chip_cut import invalid_mask
 from transforms.guards import InputAllowList
 from transforms.records import (
     NODATA_CLASS,
@@ -550,8 +551,6 @@ def test_card_nodata_counts_as_invalid_even_when_the_raster_declares_none(tmp_pa
 def test_a_pixel_is_invalid_where_any_band_holds_its_nodata(dtype, nodata):
     """The shortcut for one shared nodata at the type's floor or ceiling marks the same pixels
     as the band-by-band definition."""
-    from types import SimpleNamespace
-
     rng = np.random.default_rng(3)
     info = np.iinfo(dtype) if dtype != "float32" else None
     values = (rng.integers(info.min, info.max, (3, 40, 50), endpoint=True).astype(dtype)
@@ -563,7 +562,7 @@ def test_a_pixel_is_invalid_where_any_band_holds_its_nodata(dtype, nodata):
     for band, band_nodata in enumerate(nodata):
         for value in band_nodata:
             expected |= values[band] == value
-    got = chips._Sources.invalid(SimpleNamespace(nodata=nodata), values)
+    got = invalid_mask(values, nodata)
     assert expected.any() and np.array_equal(got, expected)
 
 

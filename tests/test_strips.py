@@ -12,8 +12,9 @@ import pytest
 
 from model.card import load_card
 from transforms import chips, pacing
+from transforms.chip_reader import TileReader
 from transforms.geometry import chip_starts
-from transforms.records import Chip, ChipBlock, StripReport, TileRef
+from transforms.records import Chip, ChipBlock, StripReport, StripTask, TileRef
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 from mosaics import mosaic
@@ -45,7 +46,7 @@ def test_strip_tasks_on_many_workers_give_what_one_reader_gives(tile, model_uri)
     random.Random(3).shuffle(tasks)
     got_chips, reports = [], []
     for task in tasks:  # each task on a worker of its own, in the order the shuffle gives
-        worker = chips._TileReader(settings)
+        worker = TileReader(settings)
         worker.setup()
         for item in worker.chip(task):
             if isinstance(item, ChipBlock):
@@ -84,9 +85,9 @@ def test_a_failing_read_is_reported_not_raised(tile, model_uri, tmp_path):
     planner.setup()
     task = next(iter(planner.process(tile)))
     gone = tmp_path / "gone.tif"
-    moved = chips.StripTask(TileRef("mosaic", (str(gone),), "1", 0.0, 0.0), task.grid,
-                            task.index, task.count, task.first_row, task.stop_row)
-    worker = chips._TileReader(settings)
+    moved = StripTask(TileRef("mosaic", (str(gone),), "1", 0.0, 0.0), task.grid,
+                      task.index, task.count, task.first_row, task.stop_row)
+    worker = TileReader(settings)
     worker.setup()
     [report] = [i.value for i in worker.chip(moved)]
     rows = task.stop_row - task.first_row
