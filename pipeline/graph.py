@@ -16,7 +16,8 @@ from pipeline.options import (
 from transforms import presets
 from transforms.announcements import ENTRIES_TAG, FilesToRefs, GranuleRule, ParseAnnouncements
 from transforms.assemble import AssembleTiles
-from transforms.changes import DetectChanges, load_rules
+from transforms.change_rules import load_rules
+from transforms.changes import DetectChanges
 from transforms.chips import ChipSettings, ChipTiles
 from transforms.deadletter import BigQueryFailures, CheckRows, WriteDeadLetters
 from transforms.dedup import Deduplicate

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
-from transforms import stac
+from transforms import stac_read
 from transforms.deadletter import DEAD_LETTER_TAG, dead_letter, filtered
 from transforms.guards import (
     MAX_ATTRIBUTES,
@@ -277,9 +277,9 @@ class _ParseFn(beam.DoFn):
                 f"({detail})") from exc
         if not isinstance(payload, dict):
             raise AnnouncementError("announcement must be a JSON object")
-        if stac.is_stac_item(payload):  # a STAC Item (transforms/stac.py)
-            tile = stac.item_tile(payload, self._bands, self._rule.aliases, published, message_id,
-                                  attributes.get("eventTime"))
+        if stac_read.is_stac_item(payload):  # a STAC Item (transforms/stac_read.py)
+            tile = stac_read.item_tile(payload, self._bands, self._rule.aliases, published,
+                                       message_id, attributes.get("eventTime"))
             for uri in tile.band_uris:
                 self._allow.check(uri, "asset")
             yield from self._emit(tile, tile.event_time, message_id)

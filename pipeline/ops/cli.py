@@ -217,7 +217,7 @@ def cmd_announce(args) -> int:
 def _announce_stac(args) -> int:
     """Publish STAC Item files as they are: the stream reads the item itself (docs/stac.md)."""
     from pipeline.ops import announce
-    from transforms.stac import is_stac_item, rfc3339
+    from transforms.stac_read import is_stac_item, rfc3339
 
     items = []
     for path in args.stac:
