@@ -153,8 +153,12 @@ def test_blue_green_release_loses_nothing_and_counts_each_tile_once(stack, model
     # Before green: blue's alone; during the trial both (green's as shadow); after: green's.
     live_after = {r["tile_id"] for r in rows(f"release = '{GREEN}' AND role = 'live'")}
     assert set(traffic.since(after)) <= live_after
-    shadow = rows(f"release = '{GREEN}' AND role = 'shadow'")
-    assert shadow and all(r["release"] == GREEN for r in shadow)
+    # Until green reported taking the cut-over, its rows are shadow and blue's are live.
+    live_us = int(live_at.timestamp() * 1e6)
+    before = query(stack, f"SELECT release, role FROM `{dataset}.tiles` "
+                          f"WHERE completed_at < TIMESTAMP_MICROS({live_us})")
+    roles = {(r["release"], r["role"]) for r in before}
+    assert roles == {(BLUE, "live"), (GREEN, "shadow")}, roles
     green_row, blue_row = compared["green"], compared["blue"]
     assert green_row["tiles"] >= 3 and green_row["chips_compared"] >= 4
     assert green_row["chip_agreement"] == 1.0  # same model, same code path: same answers
