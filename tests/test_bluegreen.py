@@ -90,13 +90,13 @@ def test_blue_green_release_loses_nothing_and_counts_each_tile_once(stack, model
     green = None
     try:
         with TilePublisher(stack, topic, crop, "bg", every_s=1.5) as traffic:
-            assert wait_until(lambda: len(rows(f"release = '{BLUE}'")) >= 3, 180, blue, 1), \
+            assert wait_until(lambda: len(rows(f"release = '{BLUE}'")) >= 3, 360, blue, 1), \
                 (tmp_path / "blue.log").read_text()[-3000:]
             # Green: its subscription seeded from blue's, its job started, its rows shadow.
             _ok(cli(stack, "release", "green", GREEN, f"--subscription={green_sub}",
                     "--job=green", *target))
             green = stream(GREEN, green_sub, "green.log")
-            assert wait_until(lambda: len(rows(f"release = '{GREEN}'")) >= 3, 180, green, 1), \
+            assert wait_until(lambda: len(rows(f"release = '{GREEN}'")) >= 3, 360, green, 1), \
                 (tmp_path / "green.log").read_text()[-3000:]
             # Chip rows follow tile rows by a load job: compare again until green's are in,
             # as an operator repeats it while the trial runs.
@@ -107,7 +107,7 @@ def test_blue_green_release_loses_nothing_and_counts_each_tile_once(stack, model
                     stack, "release", "compare", f"--blue={BLUE}", f"--green={GREEN}",
                     *target)))})
                 return compared["green"]["chips_compared"] >= 4
-            assert wait_until(compare, 60, green, 2), compared
+            assert wait_until(compare, 180, green, 2), compared
             # Cut-over while tiles keep coming: green says it took it, blue answers what green
             # took in as shadow (the handover, counted at green's entry), then blue stops.
             cutover_at = time.time()
@@ -128,7 +128,7 @@ def test_blue_green_release_loses_nothing_and_counts_each_tile_once(stack, model
             return run_query(stack.bigquery(), "tiles_ready", dataset_sql, days=1,
                              include_drifted=True)
 
-        assert wait_until(lambda: {r["tile_id"] for r in ready()} >= set(published), 180,
+        assert wait_until(lambda: {r["tile_id"] for r in ready()} >= set(published), 360,
                           green, 2), sorted(set(published) - {r["tile_id"] for r in ready()})
         # A second trial on the idle slot (blue's), aborted: the live release stays.
         _ok(cli(stack, "release", "green", NEXT, f"--subscription={blue_sub}", *target))
@@ -195,7 +195,7 @@ def test_cutover_keeps_blue_while_a_message_green_took_as_shadow_is_unanswered(
     green = trial.stream(GREEN, trial.green_sub, "green.log")
     try:
         with TilePublisher(stack, trial.topic, trial.crop, "nb", every_s=1.5) as traffic:
-            assert wait_until(lambda: len(trial.rows("role = 'shadow'")) >= 2, 180, green, 1), \
+            assert wait_until(lambda: len(trial.rows("role = 'shadow'")) >= 2, 360, green, 1), \
                 trial.log("green.log")
             done = trial.release("cutover", GREEN, "--wait_secs=40", "--green_poll_secs=1")
             shadow_only = {r["tile_id"] for r in trial.rows("role = 'shadow'")}
