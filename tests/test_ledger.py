@@ -123,7 +123,7 @@ def test_every_message_of_the_ledger_has_exactly_one_outcome(stack, model_uri, t
     ledger.granule("dead_letter", PARTIAL_GRANULE, crop, bands=slice(2))
     ledger.granule("scored", HELD_GRANULE, crop, bands=slice(5, 6))
     restarted = time.time()  # the journal publishes its replays after this
-    second = start_stream(stack, model_uri, log, *args, "--granule_timeout_secs=8")
+    second = start_stream(stack, model_uri, log, *args, "--granule_timeout_secs=20")
     published = set(ledger.expected)
 
     def booked() -> dict:
