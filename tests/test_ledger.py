@@ -106,7 +106,7 @@ def test_every_message_of_the_ledger_has_exactly_one_outcome(stack, model_uri, t
             stack, f"SELECT message_id FROM `{dataset}.messages`")}
         return len(tiles_in) >= 2 and set(held) <= booked
 
-    started = wait_until(in_flight, 300, first, every_s=0.5)
+    started = wait_until(in_flight, 480, first, every_s=0.5)
     first.kill()  # SIGKILL with messages in flight
     first.wait(timeout=30)
     assert started, log.read_text(errors="replace")[-3000:]
