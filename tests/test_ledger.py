@@ -20,10 +20,12 @@ import numpy as np
 import pytest
 import rasterio
 
+from pipeline.local import journal
 from pipeline.ops import announce, stats
 from tests import tiles
 from tests.conftest import REPORT
 from tests.streams import fresh_input, query, start_stream, stop_stream, wait_until
+from transforms.sinks import BigQueryTables
 
 pytestmark = [pytest.mark.stack, pytest.mark.slow]
 GOOD_GRANULE = "HLS.S30.T25MBL.2001196T120000.v2.0"
@@ -99,12 +101,14 @@ def test_every_message_of_the_ledger_has_exactly_one_outcome(stack, model_uri, t
     held = ledger.granule("scored", HELD_GRANULE, crop, bands=slice(5))
     log = tmp_path / "stream.log"
     first = start_stream(stack, model_uri, log, *args, "--granule_timeout_secs=3600")
+    pulled = journal.journal_path(stack, subscription,
+                                  BigQueryTables.in_dataset(f"{stack.project}:{dataset}"))
 
     def in_flight() -> bool:
+        """Two tiles out, and the held bands pulled (the journal has them, so they are acked:
+        only the journal's replay can bring them back)."""
         tiles_in = query(stack, f"SELECT tile_id FROM `{dataset}.tiles`")
-        booked = {r["message_id"] for r in query(
-            stack, f"SELECT message_id FROM `{dataset}.messages`")}
-        return len(tiles_in) >= 2 and set(held) <= booked
+        return len(tiles_in) >= 2 and set(held) <= {e.message_id for e in journal.read(pulled)}
 
     started = wait_until(in_flight, 480, first, every_s=0.5)
     first.kill()  # SIGKILL with messages in flight
