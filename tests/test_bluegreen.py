@@ -98,7 +98,8 @@ def test_blue_green_release_loses_nothing_and_counts_each_tile_once(stack, model
     blue = stream(BLUE, blue_sub, "blue.log")
     green = None
     try:
-        with TilePublisher(stack, topic, crop, "bg", every_s=1.5) as traffic:
+        # Traffic at a pace two streams on a loaded machine keep up with.
+        with TilePublisher(stack, topic, crop, "bg", every_s=3.0) as traffic:
             assert wait_until(lambda: len(rows(f"release = '{BLUE}'")) >= 3, 360, blue, 1), \
                 (tmp_path / "blue.log").read_text()[-3000:]
             # Green: its subscription seeded from blue's, its job started, its rows shadow.
@@ -137,7 +138,7 @@ def test_blue_green_release_loses_nothing_and_counts_each_tile_once(stack, model
             return run_query(stack.bigquery(), "tiles_ready", dataset_sql, days=1,
                              include_drifted=True)
 
-        assert wait_until(lambda: {r["tile_id"] for r in ready()} >= set(published), 360,
+        assert wait_until(lambda: {r["tile_id"] for r in ready()} >= set(published), 600,
                           green, 2), sorted(set(published) - {r["tile_id"] for r in ready()})
         # A second trial on the idle slot (blue's), aborted: the live release stays.
         _ok(cli(stack, "release", "green", NEXT, f"--subscription={blue_sub}", *target))
@@ -179,7 +180,7 @@ def test_blue_green_release_loses_nothing_and_counts_each_tile_once(stack, model
     both = {r["tile_id"] for r in rows(f"release = '{BLUE}'")} & {
         r["tile_id"] for r in rows(f"release = '{GREEN}'")}
     REPORT["releases"] += [
-        ("blue-green release, tiles published every 1.5 s throughout (green started, compared, "
+        ("blue-green release, tiles published every 3 s throughout (green started, compared, "
          "cut over, blue stopped)", "0 lost, 0 counted twice in the shipped queries",
          f"{len(published)} tiles published, {len(answered)} in `tiles_ready` once each, "
          f"{sum(chips.values())} chips once each; {len(both)} scored by both releases; "
