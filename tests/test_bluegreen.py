@@ -79,6 +79,15 @@ class Trial:
     def log(self, name: str) -> str:
         return (self.tmp_path / name).read_text()[-3000:]
 
+    def cut_over(self, version: str, log: str) -> None:
+        """``release cutover`` without waiting, then poll until green reports it took it: how
+        long that takes is the machine's business, and ``--wait_secs`` would also be the time
+        a handover that cannot pass is waited for."""
+        since = time.time() - 1
+        _ok(self.release("cutover", version))
+        assert release.wait_until_live(self.stack.bigquery(), self.dataset, version, since,
+                                       360) is not None, self.log(log)
+
 
 def test_blue_green_release_loses_nothing_and_counts_each_tile_once(stack, model_uri,
                                                                      tmp_path):
@@ -89,14 +98,15 @@ def test_blue_green_release_loses_nothing_and_counts_each_tile_once(stack, model
     blue = stream(BLUE, blue_sub, "blue.log")
     green = None
     try:
-        with TilePublisher(stack, topic, crop, "bg", every_s=1.5) as traffic:
-            assert wait_until(lambda: len(rows(f"release = '{BLUE}'")) >= 3, 180, blue, 1), \
+        # Traffic at a pace two streams on a loaded machine keep up with.
+        with TilePublisher(stack, topic, crop, "bg", every_s=3.0) as traffic:
+            assert wait_until(lambda: len(rows(f"release = '{BLUE}'")) >= 3, 360, blue, 1), \
                 (tmp_path / "blue.log").read_text()[-3000:]
             # Green: its subscription seeded from blue's, its job started, its rows shadow.
             _ok(cli(stack, "release", "green", GREEN, f"--subscription={green_sub}",
                     "--job=green", *target))
             green = stream(GREEN, green_sub, "green.log")
-            assert wait_until(lambda: len(rows(f"release = '{GREEN}'")) >= 3, 180, green, 1), \
+            assert wait_until(lambda: len(rows(f"release = '{GREEN}'")) >= 3, 360, green, 1), \
                 (tmp_path / "green.log").read_text()[-3000:]
             # Chip rows follow tile rows by a load job: compare again until green's are in,
             # as an operator repeats it while the trial runs.
@@ -107,13 +117,13 @@ def test_blue_green_release_loses_nothing_and_counts_each_tile_once(stack, model
                     stack, "release", "compare", f"--blue={BLUE}", f"--green={GREEN}",
                     *target)))})
                 return compared["green"]["chips_compared"] >= 4
-            assert wait_until(compare, 60, green, 2), compared
+            assert wait_until(compare, 360, green, 2), compared
             # Cut-over while tiles keep coming: green says it took it, blue answers what green
             # took in as shadow (the handover, counted at green's entry), then blue stops.
             cutover_at = time.time()
             trial_began = release.trial_start(registry.read_channels()[0])
-            _ok(cli(stack, "release", "cutover", GREEN, "--wait_secs=120",
-                    "--green_poll_secs=1", "--settle_secs=5", *target))
+            _ok(cli(stack, "release", "cutover", GREEN, "--wait_secs=360",
+                    "--green_poll_secs=1", "--settle_secs=5", *target, timeout_s=480))
             live_at = release.wait_until_live(stack.bigquery(), dataset, GREEN, cutover_at, 0)
             handed = release.handover(stack.bigquery(), dataset, BLUE, GREEN, trial_began,
                                       live_at + dt.timedelta(seconds=1))
@@ -128,7 +138,7 @@ def test_blue_green_release_loses_nothing_and_counts_each_tile_once(stack, model
             return run_query(stack.bigquery(), "tiles_ready", dataset_sql, days=1,
                              include_drifted=True)
 
-        assert wait_until(lambda: {r["tile_id"] for r in ready()} >= set(published), 180,
+        assert wait_until(lambda: {r["tile_id"] for r in ready()} >= set(published), 600,
                           green, 2), sorted(set(published) - {r["tile_id"] for r in ready()})
         # A second trial on the idle slot (blue's), aborted: the live release stays.
         _ok(cli(stack, "release", "green", NEXT, f"--subscription={blue_sub}", *target))
@@ -153,8 +163,12 @@ def test_blue_green_release_loses_nothing_and_counts_each_tile_once(stack, model
     # Before green: blue's alone; during the trial both (green's as shadow); after: green's.
     live_after = {r["tile_id"] for r in rows(f"release = '{GREEN}' AND role = 'live'")}
     assert set(traffic.since(after)) <= live_after
-    shadow = rows(f"release = '{GREEN}' AND role = 'shadow'")
-    assert shadow and all(r["release"] == GREEN for r in shadow)
+    # Until green reported taking the cut-over, its rows are shadow and blue's are live.
+    live_us = int(live_at.timestamp() * 1e6)
+    before = query(stack, f"SELECT release, role FROM `{dataset}.tiles` "
+                          f"WHERE completed_at < TIMESTAMP_MICROS({live_us})")
+    roles = {(r["release"], r["role"]) for r in before}
+    assert roles == {(BLUE, "live"), (GREEN, "shadow")}, roles
     green_row, blue_row = compared["green"], compared["blue"]
     assert green_row["tiles"] >= 3 and green_row["chips_compared"] >= 4
     assert green_row["chip_agreement"] == 1.0  # same model, same code path: same answers
@@ -166,7 +180,7 @@ def test_blue_green_release_loses_nothing_and_counts_each_tile_once(stack, model
     both = {r["tile_id"] for r in rows(f"release = '{BLUE}'")} & {
         r["tile_id"] for r in rows(f"release = '{GREEN}'")}
     REPORT["releases"] += [
-        ("blue-green release, tiles published every 1.5 s throughout (green started, compared, "
+        ("blue-green release, tiles published every 3 s throughout (green started, compared, "
          "cut over, blue stopped)", "0 lost, 0 counted twice in the shipped queries",
          f"{len(published)} tiles published, {len(answered)} in `tiles_ready` once each, "
          f"{sum(chips.values())} chips once each; {len(both)} scored by both releases; "
@@ -185,15 +199,17 @@ def test_blue_green_release_loses_nothing_and_counts_each_tile_once(stack, model
 def test_cutover_keeps_blue_while_a_message_green_took_as_shadow_is_unanswered(
         stack, model_uri, tmp_path):
     """Blue has died (or lags) and green has scored tiles as shadow: nobody answers them as
-    users read. ``release cutover --wait_secs`` must say not to drain blue, naming them."""
+    users read. The handover check (``release handover``, what ``cutover --wait_secs`` runs)
+    must say not to drain blue, naming them."""
     trial = Trial(stack, model_uri, tmp_path)
     _ok(trial.release("green", GREEN, f"--subscription={trial.green_sub}", "--job=green"))
     green = trial.stream(GREEN, trial.green_sub, "green.log")
     try:
         with TilePublisher(stack, trial.topic, trial.crop, "nb", every_s=1.5) as traffic:
-            assert wait_until(lambda: len(trial.rows("role = 'shadow'")) >= 2, 180, green, 1), \
+            assert wait_until(lambda: len(trial.rows("role = 'shadow'")) >= 2, 360, green, 1), \
                 trial.log("green.log")
-            done = trial.release("cutover", GREEN, "--wait_secs=40", "--green_poll_secs=1")
+            trial.cut_over(GREEN, "green.log")
+            done = trial.release("handover", GREEN, "--wait_secs=20", "--green_poll_secs=1")
             shadow_only = {r["tile_id"] for r in trial.rows("role = 'shadow'")}
         sent = dict(traffic.sent)
     finally:
@@ -209,8 +225,9 @@ def test_cutover_keeps_blue_while_a_message_green_took_as_shadow_is_unanswered(
     assert not ready & {t for t, m in sent.items() if m in named}  # those really are unanswered
     pending, took_in = re.search(r"(\d+) of the (\d+) messages", done.stderr).groups()
     REPORT["releases"].append((
-        "cut-over with blue gone, green's rows shadow until then (`release cutover "
-        "--wait_secs=40`)", "blue not to be drained: exit 4, the unanswered messages named",
+        "cut-over with blue gone, green's rows shadow until then (`release handover "
+        "--wait_secs=20` once green took it)",
+        "blue not to be drained: exit 4, the unanswered messages named",
         f"exit {done.returncode}: {pending} of the {took_in} messages green took in before it "
         f"answered live unanswered; none of the named in `tiles_ready`"))
 
@@ -219,7 +236,7 @@ def test_the_handover_covers_the_backlog_a_lagging_blue_had_not_pulled_before_th
         stack, model_uri, tmp_path):
     """Blue lags (its job is down) while tiles queue on its subscription; then the trial starts.
     Green's slot is seeded from a snapshot of blue's, so green takes that backlog in, and the
-    handover holds blue until it has answered it: `cutover` exits 4 while blue is down, and
+    handover holds blue until it has answered it: the check exits 4 while blue is down, and
     `release handover` passes once blue, started late, has caught up."""
     trial = Trial(stack, model_uri, tmp_path)
     with TilePublisher(stack, trial.topic, trial.crop, "lag", every_s=1.0) as backlog:
@@ -231,14 +248,15 @@ def test_the_handover_covers_the_backlog_a_lagging_blue_had_not_pulled_before_th
         def green_tiles() -> set[str]:
             return {r["tile_id"] for r in trial.rows(f"release = '{GREEN}'")}
 
-        assert wait_until(lambda: set(queued) <= green_tiles(), 240, green, 2), (
+        assert wait_until(lambda: set(queued) <= green_tiles(), 360, green, 2), (
             sorted(set(queued) - green_tiles()), trial.log("green.log"))
         with TilePublisher(stack, trial.topic, trial.crop, "lagnow", every_s=1.5):
-            held = trial.release("cutover", GREEN, "--wait_secs=60", "--green_poll_secs=1",
+            trial.cut_over(GREEN, "green.log")
+            held = trial.release("handover", GREEN, "--wait_secs=20", "--green_poll_secs=1",
                                  "--settle_secs=5")
             blue = trial.stream(BLUE, trial.blue_sub, "blue.log")
-            again = trial.release("handover", GREEN, "--wait_secs=300", "--green_poll_secs=1",
-                                  "--settle_secs=5", timeout_s=400)
+            again = trial.release("handover", GREEN, "--wait_secs=480", "--green_poll_secs=1",
+                                  "--settle_secs=5", timeout_s=600)
         channels, _ = trial.registry.read_channels()
         cut = release.last_cutover(channels, GREEN)
         bq, dataset = stack.bigquery(), f"{stack.project}.{trial.dataset}"

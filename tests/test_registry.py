@@ -276,3 +276,62 @@ def test_the_second_student_is_a_valid_candidate_for_the_first(tmp_path):
     reg.promote(V1, by="ana")
     change = reg.canary(V2, 0.5, by="bo", why="v2 transfers better?")
     assert "candidate landcover-student/2 (canary 50%)" in str(change)
+
+
+def _new_statistics(card):
+    card["input"]["mean"] = [m + 10 for m in card["input"]["mean"]]
+    card["input"]["std"] = [s * 1.5 for s in card["input"]["std"]]
+
+
+def test_a_candidate_on_new_statistics_is_taken_and_scores_with_its_own(tmp_path):
+    """Normalisation statistics are part of a model, not of the chips (docs/operations.md §7):
+    a version retrained on other mean/std reads the very chips the stream cuts, so the CLI
+    takes it as a candidate, and the stream normalises its chips with its card, not live's."""
+    import dataclasses
+
+    import numpy as np
+    import torch
+
+    from model.card import load_card
+    from model.contract import load_checked
+    from model.inference import model_input, normalise
+    from pipeline.ops.check import SAMPLE_TILE
+    from tests.test_stages import chip_tile
+    from transforms.chips import ChipSettings
+    from transforms.inference import VersionedModelHandler
+    from transforms.records import TileRef
+
+    reg = ["--registry", str(tmp_path / "reg")]
+    assert _tilestream("publish", str(STUDENT), *reg).returncode == 0
+    assert _tilestream("publish", str(variant(tmp_path, "3", _new_statistics)), *reg
+                       ).returncode == 0
+    assert _tilestream("promote", "landcover-student/1", *reg).returncode == 0
+    done = _tilestream("canary", "landcover-student/3", "--fraction", "0.5", *reg)
+    assert done.returncode == 0 and "(canary 50%)" in done.stdout, done.stderr
+
+    live = load_card(str(STUDENT))
+    chips, _ = chip_tile(SAMPLE_TILE, ChipSettings.from_card(live))
+    chips = chips[:3]
+    tile = TileRef("t", (str(SAMPLE_TILE),), "1", 0.0, 0.0)
+    batch = [(dataclasses.replace(c, tile=dataclasses.replace(tile, model=model), raw=None),
+              torch.from_numpy(model_input(c.raw, c.valid)))
+             for model in ("landcover-student/1", "landcover-student/3") for c in chips]
+    handler = VersionedModelHandler(str(tmp_path / "reg"))
+    scored = {}
+    for chip, result in handler.run_inference(batch, handler.load_model()):
+        scored.setdefault(chip.tile.model, []).append(result.inference.astype(int))
+
+    network = load_checked(live)  # both versions share these weights
+    candidate = Registry(str(tmp_path / "reg")).verify(V3)
+
+    def expected(spec) -> list[np.ndarray]:
+        x = torch.from_numpy(np.stack([normalise(c.raw, c.valid, spec) for c in chips]))
+        with torch.inference_mode():
+            probs = torch.softmax(network(x).float(), dim=1)
+        return list(probs.mul(255.0).round().to(torch.uint8).numpy().astype(int))
+
+    for model, spec in (("landcover-student/1", live.input),
+                        ("landcover-student/3", candidate.input)):
+        assert all(np.abs(got - want).max() <= 1
+                   for got, want in zip(scored[model], expected(spec), strict=True)), model
+    assert any(np.abs(a - b).max() > 1 for a, b in zip(*scored.values(), strict=True))

@@ -129,11 +129,12 @@ def hostile_run(stack, model_uri, loopback, tmp_path_factory):
             nonlocal peak
             peak = max(peak, peak_rss_bytes(child.pid))
             letters = query(stack, f"SELECT message_id FROM `{dataset}.dead_letters`")
-            rows = query(stack, f"SELECT tile_id FROM `{dataset}.tiles`")
-            return len(letters) >= n_letters and len(rows) >= len(good) + 1
+            rows = query(stack, f"SELECT chips_scored FROM `{dataset}.tiles`")
+            chips = query(stack, f"SELECT COUNT(*) AS n FROM `{dataset}.chips`")
+            return len(letters) >= n_letters and len(rows) >= len(good) + 1 and (
+                chips[0]["n"] >= sum(r["chips_scored"] for r in rows))  # chip rows load later
 
-        finished = wait_until(done, 150, child)
-        time.sleep(3)  # the last chip rows' inserts
+        finished = wait_until(done, 300, child)
         peak = max(peak, peak_rss_bytes(child.pid))
         alive = child.poll() is None
     finally:
@@ -272,7 +273,6 @@ def test_kill_and_restart_scores_every_tile_exactly_once(stack, model_uri, strea
     try:  # chip rows are loaded every 2 s: they may land after the last tile row
         finished = wait_until(lambda: len(rows()) >= len(names)
                               and chip_rows() >= kept * len(names), 240, second)
-        time.sleep(3)
     finally:
         stop_stream(second)
     assert finished, log.read_text(errors="replace")[-3000:]

@@ -9,6 +9,8 @@ runtime older than that is refused by name at start-up and at publish.
 from __future__ import annotations
 
 import json
+import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -26,17 +28,58 @@ IMAGE_VENV = ROOT / ".venv-image"
 MODELS = sorted(p.parent for p in (ROOT / "model" / "artifacts").rglob("model_card.json"))
 
 
-def pins() -> dict[str, str]:
-    """Every place that names the torch version, and the version it names."""
-    return torch_pins()
+def _torch_requirements(command: str) -> list[str]:
+    """The torch requirements a ``pip install`` command line names (none for other commands)."""
+    words = shlex.split(command)
+    if "install" not in words or not any(w == "pip" or w.endswith("/pip") for w in words):
+        return []
+    return [w for w in words if re.fullmatch(r"torch(\[[\w,]+\])?([=<>!~].*)?", w)]
+
+
+def image_installs() -> dict[str, list[str]]:
+    """Each image's torch as its ``RUN`` lines install it, ``ARG`` defaults filled in: what a
+    build gets, not a variable the install line might not even use."""
+    found = {}
+    for dockerfile in sorted((ROOT / "templates").glob("Dockerfile*")):
+        text = dockerfile.read_text().replace("\\\n", " ")
+        args = dict(re.findall(r"^ARG (\w+)=(\S+)", text, re.M))
+        text = re.sub(r"\$\{?(\w+)\}?", lambda m, a=args: a.get(m.group(1), m.group(0)), text)
+        found[dockerfile.name] = [
+            requirement for run in re.findall(r"^RUN (.*)$", text, re.M)
+            for command in re.split(r"&&|;", run) for requirement in _torch_requirements(command)]
+    return found
+
+
+def make_installs() -> dict[str, list[str]]:
+    """The torch each venv of ``make install`` gets, from make's own expansion of its recipes
+    (``make -n``): CI's ``.venv`` and the images' ``.venv-image``."""
+    done = subprocess.run(["make", "-n", "-B", "install"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60, check=True)
+    found: dict[str, list[str]] = {}
+    for line in done.stdout.splitlines():
+        requirements = _torch_requirements(line)
+        if requirements:
+            venv = line.split("/bin/", 1)[0]
+            found.setdefault(venv, []).extend(requirements)
+    return found
 
 
 def image_torch() -> str:
-    return pins()["Dockerfile"]
+    [requirement] = image_installs()["Dockerfile"]
+    return requirement.removeprefix("torch==")
 
 
-def test_one_torch_version_for_ci_export_and_every_image():
-    versions = pins()
+def test_ci_and_every_image_install_one_exact_torch():
+    """The exact install lines, compared: the images' ``pip install torch==…`` and the one CI's
+    venv and ``.venv-image`` run, each one exact pin of the same version as setup.py's."""
+    installs = {**image_installs(), **make_installs()}
+    assert set(installs) >= {"Dockerfile", "Dockerfile.cpu", ".venv", ".venv-image"}, installs
+    pinned = {where: requirements for where, requirements in installs.items()
+              if len(requirements) == 1 and re.fullmatch(r"torch==[\d.]+", requirements[0])}
+    assert pinned == installs, f"each must install one exact torch: {installs}"
+    versions = {where: requirement.removeprefix("torch==")
+                for where, [requirement] in installs.items()}
+    versions["setup.py"] = torch_pins()["setup.py"]
     assert len(set(versions.values())) == 1, versions
     assert release(torch.__version__) == release(image_torch())  # this venv: CI's torch
 
