@@ -153,3 +153,24 @@ def pixel_area_m2(transform, crs, height: int, width: int) -> float:
     x, y = transform * (width / 2, height / 2)
     centre_lat = warp(crs, "EPSG:4326", [x], [y])[1][0]
     return cell * 111_320.0 * math.cos(math.radians(centre_lat)) * 110_574.0
+
+
+def footprint_geojson(footprint_wkt: str) -> dict:
+    """A footprint (WKT, EPSG:4326) as a GeoJSON geometry (RFC 7946)."""
+    from shapely import wkt
+    from shapely.geometry import mapping
+
+    geometry = mapping(wkt.loads(footprint_wkt))
+    return {"type": geometry["type"], "coordinates": _lists(geometry["coordinates"])}
+
+
+def footprint_bbox(geojson: dict) -> list[float]:
+    """``[west, south, east, north]`` of a GeoJSON footprint."""
+    from shapely.geometry import shape
+
+    return [float(v) for v in shape(geojson).bounds]
+
+
+def _lists(value):
+    """Shapely's nested tuples as JSON's nested lists."""
+    return [_lists(v) for v in value] if isinstance(value, (tuple, list)) else float(value)
