@@ -45,6 +45,8 @@ EXAMPLES = {
     "max_batch_size": ("64", "0"),
     "max_batch_duration_secs": ("10", "1.5"),
     "chip_rows_load_secs": ("60", "1m"),
+    "results_topic": ("projects/p/topics/tilestream-results", "tilestream-results"),
+    "results_wait_secs": ("900", "15m"),
     "confidence_band": ("true", "yes"),
     "granule_pattern": (r"^(?P<granule>.+)\.(?P<band>B\d+)\.tif$", r"^(.+)\.(B\d+)\.tif$"),
     "band_aliases": ("B02=blue,B03=green", "B02:blue"),
