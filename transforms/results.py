@@ -52,7 +52,8 @@ PUBLISH_DEADLINE_S = 60.0
 # The check, derived from THE definition of an answer (answered.sql via queries.compose): the
 # answer of each waiting tile id, bounded by the earliest event time waiting.
 CHECK_SQL = """WITH {answered since @since}
-SELECT * FROM tile_answers WHERE tile_id IN UNNEST(@tile_ids)"""
+SELECT * EXCEPT (footprint), ST_ASTEXT(footprint) AS footprint
+FROM tile_answers WHERE tile_id IN UNNEST(@tile_ids)"""
 
 
 @dataclass(frozen=True)
