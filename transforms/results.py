@@ -52,8 +52,9 @@ PUBLISH_DEADLINE_S = 60.0
 # The check, derived from THE definition of an answer (answered.sql via queries.compose): the
 # answer of each waiting tile id, bounded by the earliest event time waiting.
 CHECK_SQL = """WITH {answered since @since}
-SELECT * EXCEPT (footprint), ST_ASTEXT(footprint) AS footprint
-FROM tile_answers WHERE tile_id IN UNNEST(@tile_ids)"""
+SELECT * EXCEPT (footprint) FROM tile_answers WHERE tile_id IN UNNEST(@tile_ids)"""
+# (The footprint is the one the waiting row wrote, carried in ``Pending``: the local emulator
+# cannot return a GEOGRAPHY beside the REPEATED classes in one row.)
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,7 @@ class Pending:
     since: float  # when the publisher took it (epoch seconds)
     location_key: str | None = None
     changed: bool = False
+    footprint: str = ""  # WKT, as the row wrote it
 
 
 @dataclass(frozen=True)
@@ -92,7 +94,7 @@ def _rfc3339(value: Any) -> str | None:
 
 
 def answer_event(row: Mapping[str, Any], location_key: str | None = None,
-                 changed: bool = False) -> ResultEvent:
+                 changed: bool = False, footprint: str | None = None) -> ResultEvent:
     """The ``answered`` event of an answer row as BigQuery returns it (or a tile row dict)."""
     from transforms.geometry import footprint_geojson
 
@@ -110,7 +112,7 @@ def answer_event(row: Mapping[str, Any], location_key: str | None = None,
         "tile_id": row["tile_id"],
         "tile_generation": row["tile_generation"],
         "acquired": _rfc3339(row.get("acquired")),
-        "footprint": footprint_geojson(str(row["footprint"])),
+        "footprint": footprint_geojson(str(footprint or row["footprint"])),
         "model": {"name": row["model_name"], "version": row["model_version"]},
         "release": row.get("release"),
         "role": role,
@@ -175,7 +177,7 @@ def pending_of(row: Mapping[str, Any], release: str, now: float) -> Pending | No
         return None
     return Pending(row["tile_id"], row["tile_generation"], row["row_id"], release, role,
                    str(row["event_time"]), now, row.get("location_key"),
-                   bool(row.get("changed", False)))
+                   bool(row.get("changed", False)), str(row["footprint"]))
 
 
 @dataclass
@@ -331,7 +333,8 @@ class _AwaitAnswersFn(beam.DoFn):
             answers = {}
         decision = decide(pending, answers, _readable, now, self._wait)
         for p, answer in decision.publish:
-            problem = self._publisher.publish(answer_event(answer, p.location_key, p.changed))
+            problem = self._publisher.publish(answer_event(answer, p.location_key, p.changed,
+                                                             p.footprint))
             if problem:
                 self.failed.inc()
                 yield dead_letter(STAGE, problem, tile_id=p.tile_id)
