@@ -169,3 +169,77 @@ def test_a_mixed_run_publishes_one_event_per_answer_equal_to_the_tables(stack, m
     assert refusal["data"]["stage"] == "parse" and refusal["data"]["reason"]
     # The duplicate and the superseded are not outcomes a consumer reads: no event of theirs.
     assert {m["data"]["outcome"] for m in inbox.messages} <= {"answered", "refused"}
+
+
+@pytest.mark.stack
+@pytest.mark.slow
+def test_a_green_job_on_trial_publishes_nothing(stack, model_uri, tmp_path):
+    """Green before cut-over: its rows are shadow and its refusals not the books consumers
+    read, so neither an answered nor a refused event leaves it."""
+    from tests.test_bluegreen import GREEN, Trial, _ok
+
+    trial = Trial(stack, model_uri, tmp_path)
+    results_topic, results_sub = results_subscription(stack, "green")
+    inbox = Inbox(stack, results_sub)
+    _ok(trial.release("green", GREEN, f"--subscription={trial.green_sub}", "--job=green"))
+    for i in range(2):
+        _notify(stack, trial.topic, trial.crop, f"incoming/results/{trial.dataset}/g-{i}.tif")
+    announce.publish(stack.publisher(), trial.topic, b"\x00 not json", {})
+    green = start_stream(stack, model_uri, tmp_path / "green.log",
+                         f"--subscription={trial.green_sub}",
+                         f"--bq_dataset={stack.project}:{trial.dataset}",
+                         f"--output_prefix={stack.output_prefix}/{trial.dataset}",
+                         f"--model_registry={trial.registry_uri}", "--channels_poll_secs=1",
+                         "--window_secs=1", f"--release={GREEN}",
+                         f"--results_topic={results_topic}")
+
+    def whole() -> bool:
+        chips = query(stack, f"SELECT COUNT(DISTINCT tile_id) AS n FROM `{trial.dataset}.chips`")
+        letters = query(stack, f"SELECT stage FROM `{trial.dataset}.dead_letters`")
+        return bool(chips and chips[0]["n"] >= 2 and letters)
+
+    try:
+        done = wait_until(whole, 240, green, every_s=2)
+        time.sleep(10)  # several checks of the publisher after its rows are whole
+        inbox.pull()
+    finally:
+        stop_stream(green)
+    assert done, trial.log("green.log")
+    assert {r["role"] for r in trial.rows("TRUE")} == {"shadow"}
+    assert inbox.messages == []
+
+
+@pytest.mark.stack
+@pytest.mark.slow
+def test_tilestream_follow_local_shows_the_tiles_event(stack, model_uri, tmp_path):
+    """`tilestream follow --local` with a filter prints the event of the tile a local stream
+    (results topic by default: the stack's) answers."""
+    import subprocess
+    import sys
+
+    topic, subscription, dataset = fresh_input(stack, "follow")
+    tile_id = f"follow-{uuid.uuid4().hex[:6]}"
+    follower = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.ops.cli", "follow", "--local",
+         f"--stack_dir={stack.run_dir}", f"--filter=attributes.tile_id = \"{tile_id}\"",
+         "--max_events=1", "--timeout_secs=300"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    crop = tiles.crop(tmp_path / "crop.tif", 0, 0, 100, 100)
+    log = tmp_path / "stream.log"
+    child = start_stream(stack, model_uri, log, f"--subscription={subscription}",
+                         f"--bq_dataset={stack.project}:{dataset}",
+                         f"--output_prefix={stack.output_prefix}/{dataset}", "--window_secs=1")
+    try:
+        assert wait_until(lambda: "following" in (follower.stderr.readline() or ""), 60)
+        _notify(stack, topic, crop, f"incoming/results/{dataset}/{tile_id}.tif")
+        out, err = follower.communicate(timeout=320)
+    finally:
+        stop_stream(child)
+        if follower.poll() is None:
+            follower.kill()
+    assert follower.returncode == 0, err
+    [line] = out.splitlines()
+    event = json.loads(line)
+    assert event["tile_id"] == tile_id and event["outcome"] == "answered", line
+    assert event["attributes"]["tile_id"] == tile_id
+    jsonschema.validate({k: v for k, v in event.items() if k != "attributes"}, SCHEMA)
