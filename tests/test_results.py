@@ -107,7 +107,8 @@ def test_a_mixed_run_publishes_one_event_per_answer_equal_to_the_tables(stack, m
     announce.publish(stack.publisher(), topic, *announce.gcs_notification(
         stack.bucket, names[3], generation))  # the duplicate
     _notify(stack, topic, other, names[0])  # a second generation of good-0
-    second = start_stream(stack, model_uri, log, *args)
+    metrics = tmp_path / "metrics.json"
+    second = start_stream(stack, model_uri, log, *args, f"--metrics_file={metrics}")
     tile_ids = {Path(n).stem for n in names}
 
     def answers() -> dict:
@@ -129,6 +130,9 @@ def test_a_mixed_run_publishes_one_event_per_answer_equal_to_the_tables(stack, m
     finally:
         stop_stream(second)
     assert done, (inbox.messages, log.read_text(errors="replace")[-3000:])
+    counts = json.loads(metrics.read_text())  # the check's cost (docs/results.md)
+    print(f"second stream: {counts.get('tiles_written')} tiles, {counts.get('results_checks')} "
+          f"check queries, {counts.get('results_published')} events published")
     for message in inbox.messages:
         jsonschema.validate(message["data"], SCHEMA)
     by_id: dict[str, list[dict]] = {}
