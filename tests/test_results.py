@@ -67,6 +67,56 @@ def test_the_schema_is_a_valid_json_schema_and_refuses_a_globe_of_nonsense():
                              "outcome": "answered", "tile_id": "x"}, SCHEMA)
 
 
+def _pending(generation: str = "2", release: str = "0.3.0", since: float = 0.0):
+    from transforms.results import Pending
+
+    return Pending("t", generation, f"row-{generation}", release, "live",
+                   f"2026-01-0{generation}T00:00:00+00:00", since, footprint="POLYGON((0 0, "
+                   "1 0, 1 1, 0 0))")
+
+
+def _answer(generation: str, release: str = "0.3.0") -> dict:
+    return {"row_id": f"row-{generation}", "release": release, "read_role": "live",
+            "tile_generation": generation,
+            "generation_time": f"2026-01-0{generation}T00:00:00+00:00"}
+
+
+@pytest.mark.parametrize(("answer", "readable", "now", "verdict"), [
+    (None, True, 10.0, "wait"),  # the tile has no whole answer yet
+    (None, True, 1000.0, "expired"),  # ... and never had one within the bound
+    (_answer("2"), True, 10.0, "publish"),
+    (_answer("2"), False, 10.0, "wait"),  # whole in BigQuery, COG or STAC Item not there yet
+    (_answer("2", release="0.2.0"), True, 10.0, "settled"),  # blue wrote this version first
+    (_answer("3"), True, 10.0, "settled"),  # a newer generation answers the tile
+    (_answer("1"), True, 10.0, "wait"),  # an older one answers until this one is whole
+])
+def test_a_waiting_answer_is_published_only_as_the_tiles_readable_answer(answer, readable, now,
+                                                                        verdict):
+    from transforms.results import decide
+
+    decision = decide([_pending()], {"t": answer} if answer else {}, lambda _: readable, now,
+                      wait_secs=900)
+    got = {name for name in ("publish", "wait", "settled", "expired")
+           if getattr(decision, name)}
+    assert got == {verdict}
+
+
+def test_letters_are_refusals_of_the_input_or_failures_of_the_stream_with_every_id():
+    from transforms.records import DeadLetter
+    from transforms.results import letter_event
+
+    parse = letter_event(DeadLetter("parse", "not JSON", "m1", time=1.0), "0.3.0")
+    failed = letter_event(DeadLetter("inference", "model refused", "m2", "t", time=1.0,
+                                     message_ids=("m2", "m3")), "0.3.0")
+    assert parse.payload["outcome"] == "refused" and parse.payload["source_message_ids"] == ["m1"]
+    assert failed.payload["outcome"] == "dead_lettered"
+    assert failed.payload["source_message_ids"] == ["m2", "m3"]
+    for event in (parse, failed):
+        jsonschema.validate(event.payload, SCHEMA)
+    again = letter_event(DeadLetter("parse", "not JSON", "m1", time=2.0), "0.3.0")
+    assert again == parse  # the same letter, later: the same id and the same payload
+
+
 def _notify(stack, topic: str, path: Path, name: str) -> tuple[str, int]:
     generation = announce.upload(stack.storage(), str(path), stack.bucket, name)[1]
     return announce.publish(stack.publisher(), topic, *announce.gcs_notification(

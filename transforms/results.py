@@ -147,9 +147,8 @@ def letter_event(letter: DeadLetter, release: str) -> ResultEvent:
     ident = event_id(outcome, letter.tile_id, letter.stage, letter.reason, *ids)
     payload = {"schema": SCHEMA_ID, "event_id": ident, "outcome": outcome,
                "tile_id": letter.tile_id or None, "stage": letter.stage,
-               "reason": letter.reason, "source_message_ids": ids,
-               "time": _rfc3339(dt.datetime.fromtimestamp(letter.time or 0, dt.UTC)),
-               "release": release}
+               "reason": letter.reason, "source_message_ids": ids, "release": release}
+    # No time in it: a replayed letter is the same event (the message's publish time says when).
     attributes = {"outcome": outcome}
     if letter.tile_id:
         attributes["tile_id"] = letter.tile_id
