@@ -25,6 +25,7 @@ from transforms.drift_watch import FlagDriftChanges
 from transforms.granules import AssembleGranules
 from transforms.guards import InputAllowList
 from transforms.inference import ScoreChips
+from transforms.results import PublishResults, check_secs
 from transforms.routing import AssignModels
 from transforms.sinks import (
     CHANGE_SCHEMA,
@@ -105,7 +106,16 @@ def build(p: beam.Pipeline, o: TileStreamOptions, card: ModelCard, tables: BigQu
                    | "ChangeRowFailures" >> BigQueryFailures())
 
     tile_failures = tile_writes.failed_rows_with_errors | "TileRowFailures" >> BigQueryFailures()
-    ((parsed.dead_letters, granules.dead_letters, *letters, chipped.dead_letters,
-      scored.dead_letters, assembled.dead_letters, chip_failures, tile_failures)
-     | "AllDeadLetters" >> beam.Flatten()
-     | "WriteDeadLetters" >> WriteDeadLetters(tables, o.output_prefix, o.release))
+    all_letters = ((parsed.dead_letters, granules.dead_letters, *letters, chipped.dead_letters,
+                    scored.dead_letters, assembled.dead_letters, chip_failures, tile_failures)
+                   | "AllDeadLetters" >> beam.Flatten())
+    _ = all_letters | "WriteDeadLetters" >> WriteDeadLetters(tables, o.output_prefix, o.release)
+    if o.results_topic:  # events for consumers, once what they say is readable
+        dataset = tables.tiles.rsplit(".", 1)[0].replace(":", ".")
+        follower = (registry, card, start, o.channels_poll_secs) if registry else None
+        _ = ({"answers": assembled.tiles, "letters": all_letters}
+             | "PublishResults" >> PublishResults(
+                 o.results_topic, dataset, o.release, check_secs=check_secs(
+                     o.chip_rows_load_secs), wait_secs=o.results_wait_secs,
+                 streaming=streaming, follower_args=follower)
+             | "WriteResultDeadLetters" >> WriteDeadLetters(tables, o.output_prefix, o.release))

@@ -112,6 +112,10 @@ def configure(argv: list[str] | None, local: LocalEnvironment | None = None) -> 
         stack = local.prepare(options)
     if bool(o.subscription) == bool(o.input_glob):
         raise ConfigError("give exactly one input: --subscription (streaming) or --input_glob")
+    if o.input_glob and o.results_topic:
+        raise ConfigError("--results_topic publishes a stream's answers as they become readable;"
+                          " a backfill (--input_glob) publishes no events: its consumers read "
+                          "the tables once it has ended (docs/results.md)")
     if o.input_glob and "://" not in o.input_glob:  # read, and allowed, where the user stands
         o.input_glob = os.path.abspath(o.input_glob)
     if not o.bq_dataset or not o.output_prefix:

@@ -42,6 +42,9 @@ def flag(value: str) -> bool:
 # pipeline/graph.py), `tilestream slo` and docs/operations.md use it; kept here, free of Beam, so
 # that the command line shows it without importing Beam.
 LATENCY_SLO_S = 120.0
+# How long an answer's event waits for the answer to be readable (chip rows arrive by load job
+# every --chip_rows_load_secs, 180 s on BigQuery): well past several loads, then dead-lettered.
+RESULTS_WAIT_SECS = 900.0
 # How often a stream re-reads the registry's channels: the bound on every channels change taking
 # effect (a promotion, a rollback, a blue-green cut-over).
 CHANNELS_POLL_SECS = 30.0
@@ -174,6 +177,16 @@ class TileStreamArguments:
                              "BigQuery (1,500 load jobs per table per day, shared by the "
                              "stream, a blue-green trial and backfills), 2 on the local stack. "
                              "Tile rows and dead letters always stream.")
+        outputs.add_argument("--results_topic", default=None,
+                             help="Pub/Sub topic (projects/P/topics/T) the stream publishes one "
+                             "event to per outcome consumers read: a tile answered (once its "
+                             "rows, COG and STAC Item are readable), refused or dead-lettered "
+                             "(docs/results.md). A shadow or green job publishes nothing. "
+                             "Default: none (the local stack passes its own).")
+        outputs.add_argument("--results_wait_secs", type=float, default=RESULTS_WAIT_SECS,
+                             help="How long an answer may wait for its chip rows, COG and "
+                             "STAC Item to be readable before its event is dead-lettered "
+                             "instead of published.")
         outputs.add_argument("--confidence_band", type=flag, nargs="?", const=True,
                              default=False,
                              help="Add a confidence band (percent) to each prediction COG "

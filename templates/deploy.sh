@@ -66,6 +66,7 @@ parameters() {  # parameters SUBSCRIPTION
   extra="subscription=$1,bq_dataset=$(tf_output bq_dataset),release=$RELEASE"
   extra+=",input_buckets=$(tf_output input_buckets)"
   extra+=",output_prefix=$(tf_output output_prefix),model_registry=$(registry)"
+  extra+=",results_topic=$(tf_output results_topic)"
   if [[ $IMAGE_KIND == gpu ]]; then
     extra+=",device=GPU,accelerator=type:${GPU};count:1;install-nvidia-driver"
   else

@@ -23,7 +23,7 @@ def tilestream(*args: str, **kwargs) -> subprocess.CompletedProcess:
 def test_help_lists_the_verbs():
     out = tilestream("--help").stdout
     for verb in ("run", "announce", "demo", "local", "smoke", "check", "stac", "status", "schemas",
-                 "model"):
+                 "follow", "model"):
         assert f"    {verb} " in out
 
 

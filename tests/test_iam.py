@@ -172,6 +172,7 @@ def test_the_local_stack_uses_the_terraforms_names(stack):
     assert tf.attribute("google_pubsub_subscription.tiles", "id") == stack.subscription_path
     assert tf.attribute("google_pubsub_subscription.tiles_b", "id") == stack.subscription_b_path
     assert tf.attribute("google_pubsub_topic.tiles", "id") == stack.topic_path
+    assert tf.attribute("google_pubsub_topic.results", "id") == stack.results_topic_path
     assert tf.attribute("google_bigquery_dataset.tilestream", "dataset_id") == stack.dataset
     assert stack.output_prefix.endswith("/" + tf.values["output_prefix"].rstrip("/"))
     assert stack.registry_prefix.endswith("/" + tf.values["registry_prefix"].rstrip("/"))

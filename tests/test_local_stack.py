@@ -37,7 +37,7 @@ def test_pubsub_publish_then_pull_keeps_data_and_attributes(stack):
 
 def test_stack_created_the_streams_resources(stack):
     topics = {t.name for t in stack.publisher().list_topics(project=f"projects/{stack.project}")}
-    assert {stack.topic_path, stack.dead_letter_topic_path} <= topics
+    assert {stack.topic_path, stack.dead_letter_topic_path, stack.results_topic_path} <= topics
     sub = stack.subscriber().get_subscription(subscription=stack.subscription_path)
     assert sub.topic == stack.topic_path
     assert stack.storage().lookup_bucket(stack.bucket) is not None

@@ -131,6 +131,7 @@ def deployment(tmp_path):
         "subscription": SUBSCRIPTION,
         "input_buckets": "gs://tilestream-prod-tilestream-tiles/incoming",
         "output_prefix": "gs://tilestream-prod-tilestream-tiles/output",
+        "results_topic": "projects/tilestream-prod/topics/tilestream-results",
         "dataflow_bucket": "tilestream-prod-dataflow",
         "image_repository": "us-central1-docker.pkg.dev/tilestream-prod/tilestream",
         "worker_service_account": "worker@tilestream-prod.iam.gserviceaccount.com"})

@@ -45,6 +45,8 @@ EXAMPLES = {
     "max_batch_size": ("64", "0"),
     "max_batch_duration_secs": ("10", "1.5"),
     "chip_rows_load_secs": ("60", "1m"),
+    "results_topic": ("projects/p/topics/tilestream-results", "tilestream-results"),
+    "results_wait_secs": ("900", "15m"),
     "confidence_band": ("true", "yes"),
     "change_rules": ("gs://tilestream-prod-config/change_rules.json", "/etc/change_rules.json"),
     "change_history": ("8", "0"),

@@ -50,6 +50,8 @@ def prepare(options: PipelineOptions) -> local_stack.LocalStack:
     o.output_prefix = o.output_prefix or stack.output_prefix
     o.input_buckets = o.input_buckets or f"gs://{stack.bucket}"
     gcp.temp_location = gcp.temp_location or stack.temp_location
+    if o.results_topic is None and not o.input_glob:  # a backfill publishes no events
+        o.results_topic = stack.results_topic_path
     if o.chip_rows_load_secs is None:
         o.chip_rows_load_secs = LOCAL_LOAD_SECS
     if o.max_chips_in_flight is None and not o.input_glob:

@@ -55,7 +55,7 @@ import types
 from collections.abc import Callable
 from typing import Any
 
-from pipeline.local.identity import IDENTITY, authorization
+from pipeline.local.identity import IDENTITY, authorization, current_identity
 from pipeline.local.stack import LocalStack
 from transforms.process import Patch
 
@@ -107,7 +107,18 @@ def emulator_patches(stack: LocalStack) -> list[Patch]:
         get_service_credentials.__wrapped__ = original
         return get_service_credentials
 
+    def results_publisher(original):
+        def publisher_client():
+            return stack.publisher(identity=current_identity())
+
+        publisher_client.__wrapped__ = original
+        return publisher_client
+
     return [
+        Patch("results-publisher", "transforms.results:publisher_client", "93de996dab254535",
+              results_publisher, "the stream's result events go to the emulator, signed by "
+              "this process's identity (its publisher commits from threads of its own)",
+              required=True, package="tilestream", written_for=None),
         Patch("bigquery-apitools-client", "apache_beam.io.gcp.bigquery_tools:"
               "BigQueryWrapper._bigquery_client", "51177011e8870ba6", apitools_client,
               "Beam has no BigQuery endpoint option; table calls go to the emulator",

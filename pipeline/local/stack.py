@@ -75,6 +75,7 @@ class LocalStack:
     topic: str = f"{NAME}-tiles"
     subscription: str = f"{NAME}-tiles-sub"
     dead_letter_topic: str = f"{NAME}-tiles-dead-letter"
+    results_topic: str = f"{NAME}-results"
     pids: dict[str, int] = field(default_factory=dict)
 
     @property
@@ -125,6 +126,11 @@ class LocalStack:
     def dead_letter_subscription_path(self) -> str:
         """Where messages Pub/Sub gave up on wait to be read (``tilestream stats`` reports them)."""
         return f"projects/{self.project}/subscriptions/{self.dead_letter_topic}-sub"
+
+    @property
+    def results_topic_path(self) -> str:
+        """Where a local stream publishes its events (``--results_topic``, docs/results.md)."""
+        return f"projects/{self.project}/topics/{self.results_topic}"
 
     def env(self) -> dict[str, str]:
         """Environment that points Google clients, Beam and GDAL at this stack."""
@@ -472,12 +478,13 @@ def _wait_ready(stack: LocalStack) -> None:
 
 
 def ensure_resources(stack: LocalStack) -> None:
-    """Topic, dead-letter topic, subscription, bucket and dataset the pipeline needs."""
+    """Topics (tiles, dead letters, results), subscription, bucket and dataset the pipeline
+    needs."""
     from google.api_core.exceptions import AlreadyExists, Conflict
     from google.cloud import bigquery
 
     publisher = stack.publisher()
-    for topic in (stack.topic_path, stack.dead_letter_topic_path):
+    for topic in (stack.topic_path, stack.dead_letter_topic_path, stack.results_topic_path):
         try:
             publisher.create_topic(name=topic)
         except AlreadyExists:

@@ -2,7 +2,8 @@
 
 Verbs: run (the stream), announce (publish tiles), demo, local (the emulator stack), smoke
 (checks the stack with a minimal stream), check (a worker image before launch), stats (the
-books), stac (a static STAC catalog of the predictions), status (the stream at a glance), query
+books), follow (the result events as they arrive), stac (a static STAC catalog of the
+predictions), status (the stream at a glance), query
 (the shipped SQL by name), slo (SLO attainment and error budget), schemas (BigQuery JSON), iam,
 release, model (train, distill, evaluate, export; registry: publish, promote, canary, shadow,
 rollback, watch; drift). What a user reads is the help each parser carries, not this docstring.
@@ -160,6 +161,24 @@ def cmd_status(args) -> int:
     result = report(target, args.hours, args.subscription, registry)
     print(json.dumps(result, indent=2, sort_keys=True, default=str))
     return 0 if all(result.get("stack", {}).values()) else 1
+
+
+def cmd_follow(args) -> int:
+    from pipeline.ops.follow import follow
+
+    target = clients.resolve(args)
+    topic = args.topic or (target.stack.results_topic_path if target.stack is not None else None)
+    if not topic:
+        return _fail("follow", "--topic projects/P/topics/T is required without --local "
+                     "(Terraform's output results_topic)")
+    print(f"following {topic}" + (f" where {args.filter}" if args.filter else "")
+          + " (Ctrl-C stops)", file=sys.stderr, flush=True)
+    try:
+        follow(target.subscriber(), topic, filter_=args.filter, max_events=args.max_events,
+               timeout_s=args.timeout_secs)
+    except KeyboardInterrupt:
+        pass
+    return 0
 
 
 def cmd_announce(args) -> int:
@@ -490,6 +509,19 @@ def parser() -> argparse.ArgumentParser:
     clients.add_registry_argument(status, None, "model registry whose channels name the "
                                   "live, candidate and green (none: the rows alone)")
     status.set_defaults(func=cmd_status)
+
+    fol = verbs.add_parser("follow", help="print the stream's result events (answered, refused, "
+                           "dead-lettered, changed) as they arrive, one JSON object a line")
+    clients.add_arguments(fol, dataset=False)
+    fol.add_argument("--topic", default=None, help="the results topic (default with --local: "
+                     "the stack's; on GCP, Terraform's output results_topic)")
+    fol.add_argument("--filter", default="", help="a Pub/Sub subscription filter on the events' "
+                     "attributes, e.g. 'attributes.outcome = \"answered\"' (docs/results.md)")
+    fol.add_argument("--max_events", type=int, default=0,
+                     help="stop after this many events (0: never)")
+    fol.add_argument("--timeout_secs", type=float, default=0.0,
+                     help="stop after this many seconds (0: never)")
+    fol.set_defaults(func=cmd_follow)
 
     query = verbs.add_parser(
         "query", help="run a shipped SQL query by name and print its rows, one JSON object a line",

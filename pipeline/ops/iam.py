@@ -468,14 +468,17 @@ class Names:
     topic: str = "tilestream-tiles"
     subscription: str = "tilestream-tiles-sub"
     dead_letter_topic: str = "tilestream-tiles-dead-letter"
+    results_topic: str = "tilestream-results"  # tests' own results topics: "<name>-results-<id>"
 
     def production(self, resource: str) -> str:
         resource = re.sub(r"^(projects/[^/]+/datasets/)[^/]+", rf"\g<1>{self.dataset}",
                           resource)
         topic = re.match(r"^(projects/[^/]+/topics/)([^/]+)$", resource)
         if topic:
-            keep = topic.group(2).startswith(self.dead_letter_topic)
-            return topic.group(1) + (self.dead_letter_topic if keep else self.topic)
+            if topic.group(2).startswith(self.dead_letter_topic):
+                return topic.group(1) + self.dead_letter_topic
+            results = "-results" in topic.group(2) or topic.group(2) == self.results_topic
+            return topic.group(1) + (self.results_topic if results else self.topic)
         sub = re.match(r"^(projects/[^/]+/subscriptions/)([^/]+)$", resource)
         if sub:
             if sub.group(2).startswith(self.dead_letter_topic):

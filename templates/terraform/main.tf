@@ -94,6 +94,23 @@ resource "google_pubsub_subscription" "dead_letter" {
   message_retention_duration = "604800s"
 }
 
+# The stream's result events (docs/results.md): one message per outcome consumers read.
+resource "google_pubsub_topic" "results" {
+  name                       = "${var.name}-results"
+  message_retention_duration = "86400s"
+  depends_on                 = [google_project_service.apis]
+}
+
+# An example consumer: answers the model did not flag as drifted, filtered by Pub/Sub on the
+# events' attributes (a consumer of every event makes a subscription without a filter).
+resource "google_pubsub_subscription" "results_answered" {
+  name                       = "${var.name}-results-answered"
+  topic                      = google_pubsub_topic.results.id
+  filter                     = "attributes.outcome = \"answered\" AND attributes.drifted = \"false\""
+  ack_deadline_seconds       = 60
+  message_retention_duration = "604800s"
+}
+
 # Pub/Sub's service agent forwards undeliverable messages to the dead-letter topic.
 locals {
   pubsub_agent = "serviceAccount:service-${data.google_project.this.number}@gcp-sa-pubsub.iam.gserviceaccount.com"
@@ -261,6 +278,13 @@ resource "google_pubsub_subscription_iam_member" "worker_subscriber" {
   subscription = google_pubsub_subscription.tiles.id
   role         = "roles/pubsub.subscriber"
   member       = local.worker
+}
+
+# Publish the result events to their one topic, nothing else.
+resource "google_pubsub_topic_iam_member" "worker_publishes_results" {
+  topic  = google_pubsub_topic.results.id
+  role   = "roles/pubsub.publisher"
+  member = local.worker
 }
 
 resource "google_pubsub_subscription_iam_member" "worker_subscription_viewer" {

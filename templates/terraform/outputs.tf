@@ -2,6 +2,11 @@ output "subscription" {
   value = google_pubsub_subscription.tiles.id
 }
 
+output "results_topic" {
+  description = "--results_topic: the stream's result events (docs/results.md)."
+  value       = google_pubsub_topic.results.id
+}
+
 output "bq_dataset" {
   value = "${var.project}:${google_bigquery_dataset.tilestream.dataset_id}"
 }
