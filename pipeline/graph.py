@@ -113,7 +113,7 @@ def build(p: beam.Pipeline, o: TileStreamOptions, card: ModelCard, tables: BigQu
     if o.results_topic:  # events for consumers, once what they say is readable
         dataset = tables.tiles.rsplit(".", 1)[0].replace(":", ".")
         follower = (registry, card, start, o.channels_poll_secs) if registry else None
-        _ = ({"answers": assembled.tiles, "letters": all_letters}
+        _ = ({"answers": detected.answers, "changes": detected.changes, "letters": all_letters}
              | "PublishResults" >> PublishResults(
                  o.results_topic, dataset, o.release, check_secs=check_secs(
                      o.chip_rows_load_secs), wait_secs=o.results_wait_secs,
