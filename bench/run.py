@@ -192,6 +192,13 @@ def main() -> int:
         "stream": None if args.skip_stream else bench_stream(
             4 if args.quick else 8, args.model_uri, 32),
     }
+    import memory
+    import shuffle
+
+    # What crosses each shuffle and state boundary, and what one SDK process holds (issue 28).
+    results["shuffle"] = shuffle.run(3660)
+    results["shuffle_bytes_per_chip"] = results["shuffle"]["shuffle_bytes_per_chip"]
+    results["memory"] = memory.measure(3660)
     if not args.skip_scale:
         import scale
 
@@ -203,10 +210,10 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     (out / "RESULTS.md").write_text(markdown(results))
-    if results.get("scale"):  # the Dataflow cost model follows the measured rates
+    if results.get("scale"):  # the Dataflow cost model follows the measured rates and bytes
         import cost
 
-        (ROOT / "docs" / "performance.md").write_text(cost.markdown(results))
+        cost.main()
     print(markdown(results))
     return 0
 

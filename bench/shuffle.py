@@ -11,8 +11,10 @@ which pickles our records; state: the ``PickleCoder`` of the step's state spec):
 - ``strip_reports``: ``ByTile`` to the manifest merge (shuffle + its bag state).
 - ``predictions_to_assembly``: what ``RouteToStrips`` keys by strip and tile (shuffle), and
   the same elements held in ``AssembleStrips``' bag state until the strip is whole (state).
-- ``chip_rows``: the chip rows, as the insertAll path reshuffles them before the insert (with
-  load jobs, the default on BigQuery, only file names cross: an upper bound).
+- ``chip_rows``: with load jobs (the default on BigQuery) the rows are written to files in the
+  scoring stage and only a (table, file) pair per bundle crosses, counted as one per block;
+  with ``--chip_rows_load_secs=0`` (insertAll) Beam reshuffles every row before the insert:
+  ``shuffle_bytes_per_chip_insert_all`` counts those instead.
 
 Chip blocks (chipper -> model) are reported beside, not in the total: ``ChipStrips``,
 ``RunInference`` (without ``--max_batch_duration_secs``, whose keyed batching would shuffle
@@ -34,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 COUNTED = ("strip_tasks", "strip_reports", "predictions_to_assembly", "assembly_state",
-           "chip_rows")
+           "chip_rows")  # the default graph: chip rows by load jobs
 
 
 def predictions(path: Path, card, model) -> tuple:
@@ -111,15 +113,20 @@ def measure(path: Path, card, model, confidence: bool = False) -> dict:
                              len(pickled.encode(r)) for r in reports),
         "predictions_to_assembly": sum(len(keyed.encode(kv)) for kv in to_assembly),
         "assembly_state": sum(len(pickled.encode(kv[1])) for kv in to_assembly),
-        "chip_rows": sum(len(anything.encode(((manifest.tile.tile_id, i % 50), row)))
-                         for i, row in enumerate(rows)),
+        "chip_rows": len(scored) * len(anything.encode((
+            "project:dataset.chips", f"gs://bucket/temp/bq_load/{'0' * 32}/{'0' * 36}"))),
+        "chip_rows_insert_all": sum(len(anything.encode(((manifest.tile.tile_id, i % 50), row)))
+                                    for i, row in enumerate(rows)),
     }
     per_chip = {k: round(v / chips, 1) for k, v in measured.items()}
     blocks_bytes = sum(len(anything.encode(b)) for b in blocks)
+    counted = sum(measured[k] for k in COUNTED)
     return {
         "tile": f"{manifest.height}x{manifest.width}", "chips": chips,
         "confidence_band": confidence,
-        "shuffle_bytes_per_chip": round(sum(measured[k] for k in COUNTED) / chips, 1),
+        "shuffle_bytes_per_chip": round(counted / chips, 1),
+        "shuffle_bytes_per_chip_insert_all": round(
+            (counted - measured["chip_rows"] + measured["chip_rows_insert_all"]) / chips, 1),
         "per_boundary_bytes_per_chip": per_chip,
         "chip_blocks_bytes_per_chip_fused": round(blocks_bytes / chips, 1),
         "route_cpu_ms_per_chip": round(route_cpu / chips * 1000, 4),
