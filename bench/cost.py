@@ -258,6 +258,9 @@ def shuffle_section(results: dict) -> list[str]:
     """Bytes per chip at each boundary, the previous design's beside today's."""
     now, before = results["shuffle"], _before()
     lines = ["## What crosses the shuffle, per chip (3,660² tile, measured)", "",
+             f"Measured {now.get('when', 'with the run above')} by `bench/shuffle.py` "
+             "(`bench/run.py --shuffle-only` re-measures only this and the memory); before: "
+             "the same script on the previous design (`bench/shuffle_before.json`).", "",
              "| boundary | before (bytes/chip) | now (bytes/chip) |", "|---|---|---|"]
     for key, label in BOUNDARIES.items():
         was = (before or {}).get("per_boundary_bytes_per_chip", {}).get(key)
@@ -297,7 +300,8 @@ def worker_section(results: dict, prices: Prices, smallest: Worker) -> list[str]
     """Which CPU workers hold the stream, and the smallest one."""
     memory = results["memory"]
     lines = ["## The smallest always-on worker", "",
-             f"One SDK process, measured (`bench/memory.py`, 3,660² tile): the SDK harness with "
+             f"One SDK process, measured {memory.get('when', '')} (`bench/memory.py`, 3,660² "
+             "tile): the SDK harness with "
              f"the stream's modules (torch included) {memory['sdk_harness_mb']:,.0f} MB, the "
              f"model {memory['model_mb']:,.0f} MB, one strip's buffers (read, score, blend, "
              f"assemble; {memory['chips_in_strip']} chips) {memory['strip_buffers_mb']:,.0f} MB:"
