@@ -129,11 +129,18 @@ def blend_parts(parts: Iterable[StripPart], num_classes: int, height: int, width
     its parts. ``most``: the most chips that cover one pixel (sizes the sums)."""
     parts = list(parts)
     sums = np.zeros((num_classes + 1, height, width), sums_dtype(most))
+    shared = np.zeros(height + 1, bool)  # rows some part sent as sums
     for part in parts:
         for rows in part.sums:
             values = unpack(rows)
             sums[:, rows.first : rows.first + values.shape[1]] += values
-    classes, percent = finish(sums[:num_classes], sums[num_classes])
+            shared[rows.first : rows.first + values.shape[1]] = True
+    classes = np.full((height, width), NODATA_CLASS, np.uint8)
+    percent = np.full((height, width), NODATA_CONFIDENCE, np.uint8)
+    edges = np.flatnonzero(np.diff(np.concatenate([[False], shared])))
+    for top, bottom in zip(edges[::2], edges[1::2], strict=True):  # only the shared rows
+        classes[top:bottom], percent[top:bottom] = finish(sums[:num_classes, top:bottom],
+                                                          sums[num_classes, top:bottom])
     del sums
     for part in parts:
         if part.final is None:
