@@ -10,6 +10,10 @@ of those observations is the model's stated uncertainty. Everything else is an i
 here with its source: prices, the region's arrivals, the batch job overhead. GPU rates are
 assumptions until ``bench/gpu.sh`` runs on a CUDA machine (its results, when present in
 bench/gpu_results.json, cap the GPU worker's rate).
+
+Streaming Engine's share follows the **bytes per chip measured** at each shuffle and state
+boundary (``bench/shuffle.py``), and the always-on floor the **smallest worker** whose memory
+holds the measured SDK process (``bench/memory.py``) once per vCPU.
 """
 
 from __future__ import annotations
@@ -80,8 +84,17 @@ class Worker:
                 + self.disk_gb * prices.pd_standard_gb_h)
 
 
-WORKERS = (Worker("n1-standard-4", 4, 15.0), Worker("n1-standard-4 + T4", 4, 15.0, "T4"),
-           Worker("g2-standard-4 (L4)", 4, 16.0, "L4"))
+# CPU workers, smallest first. Shared-core types (e2-micro/small/medium, f1-micro, g1-small) are
+# left out: Dataflow does not cover them by its SLA (cloud.google.com/dataflow/docs/guides/
+# configure-worker-vm), and a stream that is always on is what the SLA is for.
+CPU_WORKERS = (Worker("n1-standard-1", 1, 3.75), Worker("n1-standard-2", 2, 7.5),
+               Worker("n1-standard-4", 4, 15.0))
+GPU_WORKERS = (Worker("n1-standard-4 + T4", 4, 15.0, "T4"),
+               Worker("g2-standard-4 (L4)", 4, 16.0, "L4"))
+WORKERS = CPU_WORKERS + GPU_WORKERS
+# Assumed, not measured here: what a Dataflow worker VM keeps for itself beside the SDK
+# processes (the OS, the runner harness and the logging and monitoring agents).
+VM_RESERVE_GB = 1.0
 MIN_WORKERS = 1  # a streaming job never scales below one worker
 # Assumed, not measured: a scheduled batch job pays its workers' boot, container pull, model load
 # and teardown each time; Dataflow bills worker time from start to stop.
@@ -194,17 +207,123 @@ def break_even_h(stream_total: float, worker: Worker, rate: float, region: Regio
     return HOURS_PER_MONTH / ((stream_total - work) / per_job)
 
 
-def prediction_bytes_per_chip() -> int:
-    """What a chip carries through the stream's shuffle to assembly: its class map and its
-    uint8 class probabilities (for blending overlaps)."""
-    import sys
+def bytes_per_chip(results: dict) -> float:
+    """What one chip puts through Streaming Engine: the bytes measured at every shuffle and state
+    boundary of the default graph (bench/shuffle.py, 3,660² tile)."""
+    return results["shuffle"]["shuffle_bytes_per_chip"]
 
-    sys.path.insert(0, str(ROOT))
-    from model.card import load_card
-    from pipeline.options import DEFAULT_MODEL_URI
 
-    card = load_card(DEFAULT_MODEL_URI)
-    return (card.num_classes + 1) * card.input.chip_size ** 2
+def worker_memory_gb(results: dict, worker: Worker) -> float:
+    """Memory a worker needs: one SDK process per vCPU at its measured peak, plus the VM's own."""
+    return worker.vcpus * results["memory"]["peak_mb"] / 1024 + VM_RESERVE_GB
+
+
+def smallest_worker(results: dict, prices: Prices) -> Worker:
+    """The cheapest always-on CPU worker whose memory holds what the stream measurably needs."""
+    fits = [w for w in CPU_WORKERS if worker_memory_gb(results, w) <= w.memory_gb]
+    return min(fits, key=lambda w: w.usd_per_hour(prices, "streaming"))
+
+
+def revisit_costs(results: dict, prices: Prices = Prices(), region: Region = Region()) -> dict:
+    """USD per revisit by worker type, central and the range the rate's spread gives."""
+    cpu = cpu_rate(results)
+    found = {}
+    for worker in WORKERS:
+        rate = cpu if worker.gpu is None else gpu_rate(results, cpu, worker.gpu)[0]
+        cost = [per_revisit(worker, r, region, prices, bytes_per_chip(results))
+                for r in (rate.central, rate.high, rate.low)]
+        found[worker.name] = {"central": round(cost[0], 3), "low": round(cost[1], 3),
+                              "high": round(cost[2], 3)}
+    return found
+
+
+BOUNDARIES = {  # bench/shuffle.py's boundaries, as a reader of the graph knows them
+    "strip_tasks": "strip tasks (`ByTask`, shuffle)",
+    "strip_reports": "strip reports (`ByTile`, shuffle + state)",
+    "predictions_to_assembly": "scoring -> assembly (`RouteToStrips` -> `AssembleStrips`, "
+                               "shuffle)",
+    "assembly_state": "assembly's strip state (`AssembleStrips` bag)",
+    "chip_rows": "chip rows (load jobs: one file name per bundle)",
+    "chip_rows_insert_all": "chip rows with `--chip_rows_load_secs=0` (insertAll reshuffle; "
+                            "not in the total)",
+}
+
+
+def _before() -> dict | None:
+    path = ROOT / "bench" / "shuffle_before.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def shuffle_section(results: dict) -> list[str]:
+    """Bytes per chip at each boundary, the previous design's beside today's."""
+    now, before = results["shuffle"], _before()
+    lines = ["## What crosses the shuffle, per chip (3,660² tile, measured)", "",
+             f"Measured {now.get('when', 'with the run above')} by `bench/shuffle.py` "
+             "(`bench/run.py --shuffle-only` re-measures only this and the memory); before: "
+             "the same script on the previous design (`bench/shuffle_before.json`).", "",
+             "| boundary | before (bytes/chip) | now (bytes/chip) |", "|---|---|---|"]
+    for key, label in BOUNDARIES.items():
+        was = (before or {}).get("per_boundary_bytes_per_chip", {}).get(key)
+        lines.append(f"| {label} | {'-' if was is None else f'{was:,.1f}'} | "
+                     f"{now['per_boundary_bytes_per_chip'][key]:,.1f} |")
+    total_before = (before or {}).get("shuffle_bytes_per_chip")
+    lines.append(f"| **total (`shuffle_bytes_per_chip`)** | "
+                 f"{'-' if total_before is None else f'{total_before:,.0f}'} | "
+                 f"**{now['shuffle_bytes_per_chip']:,.0f}** |")
+    if total_before:
+        lines += ["", f"One eighth of before is {total_before / 8:,.0f}: now is "
+                  f"**1/{total_before / now['shuffle_bytes_per_chip']:.0f}** of it. "]
+    else:
+        lines += [""]
+    lines[-1] += (
+        "Before, each chip's uint8 probabilities of every class crossed to assembly (cut into "
+        "the strips they overlap) and were kept in its state until the strip was whole. Now "
+        "each block of chips (one strip task) is blended where it is scored: the rows only its "
+        "chips cover cross as a compressed class map (and the confidence, with "
+        "`--confidence_band`), and only the rows it shares with the next block cross as "
+        "integer sums, which assembly adds; the COG is pixel-identical (tests/test_blend.py, "
+        "tests/test_shuffle.py). Chip blocks (chipper -> model, "
+        f"{now['chip_blocks_bytes_per_chip_fused']:,.0f} bytes a chip) never leave their "
+        "worker: `ChipStrips`, `RunInference` and `RouteToStrips` are one fused stage "
+        "(unless `--max_batch_duration_secs` makes the batching keyed).")
+    region, prices = Region(), Prices()
+    extra = (now["shuffle_bytes_per_chip_insert_all"] - now["shuffle_bytes_per_chip"])
+    lines += ["", "Chip rows by insertAll (`--chip_rows_load_secs=0`) would add "
+              f"{extra:,.0f} bytes a chip, US$"
+              f"{region.chips_per_revisit * extra / 1e9 * prices.streaming_engine_gb:.2f} a "
+              "revisit: the load jobs that are the default on BigQuery write the rows to files "
+              "in the scoring stage instead."]
+    return [*lines, ""]
+
+
+def worker_section(results: dict, prices: Prices, smallest: Worker) -> list[str]:
+    """Which CPU workers hold the stream, and the smallest one."""
+    memory = results["memory"]
+    lines = ["## The smallest always-on worker", "",
+             f"One SDK process, measured {memory.get('when', '')} (`bench/memory.py`, 3,660² "
+             "tile): the SDK harness with "
+             f"the stream's modules (torch included) {memory['sdk_harness_mb']:,.0f} MB, the "
+             f"model {memory['model_mb']:,.0f} MB, one strip's buffers (read, score, blend, "
+             f"assemble; {memory['chips_in_strip']} chips) {memory['strip_buffers_mb']:,.0f} MB:"
+             f" peak **{memory['peak_mb']:,.0f} MB**.", "",
+             "| worker | vCPUs | memory GB | needs GB | fits | USD/h (streaming) | "
+             "always-on USD/month |", "|---|---|---|---|---|---|---|"]
+    for worker in CPU_WORKERS:
+        need = worker_memory_gb(results, worker)
+        hourly = worker.usd_per_hour(prices, "streaming")
+        lines.append(f"| {worker.name} | {worker.vcpus} | {worker.memory_gb:g} | {need:.1f} | "
+                     f"{'yes' if need <= worker.memory_gb else 'no'} | {hourly:.3f} | "
+                     f"{_usd(MIN_WORKERS * hourly * HOURS_PER_MONTH)} |")
+    lines += ["", f"The smallest is **{smallest.name}** (run with `--machine_type="
+              f"{smallest.name}`). Dataflow takes any Compute Engine machine type for its "
+              "workers, custom ones included (cloud.google.com/dataflow/docs/guides/"
+              "configure-worker-vm); it recommends n1-standard-2 rather than n1-standard-4 "
+              "with Streaming Engine (cloud.google.com/dataflow/docs/streaming-engine), and its "
+              "SLA does not cover shared-core types (e2-micro/small/medium, f1, g1), which are "
+              "left out. With one vCPU a 3,660² tile takes the worker about "
+              f"{Region().chips_per_tile / cpu_rate(results).central:.0f} s alone; a burst "
+              "of tiles is what autoscaling is for.", ""]
+    return lines
 
 
 def _usd(x: float) -> str:
@@ -226,10 +345,11 @@ def _interval(hours: float | None) -> str:
 def markdown(results: dict, prices: Prices = Prices(), region: Region = Region()) -> str:
     seen = observations(results)
     cpu = cpu_rate(results)
-    bytes_per_chip = prediction_bytes_per_chip()
-    rates = {WORKERS[0].name: (cpu, "measured (the observations above)")}
-    for worker in WORKERS[1:]:
+    per_chip = bytes_per_chip(results)
+    rates = {w.name: (cpu, "measured (the observations above)") for w in CPU_WORKERS}
+    for worker in GPU_WORKERS:
         rates[worker.name] = gpu_rate(results, cpu, worker.gpu)
+    smallest = smallest_worker(results, prices)
     lines = [
         "# Performance and cost",
         "",
@@ -264,11 +384,15 @@ def markdown(results: dict, prices: Prices = Prices(), region: Region = Region()
         f"- The stream keeps at least {MIN_WORKERS} worker up; a batch job costs "
         f"{BATCH_JOB_OVERHEAD_MIN:g} worker-minutes of overhead (assumed); FlexRS starts a job "
         f"up to {FLEXRS_START_DELAY_H:g} h after it is submitted and takes no GPUs.",
-        f"- Streaming Engine: each chip's prediction ({bytes_per_chip:,} bytes: its class map "
-        "and uint8 class probabilities, which assembly needs to blend overlaps) crosses it once, "
-        "on its way to assembly; strip tasks, reports and rows are small beside it (an estimate "
-        "from the records' sizes, not a measurement).",
+        f"- Streaming Engine: **{per_chip:,.0f} bytes per chip**, measured: every element that "
+        "crosses a shuffle or is kept in state, encoded with the coder Beam uses for it "
+        "(`bench/shuffle.py`; see the next section).",
+        f"- Memory: one SDK process peaks at {results['memory']['peak_mb']:,.0f} MB "
+        f"(`bench/memory.py`); a worker runs one per vCPU and keeps {VM_RESERVE_GB:g} GB for "
+        "itself (assumed).",
         "",
+        *shuffle_section(results),
+        *worker_section(results, prices, smallest),
         "## Keeping the stream up for a month",
         "",
         "| worker | chips per vCPU-s | basis | USD/h | always-on USD/month | busy share of "
@@ -279,17 +403,17 @@ def markdown(results: dict, prices: Prices = Prices(), region: Region = Region()
     months = {}
     for worker in WORKERS:
         rate, basis = rates[worker.name]
-        month = streaming_month(worker, rate.central, region, prices, bytes_per_chip)
+        month = streaming_month(worker, rate.central, region, prices, per_chip)
         months[worker.name] = month
         tile_s = region.chips_per_tile / (rate.central * worker.vcpus)
         lines.append(
             f"| {worker.name} | {rate.central:,.0f} | {basis} | "
             f"{worker.usd_per_hour(prices, 'streaming'):.3f} | {_usd(month['always_on'])} | "
             f"{month['busy']:.1%} | {_usd(month['engine'])} | "
-            f"{_span(lambda r, w=worker: streaming_month(w, r, region, prices, bytes_per_chip)['total'], rate)} | "  # noqa: E501
-            f"{_span(lambda r, w=worker: per_revisit(w, r, region, prices, bytes_per_chip), rate)} | "  # noqa: E501
+            f"{_span(lambda r, w=worker: streaming_month(w, r, region, prices, per_chip)['total'], rate)} | "  # noqa: E501
+            f"{_span(lambda r, w=worker: per_revisit(w, r, region, prices, per_chip), rate)} | "
             f"{tile_s:.1f} s |")
-    cpu_worker = WORKERS[0]
+    cpu_worker = smallest
     stream_total = months[cpu_worker.name]["total"]
     lines += [
         "",
@@ -329,11 +453,14 @@ def markdown(results: dict, prices: Prices = Prices(), region: Region = Region()
         "",
         "## Reading it",
         "",
-        "- The always-on minimum dominates: the region's month of work keeps the one worker "
+        f"- The always-on floor is now one {smallest.name}: "
+        f"US${months[smallest.name]['always_on']:,.0f} a month, against "
+        f"US${months[CPU_WORKERS[-1].name]['always_on']:,.0f} for the n1-standard-4 it was "
+        f"priced on before. It still dominates: the region's month of work keeps the one worker "
         f"busy {months[cpu_worker.name]['busy']:.1%} of the time. The stream's bill is the "
         "price of being ready at any minute, not of the chips: a region "
         f"{0.7 / months[cpu_worker.name]['busy']:.0f} times larger would still keep the one "
-        "worker under 70 % busy.",
+        "worker under 70 % busy (autoscaling adds workers to a burst beyond that).",
         "- A GPU worker does not pay for itself at this arrival rate: it raises the always-on "
         "price while the CPU worker is mostly idle. It pays where the chips of a burst must be "
         "scored in seconds (the last column) or where the CPU worker saturates.",
@@ -349,7 +476,15 @@ def markdown(results: dict, prices: Prices = Prices(), region: Region = Region()
 
 
 def main() -> None:
-    results = json.loads((ROOT / "bench" / "results.json").read_text())
+    """docs/performance.md from bench/results.json, and the per-revisit costs back into it."""
+    path = ROOT / "bench" / "results.json"
+    results = json.loads(path.read_text())
+    costs = revisit_costs(results)
+    smallest = smallest_worker(results, Prices())
+    results["usd_per_revisit_by_worker"] = costs
+    results["smallest_worker"] = smallest.name
+    results["usd_per_revisit"] = costs[smallest.name]["central"]
+    path.write_text(json.dumps(results, indent=2) + "\n")
     (ROOT / "docs" / "performance.md").write_text(markdown(results))
 
 

@@ -117,7 +117,7 @@ def components(path: Path) -> dict[str, float]:
     from model.inference import off_the_main_thread
     from pipeline.options import DEFAULT_MODEL_URI
     from transforms import cog
-    from transforms.assemble import blend, strip_pieces
+    from transforms.blend import blend_parts, block_parts, overlaps
     from transforms.chips import MANIFESTS_TAG, ChipSettings, ChipTileFn
     from transforms.geometry import strip_bounds
     from transforms.inference import StudentModelHandler, block_input, to_prediction
@@ -166,17 +166,15 @@ def components(path: Path) -> dict[str, float]:
         bounds = strip_bounds(manifest.height, manifest.width, manifest.chip_size,
                               manifest.stride)
         by_strip: dict[int, list] = {}
-        for block in predicted:
-            for prediction in block.predictions:
-                for piece in strip_pieces(prediction):
-                    by_strip.setdefault(piece.strip, []).append(piece)
+        for block in predicted:  # blended where scored (RouteToStrips), then per strip
+            for part in block_parts(block.predictions, confidence=False):
+                by_strip.setdefault(part.strip, []).append(part)
         with tempfile.TemporaryDirectory() as tmp:
             uri = os.path.join(tmp, "tile.tif")
-            for j, pieces in sorted(by_strip.items()):
-                classes, _, _ = blend(pieces, card.num_classes,
-                                               bounds[j][1] - bounds[j][0], manifest.width,
-                                               overlaps=int(np.ceil(manifest.chip_size
-                                                                    / manifest.stride)) ** 2)
+            for j, parts in sorted(by_strip.items()):
+                classes, _, _ = blend_parts(parts, card.num_classes,
+                                            bounds[j][1] - bounds[j][0], manifest.width,
+                                            overlaps(manifest.chip_size, manifest.stride))
                 cog.write_piece(manifest, j, classes, None, cog.piece_uri(uri, j), tmp)
             cog.stitch(manifest, card, uri, sorted(by_strip), False, tmp)
 

@@ -1,6 +1,6 @@
 """TileStream benchmarks: chipping memory and speed, inference throughput, the local stream.
 
-    .venv/bin/python bench/run.py [--quick] [--device CPU|GPU] [--skip-stream]
+    .venv/bin/python bench/run.py [--quick] [--device CPU|GPU] [--skip-stream] [--shuffle-only]
 
 Writes bench/results.json (raw numbers and the machine) and bench/RESULTS.md (tables). The
 machines here are shared and noisy: compare ratios measured in one run, not absolute numbers
@@ -160,6 +160,29 @@ def markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def measure_shuffle(results: dict) -> None:
+    """What crosses each shuffle and state boundary, and what one SDK process holds."""
+    import memory
+    import shuffle
+
+    when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    results["shuffle"] = {**shuffle.run(3660), "when": when}
+    results["shuffle_bytes_per_chip"] = results["shuffle"]["shuffle_bytes_per_chip"]
+    results["memory"] = {**memory.measure(3660), "when": when}
+
+
+def shuffle_only(out: Path) -> int:
+    import cost
+
+    path = out / "results.json"
+    results = json.loads(path.read_text())
+    measure_shuffle(results)
+    path.write_text(json.dumps(results, indent=2) + "\n")
+    cost.main()
+    print(json.dumps({k: results[k] for k in ("shuffle", "memory")}, indent=2))
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="GPU" if torch.cuda.is_available() else "CPU",
@@ -172,8 +195,13 @@ def main() -> int:
     parser.add_argument("--skip-map", action="store_true",
                         help="skip the map's tile speed (bench/map.py)")
     parser.add_argument("--out", default=str(ROOT / "bench"))
+    parser.add_argument("--shuffle-only", action="store_true",
+                        help="re-measure only the shuffle bytes and the worker memory into the "
+                        "existing results.json (its other figures keep their own run's date)")
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
+    if args.shuffle_only:
+        return shuffle_only(Path(args.out))
 
     card = load_card(args.model_uri)
     sizes = [(1024, 1024), (4096, 1024), (1024, 4096)] if args.quick else \
@@ -194,6 +222,7 @@ def main() -> int:
         "stream": None if args.skip_stream else bench_stream(
             4 if args.quick else 8, args.model_uri, 32),
     }
+    measure_shuffle(results)
     if not args.skip_scale:
         import scale
 
@@ -210,10 +239,10 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     (out / "RESULTS.md").write_text(markdown(results))
-    if results.get("scale"):  # the Dataflow cost model follows the measured rates
+    if results.get("scale"):  # the Dataflow cost model follows the measured rates and bytes
         import cost
 
-        (ROOT / "docs" / "performance.md").write_text(cost.markdown(results))
+        cost.main()
     print(markdown(results))
     return 0
 

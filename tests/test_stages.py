@@ -27,6 +27,7 @@ from tests import tiles
 from transforms import announcements as ann
 from transforms import assemble, chips, inference, sinks
 from transforms.chip_cut import invalid_mask
+from transforms.geometry import own_strip, strip_bounds
 from transforms.guards import InputAllowList
 from transforms.records import (
     NODATA_CLASS,
@@ -323,7 +324,7 @@ def fake_predictions(path: Path, card: ModelCard, value_of) -> tuple:
 def run_assembly(card: ModelCard, out_dir: Path, chipped: Chipped, predictions, failed=(),
                  confidence: bool = False, time_out: bool = False):
     """Drive the three assembly steps by hand (route, strips, tile); (tile rows, letters)."""
-    route = assemble._RouteFn()
+    route = assemble._RouteFn(confidence)
     strips_fn = assemble._AssembleStripFn(card, str(out_dir), 60, True, confidence)
     tiles_fn = assemble._FinishTileFn(card, str(out_dir), 60, True, confidence)
     strips_fn.setup()
@@ -338,8 +339,8 @@ def run_assembly(card: ModelCard, out_dir: Path, chipped: Chipped, predictions, 
                 downstream.append(out)
 
     tile = chipped.manifest.tile
-    blocks = [PredictionBlock(tile, 0, tuple(predictions[i : i + 3]))  # any grouping will do
-              for i in range(0, len(predictions), 3)]
+    blocks = [PredictionBlock(tile, task, tuple(group))  # one block per strip task, as cut
+              for task, group in by_task(chipped.manifest, predictions).items()]
     failed_blocks = [ChipBlock(tile, 0, tuple(failed))] if failed else []
     for item in (chipped.manifest, *chipped.reports, *blocks, *failed_blocks):
         sort(route.process(item), to_strips)
@@ -357,6 +358,15 @@ def run_assembly(card: ModelCard, out_dir: Path, chipped: Chipped, predictions, 
     if time_out and tile_state["manifest_state"].read() is not None:
         sort(tiles_fn._timed_out(chipped.manifest.tile.key, **tile_state), rows)
     return rows, letters, tile_state
+
+
+def by_task(manifest: TileManifest, predictions) -> dict[int, list]:
+    """Predictions grouped as the chipper cuts blocks: one per strip task (its chip rows)."""
+    bounds = strip_bounds(manifest.height, manifest.width, manifest.chip_size, manifest.stride)
+    groups: dict[int, list] = {}
+    for prediction in predictions:
+        groups.setdefault(own_strip(prediction.chip.row, bounds), []).append(prediction)
+    return groups
 
 
 def class_counts(row: dict) -> list[int]:

@@ -233,17 +233,34 @@ DRAINED = "drained"  # the job's input ended (a drain) before its work on it was
 
 
 @dataclass(frozen=True)
-class StripPiece:
-    """The rows of one chip's prediction that fall in one output strip (``probabilities`` is
-    None for a chip the model failed on: it still counts towards the strip being complete)."""
+class PackedRows:
+    """Rows ``first .. first + shape[-2]`` of an output strip, the tile's full width, as
+    zlib-compressed bytes: class maps and sums are mostly runs, and these bytes are what a
+    Streaming Engine job pays for."""
+
+    first: int  # first row inside the strip
+    shape: tuple[int, ...]  # (layers, rows, width)
+    dtype: str
+    data: bytes
+
+
+@dataclass(frozen=True)
+class StripPart:
+    """What one block of scored (or failed) chips gives one output strip (transforms/blend.py).
+
+    Rows only this block's chips cover travel blended (``final``: the class map, and the
+    confidence when the raster has that band); rows that chips of a neighbouring block also
+    cover travel as integer sums (``sums``: the K class sums and the weight), which the strip
+    adds up, so the strip is pixel-identical to blending every chip at once. A block of failed
+    chips gives counts without pixels: its strips still count them.
+    """
 
     strip: int
-    own: bool  # the chip's own chip row is this strip: its chip is counted here, once
-    col: int
-    offset: int  # first row of the piece inside the strip
-    chip_index: int
-    probabilities: np.ndarray | None = None  # (K, h, w) uint8, p * 255
-    valid: np.ndarray | None = None  # (h, w) bool
+    chips: int  # chips of the block that overlap the strip: what the strip waits for
+    own: int  # ... counted in this strip (their first row falls in it), once each
+    own_failed: int = 0  # ... of those, chips the model failed on
+    final: PackedRows | None = None  # uint8 (1 or 2, rows, width): classes [, confidence %]
+    sums: tuple[PackedRows, ...] = ()  # (K + 1, rows, width): class sums, then the weight
 
 
 @dataclass(frozen=True)
