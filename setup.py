@@ -26,7 +26,7 @@ setup(
     description="Event-driven scoring of satellite tiles with a distilled student model on Beam",
     python_requires=">=3.11",
     packages=RUNTIME_PACKAGES,
-    package_data={"model": ["artifacts/*/*/*"]},
+    package_data={"model": ["artifacts/*/*/*"], "transforms": ["sql/*.sql"]},
     include_package_data=True,
     install_requires=[
         f"apache-beam[gcp]=={BEAM_VERSION}",

@@ -1,4 +1,4 @@
-"""One meaning of "answered" (pipeline/ops/sql/answered.sql), read alike by every reader.
+"""One meaning of "answered" (transforms/sql/answered.sql), read alike by every reader.
 
 One set of emulator rows of every kind -- live, shadow, canary, a tile a chip row short, events,
 dead letters, a re-uploaded tile (two generations), the cut-over overlap of two releases with a

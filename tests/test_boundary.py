@@ -105,6 +105,8 @@ def test_setup_py_ships_exactly_the_runtime_to_workers(staged):
     cards = {n for n in staged if n.endswith("model_card.json")}
     assert {str(p.relative_to(ROOT)) for p in (ROOT / "model" / "artifacts").rglob(
         "model_card.json")} == cards
+    # The one definition of "answered" ships: the results publisher composes its check from it.
+    assert "transforms/sql/answered.sql" in staged
 
 
 def test_model_verbs_work_without_the_train_extra(tmp_path):

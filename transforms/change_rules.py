@@ -14,10 +14,9 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from transforms.answered import ANSWER_ROLES
 from transforms.guards import safe_id
 
-# Roles whose rows are answers (answered.sql's tile_answers reads the same two): only they fire.
-ANSWER_ROLES = ("live", "canary")
 DIRECTIONS = ("gain", "loss")
 
 # The shipped rules: new water (a flood, a filled reservoir), water gone (a drought), and

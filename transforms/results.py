@@ -1,7 +1,7 @@
 """Results out as events: one Pub/Sub message per outcome a consumer reads (docs/results.md).
 
 ``answered``: a live or canary tile answer, published only once a consumer can read all of it:
-its tile row is THE answer of the tile (``tile_answers`` of ``pipeline/ops/sql/answered.sql``,
+its tile row is THE answer of the tile (``tile_answers`` of ``transforms/sql/answered.sql``,
 which also requires every chip row; chip rows arrive by load job, after the tile row) and its
 COG and STAC Item exist. Answers wait in keyed state (a few shard keys) and are checked in
 batches: one query per shard every ``check_secs`` while any waits, the payload built from the
@@ -35,6 +35,7 @@ from apache_beam.metrics import Metrics
 from apache_beam.transforms.userstate import BagStateSpec, ReadModifyWriteStateSpec, on_timer
 
 from transforms import timeouts
+from transforms.answered import ANSWER_ROLES
 from transforms.deadletter import DEAD_LETTER_TAG, dead_letter
 from transforms.records import DEAD_LETTER, DeadLetter
 
@@ -45,11 +46,10 @@ ANSWERED, REFUSED, DEAD_LETTERED, CHANGED = "answered", "refused", "dead_lettere
 # Stages whose dead letters are about the input itself (the stream refused it); every other
 # stage's are the stream failing to answer.
 INPUT_STAGES = frozenset({"parse", "granules", "chips"})
-ANSWER_ROLES = ("live", "canary")  # as answered.sql's tile_answers: shadow rows never answer
 SHARDS = 4  # keys the waiting answers are spread over: one check query per shard
 PUBLISH_DEADLINE_S = 60.0
 
-# The check, derived from THE definition of an answer (answered.sql via queries.compose): the
+# The check, derived from THE definition of an answer (transforms/answered.py): the
 # answer of each waiting tile id, bounded by the earliest event time waiting.
 CHECK_SQL = """WITH {answered since @since}
 SELECT * EXCEPT (footprint) FROM tile_answers WHERE tile_id IN UNNEST(@tile_ids)"""
@@ -351,7 +351,7 @@ class _AwaitAnswersFn(beam.DoFn):
     def _answers(self, pending: list[Pending]) -> dict[str, Mapping[str, Any]]:
         from google.cloud import bigquery
 
-        from pipeline.ops.queries import compose
+        from transforms.answered import compose
 
         project = self._dataset.split(".")[0]
         if self._bq is None:

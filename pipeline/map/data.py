@@ -4,7 +4,7 @@ subscribe to yet): each recent tile once, with its outcome.
 Outcomes, one meaning each, in this order of precedence:
 ``changed`` (a row of the ``changes`` table names the tile; none while that table does not exist),
 ``drifted`` (the answer's own ``drifted`` flag), ``answered`` (the tile's one answer,
-``tile_answers`` of pipeline/ops/sql/answered.sql), ``refused`` (a dead letter names the tile and
+``tile_answers`` of transforms/sql/answered.sql), ``refused`` (a dead letter names the tile and
 it has no answer; drawn where a tile row gives its footprint, otherwise listed without one).
 """
 

@@ -3,7 +3,7 @@
 "In" is counted where messages enter: the ``messages`` table gets one row per message the stream
 took in, before anything is done with it. Each message id then reaches one terminal disposition,
 wherever it is written: ``scored`` (its tile's answer carries it, as
-``pipeline/ops/sql/answered.sql`` defines it for every reader: a shadow's row alone is not an
+``transforms/sql/answered.sql`` defines it for every reader: a shadow's row alone is not an
 answer), ``dead_letter`` (a dead letter names every message it is about), ``superseded`` (a newer
 generation of its tile is answered, or the stream found it replaced before reading it),
 ``duplicate``, ``filtered``, ``replayed`` (the local journal published it again, as another id) or

@@ -5,7 +5,7 @@
 -- the partitioning column (event_time / time).
 
 -- name: slo_tiles
--- Tiles whose answer (pipeline/ops/sql/answered.sql: what users read, one per tile, never a
+-- Tiles whose answer (transforms/sql/answered.sql: what users read, one per tile, never a
 -- shadow's) landed in [@start, @end): count, fast (latency_s <= @latency_s), incomplete, good
 -- (fast and complete), chips, latency quantiles and the newest completion.
 WITH {answered since TIMESTAMP_SUB(@start, INTERVAL 2 DAY)},
@@ -221,7 +221,7 @@ ORDER BY side;
 -- (@green) took in from @since (its trial began) until @until (by then every worker of green
 -- answers live: its first `now live` event plus its channels poll), and every message green
 -- answered as shadow at any time of the trial, with who answers it as users read it
--- (pipeline/ops/sql/answered.sql): 'blue' (its tile's answer, or a newer generation's that
+-- (transforms/sql/answered.sql): 'blue' (its tile's answer, or a newer generation's that
 -- supersedes it, is a row of @blue -- or of an older release that recorded none; or one of
 -- @blue's events or dead letters), 'green' (the answer is a row of @green) or NULL: nobody yet.
 -- Green's rows before the cut-over are shadow, never an answer; its events and dead letters then

@@ -4,7 +4,7 @@
 -- @parameters.
 -- Every query filters or groups on the partitioning column (event_time) or the clustering
 -- columns (tile_id, model_version) where it can, so BigQuery prunes what it scans.
--- Every query reads the one definition of "answered" (pipeline/ops/sql/answered.sql; the loader
+-- Every query reads the one definition of "answered" (transforms/sql/answered.sql; the loader
 -- writes it where a query says `{answered since ...}`; docs/operations.md, "What 'answered'
 -- means"): the answer of a tile is, of its newest generation, the first whole row (every chip row
 -- in) written live or canary. A re-announced tile (a new generation), a replay, the cut-over
