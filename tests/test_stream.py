@@ -88,7 +88,8 @@ def run(stack, model_uri, tmp_path_factory):
             [sys.executable, "-m", "pipeline.ops.cli", "run", "--local",
              f"--stack_dir={stack.run_dir}", f"--model_uri={model_uri}",
              f"--metrics_file={metrics_file}", f"--min_valid_fraction={MIN_VALID}",
-             "--granule_timeout_secs=10", "--tile_timeout_secs=120",
+             # long enough for granule C's six bands on a loaded machine; D still expires
+             "--granule_timeout_secs=60", "--tile_timeout_secs=120",
              "--window_secs=2", "--max_batch_size=16"],
             stdout=log, stderr=subprocess.STDOUT)
     try:
