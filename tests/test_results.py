@@ -68,7 +68,7 @@ def test_the_schema_is_a_valid_json_schema_and_refuses_a_globe_of_nonsense():
 
 
 def _pending(generation: str = "2", release: str = "0.3.0", since: float = 0.0):
-    from transforms.results import Pending
+    from transforms.result_events import Pending
 
     return Pending("t", generation, f"row-{generation}", release, "live",
                    f"2026-01-0{generation}T00:00:00+00:00", since, footprint="POLYGON((0 0, "
@@ -92,7 +92,7 @@ def _answer(generation: str, release: str = "0.3.0") -> dict:
 ])
 def test_a_waiting_answer_is_published_only_as_the_tiles_readable_answer(answer, readable, now,
                                                                         verdict):
-    from transforms.results import decide
+    from transforms.result_events import decide
 
     decision = decide([_pending()], {"t": answer} if answer else {}, lambda _: readable, now,
                       wait_secs=900)
@@ -103,7 +103,7 @@ def test_a_waiting_answer_is_published_only_as_the_tiles_readable_answer(answer,
 
 def test_letters_are_refusals_of_the_input_or_failures_of_the_stream_with_every_id():
     from transforms.records import DeadLetter
-    from transforms.results import letter_event
+    from transforms.result_events import letter_event
 
     parse = letter_event(DeadLetter("parse", "not JSON", "m1", time=1.0), "0.3.0")
     failed = letter_event(DeadLetter("inference", "model refused", "m2", "t", time=1.0,

@@ -17,16 +17,15 @@ release is not live (green on trial), publishes nothing. Publishing is retried, 
 dead-lettered; it never holds scoring back: this is a branch of its own after the tile rows.
 """
 
+
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import json
 import logging
 import time
 import zlib
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping
 from typing import Any
 
 import apache_beam as beam
@@ -37,15 +36,20 @@ from apache_beam.transforms.userstate import BagStateSpec, ReadModifyWriteStateS
 from transforms import timeouts
 from transforms.deadletter import DEAD_LETTER_TAG, dead_letter
 from transforms.records import DEAD_LETTER, DeadLetter
+from transforms.result_events import (
+    ANSWER_ROLES,
+    Pending,
+    ResultEvent,
+    answer_event,
+    change_event,
+    decide,
+    letter_event,
+    pending_of,
+    utc_time,
+)
 
 LOG = logging.getLogger(__name__)
 STAGE = "results"
-SCHEMA_ID = "https://tilestream.dev/schemas/result-event/v1"
-ANSWERED, REFUSED, DEAD_LETTERED, CHANGED = "answered", "refused", "dead_lettered", "changed"
-# Stages whose dead letters are about the input itself (the stream refused it); every other
-# stage's are the stream failing to answer.
-INPUT_STAGES = frozenset({"parse", "granules", "chips"})
-ANSWER_ROLES = ("live", "canary")  # as answered.sql's tile_answers: shadow rows never answer
 SHARDS = 4  # keys the waiting answers are spread over: one check query per shard
 PUBLISH_DEADLINE_S = 60.0
 
@@ -57,172 +61,6 @@ SELECT * EXCEPT (footprint) FROM tile_answers WHERE tile_id IN UNNEST(@tile_ids)
 # cannot return a GEOGRAPHY beside the REPEATED classes in one row.)
 
 
-@dataclass(frozen=True)
-class Pending:
-    """An answer of this job waiting to be readable; enough to recognise its row."""
-
-    tile_id: str
-    tile_generation: str
-    row_id: str
-    release: str
-    role: str
-    event_time: str  # RFC 3339, the tile version's; bounds the check query
-    since: float  # when the publisher took it (epoch seconds)
-    location_key: str | None = None
-    changed: bool = False
-    footprint: str = ""  # WKT, as the row wrote it
-
-
-@dataclass(frozen=True)
-class ResultEvent:
-    """One Pub/Sub message: JSON ``payload`` and filterable string ``attributes``."""
-
-    event_id: str
-    payload: dict
-    attributes: tuple[tuple[str, str], ...]
-
-
-def event_id(*parts: object) -> str:
-    """A stable id: the same answer (or letter) always gets the same one."""
-    return hashlib.sha256("|".join(str(p) for p in parts).encode()).hexdigest()[:32]
-
-
-def _rfc3339(value: Any) -> str | None:
-    from transforms.stac import _time_text
-
-    return _time_text(value)
-
-
-def answer_event(row: Mapping[str, Any], location_key: str | None = None,
-                 changed: bool = False, footprint: str | None = None) -> ResultEvent:
-    """The ``answered`` event of an answer row as BigQuery returns it (or a tile row dict)."""
-    from transforms.geometry import footprint_geojson
-
-    role = row.get("role") or "live"
-    classes = sorted(row.get("classes") or [], key=lambda c: int(c["class_id"]))
-    total = sum(int(c["pixels"]) for c in classes)
-    location = row.get("location_key") or location_key
-    drifted = row.get("drifted")
-    ident = event_id(ANSWERED, row["tile_id"], row["tile_generation"], row["model_name"],
-                     row["model_version"], row.get("release") or "", role)
-    payload = {
-        "schema": SCHEMA_ID,
-        "event_id": ident,
-        "outcome": ANSWERED,
-        "tile_id": row["tile_id"],
-        "tile_generation": row["tile_generation"],
-        "acquired": _rfc3339(row.get("acquired")),
-        "footprint": footprint_geojson(str(footprint or row["footprint"])),
-        "model": {"name": row["model_name"], "version": row["model_version"]},
-        "release": row.get("release"),
-        "role": role,
-        "complete": bool(row["complete"]),
-        "classes": [{"class_id": int(c["class_id"]), "name": c["name"],
-                     "pixels": int(c["pixels"]), "area_m2": float(c["area_m2"]),
-                     "fraction": int(c["pixels"]) / total if total else 0.0}
-                    for c in classes],
-        "drifted": None if drifted is None else bool(drifted),
-        "raster_uri": row["raster_uri"],
-        "stac_uri": row.get("stac_uri"),
-        "published": _rfc3339(row["published"]),
-        "completed_at": _rfc3339(row["completed_at"]),
-        "latency_s": float(row["latency_s"]),
-        "location_key": location,
-        "changed": bool(changed),
-        "source_message_ids": list(row.get("source_message_ids") or []),
-    }
-    attributes = {"outcome": ANSWERED, "tile_id": row["tile_id"],
-                  "model": f"{row['model_name']}/{row['model_version']}",
-                  "drifted": "true" if drifted else "false",
-                  "changed": "true" if changed else "false"}
-    if location:
-        attributes["location"] = location
-    return ResultEvent(ident, payload, tuple(sorted(attributes.items())))
-
-
-def letter_event(letter: DeadLetter, release: str) -> ResultEvent:
-    """The ``refused`` or ``dead_lettered`` event of a dead letter."""
-    outcome = REFUSED if letter.stage in INPUT_STAGES else DEAD_LETTERED
-    ids = sorted(letter.message_ids or ((letter.message_id,) if letter.message_id else ()))
-    ident = event_id(outcome, letter.tile_id, letter.stage, letter.reason, *ids)
-    payload = {"schema": SCHEMA_ID, "event_id": ident, "outcome": outcome,
-               "tile_id": letter.tile_id or None, "stage": letter.stage,
-               "reason": letter.reason, "source_message_ids": ids, "release": release}
-    # No time in it: a replayed letter is the same event (the message's publish time says when).
-    attributes = {"outcome": outcome}
-    if letter.tile_id:
-        attributes["tile_id"] = letter.tile_id
-    return ResultEvent(ident, payload, tuple(sorted(attributes.items())))
-
-
-def change_event(row: Mapping[str, Any]) -> ResultEvent:
-    """The ``changed`` event of a ``changes`` row: the row itself is the payload."""
-    body = json.loads(json.dumps(dict(row), sort_keys=True, default=str))
-    ident = event_id(CHANGED, json.dumps(body, sort_keys=True))
-    attributes = {"outcome": CHANGED, "changed": "true"}
-    for key, name in (("location_key", "location"), ("tile_id", "tile_id")):
-        if body.get(key):
-            attributes[name] = str(body[key])
-    if body.get("model_name"):
-        attributes["model"] = f"{body['model_name']}/{body.get('model_version', '')}"
-    payload = {"schema": SCHEMA_ID, "event_id": ident, "outcome": CHANGED, **body}
-    return ResultEvent(ident, payload, tuple(sorted(attributes.items())))
-
-
-def pending_of(row: Mapping[str, Any], release: str, now: float) -> Pending | None:
-    """A tile row of this job as a waiting answer; None for a row that answers nobody."""
-    role = row.get("role") or "live"
-    if role not in ANSWER_ROLES:
-        return None
-    return Pending(row["tile_id"], row["tile_generation"], row["row_id"], release, role,
-                   str(row["event_time"]), now, row.get("location_key"),
-                   bool(row.get("changed", False)), str(row["footprint"]))
-
-
-@dataclass
-class Decision:
-    """What one check decided about the waiting answers."""
-
-    publish: list[tuple[Pending, Mapping[str, Any]]]
-    wait: list[Pending]
-    settled: list[tuple[Pending, str]]  # no event from this job, and why (not an error)
-    expired: list[tuple[Pending, str]]
-
-
-def _when(value: Any) -> dt.datetime:
-    if isinstance(value, dt.datetime):
-        return value if value.tzinfo else value.replace(tzinfo=dt.UTC)
-    stamp = dt.datetime.fromisoformat(str(value).replace("Z", "+00:00"))
-    return stamp if stamp.tzinfo else stamp.replace(tzinfo=dt.UTC)
-
-
-def decide(pending: Iterable[Pending], answers: Mapping[str, Mapping[str, Any]],
-           readable: Callable[[Mapping[str, Any]], bool], now: float,
-           wait_secs: float) -> Decision:
-    """Sort waiting answers by the tiles' answers as BigQuery gives them (``tile_answers``)."""
-    out = Decision([], [], [], [])
-    for p in pending:
-        answer = answers.get(p.tile_id)
-        if answer is not None:
-            mine = (answer["row_id"] == p.row_id and (answer.get("release") or "") == p.release
-                    and answer.get("read_role") == p.role)
-            if mine and readable(answer):
-                out.publish.append((p, answer))
-                continue
-            if not mine and answer["tile_generation"] == p.tile_generation:
-                out.settled.append((p, f"answered by release {answer.get('release')}"))
-                continue
-            if not mine and _when(answer["generation_time"]) > _when(p.event_time):
-                out.settled.append((p, f"superseded by generation {answer['tile_generation']}"))
-                continue
-        if now - p.since > wait_secs:
-            out.expired.append((p, (
-                f"tile {p.tile_id}@{p.tile_generation} not readable after {wait_secs:g}s (its "
-                "chip rows, COG or STAC Item missing, or not the tile's answer): no event "
-                "published")))
-        else:
-            out.wait.append(p)
-    return out
 
 
 def publisher_client() -> Any:
@@ -356,7 +194,7 @@ class _AwaitAnswersFn(beam.DoFn):
         project = self._dataset.split(".")[0]
         if self._bq is None:
             self._bq = bigquery_client(project)
-        since = min(_when(p.event_time) for p in pending) - dt.timedelta(seconds=1)
+        since = min(utc_time(p.event_time) for p in pending) - dt.timedelta(seconds=1)
         config = bigquery.QueryJobConfig(query_parameters=[
             bigquery.ScalarQueryParameter("since", "TIMESTAMP", since),
             bigquery.ArrayQueryParameter("tile_ids", "STRING",
@@ -378,31 +216,10 @@ def _readable(answer: Mapping[str, Any]) -> bool:
         return False
 
 
-class _PublishChangesFn(beam.DoFn):
-    """``changes`` rows -> ``changed`` events (a shadow job writes none)."""
-
-    def __init__(self, topic: str):
-        self._topic = topic
-        self.published = Metrics.counter("tilestream", "results_published")
-        self.failed = Metrics.counter("tilestream", "results_failed")
-
-    def setup(self):
-        self._publisher = _Publisher(self._topic)
-
-    def process(self, row: dict):
-        problem = self._publisher.publish(change_event(row))
-        if problem:
-            self.failed.inc()
-            yield dead_letter(STAGE, problem, tile_id=str(row.get("tile_id") or ""))
-        else:
-            self.published.inc()
-
-
-class _PublishLettersFn(beam.DoFn):
-    """Dead letters -> ``refused`` / ``dead_lettered`` events, only while this job's release
-    answers (``model.channels.release_role``): always without a registry; with one, as the
-    process's channels follower last read them. Any doubt is not live: a green job publishes
-    nothing."""
+class _ReleaseGatedFn(beam.DoFn):
+    """Publishes only while this job's release answers (``model.channels.release_role``):
+    always without a registry; with one, as the process's channels follower last read them. Any
+    doubt is not live: a green job on trial publishes nothing."""
 
     def __init__(self, topic: str, release: str, follower_args: tuple | None):
         self._topic, self._release, self._follower_args = topic, release, follower_args
@@ -428,15 +245,71 @@ class _PublishLettersFn(beam.DoFn):
         except Exception:
             return False
 
+    def _publish(self, event: ResultEvent, tile_id: str):
+        problem = self._publisher.publish(event)
+        if problem:
+            self.failed.inc()
+            yield dead_letter(STAGE, problem, tile_id=tile_id)
+        else:
+            self.published.inc()
+
+
+class _PublishChangesFn(_ReleaseGatedFn):
+    """``changes`` rows -> ``changed`` events, each once its row is queryable in the
+    ``changes`` table (the row is written by a branch beside this one: streaming inserts are
+    queryable once acknowledged, but nothing orders the two branches). A row of a shadow tile,
+    or of a job whose release is not live, publishes nothing; a row not queryable within
+    ``wait_secs`` is dead-lettered, never published."""
+
+    def __init__(self, topic: str, release: str, follower_args: tuple | None, dataset: str,
+                 check_secs: float, wait_secs: float):
+        super().__init__(topic, release, follower_args)
+        self._dataset, self._check, self._wait = dataset, check_secs, wait_secs
+
+    def setup(self):
+        super().setup()
+        self._bq = None
+
+    def process(self, row: dict):
+        if (row.get("role") or "live") not in ANSWER_ROLES or not self._live():
+            return
+        tile_id = str(row.get("after_tile_id") or "")
+        if not self._queryable(str(row["change_id"])):
+            self.failed.inc()
+            yield dead_letter(STAGE, f"change {row['change_id']} not queryable in the changes "
+                              f"table after {self._wait:g}s: no event published", tile_id=tile_id)
+            return
+        yield from self._publish(change_event(row), tile_id)
+
+    def _queryable(self, change_id: str) -> bool:
+        """Polls for the row (bounded by ``wait_secs``); an unreachable BigQuery is a no."""
+        from google.cloud import bigquery
+
+        project = self._dataset.split(".")[0]
+        config = bigquery.QueryJobConfig(query_parameters=[
+            bigquery.ScalarQueryParameter("id", "STRING", change_id)])
+        sql = f"SELECT 1 FROM `{self._dataset}.changes` WHERE change_id = @id LIMIT 1"
+        deadline = time.time() + self._wait
+        while True:
+            try:
+                if self._bq is None:
+                    self._bq = bigquery_client(project)
+                if list(self._bq.query(sql, job_config=config).result()):
+                    return True
+            except Exception as exc:
+                LOG.warning("results: checking change %s failed: %s", change_id, exc)
+            if time.time() >= deadline:
+                return False
+            time.sleep(self._check)
+
+
+class _PublishLettersFn(_ReleaseGatedFn):
+    """Dead letters -> ``refused`` / ``dead_lettered`` events, while this job's release is live."""
+
     def process(self, letter: DeadLetter):
         if letter.disposition != DEAD_LETTER or letter.stage == STAGE or not self._live():
             return
-        problem = self._publisher.publish(letter_event(letter, self._release))
-        if problem:
-            self.failed.inc()
-            yield dead_letter(STAGE, problem, tile_id=letter.tile_id)
-        else:
-            self.published.inc()
+        yield from self._publish(letter_event(letter, self._release), letter.tile_id)
 
 
 def check_secs(load_secs: int | None) -> float:
@@ -479,7 +352,8 @@ class PublishResults(beam.PTransform):
             self._topic, release, self._follower_args)).with_outputs(DEAD_LETTER_TAG, main="none")
         failed = [waiting[DEAD_LETTER_TAG], refusals[DEAD_LETTER_TAG]]
         if pcolls.get("changes") is not None:
-            failed.append((pcolls["changes"] | "PublishChanges" >> beam.ParDo(
-                _PublishChangesFn(self._topic)).with_outputs(DEAD_LETTER_TAG, main="none")
-                           )[DEAD_LETTER_TAG])
+            changes = pcolls["changes"] | "PublishChanges" >> beam.ParDo(_PublishChangesFn(
+                self._topic, release, self._follower_args, self._dataset, self._check,
+                self._wait)).with_outputs(DEAD_LETTER_TAG, main="none")
+            failed.append(changes[DEAD_LETTER_TAG])
         return failed | "ResultDeadLetters" >> beam.Flatten()
