@@ -47,6 +47,7 @@ from transforms.result_events import (
     pending_of,
     utc_time,
 )
+from transforms.sinks import stamped
 
 LOG = logging.getLogger(__name__)
 STAGE = "results"
@@ -279,7 +280,8 @@ class _PublishChangesFn(_ReleaseGatedFn):
             yield dead_letter(STAGE, f"change {row['change_id']} not queryable in the changes "
                               f"table after {self._wait:g}s: no event published", tile_id=tile_id)
             return
-        yield from self._publish(change_event(row), tile_id)
+        # The payload is the row as written: ``WriteRows`` stamps the release on it.
+        yield from self._publish(change_event(stamped(row, self._release)), tile_id)
 
     def _queryable(self, change_id: str) -> bool:
         """Polls for the row (bounded by ``wait_secs``); an unreachable BigQuery is a no."""
