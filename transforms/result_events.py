@@ -124,7 +124,7 @@ def change_event(row: Mapping[str, Any]) -> ResultEvent:
     body = json.loads(json.dumps(dict(row), sort_keys=True, default=str))
     ident = event_id(CHANGED, json.dumps(body, sort_keys=True))
     attributes = {"outcome": CHANGED, "changed": "true"}
-    for key, name in (("location_key", "location"), ("tile_id", "tile_id")):
+    for key, name in (("location_key", "location"), ("after_tile_id", "tile_id")):
         if body.get(key):
             attributes[name] = str(body[key])
     if body.get("model_name"):
