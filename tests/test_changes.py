@@ -456,6 +456,7 @@ def test_changed_events_follow_the_changes_rows_on_the_results_topic(stack, mode
         assert same(body, row), (body, row)
         assert event["footprint"].startswith("POLYGON")
         assert attributes["outcome"] == "changed" and attributes["location"] == "MGRS:25MCM"
+        assert attributes["tile_id"] == wet2 and attributes["changed"] == "true"
         assert attributes["event_id"] == event["event_id"]
 
     answers = {m["data"]["tile_id"]: m for m in inbox.of("answered")}

@@ -229,8 +229,10 @@ def test_a_mixed_run_publishes_one_event_per_answer_equal_to_the_tables(stack, m
 @pytest.mark.slow
 def test_a_green_job_on_trial_publishes_nothing(stack, model_uri, tmp_path):
     """Green before cut-over: its rows are shadow and its refusals not the books consumers
-    read, so neither an answered nor a refused event leaves it."""
+    read, so neither an answered nor a refused event leaves it, nor a changed one for a
+    location whose second acquisition gains water."""
     from tests.test_bluegreen import GREEN, Trial, _ok
+    from tests.test_changes import Scenario, granule, grid_tiles
 
     trial = Trial(stack, model_uri, tmp_path)
     results_topic, results_sub = results_subscription(stack, "green")
@@ -239,6 +241,10 @@ def test_a_green_job_on_trial_publishes_nothing(stack, model_uri, tmp_path):
     for i in range(2):
         _notify(stack, trial.topic, trial.crop, f"incoming/results/{trial.dataset}/g-{i}.tif")
     announce.publish(stack.publisher(), trial.topic, b"\x00 not json", {})
+    scenario = Scenario(stack, trial.topic, grid_tiles(tmp_path), trial.dataset)
+    dry, wet = granule("25MCP", 10), granule("25MCP", 20)
+    scenario.publish(dry, "dry", 10)
+    scenario.publish(wet, "wet", 20)
     green = start_stream(stack, model_uri, tmp_path / "green.log",
                          f"--subscription={trial.green_sub}",
                          f"--bq_dataset={stack.project}:{trial.dataset}",
@@ -250,7 +256,7 @@ def test_a_green_job_on_trial_publishes_nothing(stack, model_uri, tmp_path):
     def whole() -> bool:
         chips = query(stack, f"SELECT COUNT(DISTINCT tile_id) AS n FROM `{trial.dataset}.chips`")
         letters = query(stack, f"SELECT stage FROM `{trial.dataset}.dead_letters`")
-        return bool(chips and chips[0]["n"] >= 2 and letters)
+        return bool(chips and chips[0]["n"] >= 4 and letters)
 
     try:
         done = wait_until(whole, 240, green, every_s=2)
@@ -260,6 +266,7 @@ def test_a_green_job_on_trial_publishes_nothing(stack, model_uri, tmp_path):
         stop_stream(green)
     assert done, trial.log("green.log")
     assert {r["role"] for r in trial.rows("TRUE")} == {"shadow"}
+    assert {dry, wet} <= {r["tile_id"] for r in trial.rows("complete")}
     assert inbox.messages == []
 
 
