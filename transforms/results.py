@@ -34,6 +34,7 @@ from apache_beam.metrics import Metrics
 from apache_beam.transforms.userstate import BagStateSpec, ReadModifyWriteStateSpec, on_timer
 
 from transforms import timeouts
+from transforms.answer_sql import compose
 from transforms.deadletter import DEAD_LETTER_TAG, dead_letter
 from transforms.records import DEAD_LETTER, DeadLetter
 from transforms.result_events import (
@@ -54,7 +55,7 @@ STAGE = "results"
 SHARDS = 4  # keys the waiting answers are spread over: one check query per shard
 PUBLISH_DEADLINE_S = 60.0
 
-# The check, derived from THE definition of an answer (answered.sql via queries.compose): the
+# The check, derived from THE definition of an answer (answered.sql via answer_sql.compose): the
 # answer of each waiting tile id, bounded by the earliest event time waiting.
 CHECK_SQL = """WITH {answered since @since}
 SELECT * EXCEPT (footprint) FROM tile_answers WHERE tile_id IN UNNEST(@tile_ids)"""
@@ -115,6 +116,8 @@ class _AwaitAnswersFn(beam.DoFn):
     def __init__(self, topic: str, dataset: str, check_secs: float, wait_secs: float,
                  streaming: bool):
         self._topic, self._dataset = topic, dataset
+        # Composed here, when the pipeline is built: workers have no pipeline/ops/sql.
+        self._sql = compose(CHECK_SQL, dataset)
         self._check, self._wait, self._streaming = check_secs, wait_secs, streaming
         self.published = Metrics.counter("tilestream", "results_published")
         self.checks = Metrics.counter("tilestream", "results_checks")
@@ -190,8 +193,6 @@ class _AwaitAnswersFn(beam.DoFn):
     def _answers(self, pending: list[Pending]) -> dict[str, Mapping[str, Any]]:
         from google.cloud import bigquery
 
-        from pipeline.ops.queries import compose
-
         project = self._dataset.split(".")[0]
         if self._bq is None:
             self._bq = bigquery_client(project)
@@ -201,7 +202,7 @@ class _AwaitAnswersFn(beam.DoFn):
             bigquery.ArrayQueryParameter("tile_ids", "STRING",
                                          sorted({p.tile_id for p in pending}))])
         self.checks.inc()
-        rows = self._bq.query(compose(CHECK_SQL, self._dataset), job_config=config).result()
+        rows = self._bq.query(self._sql, job_config=config).result()
         return {row["tile_id"]: dict(row) for row in rows}
 
 

@@ -15,60 +15,18 @@ import re
 import sys
 from pathlib import Path
 
+from transforms.answer_sql import ANSWERED_FILE, compose, strip_comments  # noqa: F401
+from transforms.answer_sql import load_queries as _load_queries
+
 QUERIES_FILE = Path(__file__).resolve().parent / "sql" / "queries.sql"
 OPERATIONS_FILE = QUERIES_FILE.with_name("operations.sql")  # SLOs, live vs candidate
-ANSWERED_FILE = QUERIES_FILE.with_name("answered.sql")  # the one definition of "answered"
-_ANSWERED = re.compile(r"\{answered since ([^{}]+)\}")
 # The earliest rows a query that has no window of its own looks at: all of them.
 ALL_TIME = "TIMESTAMP '1970-01-01 00:00:00+00'"
 
 
-def strip_comments(sql: str) -> str:
-    """SQL without its ``--`` comments (outside string literals and quoted names). The BigQuery
-    emulator counts an ``@name`` inside a comment as a parameter to bind, so every query is sent
-    without them; BigQuery itself does not mind either way."""
-    out: list[str] = []
-    for line in sql.splitlines():
-        quote, escaped, kept = "", False, line
-        for i, char in enumerate(line):
-            if quote:
-                escaped, quote = (not escaped and char == "\\",
-                                  "" if char == quote and not escaped else quote)
-            elif char in "'\"`":
-                quote = char
-            elif line.startswith("--", i):
-                kept = line[:i].rstrip()
-                break
-        if kept.strip():
-            out.append(kept)
-    return "\n".join(out)
-
-
 def load_queries(path: Path = QUERIES_FILE) -> dict[str, str]:
-    """``-- name: x`` blocks -> {name: sql}; the SQL of a block runs up to the next name."""
-    queries: dict[str, str] = {}
-    for block in re.split(r"^-- name: ", path.read_text(), flags=re.MULTILINE)[1:]:
-        name, _, body = block.partition("\n")
-        queries[name.strip()] = strip_comments(body).strip().rstrip(";")
-    return queries
-
-
-def compose(sql: str, dataset: str) -> str:
-    """``sql`` with every ``{answered since EXPR}`` replaced by the definitions of
-    ``sql/answered.sql`` that ``sql`` reads (and those they read), bounded by EXPR, and
-    ``{dataset}`` by ``dataset`` (``project.dataset``)."""
-    blocks = load_queries(ANSWERED_FILE)  # in file order: a block reads only those above it
-    needed: set[str] = set()
-    for name in reversed(blocks):
-        if name in needed or re.search(rf"\b{name}\b", sql):
-            needed |= {name} | {n for n in blocks if re.search(rf"\b{n}\b", blocks[name])}
-
-    def definitions(match: re.Match) -> str:
-        since = f"({match.group(1).strip()})"
-        return ",\n".join(f"{name} AS (\n{body.replace('{since}', since)}\n)"
-                           for name, body in blocks.items() if name in needed)
-
-    return _ANSWERED.sub(definitions, sql).replace("{dataset}", dataset)
+    """``-- name: x`` blocks of ``path`` (this module's queries by default) -> {name: sql}."""
+    return _load_queries(path)
 
 
 _MISSING_TABLE = re.compile(r"Not found: Table ([\w.:-]+)")
