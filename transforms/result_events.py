@@ -188,3 +188,25 @@ def decide(pending: Iterable[Pending], answers: Mapping[str, Mapping[str, Any]],
         else:
             out.wait.append(p)
     return out
+
+
+@dataclass(frozen=True)
+class PendingChange:
+    """A ``changes`` row of this job waiting to be queryable (its event is the row as written)."""
+
+    row: dict
+    since: float  # when the publisher took it (epoch seconds)
+
+
+def decide_changes(pending: Iterable[PendingChange], found: set[str], now: float,
+                   wait_secs: float) -> tuple[list[PendingChange], list[PendingChange],
+                                              list[PendingChange]]:
+    """(publish, wait, expired): a change is published once its row is queryable (``found``:
+    the change ids the ``changes`` table returned), never after ``wait_secs`` without it."""
+    publish, wait, expired = [], [], []
+    for p in pending:
+        if p.row["change_id"] in found:
+            publish.append(p)
+        else:
+            (expired if now - p.since > wait_secs else wait).append(p)
+    return publish, wait, expired

@@ -40,10 +40,12 @@ from transforms.records import DEAD_LETTER, DeadLetter
 from transforms.result_events import (
     ANSWER_ROLES,
     Pending,
+    PendingChange,
     ResultEvent,
     answer_event,
     change_event,
     decide,
+    decide_changes,
     letter_event,
     pending_of,
     utc_time,
@@ -107,7 +109,8 @@ class _Publisher:
 
 
 class _AwaitAnswersFn(beam.DoFn):
-    """(shard, Pending) -> ``answered`` events published once readable; dead letters."""
+    """(shard, Pending | PendingChange) -> ``answered`` events once readable, ``changed``
+    events once their row is queryable; dead letters."""
 
     WALL_CLOCK, END_OF_INPUT = timeouts.timer_specs()
     WAITING = BagStateSpec("waiting", PickleCoder())
@@ -128,9 +131,9 @@ class _AwaitAnswersFn(beam.DoFn):
         self._publisher = _Publisher(self._topic)
         self._bq = None
 
-    def process(self, element: tuple[int, Pending], waiting=beam.DoFn.StateParam(WAITING),
-                armed=beam.DoFn.StateParam(ARMED), wall=beam.DoFn.TimerParam(WALL_CLOCK),
-                end=beam.DoFn.TimerParam(END_OF_INPUT)):
+    def process(self, element: tuple[int, Pending | PendingChange],
+                waiting=beam.DoFn.StateParam(WAITING), armed=beam.DoFn.StateParam(ARMED),
+                wall=beam.DoFn.TimerParam(WALL_CLOCK), end=beam.DoFn.TimerParam(END_OF_INPUT)):
         waiting.add(element[1])
         if not armed.read():
             armed.write(True)
@@ -162,10 +165,16 @@ class _AwaitAnswersFn(beam.DoFn):
         waiting.clear()
         armed.clear()
 
-    def _check_once(self, pending: list[Pending]):
-        """Check ``pending`` once (one query); publish, dead-letter; returns what waits."""
+    def _check_once(self, waiting: list):
+        """Check what waits once (a query for answers, one for changes); publish, dead-letter;
+        returns what still waits."""
+        changes = [w for w in waiting if isinstance(w, PendingChange)]
+        pending = [w for w in waiting if isinstance(w, Pending)]
+        left: list = []
+        if changes:
+            left += yield from self._check_changes(changes)
         if not pending:
-            return []
+            return left
         now = time.time()
         try:
             answers = self._answers(pending)
@@ -188,7 +197,41 @@ class _AwaitAnswersFn(beam.DoFn):
         for p, reason in decision.expired:
             self.failed.inc()
             yield dead_letter(STAGE, reason, tile_id=p.tile_id)
-        return decision.wait
+        return left + decision.wait
+
+    def _check_changes(self, changes: list[PendingChange]):
+        """The ``changes`` rows are written by streaming inserts in a branch beside this one;
+        a ``changed`` event goes out once its row is queryable, never before."""
+        from google.cloud import bigquery
+
+        now = time.time()
+        ids = sorted({c.row["change_id"] for c in changes})
+        try:
+            if self._bq is None:
+                self._bq = bigquery_client(self._dataset.split(".")[0])
+            config = bigquery.QueryJobConfig(query_parameters=[
+                bigquery.ArrayQueryParameter("ids", "STRING", ids)])
+            self.checks.inc()
+            found = {r["change_id"] for r in self._bq.query(
+                f"SELECT change_id FROM `{self._dataset}.changes` "
+                "WHERE change_id IN UNNEST(@ids)", job_config=config).result()}
+        except Exception as exc:  # BigQuery unreachable: wait (bounded), never publish blind
+            LOG.warning("results: checking %d changes failed: %s", len(ids), exc)
+            found = set()
+        publish, wait, expired = decide_changes(changes, found, now, self._wait)
+        for c in publish:
+            problem = self._publisher.publish(change_event(c.row))
+            if problem:
+                self.failed.inc()
+                yield dead_letter(STAGE, problem, tile_id=str(c.row.get("after_tile_id") or ""))
+            else:
+                self.published.inc()
+        for c in expired:
+            self.failed.inc()
+            yield dead_letter(STAGE, f"change {c.row['change_id']} not queryable in the changes "
+                              f"table after {self._wait:g}s: no event published",
+                              tile_id=str(c.row.get("after_tile_id") or ""))
+        return wait
 
     def _answers(self, pending: list[Pending]) -> dict[str, Mapping[str, Any]]:
         from google.cloud import bigquery
@@ -257,53 +300,14 @@ class _ReleaseGatedFn(beam.DoFn):
 
 
 class _PublishChangesFn(_ReleaseGatedFn):
-    """``changes`` rows -> ``changed`` events, each once its row is queryable in the
-    ``changes`` table (the row is written by a branch beside this one: streaming inserts are
-    queryable once acknowledged, but nothing orders the two branches). A row of a shadow tile,
-    or of a job whose release is not live, publishes nothing; a row not queryable within
-    ``wait_secs`` is dead-lettered, never published."""
-
-    def __init__(self, topic: str, release: str, follower_args: tuple | None, dataset: str,
-                 check_secs: float, wait_secs: float):
-        super().__init__(topic, release, follower_args)
-        self._dataset, self._check, self._wait = dataset, check_secs, wait_secs
-
-    def setup(self):
-        super().setup()
-        self._bq = None
+    """``changes`` rows -> rows waiting to be published (``AwaitAnswers`` publishes each once
+    its row is queryable: the write is a branch beside this one, nothing orders the two). A row
+    of a shadow tile, or any row while this job's release is not live, publishes nothing."""
 
     def process(self, row: dict):
-        if (row.get("role") or "live") not in ANSWER_ROLES or not self._live():
-            return
-        tile_id = str(row.get("after_tile_id") or "")
-        if not self._queryable(str(row["change_id"])):
-            self.failed.inc()
-            yield dead_letter(STAGE, f"change {row['change_id']} not queryable in the changes "
-                              f"table after {self._wait:g}s: no event published", tile_id=tile_id)
-            return
-        # The payload is the row as written: ``WriteRows`` stamps the release on it.
-        yield from self._publish(change_event(stamped(row, self._release)), tile_id)
-
-    def _queryable(self, change_id: str) -> bool:
-        """Polls for the row (bounded by ``wait_secs``); an unreachable BigQuery is a no."""
-        from google.cloud import bigquery
-
-        project = self._dataset.split(".")[0]
-        config = bigquery.QueryJobConfig(query_parameters=[
-            bigquery.ScalarQueryParameter("id", "STRING", change_id)])
-        sql = f"SELECT 1 FROM `{self._dataset}.changes` WHERE change_id = @id LIMIT 1"
-        deadline = time.time() + self._wait
-        while True:
-            try:
-                if self._bq is None:
-                    self._bq = bigquery_client(project)
-                if list(self._bq.query(sql, job_config=config).result()):
-                    return True
-            except Exception as exc:
-                LOG.warning("results: checking change %s failed: %s", change_id, exc)
-            if time.time() >= deadline:
-                return False
-            time.sleep(self._check)
+        if (row.get("role") or "live") in ANSWER_ROLES and self._live():
+            # The payload is the row as written: ``WriteRows`` stamps the release on it.
+            yield PendingChange(stamped(row, self._release), time.time())
 
 
 class _PublishLettersFn(_ReleaseGatedFn):
@@ -319,6 +323,10 @@ def check_secs(load_secs: int | None) -> float:
     """How often waiting answers are checked: a few times per chip-row load (the rows they wait
     for), at least every 2 s and at most every 30 s (docs/results.md has the cost)."""
     return min(30.0, max(2.0, (load_secs or 0) / 3))
+
+
+def _tile_of(waiting: Pending | PendingChange) -> str:
+    return waiting.tile_id if isinstance(waiting, Pending) else str(waiting.row["after_tile_id"])
 
 
 def _shard(tile_id: str) -> int:
@@ -344,19 +352,17 @@ class PublishResults(beam.PTransform):
     def expand(self, pcolls):
         answers, letters = pcolls["answers"], pcolls["letters"]
         release = self._release
-        waiting = (answers
-                   | "Waiting" >> beam.FlatMap(
-                       lambda row: [p for p in [pending_of(row, release, time.time())] if p])
-                   | "ByShard" >> beam.Map(lambda p: (_shard(p.tile_id), p))
+        waiting = [answers | "Waiting" >> beam.FlatMap(
+            lambda row: [p for p in [pending_of(row, release, time.time())] if p])]
+        if pcolls.get("changes") is not None:
+            waiting.append(pcolls["changes"] | "PublishChanges" >> beam.ParDo(_PublishChangesFn(
+                self._topic, release, self._follower_args)))
+        awaited = (waiting | "AllWaiting" >> beam.Flatten()
+                   | "ByShard" >> beam.Map(lambda p: (_shard(_tile_of(p)), p))
                    | "AwaitAnswers" >> beam.ParDo(_AwaitAnswersFn(
                        self._topic, self._dataset, self._check, self._wait, self._streaming)
                    ).with_outputs(DEAD_LETTER_TAG, main="none"))
         refusals = letters | "PublishLetters" >> beam.ParDo(_PublishLettersFn(
             self._topic, release, self._follower_args)).with_outputs(DEAD_LETTER_TAG, main="none")
-        failed = [waiting[DEAD_LETTER_TAG], refusals[DEAD_LETTER_TAG]]
-        if pcolls.get("changes") is not None:
-            changes = pcolls["changes"] | "PublishChanges" >> beam.ParDo(_PublishChangesFn(
-                self._topic, release, self._follower_args, self._dataset, self._check,
-                self._wait)).with_outputs(DEAD_LETTER_TAG, main="none")
-            failed.append(changes[DEAD_LETTER_TAG])
+        failed = [awaited[DEAD_LETTER_TAG], refusals[DEAD_LETTER_TAG]]
         return failed | "ResultDeadLetters" >> beam.Flatten()
