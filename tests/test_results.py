@@ -304,3 +304,13 @@ def test_tilestream_follow_local_shows_the_tiles_event(stack, model_uri, tmp_pat
     assert event["tile_id"] == tile_id and event["outcome"] == "answered", line
     assert event["attributes"]["tile_id"] == tile_id
     jsonschema.validate({k: v for k, v in event.items() if k != "attributes"}, SCHEMA)
+
+
+def test_a_change_is_published_only_once_its_row_is_queryable_and_never_after_the_bound():
+    from transforms.result_events import PendingChange, decide_changes
+
+    there, missing, old = (PendingChange({"change_id": "a"}, 0.0),
+                           PendingChange({"change_id": "b"}, 0.0),
+                           PendingChange({"change_id": "c"}, -1000.0))
+    assert decide_changes([there, missing, old], {"a"}, 10.0, wait_secs=900) == (
+        [there], [missing], [old])
