@@ -120,8 +120,9 @@ def components(path: Path) -> dict[str, float]:
     from transforms.blend import blend_parts, block_parts, overlaps
     from transforms.chips import MANIFESTS_TAG, ChipSettings, ChipTileFn
     from transforms.geometry import strip_bounds
-    from transforms.inference import StudentModelHandler, block_input, to_prediction
-    from transforms.inference import segmentation_inference_fn as forward
+    from transforms.inference import block_input, to_prediction
+    from transforms.model_handlers import StudentModelHandler
+    from transforms.model_handlers import segmentation_inference_fn as forward
     from transforms.records import ChipBlock, PredictionBlock, TileRef
     from transforms.sinks import chip_rows
 

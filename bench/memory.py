@@ -56,7 +56,7 @@ def _child(size: int) -> dict:
 
     from model.card import load_card
     from pipeline.options import DEFAULT_MODEL_URI
-    from transforms.inference import StudentModelHandler
+    from transforms.model_handlers import StudentModelHandler
 
     card = load_card(DEFAULT_MODEL_URI)
     model = StudentModelHandler(card).load_model()
@@ -68,7 +68,8 @@ def _child(size: int) -> dict:
     from transforms.blend import blend_parts, block_parts, overlaps
     from transforms.chips import ChipSettings, ChipTileFn
     from transforms.geometry import strip_bounds
-    from transforms.inference import block_input, segmentation_inference_fn, to_prediction
+    from transforms.inference import block_input, to_prediction
+    from transforms.model_handlers import segmentation_inference_fn
     from transforms.records import ChipBlock, TileRef
 
     with tempfile.TemporaryDirectory() as tmp:

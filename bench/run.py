@@ -33,7 +33,7 @@ from model.card import ModelCard, load_card  # noqa: E402
 from pipeline.ops.check import SAMPLE_TILE  # noqa: E402
 from pipeline.options import DEFAULT_MODEL_URI  # noqa: E402
 from transforms.chips import ChipSettings, ChipTileFn, chips_in  # noqa: E402
-from transforms.inference import StudentModelHandler, segmentation_inference_fn  # noqa: E402
+from transforms.model_handlers import StudentModelHandler, segmentation_inference_fn  # noqa: E402
 from transforms.records import TileRef  # noqa: E402
 
 TEACHER_URI = ROOT / "model" / "artifacts" / "landcover-teacher" / "v1"

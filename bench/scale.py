@@ -122,7 +122,8 @@ def run_inference_in_beam(card, chips: int = 3072, batch: int = 32) -> float:
     from apache_beam.options.pipeline_options import PipelineOptions
 
     from model.inference import model_input
-    from transforms.inference import BlockModelHandler, StudentModelHandler
+    from transforms.inference import BlockModelHandler
+    from transforms.model_handlers import StudentModelHandler
     from transforms.records import ChipBlock, TileRef
 
     shape = (len(card.input.bands), card.input.chip_size, card.input.chip_size)

@@ -47,7 +47,8 @@ def predictions(path: Path, card, model) -> tuple:
 
     from model.inference import off_the_main_thread
     from transforms.chips import MANIFESTS_TAG, ChipSettings, ChipTileFn
-    from transforms.inference import block_input, segmentation_inference_fn, to_prediction
+    from transforms.inference import block_input, to_prediction
+    from transforms.model_handlers import segmentation_inference_fn
     from transforms.records import ChipBlock, PredictionBlock, TileRef
 
     fn = ChipTileFn(ChipSettings.from_card(card))
@@ -140,7 +141,7 @@ def run(size: int = 3660, confidence: bool = False) -> dict:
 
     from model.card import load_card
     from pipeline.options import DEFAULT_MODEL_URI
-    from transforms.inference import StudentModelHandler
+    from transforms.model_handlers import StudentModelHandler
 
     card = load_card(DEFAULT_MODEL_URI)
     model = StudentModelHandler(card).load_model()

@@ -367,3 +367,105 @@ def test_changes_between_acquisitions_on_the_stream_and_after_a_kill_and_restart
     item = json.loads(bucket.blob(a["change_stac_uri"].split("/", 3)[3]).download_as_bytes())
     stac_catalog.validate(item)
     assert item["assets"]["change"]["href"] == a["change_raster_uri"]
+
+
+@pytest.mark.stack
+@pytest.mark.slow
+def test_changed_events_follow_the_changes_rows_on_the_results_topic(stack, model_uri, tmp_path):
+    """A location gaining water publishes one ``changed`` event per ``changes`` row, each equal
+    to its row and never before that row is queryable; its second answer says changed="true",
+    its first and both answers of an unchanged location changed="false"."""
+    import datetime as dt
+
+    import jsonschema
+
+    from tests.streams import fresh_input, query, start_stream, stop_stream, wait_until
+    from tests.test_results import SCHEMA, Inbox, results_subscription
+
+    topic, subscription, dataset = fresh_input(stack, "changed")
+    results_topic, results_sub = results_subscription(stack, "changed")
+    inbox = Inbox(stack, results_sub)
+    s = Scenario(stack, topic, grid_tiles(tmp_path), dataset)
+    log = tmp_path / "stream.log"
+    wet1, wet2 = granule("25MCM", 10), granule("25MCM", 20)
+    same1, same2 = granule("25MCN", 10), granule("25MCN", 20)
+    queryable_at_arrival: dict[str, bool] = {}
+
+    def pull() -> list[dict]:
+        seen = len(inbox.messages)
+        for message in inbox.pull()[seen:]:
+            if message["data"]["outcome"] == "changed":  # at once: was its row there already?
+                ident = message["data"]["change_id"]
+                queryable_at_arrival[ident] = bool(query(
+                    stack, f"SELECT change_id FROM `{dataset}.changes` "
+                           f"WHERE change_id = '{ident}'"))
+        return inbox.messages
+
+    def answered(*tile_ids: str) -> bool:
+        pull()
+        return set(tile_ids) <= {m["data"]["tile_id"] for m in inbox.of("answered")}
+
+    def changes() -> list[dict]:
+        return query(stack, f"SELECT * EXCEPT (footprint) FROM `{dataset}.changes`")
+
+    child = start_stream(stack, model_uri, log, f"--subscription={subscription}",
+                         f"--bq_dataset={stack.project}:{dataset}",
+                         f"--output_prefix={stack.output_prefix}/{dataset}", "--window_secs=1",
+                         "--tile_timeout_secs=120", f"--results_topic={results_topic}")
+    try:
+        s.publish(wet1, "dry", 10)
+        s.publish(same1, "dry", 10)
+        assert wait_until(lambda: answered(wet1, same1), 400, child), log.read_text()[-3000:]
+        s.publish(wet2, "wet", 20)
+        s.publish(same2, "dry", 20)
+        assert wait_until(lambda: answered(wet2, same2) and changes() and len(
+            inbox.of("changed")) >= len(changes()), 400, child), log.read_text()[-3000:]
+        time.sleep(6)  # anything more it would publish (it must not) has time to arrive
+        pull()
+    finally:
+        assert stop_stream(child) == 0, log.read_text()[-3000:]
+
+    rows = {r["change_id"]: r for r in changes()}
+    assert {(r["after_tile_id"], r["rule"]) for r in rows.values()} == {
+        (wet2, "water-gain"), (wet2, "forest-loss")}
+    events = inbox.of("changed")
+    assert sorted(m["data"]["change_id"] for m in events) == sorted(rows)  # one per row
+    assert all(queryable_at_arrival[ident] for ident in rows), queryable_at_arrival
+
+    def same(value, expected) -> bool:
+        if isinstance(expected, dt.datetime):
+            return dt.datetime.fromisoformat(value) == expected.astimezone(dt.UTC)
+        if isinstance(expected, float):
+            return value == pytest.approx(expected)
+        if isinstance(expected, list):
+            return len(value) == len(expected) and all(
+                same(v, e) for v, e in zip(sorted(value, key=lambda c: c["name"]),
+                                           sorted(expected, key=lambda c: c["name"]),
+                                           strict=True))
+        if isinstance(expected, dict):
+            return set(value) == set(expected) and all(same(value[k], expected[k])
+                                                      for k in expected)
+        return value == expected
+
+    for message in events:
+        event, attributes = message["data"], message["attributes"]
+        jsonschema.validate(event, SCHEMA)
+        row = rows[event["change_id"]]
+        body = {k: v for k, v in event.items() if k not in ("schema", "event_id", "outcome",
+                                                             "footprint")}
+        assert same(body, row), (body, row)
+        assert event["footprint"].startswith("POLYGON")
+        assert attributes["outcome"] == "changed" and attributes["location"] == "MGRS:25MCM"
+        assert attributes["tile_id"] == wet2 and attributes["changed"] == "true"
+        assert attributes["event_id"] == event["event_id"]
+
+    answers = {m["data"]["tile_id"]: m for m in inbox.of("answered")}
+    assert answers[wet2]["attributes"]["changed"] == "true"
+    assert answers[wet2]["attributes"]["location"] == "MGRS:25MCM"
+    assert answers[wet2]["data"]["changed"] is True
+    for tile_id in (wet1, same1, same2):
+        assert answers[tile_id]["attributes"]["changed"] == "false", tile_id
+        assert answers[tile_id]["data"]["changed"] is False
+    assert answers[same2]["attributes"]["location"] == "MGRS:25MCN"
+    for message in inbox.messages:
+        jsonschema.validate(message["data"], SCHEMA)

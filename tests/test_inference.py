@@ -8,7 +8,7 @@ import torch
 
 from model.card import InputSpec
 from model.inference import model_input, normalise, normalise_batch
-from transforms.inference import StudentModelHandler, segmentation_inference_fn
+from transforms.model_handlers import StudentModelHandler, segmentation_inference_fn
 
 MEAN, STD = (80.0, 66.9, 0.0), (40.0, 17.25, 3.0)
 

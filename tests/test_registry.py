@@ -298,7 +298,7 @@ def test_a_candidate_on_new_statistics_is_taken_and_scores_with_its_own(tmp_path
     from pipeline.ops.check import SAMPLE_TILE
     from tests.test_stages import chip_tile
     from transforms.chips import ChipSettings
-    from transforms.inference import VersionedModelHandler
+    from transforms.model_handlers import VersionedModelHandler
     from transforms.records import TileRef
 
     reg = ["--registry", str(tmp_path / "reg")]

@@ -68,7 +68,7 @@ def test_the_schema_is_a_valid_json_schema_and_refuses_a_globe_of_nonsense():
 
 
 def _pending(generation: str = "2", release: str = "0.3.0", since: float = 0.0):
-    from transforms.results import Pending
+    from transforms.result_events import Pending
 
     return Pending("t", generation, f"row-{generation}", release, "live",
                    f"2026-01-0{generation}T00:00:00+00:00", since, footprint="POLYGON((0 0, "
@@ -92,7 +92,7 @@ def _answer(generation: str, release: str = "0.3.0") -> dict:
 ])
 def test_a_waiting_answer_is_published_only_as_the_tiles_readable_answer(answer, readable, now,
                                                                         verdict):
-    from transforms.results import decide
+    from transforms.result_events import decide
 
     decision = decide([_pending()], {"t": answer} if answer else {}, lambda _: readable, now,
                       wait_secs=900)
@@ -103,7 +103,7 @@ def test_a_waiting_answer_is_published_only_as_the_tiles_readable_answer(answer,
 
 def test_letters_are_refusals_of_the_input_or_failures_of_the_stream_with_every_id():
     from transforms.records import DeadLetter
-    from transforms.results import letter_event
+    from transforms.result_events import letter_event
 
     parse = letter_event(DeadLetter("parse", "not JSON", "m1", time=1.0), "0.3.0")
     failed = letter_event(DeadLetter("inference", "model refused", "m2", "t", time=1.0,
@@ -229,8 +229,10 @@ def test_a_mixed_run_publishes_one_event_per_answer_equal_to_the_tables(stack, m
 @pytest.mark.slow
 def test_a_green_job_on_trial_publishes_nothing(stack, model_uri, tmp_path):
     """Green before cut-over: its rows are shadow and its refusals not the books consumers
-    read, so neither an answered nor a refused event leaves it."""
+    read, so neither an answered nor a refused event leaves it, nor a changed one for a
+    location whose second acquisition gains water."""
     from tests.test_bluegreen import GREEN, Trial, _ok
+    from tests.test_changes import Scenario, granule, grid_tiles
 
     trial = Trial(stack, model_uri, tmp_path)
     results_topic, results_sub = results_subscription(stack, "green")
@@ -239,6 +241,10 @@ def test_a_green_job_on_trial_publishes_nothing(stack, model_uri, tmp_path):
     for i in range(2):
         _notify(stack, trial.topic, trial.crop, f"incoming/results/{trial.dataset}/g-{i}.tif")
     announce.publish(stack.publisher(), trial.topic, b"\x00 not json", {})
+    scenario = Scenario(stack, trial.topic, grid_tiles(tmp_path), trial.dataset)
+    dry, wet = granule("25MCP", 10), granule("25MCP", 20)
+    scenario.publish(dry, "dry", 10)
+    scenario.publish(wet, "wet", 20)
     green = start_stream(stack, model_uri, tmp_path / "green.log",
                          f"--subscription={trial.green_sub}",
                          f"--bq_dataset={stack.project}:{trial.dataset}",
@@ -250,7 +256,7 @@ def test_a_green_job_on_trial_publishes_nothing(stack, model_uri, tmp_path):
     def whole() -> bool:
         chips = query(stack, f"SELECT COUNT(DISTINCT tile_id) AS n FROM `{trial.dataset}.chips`")
         letters = query(stack, f"SELECT stage FROM `{trial.dataset}.dead_letters`")
-        return bool(chips and chips[0]["n"] >= 2 and letters)
+        return bool(chips and chips[0]["n"] >= 4 and letters)
 
     try:
         done = wait_until(whole, 240, green, every_s=2)
@@ -260,6 +266,7 @@ def test_a_green_job_on_trial_publishes_nothing(stack, model_uri, tmp_path):
         stop_stream(green)
     assert done, trial.log("green.log")
     assert {r["role"] for r in trial.rows("TRUE")} == {"shadow"}
+    assert {dry, wet} <= {r["tile_id"] for r in trial.rows("complete")}
     assert inbox.messages == []
 
 
@@ -297,3 +304,13 @@ def test_tilestream_follow_local_shows_the_tiles_event(stack, model_uri, tmp_pat
     assert event["tile_id"] == tile_id and event["outcome"] == "answered", line
     assert event["attributes"]["tile_id"] == tile_id
     jsonschema.validate({k: v for k, v in event.items() if k != "attributes"}, SCHEMA)
+
+
+def test_a_change_is_published_only_once_its_row_is_queryable_and_never_after_the_bound():
+    from transforms.result_events import PendingChange, decide_changes
+
+    there, missing, old = (PendingChange({"change_id": "a"}, 0.0),
+                           PendingChange({"change_id": "b"}, 0.0),
+                           PendingChange({"change_id": "c"}, -1000.0))
+    assert decide_changes([there, missing, old], {"a"}, 10.0, wait_secs=900) == (
+        [there], [missing], [old])

@@ -113,7 +113,8 @@ def test_chips_of_a_version_that_cannot_load_fail_alone_beside_a_good_one(follow
     from pipeline.ops.check import SAMPLE_TILE
     from tests.test_stages import chip_tile
     from transforms.chips import ChipSettings
-    from transforms.inference import BlockModelHandler, VersionedModelHandler, block_input
+    from transforms.inference import BlockModelHandler, block_input
+    from transforms.model_handlers import VersionedModelHandler
     from transforms.records import ChipBlock, TileRef
 
     registry, _ = follower

@@ -25,7 +25,7 @@ from mosaics import mosaic  # noqa: E402
 
 @pytest.fixture(scope="module")
 def student():
-    from transforms.inference import StudentModelHandler
+    from transforms.model_handlers import StudentModelHandler
 
     card = load_card(DEFAULT_MODEL_URI)
     return card, StudentModelHandler(card).load_model()

@@ -25,7 +25,7 @@ from pipeline.ops import announce
 from pipeline.ops.check import SAMPLE_TILE
 from tests import tiles
 from transforms import announcements as ann
-from transforms import assemble, chips, inference, sinks
+from transforms import assemble, chips, inference, model_handlers, sinks
 from transforms.chip_cut import invalid_mask
 from transforms.geometry import own_strip, strip_bounds
 from transforms.guards import InputAllowList
@@ -291,8 +291,8 @@ def test_prediction_counts_only_valid_pixels_and_crops_to_the_window(tmp_path):
 def test_gpu_device_refuses_to_start_without_cuda():
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA; the refusal is for machines without it")
-    handler = inference.StudentModelHandler(dataclasses.replace(test_card(), uri="/nonexistent"),
-                                            device="GPU")
+    handler = model_handlers.StudentModelHandler(
+        dataclasses.replace(test_card(), uri="/nonexistent"), device="GPU")
     with pytest.raises(RuntimeError, match="--device=GPU but CUDA is not usable"):
         handler.load_model()
 

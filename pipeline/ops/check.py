@@ -17,7 +17,8 @@ import torch
 from model.card import load_card
 from model.inference import model_input
 from transforms.chips import ChipSettings, ChipTileFn, chips_in
-from transforms.inference import StudentModelHandler, segmentation_inference_fn, to_prediction
+from transforms.inference import to_prediction
+from transforms.model_handlers import StudentModelHandler, segmentation_inference_fn
 from transforms.records import Chip, TileRef
 
 # The project's sample tile (Landsat-7 ETM+ over Olinda; licence in sample/README.md).
