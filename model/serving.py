@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import shutil
 import threading
 import time
@@ -131,17 +132,20 @@ def fetch_validated(registry: Registry, ref: ModelRef, cache: Path) -> ModelCard
             target.mkdir(parents=True)
             fetch_model(registry.store, f"{ref.name}/{ref.version}", target)  # raises on faults
             done.write_text("ok\n")
-        done.touch()  # its last use: what eviction orders by
+        # Its last use, what eviction orders by: set from the fine clock, since a plain touch
+        # takes the kernel's coarse one and two uses within a few ms would tie.
+        now = time.time_ns()
+        os.utime(done, ns=(now, now))
         card = _local_card(target)
     _evict(cache)
     return card
 
 
-def _last_used(marker: Path) -> float:
+def _last_used(marker: Path) -> int:
     try:
-        return marker.stat().st_mtime
+        return marker.stat().st_mtime_ns
     except FileNotFoundError:  # evicted meanwhile
-        return 0.0
+        return 0
 
 
 def _evict(cache: Path) -> None:

@@ -122,7 +122,9 @@ def letter_event(letter: DeadLetter, release: str) -> ResultEvent:
 def change_event(row: Mapping[str, Any]) -> ResultEvent:
     """The ``changed`` event of a ``changes`` row: the row itself is the payload."""
     body = json.loads(json.dumps(dict(row), sort_keys=True, default=str))
-    ident = event_id(CHANGED, json.dumps(body, sort_keys=True))
+    # The change's own id (location, both tile versions, model, rule): found again after a
+    # replay it is the same change and the same event; only ``detected_at`` can differ.
+    ident = event_id(CHANGED, body.get("change_id") or json.dumps(body, sort_keys=True))
     attributes = {"outcome": CHANGED, "changed": "true"}
     for key, name in (("location_key", "location"), ("after_tile_id", "tile_id")):
         if body.get(key):
