@@ -96,6 +96,7 @@ resource "google_pubsub_subscription" "dead_letter" {
 
 # The stream's result events (docs/results.md): one message per outcome consumers read.
 resource "google_pubsub_topic" "results" {
+  #checkov:skip=CKV_GCP_83:Google-managed encryption at rest; the events carry land-cover predictions of public imagery, no customer-managed key needed
   name                       = "${var.name}-results"
   message_retention_duration = "86400s"
   depends_on                 = [google_project_service.apis]
