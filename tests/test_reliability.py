@@ -313,16 +313,23 @@ def test_a_stop_is_a_drain_that_finishes_every_tile_the_stream_read(stack, model
                          f"--bq_dataset={stack.project}:{dataset}",
                          f"--output_prefix={stack.output_prefix}/{dataset}",
                          f"--min_valid_fraction={MIN_VALID}", "--window_secs=1")
+    path = journal.journal_path(stack, subscription,
+                                sinks.BigQueryTables.in_dataset(dataset, stack.project))
 
     def rows() -> list[dict]:
         return query(stack, f"SELECT tile_id FROM `{dataset}.tiles`")
 
+    def read_now() -> set[str]:
+        return {sent[e.message_id] for e in journal.read(path)}
+
     started = wait_until(lambda: len(rows()) >= 1, 180, child, every_s=0.2)
+    # The stop comes once the stream has read more than it answered: a pull's tiles are
+    # answered together, so the first answer alone does not say that any are in flight.
+    wait_until(lambda: len(read_now()) > len(rows()), 120, child, every_s=0.1)
     answered_at_stop = len(rows())
     code = stop_stream(child)
     assert started, log.read_text(errors="replace")[-3000:]
-    read = {sent[e.message_id] for e in journal.read(journal.journal_path(
-        stack, subscription, sinks.BigQueryTables.in_dataset(dataset, stack.project)))}
+    read = read_now()
     assert code == 0
     assert len(read) > answered_at_stop  # tiles were in flight when the stop came
     counts = query(stack, f"SELECT tile_id, COUNT(*) AS n FROM `{dataset}.tiles` "
