@@ -192,7 +192,6 @@ def _launch_chromium(playwright):
 @pytest.mark.slow
 def test_the_map_shows_outcomes_predictions_and_new_tiles_in_a_browser(stack, model_uri,
                                                                       tmp_path):
-    from google.cloud import bigquery
     from PIL import Image
     from playwright.sync_api import sync_playwright
 
@@ -241,13 +240,9 @@ def test_the_map_shows_outcomes_predictions_and_new_tiles_in_a_browser(stack, mo
         assert wait_until(lambda: answered() >= {"answered-a", "drifted-b", "changed-c"}
                           and "refused-x" in refused(), 300, stream), \
             log.read_text(errors="replace")[-3000:]
-        # A change the stream's change detection would record: the map reads the table as is.
-        bq.create_table(bigquery.Table(f"{dataset}.changes", schema=[
-            bigquery.SchemaField("location_key", "STRING"),
-            bigquery.SchemaField("tile_id", "STRING"),
-            bigquery.SchemaField("previous_tile_id", "STRING")]))
-        assert not bq.insert_rows_json(f"{dataset}.changes", [
-            {"location_key": "olinda", "tile_id": "changed-c", "previous_tile_id": "answered-a"}])
+        # A change as the stream's change detection records it, in the table the stream made.
+        assert not bq.insert_rows_json(f"{dataset}.changes", [_change_row(
+            location_key="olinda", before_tile_id="answered-a", after_tile_id="changed-c")])
 
         base = opened.enter_context(map_server(stack, name, prefix, tmp_path / "map.log",
                                                f"--model_uri={model}", "--poll_s=1"))
@@ -403,3 +398,14 @@ def test_a_thousand_tiles_are_drawn_simplified(stack, tmp_path):
             browser.close()
     print(f"1,000 tiles: /api/tiles {api_s:.2f} s ({len(body) / 1e6:.2f} MB), drawn "
           f"{draw_s:.2f} s after load, pan + popup {interact_s:.2f} s")
+
+
+def _change_row(**given) -> dict:
+    """A ``changes`` row with every required column of the stream's schema filled."""
+    from transforms.bq_schemas import CHANGE_SCHEMA
+
+    sample = {"STRING": "x", "FLOAT64": 0.0, "TIMESTAMP": "2026-01-01T00:00:00Z",
+              "INT64": 0, "BOOL": False}
+    row = {f["name"]: sample[f["type"]] for f in CHANGE_SCHEMA["fields"]
+           if f.get("mode") == "REQUIRED" and f["type"] in sample}
+    return {**row, "role": "live", **given}

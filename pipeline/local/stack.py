@@ -34,6 +34,7 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 STATE_FILE = "stack.json"
@@ -75,7 +76,9 @@ class LocalStack:
     topic: str = f"{NAME}-tiles"
     subscription: str = f"{NAME}-tiles-sub"
     dead_letter_topic: str = f"{NAME}-tiles-dead-letter"
-    results_topic: str = f"{NAME}-results"
+    # Not a field: stack.json must stay readable by the previous release, whose LocalStack
+    # takes exactly its own fields (docs/operations.md, "Releases and their predecessors").
+    results_topic: ClassVar[str] = f"{NAME}-results"
     pids: dict[str, int] = field(default_factory=dict)
 
     @property
