@@ -204,16 +204,22 @@ def _check_stage_options(o: TileStreamOptions, card: ModelCard) -> None:
     """Stage settings that would otherwise fail while the graph is built, as ConfigErrors."""
     import re
 
+    from transforms.change_rules import check_rules, load_rules
     from transforms.presets import parse_aliases
 
     try:
         chip_settings(o, card)
         parse_aliases(o.band_aliases)
+        check_rules(load_rules(o.change_rules), [c.name for c in card.classes])
         groups = re.compile(o.granule_pattern).groupindex
     except (ValueError, re.error) as exc:
         raise ConfigError(str(exc)) from exc
     if not {"granule", "band"} <= set(groups):
         raise ConfigError("--granule_pattern needs named groups (?P<granule>…) and (?P<band>…)")
+    if not 1 <= o.change_history <= 100:
+        raise ConfigError("--change_history must be in [1, 100] (acquisitions kept per location)")
+    if not 0 < o.results_wait_secs <= 86400:
+        raise ConfigError("--results_wait_secs must be in (0, 86400]")
     o.min_batch_size = o.min_batch_size or o.max_batch_size
     if o.max_batch_size < o.min_batch_size or o.min_batch_size < 1:
         raise ConfigError("need 1 <= --min_batch_size <= --max_batch_size")

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import http.server
 import signal
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 import uuid
 from pathlib import Path
 
@@ -178,3 +181,42 @@ def map_server(stack, dataset: str, output_prefix: str, log: Path, *args: str):
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+class FlakyGcs(http.server.BaseHTTPRequestHandler):
+    """A proxy in front of the GCS emulator that answers 503 to the first ``fail`` requests
+    (``seen`` counts them all): storage faults for the retry and breaker tests."""
+
+    upstream = ""
+    fail = 0
+    seen = 0
+
+    def _answer(self):
+        cls = type(self)
+        cls.seen += 1
+        if cls.seen <= cls.fail:
+            self.send_response(503)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        request = urllib.request.Request(cls.upstream + self.path, method=self.command,
+                                         headers={k: v for k, v in self.headers.items()
+                                                  if k.lower() == "range"})
+        try:
+            with urllib.request.urlopen(request, timeout=30) as reply:
+                body, status, headers = reply.read(), reply.status, reply.headers
+        except urllib.error.HTTPError as exc:
+            body, status, headers = exc.read(), exc.code, exc.headers
+        self.send_response(status)
+        for key in ("Content-Type", "Content-Range", "Accept-Ranges", "ETag", "Last-Modified"):
+            if headers.get(key):
+                self.send_header(key, headers[key])
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    do_GET = do_HEAD = _answer
+
+    def log_message(self, *args):
+        pass

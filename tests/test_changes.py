@@ -48,6 +48,22 @@ def test_location_key_is_the_grid_cell_of_the_product(tile_id, properties, key):
     assert location_key(tile_id, SQUARE, properties) == key
 
 
+@pytest.mark.parametrize("properties", [
+    {"landsat:wrs_path": "abc", "landsat:wrs_row": "065"},
+    {"landsat:wrs_path": "-217", "landsat:wrs_row": "065"},
+    {"landsat:wrs_path": "9" * 5000, "landsat:wrs_row": "065"},
+    {"mgrs:utm_zone": "-5", "mgrs:latitude_band": "L", "mgrs:grid_square": "LF"},
+    {"mgrs:utm_zone": "23", "mgrs:latitude_band": "L" * 5000, "mgrs:grid_square": "LF"},
+    {"mgrs:utm_zone": "23", "mgrs:latitude_band": "L", "mgrs:grid_square": "L/../F"},
+    {"s2:mgrs_tile": "T23LL" + "F" * 5000},
+    {"s2:mgrs_tile": "\udcff23LLF"},
+])
+def test_a_hostile_grid_attribute_falls_back_to_the_footprint_cell(properties):
+    """Announcement attributes reach the key: one that is not a grid name is ignored, never an
+    exception (which would cost the tile its row) nor a key too long for a Pub/Sub attribute."""
+    assert location_key("tile", SQUARE, properties) == location_key("tile", SQUARE)
+
+
 def test_location_key_of_two_crops_of_one_place_is_the_same_and_a_cell_away_differs():
     nudged = "POLYGON((-34.99 -7.99, -34.91 -7.99, -34.91 -7.91, -34.99 -7.91, -34.99 -7.99))"
     far = "POLYGON((-34.8 -8, -34.7 -8, -34.7 -7.9, -34.8 -7.9, -34.8 -8))"
@@ -469,3 +485,29 @@ def test_changed_events_follow_the_changes_rows_on_the_results_topic(stack, mode
     assert answers[same2]["attributes"]["location"] == "MGRS:25MCN"
     for message in inbox.messages:
         jsonschema.validate(message["data"], SCHEMA)
+
+
+@pytest.mark.parametrize("flag", [
+    "--change_rules=/nonexistent/rules.json",
+    "--change_rules=NONUTF8",
+    '--change_rules={"rules": [{"name": "x", "class": "lava", "direction": "gain", '
+    '"min_points": 5, "min_hectares": 1}]}',
+    '--change_rules={"rules": 3}',
+    "--change_rules=HUGE",
+    "--change_history=0",
+    "--results_wait_secs=-1",
+])
+def test_bad_change_and_results_flags_are_refused_before_the_job_starts(flag, tmp_path):
+    """Operator input reaches the graph only checked: each bad value is a ConfigError naming
+    the flag's problem, never a traceback while the graph is built."""
+    from pipeline import main
+
+    (tmp_path / "bad.json").write_bytes(b"\xff\xfe{")
+    (tmp_path / "huge.json").write_text('{"rules": []}' + " " * 70_000)
+    flag = flag.replace("NONUTF8", str(tmp_path / "bad.json")).replace(
+        "HUGE", str(tmp_path / "huge.json"))
+    base = [f"--input_glob={tmp_path}/*.tif", "--bq_dataset=p:d",
+            f"--output_prefix={tmp_path}/out", "--chip_rows_load_secs=0"]
+    main.configure(base)  # the same job without the bad flag is accepted
+    with pytest.raises(main.ConfigError, match=r"change|results"):
+        main.configure([*base, flag])

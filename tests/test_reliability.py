@@ -18,7 +18,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +31,7 @@ from pipeline.ops.queries import load_queries, run_query
 from tests import corpus, tiles
 from tests.conftest import REPORT, cell
 from tests.streams import (
+    FlakyGcs,
     fresh_input,
     peak_rss_bytes,
     query,
@@ -493,51 +493,13 @@ def test_a_drain_writes_no_row_for_a_half_scored_tile_only_a_drained_event(tmp_p
     assert list(prefix.rglob("*.strips/*.tif")) == []
 
 
-class _FlakyProxy(http.server.BaseHTTPRequestHandler):
-    """Forwards to the GCS emulator, answering 503 to the first ``fail`` requests."""
-
-    upstream = ""
-    fail = 0
-    seen = 0
-
-    def _answer(self):
-        cls = type(self)
-        cls.seen += 1
-        if cls.seen <= cls.fail:
-            self.send_response(503)
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-            return
-        request = urllib.request.Request(cls.upstream + self.path, method=self.command,
-                                         headers={k: v for k, v in self.headers.items()
-                                                  if k.lower() in ("range",)})
-        try:
-            with urllib.request.urlopen(request, timeout=30) as reply:
-                body, status, headers = reply.read(), reply.status, reply.headers
-        except urllib.error.HTTPError as exc:
-            body, status, headers = exc.read(), exc.code, exc.headers
-        self.send_response(status)
-        for key in ("Content-Type", "Content-Range", "Accept-Ranges", "ETag", "Last-Modified"):
-            if headers.get(key):
-                self.send_header(key, headers[key])
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(body)
-
-    do_GET = do_HEAD = _answer
-
-    def log_message(self, *args):
-        pass
-
-
 def test_transient_storage_errors_are_retried_then_a_failing_bucket_is_paused(
         adapted, stream_card, monkeypatch):
     uris = {n: announce.upload(adapted.storage(), str(SAMPLE_TILE), adapted.bucket,
                                f"flaky/{n}.tif")[0] for n in ("a", "b", "c")}
-    server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), _FlakyProxy)
+    server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), FlakyGcs)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    _FlakyProxy.upstream = adapted.gcs_url
+    FlakyGcs.upstream = adapted.gcs_url
     flaky = f"http://127.0.0.1:{server.server_address[1]}"
     monkeypatch.setenv("CPL_GS_ENDPOINT", f"{flaky}/")  # GDAL's reads
     monkeypatch.setenv("STORAGE_EMULATOR_HOST", flaky)  # the generation checks
@@ -554,17 +516,17 @@ def test_transient_storage_errors_are_retried_then_a_failing_bucket_is_paused(
         return sum(1 for _ in chips_in(out)), letters
 
     try:
-        _FlakyProxy.fail, _FlakyProxy.seen = 3, 0  # a burst of 503s: retried through
+        FlakyGcs.fail, FlakyGcs.seen = 3, 0  # a burst of 503s: retried through
         scored, letters = chip("a")
-        assert scored > 0 and letters == [] and _FlakyProxy.seen > 3, (letters, _FlakyProxy.seen)
-        _FlakyProxy.fail, _FlakyProxy.seen = 10**6, 0  # the bucket is down
+        assert scored > 0 and letters == [] and FlakyGcs.seen > 3, (letters, FlakyGcs.seen)
+        FlakyGcs.fail, FlakyGcs.seen = 10**6, 0  # the bucket is down
         scored, [reason] = chip("b")
         assert scored == 0 and "503" in reason and "still failing after" in reason
-        hammered = _FlakyProxy.seen
-        _FlakyProxy.seen = 0
+        hammered = FlakyGcs.seen
+        FlakyGcs.seen = 0
         scored, [reason] = chip("c")  # the breaker is open: this tile waits, it does not hammer
         assert scored == 0 and "paused" in reason
-        assert _FlakyProxy.seen < hammered
+        assert FlakyGcs.seen < hammered
     finally:
         server.shutdown()
     REPORT["faults"].append(("GCS answers 503 to 8 requests, then recovers",

@@ -13,13 +13,10 @@ queries, the same COG pixels and georeference, no orphan strip pieces, the same 
 from __future__ import annotations
 
 import datetime as dt
-import http.server
 import json
 import socketserver
 import threading
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +27,7 @@ from pipeline.local.audit import FAULTS_FILE, audit_dir
 from pipeline.ops import announce, stats
 from pipeline.ops.queries import run_query
 from tests import tiles
-from tests.streams import fresh_input, query, start_stream, stop_stream, wait_until
+from tests.streams import FlakyGcs, fresh_input, query, start_stream, stop_stream, wait_until
 from transforms import process, storage
 
 MIN_VALID = 0.05
@@ -202,53 +199,17 @@ def test_each_storage_writer_done_twice_leaves_the_same_objects(adapted, tmp_pat
 
 # --- storage reads: retries and the breaker ---------------------------------------------------
 
-class _FlakyGcs(http.server.BaseHTTPRequestHandler):
-    """Forwards GDAL's requests to the GCS emulator, answering 503 to the first ``fail``."""
-
-    upstream = ""
-    fail = 0
-    seen = 0
-
-    def _answer(self):
-        cls = type(self)
-        cls.seen += 1
-        if cls.seen <= cls.fail:
-            self.send_response(503)
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-            return
-        request = urllib.request.Request(cls.upstream + self.path, method=self.command,
-                                         headers={k: v for k, v in self.headers.items()
-                                                  if k.lower() == "range"})
-        try:
-            with urllib.request.urlopen(request, timeout=30) as reply:
-                body, status, headers = reply.read(), reply.status, reply.headers
-        except urllib.error.HTTPError as exc:
-            body, status, headers = exc.read(), exc.code, exc.headers
-        self.send_response(status)
-        for key in ("Content-Type", "Content-Range", "Accept-Ranges", "ETag", "Last-Modified"):
-            if headers.get(key):
-                self.send_header(key, headers[key])
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(body)
-
-    do_GET = do_HEAD = _answer
-
-    def log_message(self, *args):
-        pass
 
 
 @pytest.fixture()
 def flaky_gcs(adapted, monkeypatch):
-    """GDAL's reads go through :class:`_FlakyGcs`; a fresh worker process (breaker closed)."""
-    server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), _FlakyGcs)
+    """GDAL's reads go through :class:`FlakyGcs`; a fresh worker process (breaker closed)."""
+    server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), FlakyGcs)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    _FlakyGcs.upstream, _FlakyGcs.fail, _FlakyGcs.seen = adapted.gcs_url, 0, 0
+    FlakyGcs.upstream, FlakyGcs.fail, FlakyGcs.seen = adapted.gcs_url, 0, 0
     monkeypatch.setenv("CPL_GS_ENDPOINT", f"http://127.0.0.1:{server.server_address[1]}/")
     process.reset()
-    yield _FlakyGcs
+    yield FlakyGcs
     server.shutdown()
     process.reset()
 

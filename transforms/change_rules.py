@@ -45,6 +45,9 @@ class ChangeRule:
     min_hectares: float
 
 
+MAX_RULES_BYTES = 64 * 1024  # a rules file is a few rules, never a dataset
+
+
 def load_rules(spec: str | None) -> tuple[ChangeRule, ...]:
     """``--change_rules``: inline JSON (starts with ``{``), or a path/URI of a JSON file; empty
     or None: the shipped rules. Raises ValueError naming what is wrong."""
@@ -52,8 +55,17 @@ def load_rules(spec: str | None) -> tuple[ChangeRule, ...]:
     if not text.startswith("{"):
         from apache_beam.io.filesystems import FileSystems
 
-        with FileSystems.open(text) as source:
-            text = source.read().decode()
+        try:
+            with FileSystems.open(text) as source:
+                raw = source.read(MAX_RULES_BYTES + 1)
+        except Exception as exc:  # missing, unreadable, an unknown scheme: said, not raised raw
+            raise ValueError(f"--change_rules: cannot read {text[:200]!r}: {exc}") from None
+        if len(raw) > MAX_RULES_BYTES:
+            raise ValueError(f"--change_rules: {text[:200]!r} is over {MAX_RULES_BYTES} bytes")
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ValueError(f"--change_rules: {text[:200]!r} is not UTF-8 JSON") from None
     try:
         document = json.loads(text)
     except ValueError as exc:

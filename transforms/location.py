@@ -22,6 +22,7 @@ from collections.abc import Mapping
 # An MGRS 100 km square: UTM zone, latitude band (no I, O), column letter (no I, O), row letter
 # (A-V, no I, O); with an optional leading T, between separators, as the products write it.
 _MGRS = re.compile(r"(?:^|[._])T?(\d{2}[C-HJ-NP-X][A-HJ-NP-Z][A-HJ-NP-V])(?=[._]|$)")
+_MGRS_NAME = re.compile(r"\d{2}[C-HJ-NP-X][A-HJ-NP-Z][A-HJ-NP-V]")
 # Landsat Collection 1/2 product ids: LXSS_LLLL_PPPRRR_YYYYMMDD_...
 _WRS2 = re.compile(r"^L[CEOTM]0\d_[A-Z0-9]{4}_(\d{3})(\d{3})_\d{8}")
 # The fallback grid: degrees per cell.
@@ -30,15 +31,19 @@ CELL_DEGREES = 0.1
 
 def location_key(tile_id: str, footprint_wkt: str | None,
                  properties: Mapping[str, object] | None = None) -> str:
-    """The key of the place ``tile_id`` covers (see the module docstring for the forms)."""
+    """The key of the place ``tile_id`` covers (see the module docstring for the forms).
+
+    ``properties`` come from the announcement (message attributes, STAC properties): a value
+    that is not a well-formed grid name is ignored, never an error, so a hostile attribute can
+    at worst fall back to the footprint's cell, not fail the tile's row."""
     props = properties or {}
     mgrs = _mgrs_of_properties(props)
     if mgrs:
         return f"MGRS:{mgrs}"
-    if props.get("landsat:wrs_path") not in (None, "") and props.get("landsat:wrs_row") not in (
-            None, ""):
-        return f"WRS2:{int(str(props['landsat:wrs_path'])):03d}/" \
-               f"{int(str(props['landsat:wrs_row'])):03d}"
+    path = _number(props.get("landsat:wrs_path"), 1, 251)
+    row = _number(props.get("landsat:wrs_row"), 1, 248)
+    if path is not None and row is not None:
+        return f"WRS2:{path:03d}/{row:03d}"
     found = _WRS2.match(tile_id)
     if found:
         return f"WRS2:{found.group(1)}/{found.group(2)}"
@@ -48,15 +53,20 @@ def location_key(tile_id: str, footprint_wkt: str | None,
     return cell_key(footprint_wkt)
 
 
+def _number(value: object, low: int, high: int) -> int | None:
+    """A small whole number in [low, high] written as at most 3 digits, else None."""
+    text = str(value) if isinstance(value, int | str) and not isinstance(value, bool) else ""
+    return int(text) if re.fullmatch(r"\d{1,3}", text) and low <= int(text) <= high else None
+
+
 def _mgrs_of_properties(props: Mapping[str, object]) -> str | None:
     tile = props.get("s2:mgrs_tile") or props.get("mgrs:tile")
-    if tile and re.fullmatch(r"T?\d{2}[A-Z]{3}", str(tile)):
-        return str(tile).lstrip("T")
-    zone, band, square = (props.get(k) for k in ("mgrs:utm_zone", "mgrs:latitude_band",
-                                                 "mgrs:grid_square"))
-    if zone not in (None, "") and band and square:
-        return f"{int(str(zone)):02d}{band}{square}"
-    return None
+    found = re.fullmatch(r"T?(\d{2}[C-HJ-NP-X][A-HJ-NP-Z][A-HJ-NP-V])", str(tile or ""))
+    if found:
+        return found.group(1)
+    zone = _number(props.get("mgrs:utm_zone"), 1, 60)
+    name = f"{zone or 0:02d}{props.get('mgrs:latitude_band')}{props.get('mgrs:grid_square')}"
+    return name if zone is not None and _MGRS_NAME.fullmatch(name) else None
 
 
 def cell_key(footprint_wkt: str | None) -> str:
