@@ -51,7 +51,8 @@ LEFT JOIN (SELECT tile_id, ANY_VALUE(footprint) AS footprint FROM `{dataset}.til
 WHERE d.time >= @since AND d.tile_id IS NOT NULL
 QUALIFY ROW_NUMBER() OVER (PARTITION BY d.tile_id ORDER BY d.time DESC) = 1
 """
-CHANGES_SQL = "SELECT * FROM `{dataset}.changes` LIMIT 10000"
+# The tile that shows a change is the newer acquisition, `after_tile_id` (transforms/bq_schemas.py).
+CHANGES_SQL = "SELECT DISTINCT after_tile_id FROM `{dataset}.changes`"
 
 
 @dataclass
@@ -103,20 +104,17 @@ def _geojson(wkt: str | None) -> dict | None:
     if not wkt:
         return None
     import shapely
-    from shapely.geometry import mapping
+    from shapely.geometry import mapping, shape
 
-    shape = shapely.from_wkt(wkt).simplify(SIMPLIFY_DEG, preserve_topology=True)
-    return simplify(json.loads(json.dumps(mapping(shape))))
+    from transforms.geometry import footprint_geojson
 
-
-# Columns of a `changes` row that name the earlier acquisition: that tile is what changed from,
-# not the tile that shows the change.
-_EARLIER = ("previous", "before", "old", "prior", "reference", "from")
+    cut = shape(footprint_geojson(wkt))  # the one rule for ±180° and the poles (RFC 7946)
+    return simplify(json.loads(json.dumps(mapping(
+        shapely.simplify(cut, SIMPLIFY_DEG, preserve_topology=True)))))
 
 
 def changed_tiles(client, dataset: str) -> set[str]:
-    """Tile ids the ``changes`` table names as the newer acquisition of a change (any column
-    called ``*tile_id*``, a value or a list, except those of :data:`_EARLIER`); none while no
+    """Tile ids the ``changes`` table names as the newer acquisition of a change; none while no
     stream has created that table."""
     try:
         rows = run_sql(client, CHANGES_SQL, dataset)
@@ -124,12 +122,7 @@ def changed_tiles(client, dataset: str) -> set[str]:
         if missing_table(exc) is None:
             raise
         return set()
-    found: set[str] = set()
-    for row in rows:
-        for key, value in row.items():
-            if "tile_id" in key and value and not key.startswith(_EARLIER):
-                found |= {value} if isinstance(value, str) else {str(v) for v in value}
-    return found
+    return {row["after_tile_id"] for row in rows}
 
 
 def recent_tiles(client, dataset: str, hours: float) -> list[MapTile]:
