@@ -314,3 +314,27 @@ def test_a_change_is_published_only_once_its_row_is_queryable_and_never_after_th
                            PendingChange({"change_id": "c"}, -1000.0))
     assert decide_changes([there, missing, old], {"a"}, 10.0, wait_secs=900) == (
         [there], [missing], [old])
+
+
+def test_an_antimeridian_answer_carries_its_footprint_cut_at_180_degrees():
+    """The event's footprint follows RFC 7946 §3.1.9 like the STAC Item: a tile over Fiji
+    crossing ±180° is two small polygons, not a band around the globe (checked with shapely's
+    areas, which a schema validator would not notice)."""
+    from shapely.geometry import shape
+
+    from transforms.result_events import answer_event
+
+    fiji = ("POLYGON ((179.8 -17.2, -179.9 -17.2, -179.9 -16.9, 179.8 -16.9, 179.8 -17.2))")
+    row = {"tile_id": "fiji", "tile_generation": "1", "model_name": "m", "model_version": "1",
+           "release": "0.3.0", "role": "live", "complete": True, "footprint": fiji,
+           "classes": [{"class_id": 0, "name": "water", "pixels": 4, "area_m2": 3600.0}],
+           "drifted": False, "raster_uri": "gs://b/p.tif", "stac_uri": "gs://b/p.json",
+           "published": "2026-12-07T10:00:00+00:00", "completed_at": "2026-12-07T10:00:09+00:00",
+           "latency_s": 9.0, "acquired": None}
+    event = answer_event(row, "CELL:-17.1,179.9")
+    jsonschema.validate(event.payload, SCHEMA)
+    footprint = event.payload["footprint"]
+    assert footprint["type"] == "MultiPolygon"
+    parts = [shape({"type": "Polygon", "coordinates": p}) for p in footprint["coordinates"]]
+    assert all(p.bounds[2] - p.bounds[0] < 1 for p in parts)  # each side of ±180°, small
+    assert sum(p.area for p in parts) == pytest.approx(0.3 * 0.3, rel=1e-4)
