@@ -146,6 +146,25 @@ def test_every_committed_need_is_granted():
     assert verdict.denied == [], "\n" + verdict.text()
 
 
+def test_widening_a_table_an_earlier_release_made_needs_update_on_it():
+    """A release that adds columns to a table its predecessor created (blue-green: both write
+    to it) says ALTER TABLE and patches the schema; BigQuery checks ``tables.update`` for both,
+    not the read a SELECT needs."""
+    table = "tilestream-local.tilestream.tiles"
+    calls = [{"service": "bigquery", "identity": "worker", "method": "POST", "status": 200,
+              "path": "/bigquery/v2/projects/tilestream-local/queries",
+              "job": {"type": "query",
+                      "sql": f"ALTER TABLE `{table}` ADD COLUMN IF NOT EXISTS `location` STRING"}},
+             {"service": "bigquery", "identity": "worker", "method": "PATCH", "status": 200,
+              "path": "/bigquery/v2/projects/tilestream-local/datasets/tilestream/tables/tiles"}]
+    resource = "projects/tilestream-local/datasets/tilestream/tables/tiles"
+    update = iam.Need("worker", "bigquery.tables.update", resource)
+    needs = iam.needs_of(calls)
+    assert needs.count(update) == 2
+    assert iam.Need("worker", "bigquery.tables.getData", resource) not in needs
+    assert iam.evaluate(needs, iam.terraform_grants()).denied == []
+
+
 def test_a_call_outside_the_grants_is_denied():
     """The evaluator itself: the worker deleting an input object, listing a bucket through a
     prefix condition, or loading rows without a job grant would fail on GCP."""

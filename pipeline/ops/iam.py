@@ -429,8 +429,12 @@ def _bigquery_needs(call: dict) -> list[tuple[str, str]]:
         if job.get("type") == "query":
             sql = job.get("sql", "")
             writes = re.match(r"\s*(DELETE|UPDATE|INSERT|MERGE)\b", sql, re.IGNORECASE)
+            alters = re.match(r"\s*ALTER\s+TABLE\b", sql, re.IGNORECASE)
             for p, d, t in _TABLE.findall(sql):
                 resource = f"projects/{p}/datasets/{d}/tables/{t}"
+                if alters:  # DDL on a table's schema: BigQuery checks update, as for a patch
+                    needs.append(("bigquery.tables.update", resource))
+                    continue
                 needs.append(("bigquery.tables.updateData" if writes else
                               "bigquery.tables.getData", resource))
         return needs
