@@ -35,12 +35,16 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # A stack frame's file -> the stage it belongs to (the deepest of our frames decides).
 STAGES = (
-    ("forward", r"^transforms/inference\.py:(segmentation_inference_fn|block_input)|"
-                r"^model/inference\.py"),
-    ("predictions", r"^transforms/inference\.py"),
-    ("chipping", r"^transforms/(chips|radiometry|storage|geometry|records)\.py"),
-    ("assembly", r"^transforms/(assemble|cog|stac)\.py"),
-    ("rows", r"^transforms/(sinks|deadletter)\.py"),
+    ("forward", r"^transforms/inference\.py:block_input|"
+                r"^transforms/model_handlers\.py:segmentation_inference_fn|^model/inference\.py"),
+    ("predictions", r"^transforms/(inference|model_handlers)\.py"),
+    ("chipping", r"^transforms/(chips|chip_cut|chip_reader|rasters|pacing|radiometry|storage|"
+                 r"geometry|records)\.py"),
+    ("assembly", r"^transforms/(assemble|blend|strip_route|strip_assembly|tile_finish|tile_rows|"
+                 r"cards|cog|stac)\.py"),
+    ("rows", r"^transforms/(sinks|bq_rows|bq_check|deadletter)\.py"),
+    ("results and changes", r"^transforms/(results|result_events|answered|changes|change_rules|"
+                            r"change_raster|location)\.py"),
     ("parsing and routing", r"^transforms/"),
     ("local stack and launcher", r"^pipeline/"),
     ("model loading", r"^model/"),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 
+import apache_beam as beam
 import pytest
 
 from pipeline.local import patches as local_patches
@@ -87,3 +88,37 @@ def test_the_circuit_breaker_belongs_to_the_process_not_to_a_dofn(model_uri):
     assert storage.with_retries(read, ("gs://flaky-bucket/a.tif",), deadline, 1.0) == "read"
     assert len(calls) == 1 and calls[0] >= deadline  # waited behind the open breaker, not before
     assert not storage.breaker().is_open("flaky-bucket")  # the probe closed it
+
+
+class _Bundles(beam.DoFn):
+    """Counts the bundles it is started on (one process: the in-process runner)."""
+
+    started = 0
+
+    def start_bundle(self):
+        type(self).started += 1
+
+    def process(self, element):
+        yield element
+
+
+def test_the_local_runner_starts_no_step_on_an_empty_bundle():
+    """With the local runner fixes, a step after a filter that drops most bundles' elements is
+    started only on the bundles that hold some, and still receives every element that passed
+    (a stream's dead-letter branches see an empty bundle after nearly every bundle upstream)."""
+    from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+    from apache_beam.testing.test_stream import TestStream
+    from apache_beam.testing.util import assert_that, equal_to
+
+    local_patches.install_runner_fixes()
+    stream = TestStream()
+    for i in range(40):
+        stream = stream.add_elements([i])
+    options = PipelineOptions(runner="BundleBasedDirectRunner")
+    options.view_as(StandardOptions).streaming = True
+    _Bundles.started = 0
+    with beam.Pipeline(options=options) as p:
+        kept = (p | stream | beam.Filter(lambda i: i % 10 == 0)
+                | beam.ParDo(_Bundles()))
+        assert_that(kept, equal_to([0, 10, 20, 30]))
+    assert 1 <= _Bundles.started <= 4, _Bundles.started
