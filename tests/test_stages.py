@@ -28,7 +28,7 @@ from transforms import announcements as ann
 from transforms import assemble, chips, inference, model_handlers, sinks
 from transforms.chip_cut import invalid_mask
 from transforms.geometry import own_strip, strip_bounds
-from transforms.guards import InputAllowList
+from transforms.guards import InputAllowList, Refused
 from transforms.records import (
     NODATA_CLASS,
     ChipBlock,
@@ -613,3 +613,14 @@ def test_a_timed_out_tile_is_written_partial_and_its_state_starts_over(tmp_path)
     # The same tile version delivered again later completes on its own counts.
     [again], letters, _ = run_assembly(card, tmp_path / "out", chipped, predictions)
     assert (again["complete"], again["chips_scored"]) == (True, 2) and letters == []
+
+
+@pytest.mark.parametrize("uri", ["gs://bkt/incoming/%2e%2e/other/x.tif",
+                                 "gs://bkt/incoming/%2E%2E%2Fother%2Fx.tif",
+                                 "gs://bkt/incoming/a%20b.tif"])
+def test_the_input_allow_list_refuses_percent_encoded_names(uri):
+    """GDAL sends an object name to the server as it is given: a percent-encoded '..' or '/'
+    would be decoded there and read outside the allowed prefix."""
+    with pytest.raises(Refused, match="contains '%'"):
+        ALLOW.check(uri)
+    assert ALLOW.check("gs://bkt/incoming/a-b.tif") == "gs://bkt/incoming/a-b.tif"

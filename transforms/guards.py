@@ -129,6 +129,8 @@ class InputAllowList:
             raise Refused(f"{what} {_show(uri)} is not a .tif/.tiff object")
         if uri.startswith("gs://"):
             path = uri[len("gs://"):]
+            if "%" in path:  # GDAL passes it on undecoded: %2e%2e is '..' to the server
+                raise Refused(f"{what} {_show(uri)} contains '%' (a percent-encoded name)")
             if any(seg in ("", ".", "..") for seg in path.split("/")[1:]):
                 raise Refused(f"{what} {_show(uri)} has empty, '.' or '..' path segments")
             if not any(uri.startswith(p) for p in self.prefixes):

@@ -3,9 +3,8 @@
 TiTiler's endpoints take a ``url``; GDAL would open anything behind it (``http://`` to a metadata
 server, ``/vsicurl/``, local files, another bucket). The map accepts exactly ``gs://`` objects
 under the output prefix, by the stream's own input rule (:class:`transforms.guards.InputAllowList`:
-no ``..``/empty segments, no ``?``/``#``/``\\``, ``.tif``), plus what a URL adds: no ``%`` (an
-encoded ``/`` or ``..`` that GDAL would pass on to the server undecoded), no whitespace, and only
-the characters the stream itself writes into object names.
+no ``..``/empty segments, no ``?``/``#``/``\\``/``%``, ``.tif``), plus what a URL adds: no
+whitespace, and only the characters the stream itself writes into object names.
 """
 
 from __future__ import annotations
