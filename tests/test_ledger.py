@@ -223,9 +223,13 @@ def test_a_fresh_stream_answers_every_verb_and_books_a_late_band_at_once(stack, 
     try:
         ledger.notify("scored", "incoming/fresh/good.tif",
                       ledger.upload(crop, "incoming/fresh/good.tif"))
-        scored = wait_until(lambda: query(stack, f"SELECT tile_id FROM `{dataset}.tiles`"), 180,
-                            child, every_s=0.5)
-        assert scored, log.read_text(errors="replace")[-3000:]
+        def answered() -> bool:  # the tile row and every chip row: what `stats` counts
+            rows = query(stack, f"SELECT t.chips_scored AS want, (SELECT COUNT(*) FROM "
+                                f"`{dataset}.chips`) AS got FROM `{dataset}.tiles` AS t")
+            return bool(rows) and rows[0]["got"] >= rows[0]["want"]
+
+        assert wait_until(answered, 180, child, every_s=0.5), \
+            log.read_text(errors="replace")[-3000:]
         assert query(stack, f"SELECT COUNT(*) AS n FROM `{dataset}.dead_letters`") == [{"n": 0}]
         target = f"--bq_dataset={stack.project}:{dataset}"
         answers = {
