@@ -40,9 +40,9 @@ this module).
      against 1.2-1.8 GB.
    - *Steps started on nothing.* Every ParDo bundle commits a bundle per output, empty or not,
      and the runner starts each consumer on it: one 3,660² tile started ~25,000 bundles (the
-     dead-letter and results branches the most), each unpickling its DoFn. Empty bundles no longer start a
-     step (the watermark manager already leaves them out): 3.3 ms of CPU a chip in the
-     stream's process instead of 5.6.
+     dead-letter and results branches the most), each unpickling its DoFn. Empty bundles no
+     longer start a step (the watermark manager already leaves them out): 3.3 ms of CPU a chip
+     in the stream's process instead of 5.6.
    - *Lost counters.* Each worker's state sampler caches a step's state, and with it the first
      bundle's metrics container, so later bundles counted into a container already committed:
      ``--metrics_file`` said 10 messages in for 12 (1 for 12 when the first pull held one). A
